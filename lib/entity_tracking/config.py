@@ -1,0 +1,222 @@
+"""Params profiles: one typed schema, validated before any notebook runs.
+
+A profile (``params/<name>.yaml``) says which models a run studies and how every chapter is
+parametrised. It is parsed into :class:`Profile`, a tree of pydantic models that forbid unknown
+keys, so a typo (``num_boxs``) or a wrong type fails at once with the file and the dotted key
+named, instead of being silently ignored deep inside a chapter. Local paths named by a profile
+(models, adapters, tokenizers) must exist when the profile is loaded.
+
+Secrets (an HF token, an NDIF key) are never profile keys: papermill writes parameters into
+executed notebooks. They are read from the environment by the code that needs them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "DataSpec",
+    "ModelSpec",
+    "Profile",
+    "ProfileError",
+    "TinySpec",
+    "find_repo_root",
+    "load_profile",
+    "profile_path",
+]
+
+ROOT_ENV = "ENTITY_TRACKING_ROOT"
+
+
+class ProfileError(ValueError):
+    """A params profile is missing, malformed or fails validation."""
+
+
+def find_repo_root(start: str | os.PathLike | None = None) -> Path:
+    """The project root: ``$ENTITY_TRACKING_ROOT``, else the first ancestor holding ``params/``
+    and ``_toc.yml`` (from ``start`` or the working directory, then from this file)."""
+    env = os.environ.get(ROOT_ENV)
+    if env:
+        return Path(env).resolve()
+    candidates = [Path(start or os.getcwd()).resolve(), Path(__file__).resolve().parent]
+    for c in candidates:
+        for p in (c, *c.parents):
+            if (p / "params").is_dir() and (p / "_toc.yml").is_file():
+                return p
+    raise ProfileError(
+        f"cannot find the project root (a folder with params/ and _toc.yml) above {candidates[0]}; "
+        f"set {ROOT_ENV} to the repository checkout"
+    )
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Family = Literal["llama", "qwen2", "gemma3"]
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+class TinySpec(_Strict):
+    """A tiny, randomly initialised model of a real architecture, built locally in seconds."""
+
+    family: Family = "llama"
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: Optional[int] = Field(None, ge=1)
+    d_model: int = Field(64, ge=8)
+    d_mlp: int = Field(128, ge=8)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={kv}")
+        return self
+
+
+class ModelSpec(_Strict):
+    """One model of a profile: where it comes from and how it is loaded.
+
+    Exactly one source: ``hub_id`` (a model hub id), ``local_path`` (a directory, relative to the
+    repository root or absolute) or ``build`` (a model the project makes itself).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    label: Optional[str] = None
+    role: Literal["base", "finetuned"] = "base"
+    hub_id: Optional[str] = None
+    local_path: Optional[str] = None
+    build: Optional[Literal["tiny", "organism", "organism-lora", "organism-full"]] = None
+    tiny: Optional[TinySpec] = None
+    adapter: Optional[str] = None
+    merge_adapter: bool = True
+    tokenizer: Optional[str] = None
+    dtype: DType = "float32"
+    device: str = "auto"
+    device_map: Optional[Union[str, dict[str, Any]]] = None
+    remote: bool = False
+    paper_accuracy: Optional[float] = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("hub_id", "local_path", "build") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"model '{self.name}' needs exactly one of hub_id, local_path, build (got {given or 'none'})"
+            )
+        if self.build == "tiny" and self.tiny is None:
+            object.__setattr__(self, "tiny", TinySpec())
+        if self.tiny is not None and self.build != "tiny":
+            raise ValueError("'tiny' is only allowed with build: tiny")
+        return self
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+class DataSpec(_Strict):
+    """The entity-tracking data of the data chapter (paper-methods §1)."""
+
+    num_boxes: int = Field(7, ge=2, le=26)
+    seed: int = 0
+    n_eval: int = Field(500, ge=1, description="held-out prompts for accuracy and circuit evaluation")
+    n_path_patching: int = Field(300, ge=1)
+    n_mean_reference: int = Field(500, ge=1)
+    n_desiderata: int = Field(2000, ge=4, description="pairs per DCM desideratum (split 50/25/25)")
+    n_arithmetic: int = Field(2000, ge=1)
+    arithmetic_max_digits: int = Field(4, ge=1, le=16)
+    objects: Optional[list[str]] = Field(None, description="override of the object vocabulary")
+
+
+class Profile(_Strict):
+    name: str
+    description: str = ""
+    seed: int = 0
+    models: list[ModelSpec] = Field(min_length=1)
+    data: DataSpec = DataSpec()
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, v: list[ModelSpec]):
+        names = [m.name for m in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {dup}")
+        return v
+
+    @property
+    def base_model(self) -> ModelSpec:
+        return next((m for m in self.models if m.role == "base"), self.models[0])
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(f"profile '{self.name}' has no model '{name}' (models: {[m.name for m in self.models]})")
+
+
+def profile_path(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in {".yaml", ".yml"} or p.exists():
+        return p.resolve()
+    base = Path(root) if root is not None else find_repo_root()
+    return base / "params" / f"{name_or_path}.yaml"
+
+
+def _format_loc(loc: tuple) -> str:
+    return ".".join(str(x) for x in loc) or "<top level>"
+
+
+def _check_local_paths(profile: Profile, root: Path, file: Path) -> None:
+    for i, m in enumerate(profile.models):
+        for key in ("local_path", "adapter", "tokenizer"):
+            value = getattr(m, key)
+            if value is None:
+                continue
+            looks_local = key == "local_path" or value.startswith((".", "/", "~"))
+            if looks_local:
+                p = Path(value).expanduser()
+                p = p if p.is_absolute() else root / p
+                if not p.exists():
+                    raise ProfileError(f"{file}: key 'models.{i}.{key}': no such file or directory: {p}")
+
+
+def load_profile(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Profile:
+    """Load and validate a profile by name (``params/<name>.yaml``) or path.
+
+    Raises :class:`ProfileError` naming the file and the key for an unknown key, a wrong type,
+    a missing value or a local path that does not exist.
+    """
+    root_path = Path(root) if root is not None else find_repo_root()
+    path = profile_path(name_or_path, root_path)
+    if not path.is_file():
+        available = sorted(p.stem for p in (root_path / "params").glob("*.yaml"))
+        raise ProfileError(f"{path}: no such profile (available: {', '.join(available) or 'none'})")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ProfileError(f"{path}: a profile must be a mapping of keys, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    try:
+        profile = Profile.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = _format_loc(err["loc"])
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"{path}: key '{loc}': {msg}")
+        raise ProfileError("\n".join(lines)) from None
+    _check_local_paths(profile, root_path, path)
+    return profile

@@ -1,0 +1,56 @@
+"""A word-level tokenizer for the task's closed vocabulary, saved as a regular HF tokenizer.
+
+The ``ci`` profile's tiny model and the CPU model organism read text through this tokenizer:
+one token per word, punctuation isolated, digits split one per token (as Llama's tokenizer does),
+and a BOS token prepended like Llama's. ``save_pretrained`` writes ``tokenizer.json`` so that
+``AutoTokenizer.from_pretrained(dir)`` loads it like any hub tokenizer, offsets included.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
+
+from .vocab import SPECIAL_TOKENS, task_vocabulary
+
+__all__ = ["build_word_tokenizer"]
+
+
+def build_word_tokenizer(
+    words: Iterable[str] | None = None,
+    save_dir: str | Path | None = None,
+    add_bos: bool = True,
+) -> PreTrainedTokenizerFast:
+    """Build (and optionally save) a word-level fast tokenizer over ``words``.
+
+    ``words`` defaults to :func:`entity_tracking.vocab.task_vocabulary`; special tokens
+    (``<s>``, ``</s>``, ``<unk>``, ``<pad>``) are always present with ids 0..3.
+    """
+    vocab_words = list(SPECIAL_TOKENS.values())
+    for w in words if words is not None else task_vocabulary():
+        if w not in vocab_words:
+            vocab_words.append(w)
+    vocab = {w: i for i, w in enumerate(vocab_words)}
+    tok = Tokenizer(WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    bos = SPECIAL_TOKENS["bos_token"]
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+        )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    fast.padding_side = "right"
+    if save_dir is not None:
+        fast.save_pretrained(str(save_dir))
+    return fast
