@@ -1,0 +1,47 @@
+"""End to end: every chapter of _toc.yml executes on the `ci` profile and the book builds with -W."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from entity_tracking import runner
+from entity_tracking.config import find_repo_root
+
+REPO = find_repo_root(Path(__file__).parent)
+
+
+@pytest.fixture(scope="module")
+def built_book(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("book")
+    runner.run_chapters("ci", REPO)
+    return runner.build_book("ci", REPO, out_root=out)
+
+
+def test_every_chapter_is_a_page(built_book):
+    html = built_book.parent
+    for ch in runner.chapters_from_toc(REPO):
+        page = html / f"{ch.name}.html"
+        assert page.is_file(), f"{page} missing"
+
+
+def test_index_is_the_landing_page(built_book):
+    text = built_book.read_text()
+    assert "entity tracking" in text.lower()
+
+
+def test_notebook_pages_embed_figures_and_tables(built_book):
+    html = built_book.parent
+    for ch in runner.chapters_from_toc(REPO):
+        if not ch.is_notebook:
+            continue
+        text = (html / f"{ch.name}.html").read_text()
+        images = re.findall(r'<img[^>]+src="([^"]+)"', text)
+        assert images, f"{ch.name}: no figure in the page"
+        for src in images:
+            if src.startswith("data:"):
+                continue
+            assert (html / Path(ch.name).parent / src).resolve().is_file(), f"{ch.name}: broken image {src}"
+        assert "<table" in text, f"{ch.name}: no table in the page"
