@@ -63,7 +63,12 @@ DType = Literal["float32", "float16", "bfloat16"]
 
 
 class TinySpec(_Strict):
-    """A tiny, randomly initialised model of a real architecture, built locally in seconds."""
+    """A tiny, randomly initialised model of a real architecture, built locally in seconds.
+
+    ``n_kv_heads`` below ``n_heads`` gives grouped-query attention; ``d_head`` defaults to
+    ``d_model // n_heads`` (Gemma3-style models set it explicitly). ``add_bos`` defaults to the
+    family's real tokenizers: Llama and Gemma3 prepend BOS, Qwen2 does not.
+    """
 
     family: Family = "llama"
     n_layers: int = Field(2, ge=1)
@@ -71,12 +76,16 @@ class TinySpec(_Strict):
     n_kv_heads: Optional[int] = Field(None, ge=1)
     d_model: int = Field(64, ge=8)
     d_mlp: int = Field(128, ge=8)
+    d_head: Optional[int] = Field(None, ge=2)
+    add_bos: Optional[bool] = None
     seed: int = 0
 
     @model_validator(mode="after")
     def _heads_divide(self):
-        if self.d_model % self.n_heads:
+        if self.d_head is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if (self.d_head or self.d_model // self.n_heads) % 2:
+            raise ValueError("the head dimension must be even (rotary embeddings rotate pairs)")
         kv = self.n_kv_heads or self.n_heads
         if self.n_heads % kv:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={kv}")
