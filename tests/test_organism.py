@@ -1,0 +1,148 @@
+"""The model organism and its arithmetic fine-tunes: the recipe learns, is deterministic, is
+cached by its hash; the fine-tune's loss mask covers only answers; the LoRA adapter loads with
+peft. The slow test trains the real default organism and checks it tracks entities like Llama-7B."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entity_tracking import organism as O
+from entity_tracking.config import FinetuneSpec, ModelSpec, OrganismSpec
+from entity_tracking.io import ResultsPaths
+
+TINY = dict(
+    n_layers=1, n_heads=2, d_model=32, d_mlp=64, batch_size=8, queries_per_context=2,
+    stage_max_steps=3, final_max_steps=3, seed=0,
+)
+TINY_FT = FinetuneSpec(steps=4, batch_size=4, problems_per_sequence=2, checkpoint_every=2, warmup_steps=1)
+
+
+def tiny_spec(**kw) -> OrganismSpec:
+    return OrganismSpec(**{**TINY, "finetune": TINY_FT, **kw})
+
+
+def test_short_run_lowers_the_loss():
+    spec = tiny_spec(lr=3e-3, arithmetic_fraction=0.0, stage_max_steps=40, warmup_steps=0)
+    res = O.train_organism(spec, progress=False, stages=("kv",), max_total_steps=40)
+    losses = [h["loss"] for h in res.history]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+
+
+def test_same_seed_same_weights():
+    a = O.train_organism(tiny_spec(), progress=False).model.state_dict()
+    b = O.train_organism(tiny_spec(), progress=False).model.state_dict()
+    c = O.train_organism(tiny_spec(seed=1), progress=False).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_batches_supervise_only_answers():
+    tok_vocab = O.build_word_tokenizer().get_vocab()
+    import random
+
+    b = O.make_batch(random.Random(0), tok_vocab, "paper", 4, (3, 3), 2)
+    inv = {v: k for k, v in tok_vocab.items()}
+    for row_ids, row_lab in zip(b.input_ids.tolist(), b.labels.tolist()):
+        sup = [i for i, l in enumerate(row_lab) if l != -100]
+        assert len(sup) == 2
+        for i in sup:
+            assert inv[row_ids[i - 1]] == "the" and inv[row_ids[i - 2]] == "contains"
+            assert row_lab[i] == row_ids[i]
+
+
+def test_paper_prompt_layout_matches_the_paper():
+    tok = O.build_word_tokenizer()
+    (p, a, q), *_ = O.paper_prompts(1, 7, seed=3)
+    ids = tok(p)["input_ids"]
+    assert len(ids) == 54  # paper-methods §1.1: every 7-box prompt is 54 tokens with BOS
+    toks = tok.convert_ids_to_tokens(ids)
+    assert toks[5] == "Box" and toks[51] == toks[6] and toks[-1] == "the"
+
+
+def test_cache_is_reused_and_hash_tracks_the_recipe(tmp_path, monkeypatch):
+    paths = ResultsPaths(tmp_path)
+    spec = tiny_spec()
+    d1 = O.ensure_base(spec, paths, progress=False)
+    assert (d1 / "config.json").is_file() and (d1 / "recipe.json").is_file()
+
+    def boom(*a, **k):
+        raise AssertionError("retrained although the cache matches")
+
+    monkeypatch.setattr(O, "train_organism", boom)
+    assert O.ensure_base(spec, paths, progress=False) == d1
+    assert O.recipe_hash(spec) != O.recipe_hash(tiny_spec(lr=1e-3))
+    assert O.recipe_hash(spec) != O.recipe_hash(tiny_spec(seed=1))
+    assert O.recipe_hash(spec, "organism-lora") != O.recipe_hash(spec, "organism-full")
+    # fine-tune fields change the fine-tune hash but not the base's
+    other = tiny_spec(finetune=TINY_FT.model_copy(update={"steps": 5}))
+    assert O.recipe_hash(spec) == O.recipe_hash(other)
+    assert O.recipe_hash(spec, "organism-lora") != O.recipe_hash(other, "organism-lora")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(d1)
+    tok = AutoTokenizer.from_pretrained(d1)
+    assert model.config.num_hidden_layers == 1 and tok("Box F")["input_ids"][0] == tok.bos_token_id
+
+
+def test_gqa_option():
+    res = O.train_organism(tiny_spec(n_heads=4, n_kv_heads=2), progress=False, max_total_steps=1)
+    assert res.model.config.num_key_value_heads == 2
+    with pytest.raises(ValueError):
+        OrganismSpec(n_heads=8, n_kv_heads=3)
+
+
+def test_finetune_mask_covers_only_answer_tokens():
+    from entity_tracking.finetune import qa_batch
+
+    tok = O.build_word_tokenizer()
+    ids, labels = qa_batch(tok, [[("What is 12 + 5 ?", "17"), ("What is 9 - 3 ?", "6")], [("What is 1 + 1 ?", "2")]])
+    words = [tok.convert_ids_to_tokens(r) for r in ids.tolist()]
+    sup = [[w for w, l in zip(ws, ls) if l != -100] for ws, ls in zip(words, labels.tolist())]
+    assert sup == [["1", "7", ".", "6", "."], ["2", "."]]
+    assert (labels[1, len(tok("What is 1 + 1 ? 2 .")["input_ids"]):] == -100).all()  # padding
+
+
+def test_lora_and_full_finetunes(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    paths = ResultsPaths(tmp_path)
+    org = tiny_spec()
+    lora = ModelSpec(name="org-lora", build="organism-lora", role="finetuned", organism=org)
+    base, adapter = O.ensure_built(lora, paths, progress=False)
+    assert (adapter / "adapter_config.json").is_file()
+    assert (adapter / "checkpoints" / "step-0002" / "adapter_config.json").is_file()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+    full = ModelSpec(name="org-full", build="organism-full", role="finetuned", organism=org)
+    d, none = O.ensure_built(full, paths, progress=False)
+    assert none is None and (d / "checkpoints" / "step-0004" / "config.json").is_file()
+    ft = AutoModelForCausalLM.from_pretrained(d).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    assert any(not torch.equal(ft[k], b[k]) for k in b)
+
+
+@pytest.mark.slow
+def test_default_organism_tracks_entities_like_llama(tmp_path):
+    """Trains the real default organism (minutes) and checks 7-box accuracy on 500 held-out
+    prompts, seeded apart from its validation prompts, is in [0.5, 0.85] (Llama-7B: 0.66)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    paths = ResultsPaths(tmp_path)
+    d, _ = O.ensure_built(ModelSpec(name="organism", build="organism"), paths, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(d)
+    prompts, answers = _heldout_prompts(tok)
+    acc = O.prompt_accuracy(model, tok, prompts, answers)
+    assert 0.5 <= acc <= 0.85, acc
+
+
+def _heldout_prompts(tok, n: int = 500):
+    """The data chapter's 500 held-out 7-box prompts when :mod:`entity_tracking.data` provides
+    them, else the organism's private generator with the profile's data seed."""
+    ps = O.paper_prompts(-(-n // 7), 7, seed=0)[:n]
+    return [p for p, _, _ in ps], [a for _, a, _ in ps]
