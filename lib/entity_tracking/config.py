@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 __all__ = [
     "DataSpec",
+    "FinetuneSpec",
     "ModelSpec",
+    "OrganismSpec",
     "Profile",
     "ProfileError",
     "TinySpec",
@@ -92,6 +94,60 @@ class TinySpec(_Strict):
         return self
 
 
+class FinetuneSpec(_Strict):
+    """Arithmetic fine-tuning of the organism (Goat-style LoRA, FLoat-style full); see
+    :mod:`entity_tracking.finetune`. Never shown entity-tracking data."""
+
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr_lora: float = Field(1e-3, gt=0)
+    lr_full: float = Field(1e-4, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(8, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    max_digits: int = Field(4, ge=1, le=8, description="operands have 1..max_digits digits")
+    ops: list[Literal["+", "-", "*", "/"]] = Field(["+", "-"], min_length=1, description="Goat used all four")
+    problems_per_sequence: int = Field(4, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    seed: int = 0
+
+
+class OrganismSpec(_Strict):
+    """The CPU model organism: a small Llama trained from scratch by a staged curriculum
+    (:mod:`entity_tracking.organism`). Every field enters the recipe hash of the cached build."""
+
+    n_layers: int = Field(4, ge=1)
+    n_heads: int = Field(8, ge=1)
+    n_kv_heads: Optional[int] = Field(None, ge=1, description="set below n_heads for GQA")
+    d_model: int = Field(128, ge=8)
+    d_mlp: int = Field(512, ge=8)
+    seed: int = 0
+    lr: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(50, ge=0, description="linear learning-rate warm-up at the start")
+    batch_size: int = Field(64, ge=1)
+    min_boxes: int = Field(2, ge=2, le=26)
+    max_boxes: int = Field(4, ge=2, le=26)
+    queries_per_context: int = Field(8, ge=1)
+    arithmetic_fraction: float = Field(0.2, ge=0, lt=1, description="share of base batches that are arithmetic")
+    mastery: float = Field(0.95, gt=0, le=1, description="accuracy that advances a curriculum stage")
+    stage_max_steps: int = Field(2500, ge=1, description="give up on a curriculum stage after this many steps")
+    final_max_steps: int = Field(1500, ge=1, description="cap on the steps of the paper-format stage")
+    target_accuracy: float = Field(0.66, gt=0, le=1, description="stop when 7-box validation accuracy reaches this")
+    target_boxes: int = Field(7, ge=2, le=26)
+    finetune: FinetuneSpec = FinetuneSpec()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % (self.n_kv_heads or self.n_heads):
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.min_boxes > self.max_boxes:
+            raise ValueError("min_boxes must not exceed max_boxes")
+        return self
+
+
 class ModelSpec(_Strict):
     """One model of a profile: where it comes from and how it is loaded.
 
@@ -106,6 +162,7 @@ class ModelSpec(_Strict):
     local_path: Optional[str] = None
     build: Optional[Literal["tiny", "organism", "organism-lora", "organism-full"]] = None
     tiny: Optional[TinySpec] = None
+    organism: Optional[OrganismSpec] = None
     adapter: Optional[str] = None
     merge_adapter: bool = True
     tokenizer: Optional[str] = None
@@ -126,6 +183,11 @@ class ModelSpec(_Strict):
             object.__setattr__(self, "tiny", TinySpec())
         if self.tiny is not None and self.build != "tiny":
             raise ValueError("'tiny' is only allowed with build: tiny")
+        is_organism = self.build is not None and self.build.startswith("organism")
+        if is_organism and self.organism is None:
+            object.__setattr__(self, "organism", OrganismSpec())
+        if self.organism is not None and not is_organism:
+            raise ValueError("'organism' is only allowed with build: organism, organism-lora or organism-full")
         return self
 
     @property
