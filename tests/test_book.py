@@ -27,9 +27,11 @@ def test_every_chapter_is_a_page(built_book):
         assert page.is_file(), f"{page} missing"
 
 
-def test_index_is_the_landing_page(built_book):
-    text = built_book.read_text()
-    assert "entity tracking" in text.lower()
+def test_index_leads_to_the_landing_page(built_book):
+    redirect = re.search(r'url=([^"]+)"', built_book.read_text())
+    assert redirect, "index.html neither is nor redirects to the landing page"
+    landing = built_book.parent / redirect.group(1)
+    assert "three claims" in landing.read_text().lower()
 
 
 def test_notebook_pages_embed_figures_and_tables(built_book):
