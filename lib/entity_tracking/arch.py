@@ -31,6 +31,21 @@ Conventions, shared by every family in the table:
   the special case ``group == 1``.
 * **Blocks return a tensor** in transformers 5 (``[batch, pos, d_model]``), not a tuple;
   attention modules still return a tuple ``(out, weights)``.
+* **The residual block.** Each family's decoder block is attention then MLP around the residual
+  stream, with the norms in family-specific places (the ``*_norm`` fields of :class:`Layout`):
+
+  ==================  ===============================================================
+  Llama/Mistral/Qwen2 ``mid = resid + attn(input_layernorm(resid))``;
+                      ``post = mid + mlp(post_attention_layernorm(mid))``
+  Gemma3              ``mid = resid + post_attention_layernorm(attn(input_layernorm(resid)))``;
+                      ``post = mid + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(mid)))``
+  ==================  ===============================================================
+
+  Everything but attention acts on each position separately, so
+  :meth:`Arch.attn_input`, :meth:`Arch.add_attn`, :meth:`Arch.add_mlp` and :meth:`Arch.unembed`
+  can recompute one position's path through the network from its cached residual stream and
+  the attention outputs (``o_proj`` outputs, :meth:`Arch.attn_out`) -- what fast path patching
+  does when every head is frozen. They take plain tensors ``[..., d_model]`` (any leading shape).
 
 Inside an nnsight trace, read modules **in forward order** within one invoke (layer by layer;
 q, k, v, then o inside a layer) or nnsight raises ``OutOfOrderError``. Reads return live
@@ -86,6 +101,11 @@ class Layout:
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
     qk_norm: bool = False
+    #: Per-position norms of the residual block (relative to one block); ``None`` = absent.
+    attn_in_norm: str = "input_layernorm"
+    attn_out_norm: Optional[str] = None
+    mlp_in_norm: str = "post_attention_layernorm"
+    mlp_out_norm: Optional[str] = None
 
 
 #: One row per family. Llama-1/2/3, Vicuna, Goat, FLoat, SmolLM2 are ``LlamaForCausalLM``;
@@ -95,7 +115,14 @@ class Layout:
 FAMILIES: dict[str, Layout] = {
     "llama": Layout("llama", classes=("LlamaForCausalLM", "MistralForCausalLM")),
     "qwen2": Layout("qwen2", classes=("Qwen2ForCausalLM",)),
-    "gemma3": Layout("gemma3", classes=("Gemma3ForCausalLM",), qk_norm=True),
+    "gemma3": Layout(
+        "gemma3",
+        classes=("Gemma3ForCausalLM",),
+        qk_norm=True,
+        attn_out_norm="post_attention_layernorm",
+        mlp_in_norm="pre_feedforward_layernorm",
+        mlp_out_norm="post_feedforward_layernorm",
+    ),
 }
 
 #: ``config.model_type`` -> family.
@@ -109,6 +136,8 @@ MODEL_TYPES: dict[str, str] = {
 #: Sites inside one decoder block, and sites of the whole model (no layer index).
 LAYER_SITES = ("layer", "attn", "q_proj", "k_proj", "v_proj", "o_proj", "mlp")
 MODEL_SITES = ("embed", "final_norm", "lm_head")
+#: The norms of the residual block (per layer); a family lacking one has ``None`` in its Layout.
+NORM_SITES = ("attn_in_norm", "attn_out_norm", "mlp_in_norm", "mlp_out_norm")
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -186,6 +215,8 @@ class Arch:
     d_model: int
     vocab_size: int
     adds_bos: Optional[bool] = None
+    d_mlp: Optional[int] = None
+    logit_softcap: Optional[float] = None
 
     # -- geometry -------------------------------------------------------------
 
@@ -251,20 +282,26 @@ class Arch:
     # -- paths and modules ----------------------------------------------------
 
     def path(self, site: str, layer: Optional[int] = None) -> str:
-        """Dotted module path of ``site`` (one of :data:`LAYER_SITES` with a layer, or of
-        :data:`MODEL_SITES` without), e.g. ``path("o_proj", 3) == "model.layers.3.self_attn.o_proj"``."""
+        """Dotted module path of ``site`` (one of :data:`LAYER_SITES` or :data:`NORM_SITES` with a
+        layer, or of :data:`MODEL_SITES` without), e.g.
+        ``path("o_proj", 3) == "model.layers.3.self_attn.o_proj"``."""
         L = self.layout
         if site in MODEL_SITES:
             if layer is not None:
                 raise ValueError(f"site '{site}' is not per layer; call path('{site}')")
             return getattr(L, site)
-        if site not in LAYER_SITES:
+        if site not in LAYER_SITES and site not in NORM_SITES:
             raise ValueError(f"unknown site '{site}' (per layer: {LAYER_SITES}; model: {MODEL_SITES})")
         if layer is None:
             raise ValueError(f"site '{site}' needs a layer index")
         block = f"{L.layers}.{self._layer_index(layer)}"
         if site == "layer":
             return block
+        if site in NORM_SITES:
+            name = getattr(L, site)
+            if name is None:
+                raise ValueError(f"family '{self.family}' has no {site} in its residual block")
+            return f"{block}.{name}"
         if site in ("attn", "mlp"):
             return f"{block}.{getattr(L, site)}"
         return f"{block}.{L.attn}.{getattr(L, site)}"
@@ -352,6 +389,59 @@ class Arch:
         self._check_shape(value, self.n_kv_heads, "set_v_heads")
         self.v_proj(nn, layer).output = self.merge_heads(value)
 
+    # -- residual stream reads inside an nnsight trace ------------------------
+
+    def resid_pre(self, nn: Any, layer: int) -> torch.Tensor:
+        """Residual stream entering block ``layer`` (its input) ``[batch, pos, d_model]``; read it
+        before anything inside the block."""
+        return self.layer(nn, layer).input
+
+    def attn_out(self, nn: Any, layer: int) -> torch.Tensor:
+        """Attention output of block ``layer`` (o_proj output, before any post-attention norm)
+        ``[batch, pos, d_model]``."""
+        return self.o_proj(nn, layer).output
+
+    def resid_post(self, nn: Any, layer: int) -> torch.Tensor:
+        """Residual stream leaving block ``layer`` (its output) ``[batch, pos, d_model]``."""
+        return self.layer(nn, layer).output
+
+    # -- the per-position parts of a block, on plain tensors ------------------
+
+    def _norm(self, root: Any, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.layout, site) is None:
+            return x
+        return self._torch(root).get_submodule(self.path(site, layer))(x)
+
+    def _torch(self, root: Any) -> torch.nn.Module:
+        mod = _torch_module_of(root)
+        if mod is None:
+            raise TypeError(f"per-position block computation needs a torch model, got {type(root).__name__}")
+        return mod
+
+    def attn_input(self, root: Any, layer: int, resid: torch.Tensor) -> torch.Tensor:
+        """What the q/k/v projections of ``layer`` read: ``attn_in_norm(resid)`` ``[..., d_model]``."""
+        return self._norm(root, "attn_in_norm", layer, resid)
+
+    def add_attn(self, root: Any, layer: int, resid: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Residual after attention: ``resid + attn_out_norm(attn_out)`` (``attn_out`` = o_proj
+        output; the norm only in families that have one, e.g. Gemma3)."""
+        return resid + self._norm(root, "attn_out_norm", layer, attn_out)
+
+    def add_mlp(self, root: Any, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
+        """Residual after the MLP: ``mid + mlp_out_norm(mlp(mlp_in_norm(mid)))``."""
+        h = self._norm(root, "mlp_in_norm", layer, resid_mid)
+        h = self._torch(root).get_submodule(self.path("mlp", layer))(h)
+        return resid_mid + self._norm(root, "mlp_out_norm", layer, h)
+
+    def unembed(self, root: Any, resid: torch.Tensor) -> torch.Tensor:
+        """Logits from the final residual stream: ``lm_head(final_norm(resid))``, with the
+        config's final-logit soft-capping (Gemma-style ``c * tanh(x / c)``) when it has one."""
+        m = self._torch(root)
+        logits = m.get_submodule(self.path("lm_head"))(m.get_submodule(self.path("final_norm"))(resid))
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
     def _check_shape(self, value: torch.Tensor, n: int, what: str) -> None:
         if value.dim() != 4 or value.shape[-2:] != (n, self.d_head):
             raise ValueError(
@@ -422,6 +512,8 @@ def arch_for(model_or_config: Any, tokenizer: Any = None) -> Arch:
         d_head=d_head,
         d_model=d_model,
         vocab_size=int(cfg.vocab_size),
+        d_mlp=int(cfg.intermediate_size) if getattr(cfg, "intermediate_size", None) else None,
+        logit_softcap=float(cfg.final_logit_softcapping) if getattr(cfg, "final_logit_softcapping", None) else None,
     )
     if module is not None:
         _check_geometry(arch, module)
