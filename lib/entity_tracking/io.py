@@ -118,6 +118,10 @@ def save_figure(fig, path: str | os.PathLike, **kwargs) -> Path:
     return path
 
 
+#: Overrides ``<repo>/results`` as the folder that holds every profile's results.
+RESULTS_ENV = "ENTITY_TRACKING_RESULTS"
+
+
 @dataclass(frozen=True)
 class ResultsPaths:
     """Where a profile's artifacts live: ``results/<profile>/{data,models,circuits,...}``."""
@@ -128,6 +132,9 @@ class ResultsPaths:
     def for_profile(cls, profile: str, repo_root: str | os.PathLike | None = None) -> "ResultsPaths":
         from .config import find_repo_root
 
+        env = os.environ.get(RESULTS_ENV)
+        if env:
+            return cls(Path(env) / profile)
         base = Path(repo_root) if repo_root is not None else find_repo_root()
         return cls(base / "results" / profile)
 

@@ -86,6 +86,29 @@ def chapters_from_toc(root: Path) -> list[Chapter]:
     return chapters
 
 
+def _execution_order(root: Path) -> list[Chapter]:
+    """The toc's notebooks in order, except the root page (the landing page summarises every
+    chapter's results), which runs last."""
+    chapters = [c for c in chapters_from_toc(root) if c.is_notebook]
+    toc_root = yaml.safe_load((root / "_toc.yml").read_text(encoding="utf-8"))["root"]
+    return [c for c in chapters if c.name != toc_root] + [c for c in chapters if c.name == toc_root]
+
+
+def _tag_injected_cell(path: Path) -> None:
+    """Give papermill's injected-parameters cell the display tags of the parameters cell
+    (papermill copies none, so a hidden parameters cell would reappear in the book)."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    tags = next((c["metadata"].get("tags", []) for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])), [])
+    extra = [t for t in tags if t != "parameters"]
+    if not extra:
+        return
+    for c in nb["cells"]:
+        ctags = c["metadata"].get("tags", [])
+        if "injected-parameters" in ctags:
+            c["metadata"]["tags"] = ctags + [t for t in extra if t not in ctags]
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
 def _notebook_digest(path: Path) -> str:
     """Hash of a notebook's cell types and sources only (outputs and metadata ignored)."""
     nb = json.loads(path.read_text(encoding="utf-8"))
@@ -133,7 +156,7 @@ def run_chapters(
     lib = library_digest()
     upstream = ""
     executed: list[Path] = []
-    notebooks = [c for c in chapters_from_toc(root) if c.is_notebook]
+    notebooks = _execution_order(root)
     os.environ[ROOT_ENV] = str(root)
     for i, ch in enumerate(notebooks, 1):
         fp = _fingerprint(ch, pfile, lib, upstream)
@@ -174,6 +197,7 @@ def run_chapters(
                     f"chapter '{ch.stem}' ({ch.source.relative_to(root)}) failed on profile '{prof.name}': "
                     f"{summary.strip()[:500]}\n  the executed notebook with the traceback: {failed}"
                 ) from None
+            _tag_injected_cell(tmp)
         if failed.exists():
             failed.unlink()
         dt = time.perf_counter() - t0

@@ -1,0 +1,156 @@
+"""What every chapter does first and last: set up, find its inputs, and record its verdicts.
+
+A chapter may be executed by the runner (all chapters, in order) or opened on its own in
+JupyterLab or Colab. :func:`setup_chapter` makes both work the same way: it validates the
+profile named in the parameters cell, says which device the chapter will use, and, when an
+earlier chapter's artifacts are missing, executes that chapter first through the runner rather
+than failing on a missing file.
+
+Each chapter closes with its claims: the paper's evidence, ours, and whether the claim holds
+here. :func:`record_verdicts` writes them to ``results/<profile>/metrics/verdicts/<chapter>.json``
+and the landing page collects every chapter's file into one table, so no verdict is typed by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional
+
+from .config import ROOT_ENV, Profile, find_repo_root, load_profile
+from .io import ResultsPaths, read_json, write_json
+
+__all__ = ["ChapterContext", "Verdict", "load_verdicts", "record_verdicts", "setup_chapter"]
+
+Holds = Literal["holds", "does not hold", "partly", "not run"]
+
+
+@dataclass(frozen=True)
+class ChapterContext:
+    name: str
+    profile: Profile
+    paths: ResultsPaths
+    root: Path
+    device: str
+
+
+def _upstream(root: Path, chapter: str) -> list[str]:
+    from .runner import chapters_from_toc
+
+    names = [c.stem for c in chapters_from_toc(root) if c.is_notebook and c.name != _toc_root(root)]
+    if chapter not in names:
+        return []
+    return names[: names.index(chapter)]
+
+
+def _toc_root(root: Path) -> str:
+    import yaml
+
+    return yaml.safe_load((root / "_toc.yml").read_text(encoding="utf-8"))["root"]
+
+
+def setup_chapter(chapter: str, profile: str, needs: Iterable[str] = ()) -> ChapterContext:
+    """Validate ``profile``, print the device, and make sure chapters in ``needs`` have run.
+
+    ``needs`` names earlier chapters (toc stems, e.g. ``["data", "circuit"]``) whose artifacts
+    this chapter reads; any of them not yet executed for this profile is executed now, together
+    with the chapters before it.
+    """
+    import torch
+
+    root = find_repo_root()
+    os.environ.setdefault(ROOT_ENV, str(root))
+    prof = load_profile(profile, root)
+    paths = ResultsPaths.for_profile(prof.name, root)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else ""
+    print(f"chapter '{chapter}' on profile '{prof.name}': {len(prof.models)} model(s), device {device}{gpu}")
+    missing = [n for n in needs if not (paths.root / ".stamps" / f"{n}.json").exists()]
+    if missing:
+        from .runner import run_chapters
+
+        order = _upstream(root, chapter)
+        last_needed = max(order.index(n) for n in missing if n in order) if any(n in order for n in missing) else -1
+        todo = order[: last_needed + 1]
+        print(f"earlier chapters not yet run for '{prof.name}': {missing}; running {todo} first")
+        run_chapters(prof.name, root, only=todo)
+    return ChapterContext(chapter, prof, paths, root, device)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One claim as tested by one chapter."""
+
+    claim: int  # the paper's claim number on the landing page (1, 2 or 3); 0 for setup facts
+    statement: str
+    paper: str
+    ours: str
+    holds: Holds
+    chapter: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def record_verdicts(ctx: ChapterContext, verdicts: Iterable[Verdict]):
+    """Write the chapter's verdicts and return them as a table (pandas) for display."""
+    import pandas as pd
+
+    rows = [dict(v.to_json(), chapter=ctx.name) for v in verdicts]
+    bad = [r for r in rows if r["holds"] not in ("holds", "does not hold", "partly", "not run")]
+    if bad:
+        raise ValueError(f"verdict 'holds' must be holds / does not hold / partly / not run, got {bad[0]['holds']!r}")
+    write_json(ctx.paths.metrics / "verdicts" / f"{ctx.name}.json", rows)
+    return pd.DataFrame(rows)[["claim", "statement", "paper", "ours", "holds"]]
+
+
+def load_verdicts(paths: ResultsPaths) -> list[dict[str, Any]]:
+    """Every chapter's verdicts for a profile (empty when none ran)."""
+    folder = paths.root / "metrics" / "verdicts"
+    out: list[dict[str, Any]] = []
+    for f in sorted(folder.glob("*.json")) if folder.exists() else []:
+        out.extend(read_json(f))
+    return out
+
+
+#: The paper's three claims, as the landing page states them.
+CLAIMS: dict[int, str] = {
+    1: "Same circuit: the base model's entity-tracking circuit also implements the task in its fine-tuned versions.",
+    2: "Same functionality: each circuit group encodes the same information (position, value) in every model.",
+    3: "Better positional handling: the fine-tuned models' gain comes from improved handling of positional information.",
+}
+
+
+def verdict_table(results_root: Path, profile: str):
+    """One profile's verdicts as an HTML-ready table: every claim, with 'not run' rows for
+    claims no chapter has tested yet, and a link to the chapter holding the evidence."""
+    import html
+
+    import pandas as pd
+
+    rows = load_verdicts(ResultsPaths(Path(results_root) / profile))
+    tested = {r["claim"] for r in rows}
+    rows += [
+        {"claim": c, "statement": text, "paper": "", "ours": "", "holds": "not run", "chapter": ""}
+        for c, text in CLAIMS.items()
+        if c not in tested
+    ]
+    rows.sort(key=lambda r: (r["claim"], r["chapter"]))
+
+    def link(ch: str) -> str:
+        return f'<a href="{html.escape(ch)}.html">{html.escape(ch)}</a>' if ch else ""
+
+    return pd.DataFrame(
+        [
+            {
+                "claim": r["claim"] or "setup",
+                "what is tested": html.escape(r["statement"]),
+                "the paper": html.escape(r["paper"]),
+                "ours": html.escape(r["ours"]),
+                "verdict": r["holds"],
+                "evidence": link(r["chapter"]),
+            }
+            for r in rows
+        ]
+    )
