@@ -1,0 +1,957 @@
+"""Mean ablation and the three circuit metrics: faithfulness, completeness, minimality.
+
+**Mean ablation** (paper-methods §1.3, §3) removes what a head contributes on one prompt while
+keeping what it contributes on *every* prompt of the task. A head's output -- its slice of the
+``o_proj`` input, ``[batch, pos, n_heads, d_head]`` (see :mod:`entity_tracking.arch`) -- is
+replaced by its average over reference prompts, taken separately at every absolute token
+position. The reference prompts are random contexts whose query label is absent from the
+context, so the mean carries the shape of the task ("a box label sits here, a query sits
+there") but no answer. Averaging per position only makes sense if the reference and evaluation
+prompts line up token by token, so all of them must share one length (the dataset guarantees
+it; this module checks it). Means are computed per model -- a fine-tuned model is ablated with
+its own means -- and stored as :class:`MeanActivations` ``[n_layers, pos, n_heads, d_head]``.
+
+**Circuit performance** F(C) is the accuracy (argmax over the whole vocabulary at the last token
+equals the target) when everything outside the circuit is mean-ablated: at every position other
+than the three *vital* ones all heads are ablated, and at a vital position every head that is
+not in the circuit group acting there is ablated (Value Fetchers and Position Transmitters at
+the last token, Position Detectors at the query label, Structure Readers at the query label's
+earlier occurrence in the context). F(M) is the model's own accuracy, nothing ablated, and
+F(∅) the accuracy with every head ablated everywhere. **Faithfulness** is F(C)/F(M): how much of
+the model's behaviour the circuit alone recovers; a random circuit of the same group sizes is the
+baseline. **Completeness** (Wang et al. 2022) asks whether the circuit holds *all* the
+mechanism: remove a subset K of the circuit from both the circuit and the full model and compare,
+|F(C\\K) - F(M\\K)|, where F(M\\K) mean-ablates only K's heads at their group's position; a circuit
+missing redundant backup heads would collapse under C\\K while M\\K is carried by the backups.
+**Minimality** asks whether every head is needed: for head v, K is the top share of its group
+ranked by how much v matters once each other head is gone (a pairwise-ablation drop), and v is
+kept if F(C\\K)/F(C\\(K∪{v})) - 1 reaches a threshold (paper §2, 1%).
+
+**Sites.** Everything here is a set of *sites* ``(layer, head, position)``: a circuit keeps the
+sites of its groups (each group's heads at that group's position) and ablates the rest; K removes
+its own sites. ``C\\K`` is therefore "C's sites minus K's sites" (:class:`Ablation` with
+``keep=C, ablate=K``), which matches ``M\\K`` exactly even where a head sits in two groups at one
+position -- unlike :meth:`Circuit.without`, which removes group entries. A group at the special
+position :data:`ALL_POSITIONS` acts at every token, which is how :func:`full_circuit` spells the
+full model: its F(C) *is* F(M), its faithfulness exactly 1.
+
+**Uncertainty.** Every evaluation keeps its per-example correctness vector
+(:class:`Evaluation`), so every number gets a percentile bootstrap interval by resampling the
+evaluation prompts (:func:`bootstrap`); paired numbers (a ratio, a difference) resample the same
+prompts for both sides.
+
+**Cost.** All settings to evaluate are flattened into ``(setting, prompt)`` rows and run in
+batches: one nnsight trace per batch writes each layer's ``o_proj`` input once, with a boolean
+keep-mask ``[batch, pos, n_heads]`` built by tensor ops (no per-head Python inside the trace).
+Layers where nothing is ablated in the batch are not touched. ``patching.py`` did not exist when
+this was written: the batched evaluation helpers here (:func:`evaluate`, :func:`encode_for`) are
+candidates to fold into it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from .circuit import GROUPS, Circuit, Head
+from .data import encode_prompts
+
+__all__ = [
+    "ALL_POSITIONS",
+    "Ablation",
+    "AblationError",
+    "CompletenessDraw",
+    "CompletenessResult",
+    "Estimate",
+    "Evaluation",
+    "FaithfulnessResult",
+    "HeadMinimality",
+    "MeanActivations",
+    "MinimalityResult",
+    "bootstrap",
+    "circuit_performance",
+    "completeness",
+    "compute_means",
+    "empty_circuit",
+    "encode_for",
+    "evaluate",
+    "faithfulness",
+    "full_circuit",
+    "keep_mask",
+    "mean_ablated_logits",
+    "minimality",
+    "pruner",
+    "random_circuit",
+    "random_circuits",
+]
+
+#: A circuit position meaning "every token" (see :func:`full_circuit`).
+ALL_POSITIONS = "all"
+
+
+class AblationError(ValueError):
+    """Inputs that mean ablation cannot use: mismatched lengths, models, heads or positions."""
+
+
+def _progress(it: Iterable, progress: bool, **kw) -> Iterable:
+    if not progress:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def encode_for(lm, prompts: Sequence[Mapping[str, Any]] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch dict for ``lm``: prompt records are encoded with ``lm``'s tokenizer
+    (:func:`entity_tracking.data.encode_prompts`); an already encoded batch (a mapping with
+    ``input_ids``) is returned as is, so callers may override e.g. ``target``."""
+    if isinstance(prompts, Mapping):
+        if "input_ids" not in prompts:
+            raise AblationError("an encoded batch needs 'input_ids' (see data.encode_prompts)")
+        return dict(prompts)
+    return encode_prompts(lm.tokenizer, list(prompts))
+
+
+def _n_examples(batch: Mapping[str, torch.Tensor]) -> int:
+    return int(batch["input_ids"].shape[0])
+
+
+def _lengths(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    if "length" in batch:
+        return batch["length"]
+    return batch.get("attention_mask", torch.ones_like(batch["input_ids"])).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Means
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MeanActivations:
+    """Per-position mean of every head's output over the mean-reference prompts of one model.
+
+    Attributes:
+        model: name of the model they were computed on (``lm.name``).
+        means: ``[n_layers, pos, n_heads, d_head]`` float32 on the CPU.
+        n_prompts: how many reference prompts were averaged.
+    """
+
+    model: str
+    means: torch.Tensor
+    n_prompts: int
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.means.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.means.shape)
+
+    def check_fits(self, lm, *, check_model: bool = True) -> None:
+        """Raise :class:`AblationError` unless these means belong to ``lm``: same geometry and,
+        with ``check_model``, computed on the model of the same name."""
+        a = lm.arch
+        want = (a.n_layers, a.n_heads, a.d_head)
+        got = (self.means.shape[0], self.means.shape[2], self.means.shape[3])
+        if want != got:
+            raise AblationError(
+                f"means of '{self.model}' have (layers, heads, d_head) = {got} but model '{lm.name}' has {want}"
+            )
+        if check_model and self.model != lm.name:
+            raise AblationError(
+                f"means were computed on model '{self.model}' but are applied to '{lm.name}'; the paper ablates "
+                f"every model with its own means (compute_means(lm, ...)); pass check_model=False to override"
+            )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from .io import atomic_path
+
+        with atomic_path(path) as tmp:
+            torch.save({"model": self.model, "means": self.means, "n_prompts": self.n_prompts}, tmp)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "MeanActivations":
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(obj["model"], obj["means"], int(obj["n_prompts"]))
+
+
+def compute_means(lm, prompts, *, batch_size: int = 32, progress: bool = True) -> MeanActivations:
+    """Average every head's output per absolute position over ``prompts`` on model ``lm``.
+
+    Args:
+        lm: a :class:`~entity_tracking.models.LoadedModel`.
+        prompts: mean-reference prompt records (``data.make_mean_reference_prompts``) or an
+            encoded batch; all must tokenize to the same length.
+        batch_size: prompts per trace.
+
+    Returns:
+        :class:`MeanActivations` with ``means`` ``[n_layers, pos, n_heads, d_head]``.
+    """
+    import nnsight
+
+    batch = encode_for(lm, prompts)
+    n = _n_examples(batch)
+    lengths = _lengths(batch)
+    counts = Counter(int(x) for x in lengths)
+    if len(counts) != 1 or int(batch["input_ids"].shape[1]) != int(lengths[0]):
+        raise AblationError(
+            "mean-reference prompts must all have one token length (means are taken per absolute position); "
+            f"got lengths {dict(sorted(counts.items()))} -- build them with "
+            "data.make_mean_reference_prompts(..., n_tokens=<eval length>) and the same num_boxes"
+        )
+    a = lm.arch
+    seq = int(lengths[0])
+    total = torch.zeros(a.n_layers, seq, a.n_heads, a.d_head, dtype=torch.float64)
+    starts = range(0, n, batch_size)
+    for s in _progress(starts, progress, desc=f"means ({lm.name})", total=len(starts)):
+        ids = batch["input_ids"][s: s + batch_size].to(lm.device)
+        with torch.no_grad(), lm.trace(input_ids=ids, attention_mask=torch.ones_like(ids)):
+            sums = [a.heads(lm.nn, layer).float().sum(0) for layer in range(a.n_layers)]
+            nnsight.save(sums)
+        total += torch.stack([x.detach().cpu() for x in sums]).double()
+    return MeanActivations(model=lm.name, means=(total / n).float(), n_prompts=n)
+
+
+# --------------------------------------------------------------------------------------------
+# Circuits as site sets
+# --------------------------------------------------------------------------------------------
+
+
+def full_circuit(arch, model: str = "") -> Circuit:
+    """Every head in every group, each group at :data:`ALL_POSITIONS`: nothing is ablated, so
+    its circuit performance is the full model's accuracy F(M)."""
+    heads = [(layer, h) for layer in range(arch.n_layers) for h in range(arch.n_heads)]
+    return Circuit(model, {g: list(heads) for g in GROUPS}, positions={g: ALL_POSITIONS for g in GROUPS},
+                   meta={"kind": "full"})
+
+
+def empty_circuit(model: str = "") -> Circuit:
+    """No heads: evaluated as a circuit, every head is ablated at every position."""
+    return Circuit(model, {g: [] for g in GROUPS}, meta={"kind": "empty"})
+
+
+def _sites(circuit: Circuit) -> list[tuple[str, Head]]:
+    """Unique ``(position, (layer, head))`` sites of ``circuit``, in group order."""
+    seen: dict[tuple[str, Head], None] = {}
+    for g in GROUPS:
+        for h in circuit.groups[g]:
+            seen.setdefault((circuit.positions[g], tuple(h)), None)
+    return list(seen)
+
+
+def _circuit_of_sites(template: Circuit, sites: Iterable[tuple[str, Head]], model: str = "") -> Circuit:
+    """A circuit with ``template``'s positions holding ``sites``, each in the first group of
+    ``template`` that has it (so K drawn from C reads like C)."""
+    groups: dict[str, list[Head]] = {g: [] for g in GROUPS}
+    for pos, head in sites:
+        for g in GROUPS:
+            if template.positions[g] == pos and head in template.groups[g]:
+                groups[g].append(head)
+                break
+        else:
+            raise AblationError(f"site {head} at '{pos}' is not in circuit '{template.model}'")
+    return Circuit(model or template.model, groups, dict(template.positions))
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One ablation setting: keep ``keep``'s sites (``None``: every site) minus ``ablate``'s
+    sites (``None``: none); every other site is mean-ablated.
+
+    * F(M): ``Ablation()``; F(C): ``Ablation(keep=C)``; F(∅): ``Ablation(keep=empty_circuit())``;
+    * F(M\\K): ``Ablation(ablate=K)``; F(C\\K): ``Ablation(keep=C, ablate=K)``.
+    """
+
+    keep: Optional[Circuit] = None
+    ablate: Optional[Circuit] = None
+    label: str = ""
+
+    def ablates_nothing(self, arch) -> bool:
+        """True if no site of a model with ``arch``'s geometry is ablated."""
+        if self.ablate is not None and self.ablate.n_heads > 0:
+            return False
+        if self.keep is None:
+            return True
+        everywhere = {tuple(h) for g in GROUPS if self.keep.positions[g] == ALL_POSITIONS for h in self.keep.groups[g]}
+        return len(everywhere) == arch.n_layers * arch.n_heads and all(
+            0 <= layer < arch.n_layers and 0 <= h < arch.n_heads for layer, h in everywhere)
+
+
+def _check_circuit(arch, circuit: Circuit, batch: Mapping[str, torch.Tensor], what: str) -> None:
+    for g in GROUPS:
+        for layer, head in circuit.groups[g]:
+            if not (0 <= layer < arch.n_layers and 0 <= head < arch.n_heads):
+                raise AblationError(
+                    f"{what} '{circuit.model}' group {g} has head ({layer}, {head}), outside this model's "
+                    f"{arch.n_layers} layers x {arch.n_heads} heads"
+                )
+        pos = circuit.positions[g]
+        if circuit.groups[g] and pos != ALL_POSITIONS and f"{pos}_position" not in batch:
+            raise AblationError(
+                f"{what} '{circuit.model}' group {g} acts at '{pos}', but the batch has no '{pos}_position' "
+                f"(positions: {sorted(k for k in batch if k.endswith('_position'))})"
+            )
+
+
+def _position_keys(ablations: Sequence[Ablation]) -> list[str]:
+    keys = [ALL_POSITIONS]
+    for ab in ablations:
+        for c in (ab.keep, ab.ablate):
+            if c is None:
+                continue
+            for g in GROUPS:
+                p = c.positions[g]
+                if c.groups[g] and p not in keys:
+                    keys.append(p)
+    return keys
+
+
+def _site_table(arch, ablations: Sequence[Ablation], keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keep_heads``, ``ablate_heads``: bool ``[n_settings, n_keys, n_layers, n_heads]``."""
+    shape = (len(ablations), len(keys), arch.n_layers, arch.n_heads)
+    keep = torch.zeros(shape, dtype=torch.bool)
+    abl = torch.zeros(shape, dtype=torch.bool)
+    for i, ab in enumerate(ablations):
+        if ab.keep is None:
+            keep[i, 0] = True
+        for table, c in ((keep, ab.keep), (abl, ab.ablate)):
+            if c is None:
+                continue
+            for g in GROUPS:
+                if c.groups[g]:
+                    idx = torch.tensor(c.groups[g], dtype=torch.long)
+                    table[i, keys.index(c.positions[g]), idx[:, 0], idx[:, 1]] = True
+    return keep, abl
+
+
+def _onehots(batch: Mapping[str, torch.Tensor], keys: list[str], rows: torch.Tensor, seq: int) -> torch.Tensor:
+    """``[n_keys, n_rows, seq]`` float: 1 where row ``r`` has position key ``k`` (all ones for
+    :data:`ALL_POSITIONS`; nothing where a position is ``-1``, i.e. absent)."""
+    out = torch.zeros(len(keys), len(rows), seq)
+    out[0] = 1.0
+    for k, key in enumerate(keys[1:], start=1):
+        pos = batch[f"{key}_position"][rows]
+        ok = pos >= 0
+        out[k, torch.arange(len(rows))[ok], pos[ok]] = 1.0
+    return out
+
+
+def _row_masks(arch, batch, ablations, keys, tables, cfg: torch.Tensor, ex: torch.Tensor, seq: int) -> torch.Tensor:
+    keep_h, abl_h = tables
+    onehot = _onehots(batch, keys, ex, seq)  # [K, R, S]
+    keep = torch.einsum("krs,rklh->lrsh", onehot, keep_h[cfg].float()) > 0
+    if abl_h.any():
+        keep &= ~(torch.einsum("krs,rklh->lrsh", onehot, abl_h[cfg].float()) > 0)
+    return keep
+
+
+def keep_mask(arch, batch: Mapping[str, torch.Tensor], ablation: Ablation) -> torch.Tensor:
+    """Where ``ablation`` keeps the model's own head outputs, per prompt of ``batch``.
+
+    Returns:
+        bool ``[n_layers, batch, pos, n_heads]``: True = keep, False = replace by the mean.
+    """
+    n = _n_examples(batch)
+    for c, what in ((ablation.keep, "circuit"), (ablation.ablate, "ablated set")):
+        if c is not None:
+            _check_circuit(arch, c, batch, what)
+    keys = _position_keys([ablation])
+    tables = _site_table(arch, [ablation], keys)
+    return _row_masks(arch, batch, [ablation], keys, tables, torch.zeros(n, dtype=torch.long),
+                      torch.arange(n), int(batch["input_ids"].shape[1]))
+
+
+# --------------------------------------------------------------------------------------------
+# Running ablated models
+# --------------------------------------------------------------------------------------------
+
+
+def _check_lengths(batch: Mapping[str, torch.Tensor], means: MeanActivations) -> None:
+    seq = means.seq_len
+    lengths = _lengths(batch)
+    counts = Counter(int(x) for x in lengths)
+    if set(counts) != {seq} or int(batch["input_ids"].shape[1]) != seq:
+        raise AblationError(
+            f"mean ablation lines positions up: every evaluation prompt must be {seq} tokens long like the "
+            f"mean-reference prompts of '{means.model}', but the evaluation prompts have lengths "
+            f"{dict(sorted(counts.items()))}; build both with the same num_boxes and tokenizer"
+        )
+
+
+def _run(lm, ids: torch.Tensor, attn: torch.Tensor, last: torch.Tensor, keep: Optional[torch.Tensor],
+         means: Optional[torch.Tensor], all_positions: bool = False) -> torch.Tensor:
+    """One trace. ``keep`` ``[n_layers, R, S, n_heads]`` (None: nothing ablated), ``means``
+    ``[n_layers, S, n_heads, d_head]`` on the model's device and dtype. Returns the last-token
+    logits ``[R, vocab]`` (``[R, S, vocab]`` with ``all_positions``)."""
+    a = lm.arch
+    write = [] if keep is None else [layer for layer in range(a.n_layers) if not bool(keep[layer].all())]
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    with torch.no_grad(), lm.trace(input_ids=ids, attention_mask=attn):
+        for layer in write:
+            z = a.heads(lm.nn, layer)
+            k, m = keep[layer].to(z.device), means[layer].to(device=z.device, dtype=z.dtype)  # sharded models
+            a.set_heads(lm.nn, layer, torch.where(k.unsqueeze(-1), z, m.unsqueeze(0)))
+        logits = lm.nn.output.logits
+        out = (logits if all_positions else logits[rows, last]).save()
+    return out
+
+
+def mean_ablated_logits(lm, prompts, means: Optional[MeanActivations], ablation: Ablation = Ablation(), *,
+                        all_positions: bool = False, check_model: bool = True) -> torch.Tensor:
+    """Logits of ``lm`` on ``prompts`` (one trace) under ``ablation``.
+
+    Returns:
+        ``[batch, vocab]`` at each prompt's last token, or ``[batch, pos, vocab]`` with
+        ``all_positions``; float32 on the CPU.
+    """
+    batch = encode_for(lm, prompts)
+    n = _n_examples(batch)
+    keep = None
+    mean_t = None
+    if not ablation.ablates_nothing(lm.arch):
+        if means is None:
+            raise AblationError("this ablation removes heads: pass the model's MeanActivations")
+        means.check_fits(lm, check_model=check_model)
+        _check_lengths(batch, means)
+        keep = keep_mask(lm.arch, batch, ablation)
+        if bool(keep.all()):
+            keep = None
+        else:
+            keep = keep.to(lm.device)
+            mean_t = means.means.to(device=lm.device, dtype=lm.dtype)
+    out = _run(lm, batch["input_ids"].to(lm.device), batch["attention_mask"].to(lm.device),
+               batch["last_position"].to(lm.device), keep, mean_t, all_positions=all_positions)
+    assert out.shape[0] == n
+    return out.detach().float().cpu()
+
+
+@dataclass
+class Evaluation:
+    """Per-example outcome of one ablation setting.
+
+    Attributes:
+        label: what was evaluated (e.g. ``"F(C)"``).
+        correct: bool ``[n_examples]``: argmax at the last token == target.
+        predicted: long ``[n_examples]``: the argmax token id.
+    """
+
+    label: str
+    correct: torch.Tensor
+    predicted: torch.Tensor
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.float().mean()) if len(self.correct) else float("nan")
+
+    @property
+    def n(self) -> int:
+        return int(self.correct.shape[0])
+
+    def estimate(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> "Estimate":
+        return bootstrap(self.correct[None], n_resamples=n_resamples, seed=seed, level=level)
+
+    def __repr__(self) -> str:
+        return f"Evaluation({self.label!r}, accuracy={self.accuracy:.3f}, n={self.n})"
+
+
+def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[Ablation], *,
+             batch_size: int = 32, progress: bool = True, check_model: bool = True) -> list[Evaluation]:
+    """Accuracy of ``lm`` on ``prompts`` under each of ``ablations``, batched across settings.
+
+    Rows ``(setting, prompt)`` are run ``batch_size`` at a time, each row with its own keep-mask,
+    so many small settings (random circuits, pairwise ablations) share traces.
+
+    Args:
+        lm: the model evaluated (a circuit may come from another model of the same architecture).
+        prompts: evaluation prompt records or an encoded batch (its ``target`` is the label).
+        means: ``lm``'s own :class:`MeanActivations` (may be None if nothing is ablated).
+        ablations: the settings.
+
+    Returns:
+        One :class:`Evaluation` per setting, in order.
+    """
+    batch = encode_for(lm, prompts)
+    n = _n_examples(batch)
+    if n == 0:
+        raise AblationError("no evaluation prompts")
+    target = batch["target"]
+    if bool((target < 0).any()):
+        raise AblationError(f"{int((target < 0).sum())} evaluation prompts have no target (query label absent?)")
+    ablations = list(ablations)
+    if not ablations:
+        return []
+    for ab in ablations:
+        for c, what in ((ab.keep, "circuit"), (ab.ablate, "ablated set")):
+            if c is not None:
+                _check_circuit(lm.arch, c, batch, what)
+    need = [not ab.ablates_nothing(lm.arch) for ab in ablations]
+    mean_t = None
+    if any(need):
+        if means is None:
+            raise AblationError("these settings remove heads: pass the model's MeanActivations (compute_means)")
+        means.check_fits(lm, check_model=check_model)
+        _check_lengths(batch, means)
+        mean_t = means.means.to(device=lm.device, dtype=lm.dtype)
+    keys = _position_keys(ablations)
+    tables = _site_table(lm.arch, ablations, keys)
+    seq = int(batch["input_ids"].shape[1])
+    cfg_all = torch.arange(len(ablations)).repeat_interleave(n)
+    ex_all = torch.arange(n).repeat(len(ablations))
+    correct = torch.zeros(len(ablations) * n, dtype=torch.bool)
+    predicted = torch.zeros(len(ablations) * n, dtype=torch.long)
+    starts = range(0, len(cfg_all), batch_size)
+    for s in _progress(starts, progress, desc=f"evaluate ({lm.name}, {len(ablations)} settings)", total=len(starts)):
+        cfg, ex = cfg_all[s: s + batch_size], ex_all[s: s + batch_size]
+        keep = None
+        if any(need[int(c)] for c in cfg.unique()):
+            keep = _row_masks(lm.arch, batch, ablations, keys, tables, cfg, ex, seq)
+            keep = None if bool(keep.all()) else keep.to(lm.device)
+        logits = _run(lm, batch["input_ids"][ex].to(lm.device), batch["attention_mask"][ex].to(lm.device),
+                      batch["last_position"][ex].to(lm.device), keep, mean_t)
+        pred = logits.argmax(-1).cpu()
+        predicted[s: s + len(ex)] = pred
+        correct[s: s + len(ex)] = pred == target[ex]
+    return [
+        Evaluation(ab.label or f"setting {i}", correct[i * n:(i + 1) * n].clone(), predicted[i * n:(i + 1) * n].clone())
+        for i, ab in enumerate(ablations)
+    ]
+
+
+def circuit_performance(lm, prompts, means: MeanActivations, circuit: Circuit, **kw) -> Evaluation:
+    """F(C): accuracy of ``lm`` with everything outside ``circuit`` mean-ablated."""
+    return evaluate(lm, prompts, means, [Ablation(keep=circuit, label="F(C)")], **kw)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with a percentile bootstrap interval ``[low, high]`` at ``level``."""
+
+    value: float
+    low: float
+    high: float
+    level: float = 0.95
+    n: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"value": self.value, "low": self.low, "high": self.high, "level": self.level, "n": self.n}
+
+    def __format__(self, spec: str) -> str:
+        spec = spec or ".2f"
+        return f"{self.value:{spec}} [{self.low:{spec}}, {self.high:{spec}}]"
+
+    def __str__(self) -> str:
+        return format(self)
+
+
+def bootstrap(vectors: torch.Tensor | Sequence[torch.Tensor],
+              statistic: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, *,
+              n_resamples: int = 1000, seed: int = 0, level: float = 0.95, chunk: int = 200) -> Estimate:
+    """Percentile bootstrap over examples of a statistic of per-vector accuracies.
+
+    Args:
+        vectors: ``[k, n]`` (or ``k`` tensors of length ``n``) per-example correctness; the same
+            resampled examples are used for all ``k`` (paired).
+        statistic: maps accuracies ``[k, R]`` to ``[R]``; default: the first vector's accuracy.
+            NaN results (e.g. a ratio over a zero resample) are ignored by the quantiles.
+        n_resamples: bootstrap resamples ``R``; ``seed`` makes them deterministic.
+
+    Returns:
+        :class:`Estimate` with the statistic on the original examples and the
+        ``(1-level)/2``, ``(1+level)/2`` quantiles of the resampled statistics.
+    """
+    v = vectors if isinstance(vectors, torch.Tensor) else torch.stack([torch.as_tensor(x) for x in vectors])
+    if v.dim() == 1:
+        v = v[None]
+    v = v.float()
+    k, n = v.shape
+    if n == 0:
+        raise AblationError("bootstrap needs at least one example")
+    if not 0 < level < 1:
+        raise AblationError(f"level must be in (0, 1), got {level}")
+    stat = statistic or (lambda acc: acc[0])
+    point = float(stat(v.mean(-1, keepdim=True))[0])
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for s in range(0, n_resamples, chunk):
+        r = min(chunk, n_resamples - s)
+        idx = torch.randint(n, (r, n), generator=gen)
+        out.append(stat(v[:, idx].mean(-1)).float())
+    stats = torch.cat(out)
+    stats = torch.where(torch.isfinite(stats), stats, torch.full_like(stats, float("nan")))
+    if bool(torch.isnan(stats).all()):
+        lo = hi = float("nan")
+    else:
+        q = torch.tensor([(1 - level) / 2, (1 + level) / 2])
+        lo, hi = (float(x) for x in torch.nanquantile(stats, q))
+    return Estimate(point, lo, hi, level, n)
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp_min(1e-30), torch.full_like(num, float("nan")))
+
+
+# --------------------------------------------------------------------------------------------
+# Random circuits
+# --------------------------------------------------------------------------------------------
+
+
+def _decode(flat: torch.Tensor, n_heads: int) -> list[Head]:
+    """Flat index over layer x head -> ``(layer, head)``: ``divmod(i, n_heads)``. (The reference
+    divided by the number of layers, which is only right for square models.)"""
+    return [(int(i) // n_heads, int(i) % n_heads) for i in flat]
+
+
+def random_circuit(arch, like: Circuit | Mapping[str, int], seed: int = 0, model: str = "") -> Circuit:
+    """A circuit with the group sizes of ``like``, heads drawn uniformly without replacement
+    (within a group) from all ``n_layers x n_heads`` heads; positions as ``like``'s."""
+    sizes = {g: len(like.groups[g]) for g in GROUPS} if isinstance(like, Circuit) else {g: int(like.get(g, 0)) for g in GROUPS}
+    positions = dict(like.positions) if isinstance(like, Circuit) else None
+    total = arch.n_layers * arch.n_heads
+    gen = torch.Generator().manual_seed(seed)
+    groups = {}
+    for g in GROUPS:
+        if not 0 <= sizes[g] <= total:
+            raise AblationError(f"group {g}: cannot draw {sizes[g]} distinct heads from {total}")
+        groups[g] = _decode(torch.randperm(total, generator=gen)[: sizes[g]], arch.n_heads)
+    c = Circuit(model or f"random-{seed}", groups, meta={"kind": "random", "seed": seed})
+    if positions:
+        c.positions.update(positions)
+    return c
+
+
+def random_circuits(arch, like: Circuit | Mapping[str, int], n: int = 10, seed: int = 0) -> list[Circuit]:
+    """``n`` random circuits (:func:`random_circuit`), seeds derived from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    seeds = torch.randint(2**31 - 1, (n,), generator=gen).tolist()
+    return [random_circuit(arch, like, s, model=f"random-{seed}-{i}") for i, s in enumerate(seeds)]
+
+
+# --------------------------------------------------------------------------------------------
+# Faithfulness
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FaithfulnessResult:
+    """F(M), F(C), F(∅) and random-circuit accuracies of one circuit evaluated in one model."""
+
+    model: str
+    circuit: Circuit
+    full: Evaluation
+    circuit_eval: Evaluation
+    ablated: Evaluation
+    random: list[Evaluation]
+    random_circuits: list[Circuit]
+
+    @property
+    def faithfulness(self) -> float:
+        """F(C)/F(M) (NaN when F(M) = 0). The paper rounds both to 2 decimals first."""
+        m = self.full.accuracy
+        return self.circuit_eval.accuracy / m if m > 0 else float("nan")
+
+    @property
+    def random_accuracy(self) -> float:
+        return sum(e.accuracy for e in self.random) / len(self.random) if self.random else float("nan")
+
+    def summary(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Estimate]:
+        """Every number with a bootstrap interval over the evaluation prompts."""
+        kw = dict(n_resamples=n_resamples, seed=seed, level=level)
+        vec = torch.stack([self.full.correct, self.circuit_eval.correct, self.ablated.correct]
+                          + [e.correct for e in self.random])
+        out = {
+            "full_accuracy": bootstrap(vec, lambda a: a[0], **kw),
+            "circuit_accuracy": bootstrap(vec, lambda a: a[1], **kw),
+            "ablated_accuracy": bootstrap(vec, lambda a: a[2], **kw),
+            "faithfulness": bootstrap(vec, lambda a: _ratio(a[1], a[0]), **kw),
+        }
+        if self.random:
+            out["random_accuracy"] = bootstrap(vec, lambda a: a[3:].mean(0), **kw)
+            out["random_faithfulness"] = bootstrap(vec, lambda a: _ratio(a[3:].mean(0), a[0]), **kw)
+        return out
+
+    def to_json(self, **kw) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "circuit_model": self.circuit.model,
+            "group_sizes": {g: len(self.circuit.groups[g]) for g in GROUPS},
+            "n_examples": self.full.n,
+            "n_random": len(self.random),
+            "summary": {k: e.as_dict() for k, e in self.summary(**kw).items()},
+            "random_accuracies": [e.accuracy for e in self.random],
+        }
+
+
+def faithfulness(lm, prompts, means: MeanActivations, circuit: Circuit, *, n_random: int = 10, seed: int = 0,
+                 batch_size: int = 32, progress: bool = True, check_model: bool = True) -> FaithfulnessResult:
+    """Faithfulness of ``circuit`` in ``lm``, with ``n_random`` random circuits of the same
+    group sizes as the baseline (paper §3 used 10). ``circuit`` may come from another model of
+    the same architecture; ``means`` must be ``lm``'s own."""
+    if n_random < 0:
+        raise AblationError("n_random must be >= 0")
+    rand = random_circuits(lm.arch, circuit, n_random, seed) if n_random else []
+    settings = [Ablation(label="F(M)"), Ablation(keep=circuit, label="F(C)"),
+                Ablation(keep=empty_circuit(), label="F(empty)")]
+    settings += [Ablation(keep=r, label=f"F(random {i})") for i, r in enumerate(rand)]
+    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress, check_model=check_model)
+    return FaithfulnessResult(lm.name, circuit, evs[0], evs[1], evs[2], evs[3:], rand)
+
+
+# --------------------------------------------------------------------------------------------
+# Completeness
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompletenessDraw:
+    """One removed set K with F(C\\K) and F(M\\K)."""
+
+    removed: Circuit
+    circuit_minus: Evaluation
+    model_minus: Evaluation
+
+    @property
+    def score(self) -> float:
+        return abs(self.circuit_minus.accuracy - self.model_minus.accuracy)
+
+
+@dataclass
+class CompletenessResult:
+    """Completeness of one circuit in one model: random subsets K and whole groups."""
+
+    model: str
+    circuit: Circuit
+    draws: list[CompletenessDraw]
+    groups: dict[str, CompletenessDraw]
+    p: float = 0.5
+
+    @property
+    def score(self) -> float:
+        """Mean over random draws of |F(C\\K) - F(M\\K)|."""
+        return sum(d.score for d in self.draws) / len(self.draws) if self.draws else float("nan")
+
+    def draw_std(self) -> dict[str, float]:
+        """Standard deviation across random draws (how the paper reports ±)."""
+        def std(xs):
+            xs = torch.tensor(xs, dtype=torch.float64)
+            return float(xs.std(unbiased=False)) if len(xs) else float("nan")
+
+        return {"circuit_minus": std([d.circuit_minus.accuracy for d in self.draws]),
+                "model_minus": std([d.model_minus.accuracy for d in self.draws]),
+                "score": std([d.score for d in self.draws])}
+
+    def summary(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Estimate]:
+        kw = dict(n_resamples=n_resamples, seed=seed, level=level)
+        out: dict[str, Estimate] = {}
+        if self.draws:
+            c = torch.stack([d.circuit_minus.correct for d in self.draws])
+            m = torch.stack([d.model_minus.correct for d in self.draws])
+            vec = torch.cat([c, m])
+            k = len(self.draws)
+            out["random_circuit_minus"] = bootstrap(vec, lambda a: a[:k].mean(0), **kw)
+            out["random_model_minus"] = bootstrap(vec, lambda a: a[k:].mean(0), **kw)
+            out["random_score"] = bootstrap(vec, lambda a: (a[:k] - a[k:]).abs().mean(0), **kw)
+        for g, d in self.groups.items():
+            vec = torch.stack([d.circuit_minus.correct, d.model_minus.correct])
+            out[f"{g}_circuit_minus"] = bootstrap(vec, lambda a: a[0], **kw)
+            out[f"{g}_model_minus"] = bootstrap(vec, lambda a: a[1], **kw)
+            out[f"{g}_score"] = bootstrap(vec, lambda a: (a[0] - a[1]).abs(), **kw)
+        return out
+
+    def to_json(self, **kw) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "circuit_model": self.circuit.model,
+            "p": self.p,
+            "n_draws": len(self.draws),
+            "summary": {k: e.as_dict() for k, e in self.summary(**kw).items()},
+            "draw_std": self.draw_std(),
+            "draws": [{"removed": {g: [list(h) for h in d.removed.groups[g]] for g in GROUPS},
+                       "circuit_minus": d.circuit_minus.accuracy, "model_minus": d.model_minus.accuracy}
+                      for d in self.draws],
+        }
+
+
+def completeness(lm, prompts, means: MeanActivations, circuit: Circuit, *, n_draws: int = 10, p: float = 0.5,
+                 seed: int = 0, by_group: bool = True, batch_size: int = 32, progress: bool = True,
+                 check_model: bool = True) -> CompletenessResult:
+    """|F(C\\K) - F(M\\K)| for ``n_draws`` random K (each circuit site in K with probability
+    ``p``, seeded) and, with ``by_group``, K = each non-empty group.
+
+    F(C\\K) keeps C's sites minus K's; F(M\\K) ablates only K's sites (each head at its group's
+    position), everything else running as in the full model.
+    """
+    if not 0 <= p <= 1:
+        raise AblationError(f"p must be in [0, 1], got {p}")
+    sites = _sites(circuit)
+    gen = torch.Generator().manual_seed(seed)
+    removed = []
+    for i in range(n_draws):
+        pick = torch.rand(len(sites), generator=gen) < p
+        removed.append(_circuit_of_sites(circuit, [s for s, t in zip(sites, pick.tolist()) if t],
+                                         model=f"K{i}"))
+    group_sets = {}
+    if by_group:
+        for g in GROUPS:
+            if circuit.groups[g]:
+                group_sets[g] = Circuit(f"K={g}", {g: list(circuit.groups[g])}, dict(circuit.positions))
+    settings = []
+    for k in list(removed) + list(group_sets.values()):
+        settings += [Ablation(keep=circuit, ablate=k, label=f"F(C\\{k.model})"),
+                     Ablation(ablate=k, label=f"F(M\\{k.model})")]
+    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress, check_model=check_model)
+    pairs = [CompletenessDraw(k, evs[2 * i], evs[2 * i + 1]) for i, k in enumerate(list(removed) + list(group_sets.values()))]
+    return CompletenessResult(lm.name, circuit, pairs[: len(removed)],
+                              dict(zip(group_sets, pairs[len(removed):])), p)
+
+
+# --------------------------------------------------------------------------------------------
+# Minimality
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadMinimality:
+    """Minimality of one head ``v`` of ``group``: K, F(C\\K) (``before``) and F(C\\(K∪{v})) (``after``)."""
+
+    group: str
+    head: Head
+    removed: list[Head]
+    before: Evaluation
+    after: Evaluation
+    threshold: float
+
+    @property
+    def score(self) -> float:
+        """F(C\\K)/F(C\\(K∪{v})) - 1; +inf if only ``after`` is 0, 0 if both are."""
+        b, a = self.before.accuracy, self.after.accuracy
+        if a == 0:
+            return float("inf") if b > 0 else 0.0
+        return b / a - 1
+
+    @property
+    def kept(self) -> bool:
+        return self.score >= self.threshold
+
+    def estimate(self, **kw) -> Estimate:
+        vec = torch.stack([self.before.correct, self.after.correct])
+        return bootstrap(vec, lambda x: _ratio(x[0], x[1]) - 1, **kw)
+
+
+@dataclass
+class MinimalityResult:
+    """Per-head minimality scores and the circuit pruned to the heads that pass."""
+
+    circuit: Circuit
+    pruned: Circuit
+    heads: list[HeadMinimality]
+    pair_accuracy: dict[str, torch.Tensor]
+    top_fraction: float
+    threshold: float
+
+    @property
+    def scores(self) -> dict[tuple[str, Head], float]:
+        return {(h.group, h.head): h.score for h in self.heads}
+
+    def summary(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[tuple[str, Head], Estimate]:
+        return {(h.group, h.head): h.estimate(n_resamples=n_resamples, seed=seed, level=level) for h in self.heads}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "top_fraction": self.top_fraction,
+            "threshold": self.threshold,
+            "heads": [{"group": h.group, "head": list(h.head), "removed": [list(x) for x in h.removed],
+                       "before": h.before.accuracy, "after": h.after.accuracy,
+                       "score": h.score, "kept": h.kept} for h in self.heads],
+            "pruned": self.pruned.to_json(),
+        }
+
+
+def minimality(lm, prompts, means: MeanActivations, circuit: Circuit, *, top_fraction: float = 0.3,
+               threshold: float = 0.01, groups: Optional[Sequence[str]] = None, batch_size: int = 32,
+               progress: bool = True, check_model: bool = True) -> MinimalityResult:
+    """Score every head of ``circuit`` (paper §2) and prune the ones below ``threshold``.
+
+    For each group g (default: all non-empty) with heads ``H``:
+
+    1. pairwise ablations: ``pair[u, v] = F(C\\{u, v})`` for all ``u, v`` in ``H`` (``pair[u, u]
+       = F(C\\{u})``), one evaluation per unordered pair;
+    2. for head ``v``, rank the other heads ``u`` by the drop ``pair[u, u] - pair[u, v]`` (how
+       much removing ``v`` costs once ``u`` is gone) and take as K the top
+       ``ceil(top_fraction * |H|)`` with a positive drop;
+    3. ``score(v) = F(C\\K) / F(C\\(K∪{v})) - 1``; ``v`` is kept if ``score >= threshold``.
+
+    Returns:
+        :class:`MinimalityResult`: per-head :class:`HeadMinimality` (scores, K, evaluations),
+        ``pair_accuracy[g]`` ``[|H|, |H|]`` and ``pruned`` (groups not scored stay as they were).
+    """
+    if not 0 <= top_fraction <= 1:
+        raise AblationError(f"top_fraction must be in [0, 1], got {top_fraction}")
+    unknown = set(groups or ()) - set(GROUPS)
+    if unknown:
+        raise AblationError(f"unknown groups {sorted(unknown)}; expected some of {GROUPS}")
+    todo = [g for g in (groups or GROUPS) if circuit.groups[g]]
+    kw = dict(batch_size=batch_size, progress=progress, check_model=check_model)
+
+    def minus(g: str, heads: Iterable[Head], label: str) -> Ablation:
+        return Ablation(keep=circuit, ablate=Circuit("K", {g: list(heads)}, dict(circuit.positions)), label=label)
+
+    # 1. pairwise ablations, all groups in one batched evaluation
+    pair_settings, index = [], []
+    for g in todo:
+        hs = circuit.groups[g]
+        for i in range(len(hs)):
+            for j in range(i, len(hs)):
+                pair_settings.append(minus(g, list(dict.fromkeys([hs[i], hs[j]])), f"F(C\\{{{hs[i]},{hs[j]}}})"))
+                index.append((g, i, j))
+    evs = evaluate(lm, prompts, means, pair_settings, **kw)
+    pair = {g: torch.zeros(len(circuit.groups[g]), len(circuit.groups[g])) for g in todo}
+    for (g, i, j), e in zip(index, evs):
+        pair[g][i, j] = pair[g][j, i] = e.accuracy
+
+    # 2. K per head, then 3. before/after in one batched evaluation
+    plan: list[tuple[str, Head, list[Head]]] = []
+    for g in todo:
+        hs = circuit.groups[g]
+        k = math.ceil(top_fraction * len(hs))
+        for v in range(len(hs)):
+            drops = [(float(pair[g][u, u] - pair[g][u, v]), u) for u in range(len(hs)) if u != v]
+            drops.sort(key=lambda x: (-x[0], x[1]))
+            plan.append((g, hs[v], [hs[u] for d, u in drops[:k] if d > 0]))
+    settings = []
+    for g, v, K in plan:
+        settings += [minus(g, K, f"F(C\\K_{v})"), minus(g, list(K) + [v], f"F(C\\K_{v}+{v})")]
+    evs = evaluate(lm, prompts, means, settings, **kw)
+    heads = [HeadMinimality(g, v, K, evs[2 * i], evs[2 * i + 1], threshold) for i, (g, v, K) in enumerate(plan)]
+
+    kept = {(h.group, h.head) for h in heads if h.kept}
+    new_groups = {g: [h for h in circuit.groups[g] if g not in todo or (g, h) in kept] for g in GROUPS}
+    meta = dict(circuit.meta)
+    meta["minimality"] = {"top_fraction": top_fraction, "threshold": threshold, "groups": todo,
+                          "n_examples": evs[0].n if evs else 0}
+    pruned = Circuit(circuit.model, new_groups, dict(circuit.positions), dict(circuit.scores), meta)
+    return MinimalityResult(circuit, pruned, heads, pair, top_fraction, threshold)
+
+
+def pruner(lm, prompts, means: MeanActivations, **kw) -> Callable[[Circuit], Circuit]:
+    """``circuit -> minimality(lm, prompts, means, circuit, **kw).pruned``: the ``prune``
+    argument of :func:`entity_tracking.path_patching.discover`."""
+    return lambda circuit: minimality(lm, prompts, means, circuit, **kw).pruned
