@@ -20,7 +20,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "CMAPSpec",
+    "CircuitSpec",
+    "DCMSpec",
     "DataSpec",
+    "FaithfulnessSpec",
     "FinetuneSpec",
     "ModelSpec",
     "OrganismSpec",
@@ -123,8 +127,11 @@ class OrganismSpec(_Strict):
     d_model: int = Field(128, ge=8)
     d_mlp: int = Field(512, ge=8)
     seed: int = 0
-    lr: float = Field(3e-4, gt=0)
-    warmup_steps: int = Field(50, ge=0, description="linear learning-rate warm-up at the start")
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up at the start")
+    residual_init: float = Field(
+        0.0, ge=0, description="scale of the initial o_proj/down_proj weights (0 = each block starts as identity)"
+    )
     batch_size: int = Field(64, ge=1)
     min_boxes: int = Field(2, ge=2, le=26)
     max_boxes: int = Field(4, ge=2, le=26)
@@ -209,12 +216,64 @@ class DataSpec(_Strict):
     objects: Optional[list[str]] = Field(None, description="override of the object vocabulary")
 
 
+class CircuitSpec(_Strict):
+    """Circuit discovery by path patching (paper-methods §2)."""
+
+    method: Literal["fast", "naive"] = "fast"
+    n_examples: Optional[int] = Field(None, ge=1, description="path-patching pairs used (default: all of data.n_path_patching)")
+    receivers: dict[str, int] = Field(
+        default_factory=lambda: {"value_fetcher": 20, "position_transmitter": 5, "position_detector": 10},
+        description="top-k heads of a step that become the receivers of the next step",
+    )
+    candidates: dict[str, int] = Field(
+        default_factory=lambda: {"value_fetcher": 58, "position_transmitter": 10, "position_detector": 25, "structure_reader": 5},
+        description="top-k heads per group handed to the minimality pruning",
+    )
+    minimality_threshold: float = Field(0.01, ge=0)
+    minimality_examples: int = Field(100, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class FaithfulnessSpec(_Strict):
+    """Mean ablation, faithfulness, completeness, minimality (paper-methods §3)."""
+
+    n_random: int = Field(10, ge=1, description="random circuits of the same group sizes")
+    n_completeness_draws: int = Field(10, ge=1)
+    n_bootstrap: int = Field(1000, ge=10)
+    batch_size: int = Field(32, ge=1)
+
+
+class DCMSpec(_Strict):
+    """Desiderata-based component masking (paper-methods §4)."""
+
+    lambdas: list[float] = Field(default_factory=lambda: [0.01], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    lr: float = Field(0.1, gt=0)
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_every: int = Field(4, ge=1)
+    relaxation: Literal["clamp", "sigmoid"] = "clamp"
+    n_resamples: int = Field(10, ge=1, description="resamplings of the per-model semantics")
+    sample_size: int = Field(500, ge=1)
+
+
+class CMAPSpec(_Strict):
+    """Cross-model activation patching (paper-methods §5)."""
+
+    batch_size: int = Field(32, ge=1)
+    n_bootstrap: int = Field(1000, ge=10)
+
+
 class Profile(_Strict):
     name: str
     description: str = ""
     seed: int = 0
     models: list[ModelSpec] = Field(min_length=1)
     data: DataSpec = DataSpec()
+    circuit: CircuitSpec = CircuitSpec()
+    faithfulness: FaithfulnessSpec = FaithfulnessSpec()
+    dcm: DCMSpec = DCMSpec()
+    cmap: CMAPSpec = CMAPSpec()
 
     @field_validator("models")
     @classmethod
