@@ -72,7 +72,7 @@ def test_cache_is_reused_and_hash_tracks_the_recipe(tmp_path, monkeypatch):
 
     monkeypatch.setattr(O, "train_organism", boom)
     assert O.ensure_base(spec, paths, progress=False) == d1
-    assert O.recipe_hash(spec) != O.recipe_hash(tiny_spec(lr=1e-3))
+    assert O.recipe_hash(spec) != O.recipe_hash(tiny_spec(lr=spec.lr * 2))
     assert O.recipe_hash(spec) != O.recipe_hash(tiny_spec(seed=1))
     assert O.recipe_hash(spec, "organism-lora") != O.recipe_hash(spec, "organism-full")
     # fine-tune fields change the fine-tune hash but not the base's
@@ -142,7 +142,21 @@ def test_default_organism_tracks_entities_like_llama(tmp_path):
 
 
 def _heldout_prompts(tok, n: int = 500):
-    """The data chapter's 500 held-out 7-box prompts when :mod:`entity_tracking.data` provides
-    them, else the organism's private generator with the profile's data seed."""
-    ps = O.paper_prompts(-(-n // 7), 7, seed=0)[:n]
-    return [p for p, _, _ in ps], [a for _, a, _ in ps]
+    """The data chapter's 500 held-out 7-box prompts (data seed 0, as in the default profile)."""
+    from entity_tracking.data import make_eval_prompts
+
+    recs = make_eval_prompts(tok, n, num_boxes=7, seed=0)
+    return [r["text"] for r in recs], [r["answer"] for r in recs]
+
+
+def test_load_model_loads_the_organism_builds(tmp_path):
+    """The project's loader (``models.load_model``) takes all three organism builds."""
+    from entity_tracking.models import load_model
+
+    paths = ResultsPaths(tmp_path)
+    org = tiny_spec()
+    for build in ("organism", "organism-lora", "organism-full"):
+        spec = ModelSpec(name=build, build=build, organism=org, role="base" if build == "organism" else "finetuned")
+        lm = load_model(spec, paths, device="cpu", verbose=False)
+        enc = lm.tokenizer("The apple is in Box F . Box F contains the", return_tensors="pt")
+        assert lm.nn._module(**enc).logits.shape[-1] == len(lm.tokenizer)

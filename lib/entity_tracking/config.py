@@ -178,6 +178,9 @@ class ModelSpec(_Strict):
     device_map: Optional[Union[str, dict[str, Any]]] = None
     remote: bool = False
     paper_accuracy: Optional[float] = Field(None, ge=0, le=1)
+    paper_model: Optional[Literal["Llama-7B", "Vicuna-7B", "Goat-7B", "FLoat-7B"]] = Field(
+        None, description="the paper's model this one stands for, to print the paper's numbers beside ours"
+    )
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -15,7 +15,12 @@ which gradient descent does not find quickly. A curriculum finds it (see
    and the paper's full query;
 4. ``paper``  the paper's format itself.
 
-Each context is followed by several queries (with replacement, so the last one cannot be guessed by
+A deeper model (4 layers) with the usual initialisation stays at chance even on stage 1 for
+750+ steps at lr 3e-4 or 1e-3 (measured here), whereas 2 layers solve it in 200 steps. Starting every
+block as the identity (``residual_init=0``: ``o_proj`` and ``down_proj`` zero-initialised, so at
+step 0 the network is a bigram model and each block joins as its gradient grows) removes that
+plateau: 4 layers × 8 heads then master stage 1 in ~500 steps at lr 1e-3 and the whole curriculum
+in ~900. Each context is followed by several queries (with replacement, so the last one cannot be guessed by
 elimination) and only the answer tokens carry loss. A stage advances when its own format reaches
 ``mastery`` accuracy (checked every few steps), never after a fixed count: deeper models need
 different times. Training uses 2–4 boxes only, and the last stage stops as soon as 7-box accuracy
@@ -251,11 +256,12 @@ def prompt_accuracy(model, tokenizer, prompts: Iterable[str], answers: Iterable[
 
 
 def entity_accuracy(model, tokenizer, num_boxes: int = 7, n_prompts: int = 500, seed: int = 0) -> float:
-    """Accuracy on ``n_prompts`` paper-format prompts with ``num_boxes`` boxes (private generator;
-    pass the data chapter's prompts to :func:`prompt_accuracy` for the book's numbers)."""
-    n_ctx = -(-n_prompts // num_boxes)
-    ps = paper_prompts(n_ctx, num_boxes, seed)[:n_prompts]
-    return prompt_accuracy(model, tokenizer, [p for p, _, _ in ps], [a for _, a, _ in ps])
+    """Accuracy on the data chapter's held-out prompts (:func:`entity_tracking.data.make_eval_prompts`
+    with ``seed``, the profile's data seed): ``n_prompts`` prompts with ``num_boxes`` boxes."""
+    from .data import make_eval_prompts
+
+    recs = make_eval_prompts(tokenizer, n_prompts, num_boxes=num_boxes, seed=seed)
+    return prompt_accuracy(model, tokenizer, [r["text"] for r in recs], [r["answer"] for r in recs])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +320,15 @@ def _build_model(spec: OrganismSpec, vocab_size: int, tok):
         tie_word_embeddings=False,
     )
     torch.manual_seed(spec.seed)
-    return LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg)
+    if spec.residual_init != 1.0:
+        # Blocks whose writes to the residual stream start small (or zero) leave a deep model
+        # close to a shallow one at first, which learns the lookup like a 2-layer model does.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.mul_(spec.residual_init)
+                layer.mlp.down_proj.weight.mul_(spec.residual_init)
+    return model
 
 
 @dataclass
