@@ -154,3 +154,24 @@ def verdict_table(results_root: Path, profile: str):
             for r in rows
         ]
     )
+
+
+def iter_models(ctx: ChapterContext, names: Optional[Iterable[str]] = None):
+    """Yield ``(name, LoadedModel)`` for the profile's models (or ``names``), one at a time: each
+    is released before the next loads, so a GPU holds one 7B model at a time."""
+    import gc
+
+    import torch
+
+    from .models import load_model
+
+    wanted = list(names) if names is not None else [m.name for m in ctx.profile.models]
+    for name in wanted:
+        lm = load_model(ctx.profile.model(name), ctx.paths, verbose=False)
+        try:
+            yield name, lm
+        finally:
+            del lm
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()

@@ -86,6 +86,17 @@ class Circuit:
         groups = {g: [h for h in hs if (g, h) not in drop] for g, hs in self.groups.items()}
         return Circuit(self.model, groups, dict(self.positions), dict(self.scores), dict(self.meta))
 
+    def overlap(self, other: "Circuit") -> dict[str, dict[str, float]]:
+        """Per group: sizes, shared heads, ``precision`` = shared / |self| (the share of this
+        circuit found in ``other``) and ``recall`` = shared / |other|, as the paper reports them."""
+        out = {}
+        for g in GROUPS:
+            a, b = set(self.groups[g]), set(other.groups[g])
+            k = len(a & b)
+            out[g] = {"self": len(a), "other": len(b), "shared": k,
+                      "precision": k / len(a) if a else float("nan"), "recall": k / len(b) if b else float("nan")}
+        return out
+
     def to_json(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,

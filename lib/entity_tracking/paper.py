@@ -71,3 +71,11 @@ CMAP_INPUT = {
     "value_fetcher": {"Q": 0.77, "K": 0.63, "V": 0.69, "QK": 0.76, "QKV": 0.77},
     "position_transmitter": {"Q": 0.66, "K": 0.65, "V": 0.69, "QK": 0.65, "QKV": 0.67},
 }
+
+
+def llama7b_config():
+    """The configuration of LLaMA-7B (no weights), for cost estimates on a machine without it."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048)

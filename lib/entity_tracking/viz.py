@@ -130,3 +130,71 @@ def plot_index_pairs(pairs: Iterable[tuple[int, int]], n: int, ax=None, xlabel: 
     if title:
         ax.set_title(title, fontsize=10)
     return fig
+
+
+def plot_masks(masks: Mapping[str, Mapping[str, Sequence[int]]], heads: Mapping[str, Sequence[tuple[int, int]]],
+               labels: Mapping[str, str] | None = None):
+    """Learned DCM masks, one panel per group: rows are desiderata, columns the group's heads
+    (``L.H``); dark cells are heads the mask patches (rounded mask 0).
+
+    ``masks[group][desideratum]`` is the rounded mask over ``heads[group]``."""
+    import numpy as np
+    import pandas as pd
+
+    groups = [g for g in masks if heads.get(g)]
+    if not groups:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.text(0.5, 0.5, "no group has heads", ha="center", va="center")
+        ax.axis("off")
+        return fig
+    widths = [max(len(heads[g]), 2) for g in groups]
+    fig, axes = plt.subplots(1, len(groups), figsize=(min(3 + 0.45 * sum(widths), 22), 2.2 + 0.3 * max(len(m) for m in masks.values())),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    for ax, g in zip(axes[0], groups):
+        df = pd.DataFrame({d: 1 - np.asarray(m) for d, m in masks[g].items()},
+                          index=[f"{l}.{h}" for l, h in heads[g]]).T
+        sns.heatmap(df, ax=ax, cmap="Blues", vmin=0, vmax=1, cbar=False, linewidths=0.5, linecolor="white")
+        ax.set_title((labels or {}).get(g, g), fontsize=10)
+        ax.set_xlabel("head (layer.head)")
+        if ax is not axes[0][0]:
+            ax.set_yticklabels([])
+    fig.suptitle("DCM: heads selected (dark) for each desideratum", y=1.02)
+    fig.tight_layout()
+    return fig
+
+
+def plot_semantics(df, title: str = ""):
+    """Bars of the per-model semantics (mean %): x = group / desideratum, hue = model."""
+    d = df.assign(case=df["group"].str.replace("_", " ") + "\n" + df["desideratum"].str.replace("_", " "))
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * d["case"].nunique()), 4))
+    sns.barplot(data=d, x="case", y="mean", hue="model", ax=ax, errorbar=None)
+    ax.set_xlabel("")
+    ax.set_ylabel("% of samples giving the target")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_score_maps(scores: Mapping[str, Sequence[Sequence[float]]], labels: Mapping[str, str] | None = None,
+                    selected: Mapping[str, Sequence[tuple[int, int]]] | None = None, title: str = ""):
+    """Path-patching score maps, one ``[layer x head]`` heatmap per step (negative = the head's
+    corrupted path lowers the correct answer's probability); selected heads are outlined."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    steps = list(scores)
+    fig, axes = plt.subplots(1, len(steps), figsize=(3.6 * len(steps), 3.4), squeeze=False)
+    for ax, step in zip(axes[0], steps):
+        m = np.asarray(scores[step], dtype=float)
+        lim = max(float(np.nanmax(np.abs(m))), 1e-6)
+        sns.heatmap(m, ax=ax, cmap="RdBu", vmin=-lim, vmax=lim, center=0, cbar=True, square=m.shape[0] == m.shape[1],
+                    cbar_kws={"shrink": 0.7})
+        for layer, head in (selected or {}).get(step, []):
+            ax.add_patch(Rectangle((head, layer), 1, 1, fill=False, edgecolor="black", lw=1.5))
+        ax.set_title((labels or {}).get(step, step), fontsize=10)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+    if title:
+        fig.suptitle(title, y=1.03)
+    fig.tight_layout()
+    return fig

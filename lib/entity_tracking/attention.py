@@ -1,0 +1,75 @@
+"""Where heads look: attention patterns of chosen heads from chosen query positions.
+
+Path patching says *that* a head matters; its attention pattern says *what it reads*. A Value
+Fetcher should attend from the last token to the correct object, a Position Detector from the
+query label to the label's occurrence in the context. The fused attention kernels (SDPA, flash)
+never materialise the weights, so this module runs one forward pass with the model's eager
+attention implementation, asks for the weights of every layer, and restores the model's own
+implementation afterwards. It reads only; no activation is changed.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .circuit import Head
+from .patching import as_batch, check_positions
+
+__all__ = ["ROLES", "attention_patterns", "mass_by_role"]
+
+
+def attention_patterns(lm, batch, heads: Sequence[Head], query_positions: torch.Tensor,
+                       *, batch_size: int = 32) -> torch.Tensor:
+    """Attention weights ``[len(heads), batch, seq]`` of each ``(layer, head)`` from each
+    example's query position (``query_positions [batch]``) to every key position."""
+    b = as_batch(batch)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    B, S = ids.shape
+    qpos = check_positions(query_positions, S, "query position", mask)[:, 0]
+    arch = lm.arch
+    for layer, head in heads:
+        arch._layer_index(layer)
+        arch._check_head(head, arch.n_heads, "query")
+    hf = lm.hf
+    previous = hf.config._attn_implementation
+    out = torch.zeros(len(heads), B, S)
+    try:
+        hf.set_attn_implementation("eager")
+        with torch.no_grad():
+            for s in range(0, B, batch_size):
+                sl = slice(s, min(B, s + batch_size))
+                res = hf(input_ids=ids[sl].to(lm.device), attention_mask=mask[sl].to(lm.device), output_attentions=True)
+                rows = torch.arange(sl.stop - sl.start)
+                for i, (layer, head) in enumerate(heads):
+                    att = res.attentions[layer]  # [batch, n_heads, query, key]
+                    out[i, sl] = att[rows, head, qpos[sl].to(att.device)].float().cpu()
+    finally:
+        hf.set_attn_implementation(previous)
+    return out
+
+
+#: Token roles of an entity-tracking prompt, as :func:`mass_by_role` names them.
+ROLES = ("correct object", "other objects", "queried box label", "other box labels", "query label", "first token", "other tokens")
+
+
+def mass_by_role(patterns: torch.Tensor, batch, query_index: torch.Tensor) -> dict[str, float]:
+    """Mean attention mass on each role of :data:`ROLES`, from ``patterns [batch, seq]``.
+
+    ``query_index [batch]`` is each example's queried segment (``prompt["query_index"]``); the
+    correct object and the queried box label are the object and label of that segment."""
+    b = as_batch(batch)
+    B, S = patterns.shape
+    rows = torch.arange(B)
+    qi = torch.as_tensor(query_index, dtype=torch.long)
+    obj, lab = b["object_positions"], b["label_positions"]
+    role = torch.full((B, S), ROLES.index("other tokens"), dtype=torch.long)
+    first = (b["attention_mask"].cumsum(1) == 1) & (b["attention_mask"] == 1)
+    role[first] = ROLES.index("first token")
+    for positions, other, correct in ((obj, "other objects", "correct object"), (lab, "other box labels", "queried box label")):
+        valid = positions >= 0
+        role[rows[:, None].expand_as(positions)[valid], positions[valid]] = ROLES.index(other)
+        role[rows, positions[rows, qi]] = ROLES.index(correct)
+    role[rows, b["query_label_position"]] = ROLES.index("query label")
+    return {r: float((patterns * (role == i)).sum(1).mean()) for i, r in enumerate(ROLES)}

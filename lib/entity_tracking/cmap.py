@@ -1,0 +1,271 @@
+"""Cross-Model Activation Patching (CMAP): which of a fine-tuned model's heads carry its gain.
+
+**The method** (paper-methods §5). Two models of one architecture -- a base model and a
+fine-tune of it -- read the *same* prompt. CMAP runs the base model but overwrites some of its
+activations with the fine-tuned model's activations at the same positions; if the base model's
+accuracy then rises to the fine-tuned model's, the patched components carry the improvement.
+There is no counterfactual prompt: the "source" is the other model.
+
+* **Output CMAP** patches per-head outputs: the fine-tuned model's head output ``z`` (the
+  o_proj input, before ``W_O``) replaces the base model's for the chosen heads, each at its
+  circuit group's position (Value Fetchers and Position Transmitters at the last token, Position
+  Detectors at the query label, Structure Readers at the query label's occurrence in the
+  context). The patched vectors then pass through the **base** model's own output projection
+  and everything after it.
+* **Input CMAP** patches what a head reads instead of what it writes: the fine-tuned model's
+  query of the head at its position, and/or its key and value at that position and every
+  earlier one (the positions the query attends to). Only the head's output at its own position
+  is meant to change, so, as in the paper, the patched layers' head outputs at every other
+  position are restored to the base model's values (and, under grouped-query attention, so are
+  the other query heads that share a patched key/value head). With q, k and v all patched the
+  head computes exactly the fine-tuned model's output at that position, so input CMAP of
+  ``"qkv"`` equals output CMAP of the same head (a test checks this).
+
+Query and key patches are written before rotary embeddings, which are the same in both models.
+For a family with per-head query/key norms (Gemma3) the base model's norm weights then apply to
+the fine-tuned query/key, so ``"qkv"`` no longer equals output CMAP there.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from .circuit import GROUPS, Circuit, Head
+from .patching import HeadPatch, accuracy, as_batch, check_positions, check_unpadded, run, site_heads
+
+__all__ = ["CMAPError", "check_compatible", "heads_by_position", "input_cmap", "output_cmap"]
+
+INPUT_SITES = ("q", "k", "v")
+
+
+class CMAPError(ValueError):
+    """Two models cannot be patched into each other (different head shapes), or bad input."""
+
+
+def check_compatible(base, finetuned) -> None:
+    """Raise :class:`CMAPError` naming the mismatch unless both models share their head geometry."""
+    a, b = base.arch, finetuned.arch
+    fields = ("n_layers", "n_heads", "n_kv_heads", "d_head", "d_model")
+    diff = [f"{f}: {getattr(a, f)} vs {getattr(b, f)}" for f in fields if getattr(a, f) != getattr(b, f)]
+    if diff:
+        name_a = getattr(getattr(base, "spec", None), "name", "base")
+        name_b = getattr(getattr(finetuned, "spec", None), "name", "fine-tuned")
+        raise CMAPError(f"CMAP needs two models with the same head shapes; '{name_a}' vs '{name_b}' differ in " + "; ".join(diff))
+
+
+def heads_by_position(circuit: Circuit, groups: Iterable[str] = GROUPS) -> dict[str, list[Head]]:
+    """The heads of ``groups`` keyed by the position each acts at (``"last"``, ``"query_label"``,
+    ``"prev_query_label"``), deduplicated."""
+    out: dict[str, list[Head]] = defaultdict(list)
+    for g in groups:
+        if g not in circuit.groups:
+            raise CMAPError(f"unknown circuit group '{g}' (groups: {list(GROUPS)})")
+        for h in circuit.groups[g]:
+            if h not in out[circuit.positions[g]]:
+                out[circuit.positions[g]].append(h)
+    return dict(out)
+
+
+def _positions(batch: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+    name = f"{key}_position"
+    if name not in batch:
+        raise CMAPError(f"the batch has no '{name}' (positions: {[k for k in batch if k.endswith('_position')]})")
+    return batch[name]
+
+
+def _by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = defaultdict(list)
+    for layer, head in heads:
+        out[int(layer)].append(int(head))
+    return dict(out)
+
+
+def output_cmap(
+    base,
+    finetuned,
+    batch: Mapping[str, torch.Tensor],
+    heads: Mapping[str, Sequence[Head]],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Base-model logits ``[batch, vocab]`` (last position) with the fine-tuned model's head outputs
+    patched in.
+
+    Args:
+        base, finetuned: :class:`~entity_tracking.models.LoadedModel` s of one architecture.
+        batch: an :func:`~entity_tracking.data.encode_prompts` batch (both models share the tokenizer).
+        heads: ``{position key: [(layer, head), ...]}``, e.g. from :func:`heads_by_position`;
+            ``{"all": ...}`` patches those heads at every position.
+    """
+    check_compatible(base, finetuned)
+    b = as_batch(batch)
+    patches: list[HeadPatch] = []
+    for key, hs in heads.items():
+        layers = _by_layer(hs)
+        if not layers:
+            continue
+        pos = None if key == "all" else check_positions(_positions(b, key), b["input_ids"].shape[1], f"{key} position")
+        cache = run(finetuned, b, (), [("z", l) for l in layers], record_positions=pos, logits=False,
+                    batch_size=batch_size, progress=progress, desc="caching fine-tuned heads").cache
+        for layer, hl in layers.items():
+            patches.append(HeadPatch("z", layer, hl, cache["z", layer][:, :, hl], pos))
+    return run(base, b, patches, batch_size=batch_size, progress=progress, desc="output CMAP").logits
+
+
+def input_cmap(
+    base,
+    finetuned,
+    batch: Mapping[str, torch.Tensor],
+    heads: Mapping[str, Sequence[Head]],
+    sites: str | Sequence[str] = "qkv",
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Base-model logits ``[batch, vocab]`` with the fine-tuned model's queries / keys / values of
+    the chosen heads patched in (``sites`` any of ``"q"``, ``"k"``, ``"v"``, e.g. ``"qk"``).
+
+    The query at the head's position, keys and values at that position and every earlier one;
+    the patched layers' head outputs everywhere else are restored to the base model's. Prompts
+    must share one length (no padding), since a head attends over absolute positions.
+    """
+    check_compatible(base, finetuned)
+    sites = [s for s in INPUT_SITES if s in set(sites)]
+    if not sites:
+        raise CMAPError(f"input CMAP needs sites among {INPUT_SITES}, got {sites!r}")
+    b = as_batch(batch)
+    S = check_unpadded(b, "CMAP prompts")
+    B = b["input_ids"].shape[0]
+    arch = base.arch
+    plan: dict[int, list[tuple[int, torch.Tensor]]] = defaultdict(list)  # layer -> [(head, pos [B])]
+    for key, hs in heads.items():
+        pos = check_positions(_positions(b, key), S, f"{key} position")[:, 0]
+        for layer, head in hs:
+            plan[int(layer)].append((int(head), pos))
+    layers = sorted(plan)
+    if not layers:
+        return run(base, b, (), batch_size=batch_size).logits
+    record = [(s, l) for l in layers for s in sites]
+    ft = run(finetuned, b, (), record, logits=False, batch_size=batch_size, progress=progress,
+             desc="caching fine-tuned q/k/v").cache
+    clean = run(base, b, (), [(s, l) for l in layers for s in (*sites, "z")], logits=False,
+                batch_size=batch_size, progress=progress, desc="caching base q/k/v/z").cache
+    ar = torch.arange(S)
+    patches: list[HeadPatch] = []
+    for layer in layers:
+        for site in sites:
+            n = arch.n_heads if site == "q" else arch.n_kv_heads
+            # where[b, t, h]: take the fine-tuned value at (t, h) of this site for example b
+            where = torch.zeros(B, S, n, dtype=torch.bool)
+            for head, pos in plan[layer]:
+                (h_site,) = site_heads(arch, site, [head])
+                if site == "q":
+                    where[torch.arange(B), pos, h_site] = True
+                else:
+                    where[:, :, h_site] |= ar[None, :] <= pos[:, None]
+            value = torch.where(where[..., None], ft[site, layer], clean[site, layer])
+            patches.append(HeadPatch(site, layer, None, value))
+        patches += _restore_except(clean["z", layer], layer, plan[layer])
+    return run(base, b, patches, batch_size=batch_size, progress=progress, desc="input CMAP").logits
+
+
+def _restore_except(clean_z: torch.Tensor, layer: int, chosen: Sequence[tuple[int, torch.Tensor]]) -> list[HeadPatch]:
+    """Patches writing the base head outputs ``clean_z [batch, seq, n_heads, d_head]`` of ``layer``
+    everywhere except at each chosen ``(head, positions [batch])``, whose patched value stays.
+    A head may be chosen at several positions (it can belong to two groups)."""
+    B, S, H, _ = clean_z.shape
+    keep = torch.zeros(B, S, H, dtype=torch.bool)
+    for head, pos in chosen:
+        keep[torch.arange(B), pos, head] = True
+    free = [h for h in range(H) if not keep[:, :, h].any()]
+    patches = [HeadPatch("z", layer, free, clean_z[:, :, free])] if free else []
+    b = torch.arange(B)[:, None]
+    for head in (h for h in range(H) if h not in free):
+        counts = (~keep[:, :, head]).sum(1)
+        if not bool((counts == counts[0]).all()):
+            raise CMAPError(f"head {head} of layer {layer} is kept at a varying number of positions per example")
+        others = torch.arange(S)[None, :].expand(B, S)[~keep[:, :, head]].view(B, int(counts[0]))
+        if others.shape[1]:
+            patches.append(HeadPatch("z", layer, [head], clean_z[b, others][:, :, [head]], others))
+    return patches
+
+
+# --------------------------------------------------------------------------------------------
+# The chapter's sweep
+
+#: What the paper patched per group (§5): DCM-selected heads for the desideratum each group
+#: was found to encode, and the whole Structure Reader group.
+DCM_CHOICE = {"value_fetcher": "object_value", "position_transmitter": "positional",
+              "position_detector": "positional", "structure_reader": None}
+
+
+def head_sets(circuit: Circuit, dcm_selected: Mapping[tuple[str, str], Sequence[Head]] | None = None
+              ) -> dict[str, dict[str, list[Head]]]:
+    """The head sets CMAP patches, as ``{label: {position key: heads}}``: the full circuit, each
+    group's DCM heads (the paper's choice; the whole group where DCM has no result or for the
+    Structure Readers) and each whole group."""
+    sets: dict[str, dict[str, list[Head]]] = {"full circuit": heads_by_position(circuit)}
+    for g in GROUPS:
+        d = DCM_CHOICE[g]
+        chosen = (dcm_selected or {}).get((g, d)) if d else None
+        if chosen is not None:
+            sets[f"{g} (DCM {d})"] = {circuit.positions[g]: list(chosen)}
+        sets[f"{g} (whole group)"] = {circuit.positions[g]: list(circuit.groups[g])}
+    return sets
+
+
+def _correct(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(-1) == target).float()
+
+
+def sweep(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapping[str, Mapping[str, Sequence[Head]]],
+          input_groups: Mapping[str, Mapping[str, Sequence[Head]]] | None = None,
+          input_sites: Sequence[str] = ("q", "k", "v", "qk", "qkv"), *, batch_size: int = 32,
+          n_bootstrap: int = 1000) -> list[dict[str, Any]]:
+    """Accuracy of the base model, the fine-tuned model, output CMAP of every head set and input
+    CMAP of every (group, sites) pair, each with a bootstrap interval over the prompts.
+
+    Returns rows ``{"kind", "patched", "sites", "n_heads", "accuracy", "low", "high"}``."""
+    from tqdm.auto import tqdm
+
+    from .ablation import bootstrap
+    from .patching import last_logits
+
+    target = batch["target"]
+    rows: list[dict[str, Any]] = []
+
+    def add(kind: str, patched: str, sites: str, n: int, logits: torch.Tensor) -> None:
+        est = bootstrap(_correct(logits, target)[None], n_resamples=n_bootstrap)
+        rows.append({"kind": kind, "patched": patched, "sites": sites, "n_heads": n,
+                     "accuracy": est.value, "low": est.low, "high": est.high})
+
+    add("model", "base alone", "", 0, last_logits(base, batch, batch_size=batch_size))
+    add("model", "fine-tuned alone", "", 0, last_logits(finetuned, batch, batch_size=batch_size))
+    jobs = [("output", label, "z", hs) for label, hs in sets.items()]
+    jobs += [("input", label, s, hs) for label, hs in (input_groups or {}).items() for s in input_sites]
+    for kind, label, sites, hs in tqdm(jobs, desc="CMAP", leave=False):
+        n = sum(len(v) for v in hs.values())
+        if kind == "output":
+            logits = output_cmap(base, finetuned, batch, hs, batch_size=batch_size)
+        else:
+            logits = input_cmap(base, finetuned, batch, hs, sites, batch_size=batch_size)
+        add(kind, label, sites, n, logits)
+    return rows
+
+
+def gain_shares(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Share of the fine-tuning gain each patched set recovers:
+    ``(acc_patched - acc_base) / (acc_finetuned - acc_base)`` (NaN when there is no gain)."""
+    acc = {r["patched"]: r["accuracy"] for r in rows if r["kind"] == "model"}
+    gain = acc["fine-tuned alone"] - acc["base alone"]
+    out = {}
+    for r in rows:
+        if r["kind"] == "model":
+            continue
+        key = r["patched"] if r["kind"] == "output" else f"{r['patched']} [{r['sites']}]"
+        out[key] = (r["accuracy"] - acc["base alone"]) / gain if abs(gain) > 1e-9 else float("nan")
+    return out

@@ -1,0 +1,359 @@
+"""Desiderata-based Component Masking (DCM): which heads of a group encode what.
+
+**The method** (Davies et al. 2023; paper-methods §4). A *desideratum* pairs a base prompt
+with a source prompt and names the answer the model should give if some heads carry one kind
+of information -- the *position* of the queried box, the *value* of its object, the *label*
+asked for (:mod:`entity_tracking.data`). DCM learns, for the heads of one circuit group, a
+mask ``m`` with one entry per head: at the group's position each head's output becomes
+``m * base + (1 - m) * source`` (``m = 1`` keeps the base run's value, ``m = 0`` patches in the
+source's, read at the *source's own* position for that group). The mask is trained to make the
+desideratum's target likely while patching few heads,
+
+    loss = -mean_batch(logit[target]) + lambda * sum(1 - m),
+
+with Adam. The paper's form keeps ``m`` as free parameters clamped to ``[0, 1]`` after every
+step (``relaxation="clamp"``, initialised at ones); ``relaxation="sigmoid"`` optimises logits
+``m = sigmoid(l)`` instead. During training the mask is **rounded** and evaluated on a held-out
+eval split every few steps, the best rounded mask is kept (highest eval accuracy; ties go to the
+mask that patches more heads, as in the reference code), and its accuracy on the test split is
+the result. Heads whose rounded mask is 0 are *selected*: patching them alone from source to
+base makes the model follow the desideratum.
+
+The **per-model semantics** (§4) then patch a selected set of heads from source to base in any
+model of the same architecture and report the share of samples whose answer is the target,
+over resampled subsets (:func:`desideratum_accuracy`).
+
+Gradients flow through the nnsight trace: the blend is written by *replacing* the o_proj
+input (not an in-place write into the model's tensor), the model's weights stay frozen, and the
+loss is differentiated after the trace from the saved logits.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
+
+import torch
+
+from .circuit import Head
+from .patching import HeadPatch, accuracy, as_batch, check_positions, run
+
+__all__ = [
+    "DCMError", "DCMResult", "desideratum_accuracy", "masked_logits", "source_head_outputs", "take_rows", "train_mask",
+]
+
+
+class DCMError(ValueError):
+    """Bad input to DCM (no heads, mismatched batches, a position the prompt lacks)."""
+
+
+def _by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = defaultdict(list)
+    for layer, head in heads:
+        out[int(layer)].append(int(head))
+    return dict(sorted(out.items()))
+
+
+def _pos(batch: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
+    name = f"{key}_position"
+    if name not in batch:
+        raise DCMError(f"{what} batch has no '{name}'")
+    return check_positions(batch[name], batch["input_ids"].shape[1], f"{what} {key} position",
+                           batch.get("attention_mask"))[:, 0]
+
+
+def source_head_outputs(lm, source: Mapping[str, torch.Tensor], heads: Sequence[Head], position: str,
+                        *, batch_size: int = 32) -> dict[int, torch.Tensor]:
+    """The source run's outputs of ``heads`` at the source's own ``position``:
+    ``{layer: [batch, n_heads_in_layer, d_head]}`` (heads in the order of :func:`_by_layer`)."""
+    src = as_batch(source)
+    pos = _pos(src, position, "source")
+    layers = _by_layer(heads)
+    cache = run(lm, src, (), [("z", l) for l in layers], record_positions=pos, logits=False,
+                batch_size=batch_size, desc="caching source heads").cache
+    return {l: cache["z", l][:, 0, hs] for l, hs in layers.items()}
+
+
+def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, torch.Tensor],
+                  heads: Sequence[Head], position: str, mask: torch.Tensor) -> torch.Tensor:
+    """Last-position logits ``[batch, vocab]`` of the base run with each of ``heads`` (in
+    :func:`_by_layer` order, matching ``mask [n_heads]``) set to ``m*base + (1-m)*source`` at
+    the base's ``position``. Differentiable in ``mask``; one forward pass, no chunking."""
+    b = as_batch(base)
+    layers = _by_layer(heads)
+    n = sum(len(v) for v in layers.values())
+    if mask.shape != (n,):
+        raise DCMError(f"mask must have one entry per head ({n}), got shape {tuple(mask.shape)}")
+    nn, arch = lm.nn, lm.arch
+    device = lm.device
+    pos = _pos(b, position, "base").to(device)
+    last = _pos(b, "last", "base").to(device)
+    bi = torch.arange(b["input_ids"].shape[0], device=device)
+    inputs = {"input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device)}
+    offset = 0
+    with nn.trace(inputs, **getattr(lm, "trace_kwargs", {})):
+        for layer, hs in layers.items():
+            m = mask[offset: offset + len(hs)].to(device)[None, :, None]
+            offset += len(hs)
+            z = arch.heads(nn, layer)
+            new = z.clone()
+            idx = torch.as_tensor(hs, device=device)
+            here = z[bi[:, None], pos[:, None], idx[None, :]]  # [batch, n, d_head]
+            new[bi[:, None], pos[:, None], idx[None, :]] = m * here + (1 - m) * source_z[layer].to(device, z.dtype)
+            arch.set_heads(nn, layer, new)
+        logits = nn.output.logits[bi, last].save()
+    return logits
+
+
+@dataclass
+class DCMResult:
+    """A trained mask. ``mask`` is the best rounded mask (1 keep, 0 patch) over ``heads``."""
+
+    heads: list[Head]
+    mask: list[int]
+    position: str
+    lam: float
+    seed: int
+    relaxation: str
+    eval_accuracy: float
+    test_accuracy: float
+    best_step: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def selected(self) -> list[Head]:
+        return [h for h, m in zip(self.heads, self.mask) if m == 0]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "heads": [list(h) for h in self.heads], "mask": self.mask, "selected": [list(h) for h in self.selected],
+            "position": self.position, "lambda": self.lam, "seed": self.seed, "relaxation": self.relaxation,
+            "eval_accuracy": self.eval_accuracy, "test_accuracy": self.test_accuracy, "best_step": self.best_step,
+            "history": self.history,
+        }
+
+
+def take_rows(batch: Mapping[str, torch.Tensor], idx) -> dict[str, torch.Tensor]:
+    """The rows ``idx`` (indices or a slice) of every per-example tensor of an encoded batch."""
+    n = batch["input_ids"].shape[0]
+    return {k: (v[idx] if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else v) for k, v in batch.items()}
+
+
+def _rounded_accuracy(lm, pairs, src_z, heads, position, mask_values, batch_size) -> float:
+    with torch.no_grad():
+        hard = (mask_values >= 0.5).float()
+        n = pairs["base"]["input_ids"].shape[0]
+        correct = 0
+        for s in range(0, n, batch_size):
+            idx = torch.arange(s, min(n, s + batch_size))
+            lg = masked_logits(lm, take_rows(pairs["base"], idx), {l: v[idx] for l, v in src_z.items()}, heads, position, hard)
+            correct += int((lg.argmax(-1).cpu() == pairs["target"][idx]).sum())
+        return correct / max(n, 1)
+
+
+def train_mask(
+    lm,
+    heads: Sequence[Head],
+    position: str,
+    train: Mapping[str, Any],
+    eval: Mapping[str, Any],
+    test: Mapping[str, Any],
+    *,
+    lam: float = 0.01,
+    lr: float = 0.1,
+    epochs: int = 2,
+    batch_size: int = 32,
+    eval_every: int = 4,
+    seed: int = 0,
+    relaxation: Literal["clamp", "sigmoid"] = "clamp",
+    progress: bool = True,
+) -> DCMResult:
+    """Learn a DCM mask over ``heads`` (all acting at ``position``) for one desideratum.
+
+    ``train``/``eval``/``test`` are :func:`entity_tracking.data.encode_pairs` batches
+    (``{"base", "source", "target"}``). Returns the best rounded mask on ``eval`` and its
+    ``test`` accuracy.
+    """
+    heads = [h for l, hs in _by_layer(heads).items() for h in [(l, x) for x in hs]]
+    if not heads:
+        raise DCMError("DCM needs at least one head")
+    if relaxation not in ("clamp", "sigmoid"):
+        raise DCMError(f"relaxation must be 'clamp' or 'sigmoid', got {relaxation!r}")
+    splits = {"train": train, "eval": eval, "test": test}
+    src = {k: source_head_outputs(lm, v["source"], heads, position, batch_size=batch_size) for k, v in splits.items()}
+    gen = torch.Generator().manual_seed(seed)
+    if relaxation == "clamp":
+        param = torch.ones(len(heads), requires_grad=True)
+    else:
+        param = torch.full((len(heads),), 3.0, requires_grad=True)  # sigmoid(3) ~ 0.95: start near "keep"
+
+    def current() -> torch.Tensor:
+        return param if relaxation == "clamp" else torch.sigmoid(param)
+
+    opt = torch.optim.Adam([param], lr=lr)
+    n = train["base"]["input_ids"].shape[0]
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch
+    best = (-1.0, -1, [1] * len(heads), 0)  # (eval acc, n selected, mask, step)
+    history: list[dict[str, float]] = []
+    it = range(total)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc=f"DCM ({len(heads)} heads, lambda {lam})", leave=False)
+    step = 0
+    order = torch.randperm(n, generator=gen)
+    for step in it:
+        if step % steps_per_epoch == 0:
+            order = torch.randperm(n, generator=gen)
+        idx = order[(step % steps_per_epoch) * batch_size: (step % steps_per_epoch + 1) * batch_size]
+        m = current()
+        logits = masked_logits(lm, take_rows(train["base"], idx), {l: v[idx] for l, v in src["train"].items()},
+                               heads, position, m)
+        target = train["target"][idx].to(logits.device)
+        loss = -logits.gather(1, target[:, None]).mean() + lam * (1 - m).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if relaxation == "clamp":
+            with torch.no_grad():
+                param.clamp_(0.0, 1.0)
+        if (step + 1) % eval_every == 0 or step == total - 1:
+            mv = current().detach()
+            acc = _rounded_accuracy(lm, eval, src["eval"], heads, position, mv, batch_size)
+            hard = [int(x >= 0.5) for x in mv.tolist()]
+            n_sel = hard.count(0)
+            history.append({"step": step + 1, "loss": float(loss.detach()), "eval_accuracy": acc, "n_selected": n_sel})
+            if (acc, n_sel) > best[:2]:
+                best = (acc, n_sel, hard, step + 1)
+    mask = torch.tensor(best[2], dtype=torch.float32)
+    test_acc = _rounded_accuracy(lm, test, src["test"], heads, position, mask, batch_size)
+    return DCMResult(heads, best[2], position, lam, seed, relaxation, best[0], test_acc, best[3], history)
+
+
+def desideratum_accuracy(
+    lm,
+    heads: Sequence[Head],
+    position: str,
+    pairs: Mapping[str, Any],
+    *,
+    n_resamples: int = 10,
+    sample_size: Optional[int] = None,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """Patch ``heads`` from source to base (each at its group ``position``, the source read at its
+    own position) and report the share of samples whose answer is the target.
+
+    Returns ``{"mean", "std", "runs": [...], "correct": [n] (0/1 per sample)}``: ``runs`` are
+    the accuracies of ``n_resamples`` subsets of ``sample_size`` samples drawn with replacement
+    (all samples when ``sample_size`` is None)."""
+    base, source = as_batch(pairs["base"]), as_batch(pairs["source"])
+    target = pairs["target"]
+    if base["input_ids"].shape[0] != source["input_ids"].shape[0]:
+        raise DCMError("base and source batches differ in size")
+    patches: list[HeadPatch] = []
+    if heads:
+        src_z = source_head_outputs(lm, source, heads, position, batch_size=batch_size)
+        pos = _pos(base, position, "base")
+        for layer, hs in _by_layer(heads).items():
+            patches.append(HeadPatch("z", layer, hs, src_z[layer][:, None], pos))
+    logits = run(lm, base, patches, batch_size=batch_size, desc="desideratum patching").logits
+    correct = (logits.argmax(-1) == target).float()
+    n = correct.shape[0]
+    k = sample_size or n
+    rng = random.Random(seed)
+    runs = [float(correct[[rng.randrange(n) for _ in range(k)]].mean()) for _ in range(n_resamples)]
+    mean = sum(runs) / len(runs)
+    std = (sum((r - mean) ** 2 for r in runs) / max(len(runs) - 1, 1)) ** 0.5
+    return {"mean": mean, "std": std, "runs": runs, "correct": correct.tolist(), "accuracy": accuracy(logits, target)}
+
+
+# --------------------------------------------------------------------------------------------
+# The chapter's sweep: every group x core desideratum, then the semantics in every model
+
+#: The desiderata a mask is learned for, in every group (paper-methods §4).
+CORE_DESIDERATA: tuple[str, ...] = ("positional", "object_value", "box_label_value")
+
+
+def encode_desideratum(tokenizer, where, name: str, split: Optional[str] = None) -> dict[str, Any]:
+    """Load one desideratum's pairs (one split, or all) and encode them for ``tokenizer``."""
+    from . import data as D
+
+    recs = D.load_desiderata(where, name, split)
+    if not recs:
+        raise DCMError(f"desideratum '{name}' has no {split or ''} pairs")
+    return D.encode_pairs(tokenizer, recs, padding_side="right")
+
+
+def sweep(lm, circuit, where, spec, groups: Sequence[str] | None = None,
+          desiderata: Sequence[str] = CORE_DESIDERATA) -> dict[tuple[str, str], DCMResult]:
+    """Learn a mask for every (group, desideratum) on ``lm``, trying every lambda and seed of
+    ``spec`` (:class:`~entity_tracking.config.DCMSpec`) and keeping the best on the eval split.
+    Groups without heads are skipped."""
+    from tqdm.auto import tqdm
+
+    from .circuit import GROUPS
+
+    out: dict[tuple[str, str], DCMResult] = {}
+    splits = {d: {s: encode_desideratum(lm.tokenizer, where, d, s) for s in ("train", "eval", "test")} for d in desiderata}
+    jobs = [(g, d) for g in (groups or GROUPS) for d in desiderata if circuit.groups[g]]
+    for g, d in tqdm(jobs, desc="DCM masks"):
+        best: Optional[DCMResult] = None
+        for lam in spec.lambdas:
+            for seed in spec.seeds:
+                res = train_mask(lm, circuit.groups[g], circuit.positions[g], splits[d]["train"], splits[d]["eval"],
+                                 splits[d]["test"], lam=lam, lr=spec.lr, epochs=spec.epochs,
+                                 batch_size=spec.batch_size, eval_every=spec.eval_every, seed=seed,
+                                 relaxation=spec.relaxation, progress=False)
+                if best is None or (res.eval_accuracy, len(res.selected)) > (best.eval_accuracy, len(best.selected)):
+                    best = res
+        out[(g, d)] = best
+    return out
+
+
+def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, str], Sequence[Head]],
+              positions: Mapping[str, str], where, spec,
+              desiderata: Mapping[tuple[str, str], Sequence[str]] | None = None) -> list[dict[str, Any]]:
+    """Per-model semantics: for every (group, desideratum) selection, patch those heads from source
+    to base in every model and report the share of test samples giving the target (percent,
+    mean and std over ``spec.n_resamples`` resamples of ``spec.sample_size``).
+
+    ``models`` yields ``(name, LoadedModel)`` pairs (a generator may load one model at a time).
+    ``desiderata`` optionally maps a selection key to the desiderata whose pairs evaluate it
+    (default: the key's own), e.g. the Transmitters' positional heads on the extra variants.
+    """
+    rows = []
+    for name, lm in models:
+        pairs_of: dict[str, dict[str, Any]] = {}
+        for key, heads in selections.items():
+            group, desid = key
+            for eval_desid in (desiderata or {}).get(key, [desid]):
+                if eval_desid not in pairs_of:
+                    pairs_of[eval_desid] = encode_desideratum(lm.tokenizer, where, eval_desid, "test")
+                r = desideratum_accuracy(lm, list(heads), positions[group], pairs_of[eval_desid],
+                                         n_resamples=spec.n_resamples, sample_size=spec.sample_size, seed=0,
+                                         batch_size=spec.batch_size)
+                rows.append({"group": group, "desideratum": eval_desid, "selected_for": desid, "model": name,
+                             "n_heads": len(heads), "mean": 100 * r["mean"], "std": 100 * r["std"]})
+    return rows
+
+
+def functionality(rows: Sequence[Mapping[str, Any]], margin: float = 5.0) -> dict[str, dict[str, str]]:
+    """What each group encodes in each model, read off :func:`semantics` rows of the core
+    desiderata: ``"position"`` when the positional share beats the object-value share by more
+    than ``margin`` points, ``"value"`` for the reverse, ``"neither"`` otherwise."""
+    table: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        if r["desideratum"] == r["selected_for"] and r["desideratum"] in ("positional", "object_value"):
+            table[r["model"]][r["group"]][r["desideratum"]] = r["mean"]
+    out: dict[str, dict[str, str]] = {}
+    for model, groups in table.items():
+        out[model] = {}
+        for g, d in groups.items():
+            pos, val = d.get("positional", 0.0), d.get("object_value", 0.0)
+            out[model][g] = "position" if pos > val + margin else "value" if val > pos + margin else "neither"
+    return out

@@ -1,0 +1,464 @@
+"""Activation patching on nnsight, through the architecture table.
+
+**The method.** Run a model on a *base* prompt, but overwrite some internal activation with
+the value it took on another input -- a *source* prompt (activation patching, causal tracing,
+interchange intervention), the mean over a reference set (mean ablation) or anything else --
+and see how the output changes. If overwriting a component with its value from a prompt that
+lacks some information destroys the behaviour, the component carries that information at that
+position. Here the components are attention heads, read and written at four sites per layer
+(:mod:`entity_tracking.arch`): a head's **output** ``z`` (the ``o_proj`` input slice, before
+``W_O``; the paper's "head output"), and its **query**, **key** and **value** (``q_proj``/
+``k_proj``/``v_proj`` outputs, before rotary embeddings). A patch names a site, a layer, some
+heads, one or more positions *per example* (the base position may differ from example to
+example, and from the position the value was read at in the source), and the values to write.
+The same kernel serves activation patching, path patching (:mod:`entity_tracking.path_patching`),
+mean ablation, DCM and CMAP: they differ only in where the values come from.
+
+Conventions:
+
+* Shapes: per-head caches are ``[batch, pos, n_heads, d_head]`` (``z`` and ``q``) or
+  ``[batch, pos, n_kv_heads, d_head]`` (``k`` and ``v``); residual caches (``resid_pre``,
+  ``attn_out``, ``resid_post``) are ``[batch, pos, d_model]``. A cache taken at chosen
+  positions (``positions [batch, n_pos]``) has ``n_pos`` in place of ``pos``.
+* **Heads of a site** are indices on that site's own head axis. For ``k`` and ``v`` under
+  grouped-query attention that is the *kv head*: the key/value "of query head ``h``" is kv head
+  ``arch.kv_head(h) = h // group`` (:func:`site_heads` maps query heads to it), so patching the
+  value of one query head changes the value read by all ``group`` query heads that share it.
+  This is the only faithful definition -- the model has no per-query-head value to patch -- and
+  it equals patching those ``group`` heads together in the multi-head twin of the model (the
+  same weights with every kv head repeated). Without GQA, kv head ``h`` is query head ``h``.
+* Evaluation is at each example's **last position** (``last_position [batch]``, as built by
+  :func:`entity_tracking.data.encode_prompts`); probabilities are a softmax over the whole
+  vocabulary.
+* Every run is under ``torch.no_grad()`` and split into chunks of ``batch_size`` examples.
+
+Inside one trace nnsight requires modules to be read in forward order; :func:`run` sorts all
+reads and writes by ``(layer, site)`` in the order the model computes them, so callers list
+patches and records in any order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .arch import Arch
+
+__all__ = [
+    "HEAD_SITES",
+    "RESID_SITES",
+    "SITES",
+    "ActivationCache",
+    "HeadPatch",
+    "PatchRun",
+    "accuracy",
+    "as_batch",
+    "cache_activations",
+    "check_positions",
+    "check_unpadded",
+    "last_logits",
+    "patch_from_cache",
+    "run",
+    "site_heads",
+    "target_probs",
+]
+
+#: Per-head sites, in the order a block computes them.
+HEAD_SITES: tuple[str, ...] = ("q", "k", "v", "z")
+#: Residual-stream sites of a block: its input, the attention output (o_proj output) and its output.
+RESID_SITES: tuple[str, ...] = ("resid_pre", "attn_out", "resid_post")
+#: Every site, in forward order within one block.
+SITES: tuple[str, ...] = ("resid_pre", "q", "k", "v", "z", "attn_out", "resid_post")
+_ORDER = {s: i for i, s in enumerate(SITES)}
+
+BatchLike = Union[torch.Tensor, Mapping[str, Any]]
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+
+
+def as_batch(batch: BatchLike) -> dict[str, torch.Tensor]:
+    """Normalise an input: a LongTensor of ids ``[batch, seq]`` or a mapping with ``input_ids``
+    (and optionally ``attention_mask``, ``last_position``, ...; e.g. :func:`data.encode_prompts`).
+    Returns a dict with at least ``input_ids``, ``attention_mask`` and ``last_position``
+    (default: the last non-pad position of each row)."""
+    if isinstance(batch, torch.Tensor):
+        out = {"input_ids": batch}
+    elif isinstance(batch, Mapping) and "input_ids" in batch:
+        out = dict(batch)
+    else:
+        raise TypeError(f"expected input ids [batch, seq] or a mapping with 'input_ids', got {type(batch).__name__}")
+    ids = out["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError(f"input_ids must be a tensor [batch, seq], got {getattr(ids, 'shape', type(ids))}")
+    if out.get("attention_mask") is None:
+        out["attention_mask"] = torch.ones_like(ids)
+    if out.get("last_position") is None:
+        mask = out["attention_mask"]
+        seq = ids.shape[1]
+        # last index whose mask is 1 (works for left and right padding)
+        out["last_position"] = seq - 1 - mask.flip(1).argmax(1)
+    return out
+
+
+def check_positions(positions: torch.Tensor, seq_len: int, what: str = "position",
+                    attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Validate per-example positions ``[batch]`` or ``[batch, n]`` against ``seq_len`` (and, with
+    a mask, that no position points at padding); return them as a LongTensor ``[batch, n]``."""
+    pos = torch.as_tensor(positions, dtype=torch.long)
+    if pos.dim() == 1:
+        pos = pos[:, None]
+    if pos.dim() != 2:
+        raise ValueError(f"{what}s must be [batch] or [batch, n], got shape {tuple(pos.shape)}")
+    bad = (pos < 0) | (pos >= seq_len)
+    if bad.any():
+        b, i = (int(x) for x in bad.nonzero()[0])
+        raise IndexError(
+            f"{what} {int(pos[b, i])} (example {b}) is out of range for sequence length {seq_len}"
+            + (" (-1 marks a position the prompt does not have)" if int(pos[b, i]) == -1 else "")
+        )
+    if attention_mask is not None:
+        on_pad = attention_mask.gather(1, pos.to(attention_mask.device)) == 0
+        if on_pad.any():
+            b, i = (int(x) for x in on_pad.nonzero()[0])
+            raise IndexError(f"{what} {int(pos[b, i])} (example {b}) is a padding position")
+    return pos
+
+
+def check_unpadded(batch: Mapping[str, torch.Tensor], what: str = "prompts") -> int:
+    """Require a batch without padding (all prompts of equal length); return that length."""
+    mask = batch["attention_mask"]
+    if not bool((mask == 1).all()):
+        lengths = sorted({int(x) for x in mask.sum(1)})
+        raise ValueError(
+            f"{what} have unequal lengths {lengths[:8]}{' ...' if len(lengths) > 8 else ''} tokens: this "
+            f"kernel needs prompts of one length (no padding); tokenize with a tokenizer for which the "
+            f"dataset's prompts all have the same length, or split the data by length"
+        )
+    return int(batch["input_ids"].shape[1])
+
+
+def site_heads(arch: Arch, site: str, heads: Iterable[int]) -> list[int]:
+    """The indices on ``site``'s head axis for query heads ``heads``: the heads themselves for
+    ``z``/``q``; for ``k``/``v`` the kv heads ``arch.kv_head(h)`` they read, deduplicated and
+    sorted (so a GQA group is patched once)."""
+    hs = [int(h) for h in heads]
+    for h in hs:
+        arch.kv_head(h)  # range check, names the head
+    if site in ("z", "q"):
+        return hs
+    if site in ("k", "v"):
+        return sorted({arch.kv_head(h) for h in hs})
+    raise ValueError(f"site '{site}' has no heads; per-head sites are {HEAD_SITES}")
+
+
+def _n_site_heads(arch: Arch, site: str) -> int:
+    return arch.n_kv_heads if site in ("k", "v") else arch.n_heads
+
+
+# --------------------------------------------------------------------------------------------
+# Patches
+
+
+@dataclass
+class HeadPatch:
+    """Overwrite some heads of one site and layer at chosen per-example positions.
+
+    Attributes:
+        site: ``"z"`` (head output), ``"q"``, ``"k"`` or ``"v"``.
+        layer: layer index (negative counts from the end).
+        heads: indices on the site's head axis (kv heads for ``k``/``v``; see :func:`site_heads`);
+            ``None`` = every head of the site.
+        values: ``[batch, n_pos, n_sel, d_head]`` with ``positions [batch, n_pos]``, or
+            ``[batch, seq, n_sel, d_head]`` with ``positions=None`` (every position).
+        positions: base positions per example, ``[batch]`` or ``[batch, n_pos]``; ``None`` = all.
+    """
+
+    site: str
+    layer: int
+    heads: Optional[Sequence[int]]
+    values: torch.Tensor
+    positions: Optional[torch.Tensor] = None
+
+    def resolved(self, arch: Arch, batch_size: int, seq_len: int) -> "HeadPatch":
+        """Checked copy with a non-negative layer, explicit heads and positions ``[batch, n_pos]``."""
+        if self.site not in HEAD_SITES:
+            raise ValueError(f"cannot patch site '{self.site}'; per-head sites are {HEAD_SITES}")
+        layer = arch._layer_index(self.layer)
+        n = _n_site_heads(arch, self.site)
+        heads = list(range(n)) if self.heads is None else [int(h) for h in self.heads]
+        kind = "key/value" if self.site in ("k", "v") else "query"
+        for h in heads:
+            arch._check_head(h, n, kind)
+        vals = self.values
+        pos = None
+        if self.positions is not None:
+            pos = check_positions(self.positions, seq_len, f"{self.site} patch position (layer {layer})")
+            if vals.dim() == 3:
+                vals = vals[:, None]
+        want_pos = seq_len if pos is None else pos.shape[1]
+        want = (batch_size, want_pos, len(heads), arch.d_head)
+        if pos is not None and pos.shape[0] != batch_size:
+            raise ValueError(f"{self.site} patch (layer {layer}): positions for {pos.shape[0]} examples, batch has {batch_size}")
+        if tuple(vals.shape) != want:
+            raise ValueError(
+                f"{self.site} patch (layer {layer}): values must be [batch, "
+                f"{'seq' if pos is None else 'n_pos'}, n_heads_selected, d_head] = {list(want)}, "
+                f"got {list(vals.shape)}"
+            )
+        return HeadPatch(self.site, layer, heads, vals, pos)
+
+    def rows(self, sl: slice) -> "HeadPatch":
+        return HeadPatch(self.site, self.layer, self.heads, self.values[sl],
+                         None if self.positions is None else self.positions[sl])
+
+
+def patch_from_cache(source: "ActivationCache", site: str, layer: int, heads: Optional[Sequence[int]],
+                     positions: Optional[torch.Tensor], source_positions: Optional[torch.Tensor] = None) -> HeadPatch:
+    """A :class:`HeadPatch` writing, at base ``positions``, the values ``source`` holds at
+    ``source_positions`` (default: the same positions).
+
+    ``source`` is a full-sequence cache (``positions=None`` when it was taken); ``heads`` index
+    the site's head axis. With ``positions=None`` every position is copied (same lengths needed).
+    """
+    full = source[site, layer]
+    if source.positions is not None:
+        raise ValueError("patch_from_cache needs a full-sequence cache (taken with positions=None)")
+    n = full.shape[2]
+    hs = list(range(n)) if heads is None else [int(h) for h in heads]
+    if positions is None:
+        return HeadPatch(site, layer, hs, full[:, :, hs])
+    src_pos = check_positions(positions if source_positions is None else source_positions, full.shape[1],
+                              f"source {site} position", source.attention_mask)
+    b = torch.arange(full.shape[0])[:, None]
+    return HeadPatch(site, layer, hs, full[b, src_pos][:, :, hs], positions)
+
+
+# --------------------------------------------------------------------------------------------
+# Caches
+
+
+@dataclass
+class ActivationCache:
+    """Activations recorded by :func:`run`, keyed by ``(site, layer)``.
+
+    ``cache["z", 3]`` is ``[batch, pos, n_heads, d_head]`` (or ``[batch, n_pos, ...]`` when
+    recorded at ``positions [batch, n_pos]``). ``attention_mask`` is that of the run.
+    """
+
+    data: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    positions: Optional[torch.Tensor] = None
+    attention_mask: Optional[torch.Tensor] = None
+
+    def __getitem__(self, key: tuple[str, int]) -> torch.Tensor:
+        try:
+            return self.data[key]
+        except KeyError:
+            have = sorted({s for s, _ in self.data})
+            raise KeyError(f"no {key[0]} of layer {key[1]} in this cache (sites cached: {have})") from None
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        return key in self.data
+
+    def keys(self):
+        return self.data.keys()
+
+
+@dataclass
+class PatchRun:
+    """What :func:`run` returns: ``logits [batch, vocab]`` at each example's last position (or
+    ``[batch, seq, vocab]`` with ``all_logits=True``) and the recorded activations."""
+
+    logits: Optional[torch.Tensor]
+    cache: ActivationCache
+
+
+def _read(arch: Arch, nn: Any, site: str, layer: int) -> torch.Tensor:
+    return {
+        "resid_pre": arch.resid_pre, "q": arch.q_heads, "k": arch.k_heads, "v": arch.v_heads,
+        "z": arch.heads, "attn_out": arch.attn_out, "resid_post": arch.resid_post,
+    }[site](nn, layer)
+
+
+def _write(arch: Arch, nn: Any, site: str, layer: int, value: torch.Tensor) -> None:
+    {"q": arch.set_q_heads, "k": arch.set_k_heads, "v": arch.set_v_heads, "z": arch.set_heads}[site](nn, layer, value)
+
+
+def _chunks(n: int, batch_size: int, progress: bool, desc: str):
+    size = max(1, int(batch_size or n))
+    starts = range(0, n, size)
+    if progress and len(starts) > 1:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, leave=False)
+    for s in starts:
+        yield slice(s, min(n, s + size))
+
+
+def _lm_parts(lm: Any) -> tuple[Any, Arch, torch.device, dict]:
+    nn = getattr(lm, "nn", lm)
+    arch = getattr(lm, "arch", None)
+    if arch is None:
+        from .arch import arch_for
+
+        arch = arch_for(nn)
+    device = getattr(lm, "device", None) or torch.device("cpu")
+    kwargs = dict(getattr(lm, "trace_kwargs", {}) or {})
+    return nn, arch, torch.device(device), kwargs
+
+
+def run(
+    lm: Any,
+    batch: BatchLike,
+    patches: Sequence[HeadPatch] = (),
+    record: Iterable[tuple[str, int]] = (),
+    *,
+    record_positions: Optional[torch.Tensor] = None,
+    all_logits: bool = False,
+    logits: bool = True,
+    batch_size: int = 32,
+    progress: bool = False,
+    desc: str = "patching",
+    out_device: Union[str, torch.device] = "cpu",
+    trace_kwargs: Optional[dict] = None,
+    skip_layers: Iterable[int] = (),
+    skip_value: Optional[torch.Tensor] = None,
+) -> PatchRun:
+    """Run ``lm`` on ``batch`` with ``patches`` applied; record ``record`` sites.
+
+    Args:
+        lm: a :class:`~entity_tracking.models.LoadedModel` (or an nnsight model).
+        batch: input ids ``[batch, seq]`` or an :func:`~entity_tracking.data.encode_prompts` batch.
+        patches: :class:`HeadPatch` es; applied in forward order, several per (site, layer) allowed.
+        record: ``(site, layer)`` pairs (sites of :data:`SITES`) to cache, *after* patching.
+        record_positions: ``[batch]`` / ``[batch, n_pos]``: cache only these positions.
+        all_logits: return ``[batch, seq, vocab]`` instead of the last position's ``[batch, vocab]``.
+        logits: return no logits at all when False (the run still goes through the whole model).
+        batch_size: examples per forward pass.
+        trace_kwargs: extra keyword arguments for the model's forward (e.g. ``past_key_values``,
+            ``position_ids``, ``logits_to_keep``); with them the batch runs as one chunk.
+        skip_layers, skip_value: blocks not run at all; each outputs ``skip_value``
+            ``[batch, seq, d_model]`` instead (what the first block after them reads). Patches
+            and records must lie above the skipped blocks. Used by fast path patching to start a
+            run at the first block whose input differs from the clean run.
+
+    Returns:
+        :class:`PatchRun` with ``logits`` and an :class:`ActivationCache` (on ``out_device``).
+    """
+    nn, arch, device, tkw = _lm_parts(lm)
+    b = as_batch(batch)
+    ids, mask = b["input_ids"], b["attention_mask"]
+    B, S = ids.shape
+    last = check_positions(b["last_position"], S, "last position", mask)[:, 0]
+    rpos = None if record_positions is None else check_positions(record_positions, S, "record position", mask)
+    patches = [p.resolved(arch, B, S) for p in patches]
+    record = [(s, arch._layer_index(l)) for s, l in record]
+    for s, _ in record:
+        if s not in SITES:
+            raise ValueError(f"cannot record site '{s}'; sites are {SITES}")
+    # One ordered program of (layer, site) steps: patches then records at each step.
+    steps = sorted({(p.layer, p.site) for p in patches} | {(l, s) for s, l in record},
+                   key=lambda ls: (ls[0], _ORDER[ls[1]]))
+    by_step = {k: [p for p in patches if (p.layer, p.site) == k] for k in steps}
+    rec_set = {(l, s) for s, l in record}
+    pad_free = bool((mask == 1).all())
+    skip_layers = sorted(arch._layer_index(l) for l in skip_layers)
+    if skip_layers:
+        if skip_value is None or tuple(skip_value.shape) != (B, S, arch.d_model):
+            raise ValueError(f"skipping blocks needs skip_value [batch, seq, d_model] = {[B, S, arch.d_model]}")
+        if steps and steps[0][0] <= skip_layers[-1]:
+            raise ValueError(f"patch/record at layer {steps[0][0]} lies in the skipped blocks {skip_layers}")
+    kw = {**tkw, **(trace_kwargs or {})}
+
+    pieces: dict[tuple[str, int], list[torch.Tensor]] = {(s, l): [] for s, l in record}
+    logit_pieces: list[torch.Tensor] = []
+    with torch.no_grad():
+        for sl in _chunks(B, batch_size if not trace_kwargs else B, progress, desc):
+            cid = ids[sl].to(device)
+            inputs = {"input_ids": cid} if pad_free else {"input_ids": cid, "attention_mask": mask[sl].to(device)}
+            cpatches = {k: [p.rows(sl) for p in v] for k, v in by_step.items()}
+            n = cid.shape[0]
+            bi = torch.arange(n, device=device)
+            clast = last[sl].to(device)
+            crpos = None if rpos is None else rpos[sl].to(device)
+            saved: dict[tuple[str, int], Any] = {}
+            out_box: list[Any] = []
+            with nn.trace(inputs, **kw):
+                for layer in skip_layers:
+                    arch.layer(nn, layer).skip(skip_value[sl].to(device))
+                for (layer, site) in steps:
+                    cur = _read(arch, nn, site, layer)
+                    if cpatches[(layer, site)]:
+                        new = cur.clone()
+                        for p in cpatches[(layer, site)]:
+                            hs = torch.as_tensor(p.heads, device=device)
+                            vals = p.values.to(device=device, dtype=new.dtype)
+                            if p.positions is None:
+                                new[:, :, hs] = vals
+                            else:
+                                pos = p.positions.to(device)
+                                new[bi[:, None, None], pos[:, :, None], hs[None, None, :]] = vals
+                        _write(arch, nn, site, layer, new)
+                        cur = new
+                    if (layer, site) in rec_set:
+                        val = cur if crpos is None else cur[bi[:, None], crpos]
+                        saved[(site, layer)] = val.detach().to(out_device).save()
+                if logits:
+                    lg = nn.output.logits
+                    if not all_logits:  # logits_to_keep=n leaves only the last n positions
+                        lg = lg[bi, clast - (S - lg.shape[1])]
+                    out_box.append(lg.detach().to(out_device).save())
+            for k, v in saved.items():
+                pieces[k].append(v)
+            if logits:
+                logit_pieces.append(out_box[0])
+    cache = ActivationCache({k: torch.cat(v) for k, v in pieces.items()}, positions=rpos, attention_mask=mask)
+    return PatchRun(torch.cat(logit_pieces) if logits else None, cache)
+
+
+# --------------------------------------------------------------------------------------------
+# Convenience wrappers and metrics
+
+
+def last_logits(lm: Any, batch: BatchLike, patches: Sequence[HeadPatch] = (), *, batch_size: int = 32,
+                progress: bool = False) -> torch.Tensor:
+    """Logits ``[batch, vocab]`` at each example's last position, with ``patches`` applied."""
+    return run(lm, batch, patches, batch_size=batch_size, progress=progress, desc="logits").logits
+
+
+def cache_activations(lm: Any, batch: BatchLike, sites: Iterable[str] = ("z",),
+                      layers: Optional[Iterable[int]] = None, *, positions: Optional[torch.Tensor] = None,
+                      patches: Sequence[HeadPatch] = (), batch_size: int = 32, progress: bool = False,
+                      with_logits: bool = False) -> Union[ActivationCache, tuple[ActivationCache, torch.Tensor]]:
+    """Cache ``sites`` (default the head outputs ``z``) of ``layers`` (default all).
+
+    Returns an :class:`ActivationCache`: ``cache["z", l]`` is ``[batch, pos, n_heads, d_head]``
+    (``[batch, n_pos, ...]`` with ``positions [batch, n_pos]``). With ``with_logits`` also the
+    last-position logits ``[batch, vocab]`` of the same run.
+    """
+    _, arch, _, _ = _lm_parts(lm)
+    layers = range(arch.n_layers) if layers is None else list(layers)
+    record = [(s, l) for l in layers for s in sites]
+    res = run(lm, batch, patches, record, record_positions=positions, logits=with_logits,
+              batch_size=batch_size, progress=progress, desc="caching")
+    return (res.cache, res.logits) if with_logits else res.cache
+
+
+def target_probs(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Probability ``[batch]`` of ``target [batch]`` under ``softmax(logits [batch, vocab])``
+    (computed in float32)."""
+    target = torch.as_tensor(target, dtype=torch.long, device=logits.device)
+    if target.shape != logits.shape[:1]:
+        raise ValueError(f"targets {tuple(target.shape)} do not match logits {tuple(logits.shape)}")
+    if (target < 0).any() or (target >= logits.shape[-1]).any():
+        raise IndexError(f"target ids must lie in [0, {logits.shape[-1]}); got {target.min().item()}..{target.max().item()}")
+    return logits.float().softmax(-1).gather(-1, target[:, None])[:, 0]
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """Share of examples whose argmax at the last position is ``target``."""
+    target = torch.as_tensor(target, dtype=torch.long, device=logits.device)
+    return float((logits.argmax(-1) == target).float().mean())

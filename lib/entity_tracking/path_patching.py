@@ -1,0 +1,796 @@
+"""Path patching: which heads carry the answer, and through which later heads (paper §2).
+
+**The method** (Wang et al. 2022, as used by Prakash et al.). Activation patching asks whether
+a head matters; *path patching* asks whether it matters **through a given path**: directly to
+the logits, or through the queries or values of chosen *receiver* heads. For each *sender*
+head ``(l, h)`` at a sender position ``p_s``:
+
+1. **Pass 1.** Run the clean (base) prompt with every head's output, at every position and
+   layer, frozen to its clean value -- except the sender at ``p_s``, which takes its value from
+   the corrupt (source) prompt at the corresponding corrupt position. Freezing every other head
+   stops the change from spreading through any other attention head; it still flows through the
+   residual stream and the MLPs. Record the receivers' queries (or values) at the receiver
+   position.
+2. **Pass 2.** Run the clean prompt again with nothing changed but the receivers' queries (or
+   values) at the receiver position, set to the values recorded in pass 1.
+
+The score of the sender is the mean over examples of ``(p_patched - p_clean) / p_clean``, where
+``p`` is the probability (softmax over the whole vocabulary) of the correct object at the last
+token. Heads with the **most negative** scores carry the path. For the first step, whose
+"receiver" is the logits, pass 1's logits are scored directly (the sender's direct effect via
+the residual stream and the MLPs). The circuit is found backwards from the logits in four steps
+(:data:`STEPS`); each step's top heads are the receivers of the next:
+
+==========================  =====================  ============================  ==============
+step (group)                sender position        corrupt position              receivers
+==========================  =====================  ============================  ==============
+Value Fetcher (A)           last token             last token                    logits
+Position Transmitter (B)    last token             last token                    Q of top A
+Position Detector (C)       query label            query label                   V of top B
+Structure Reader (D)        previous query label   a random box label            V of top C
+==========================  =====================  ============================  ==============
+
+The receiver position is the sender position in every step. Under grouped-query attention a
+receiver's *value* is its kv head (``arch.kv_head(h)``), so patching it changes the value of
+every query head of its group (see :mod:`entity_tracking.patching`).
+
+**Two implementations of the same scores.** :func:`path_patching_scores` with
+``method="naive"`` does exactly the above, two full forward passes per sender (the test
+oracle). ``method="fast"`` (the default) computes the same numbers much more cheaply, from
+three facts:
+
+* *Pass 1 needs no attention.* With every head frozen, attention is the only operation that
+  moves information between positions, so the sender's effect stays at ``p_s``. Take the
+  clean residual stream at ``p_s`` entering layer ``l``, add the patched attention output
+  ``o_proj(z_patched)`` (the whole patched vector, not a difference, for exactness) in place of
+  the clean one, and run only the per-position parts of the later blocks (norms and MLP, with
+  each later layer's attention output frozen at its clean value at ``p_s``;
+  :meth:`Arch.add_attn`, :meth:`Arch.add_mlp`). Receivers' queries/values are then
+  ``q_proj(attn_in_norm(resid))`` at ``p_s``, and the first step's logits are
+  ``lm_head(final_norm(resid))``. This is batched over all heads of a layer and all examples:
+  a handful of matrix products per layer instead of a forward pass per head.
+* *Pass 2 only changes the receiver position and later ones.* Positions before the receiver
+  position are clean, so the clean prefix is run once (per distinct receiver position), its
+  key/value cache kept (transformers' ``DynamicCache``) and tiled over many senders, and only
+  the suffix tokens are run, with position ids continuing the prefix, many senders in one
+  batch (examples grouped by receiver position when it varies, as in the Structure Reader
+  step). The first step has no pass 2 at all.
+* *Senders that cannot reach a receiver score exactly zero.* A receiver at layer ``l_r`` reads
+  the residual stream entering ``l_r``; a sender at layer ``l >= l_r`` cannot change it, and a
+  receiver patched with its own clean value changes nothing. Pass 2 of a sender layer patches
+  only receivers above it, and a sender layer with none is skipped (score 0).
+
+Prompts must be unpadded (one length per batch; base and source may differ in length): a
+dataset's prompts all have the same length, and positions are then the same for every
+chunk. :func:`estimate_cost` states a sweep's cost before it runs (forward-pass equivalents
+and a peak activation memory estimate), for a loaded model or just a config (e.g. Llama-7B).
+:func:`discover_circuit` runs the four steps and returns a :class:`~entity_tracking.circuit.Circuit`;
+minimality pruning (mean ablation) plugs in through its ``prune`` argument.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .arch import Arch, arch_for
+from .circuit import GROUPS, Circuit
+from .patching import (
+    ActivationCache,
+    HeadPatch,
+    _chunks,
+    _lm_parts,
+    as_batch,
+    check_positions,
+    check_unpadded,
+    run,
+    site_heads,
+    target_probs,
+)
+
+__all__ = [
+    "METHODS",
+    "PAPER_CIRCUIT_K",
+    "PAPER_RECEIVERS_K",
+    "STEPS",
+    "CostEstimate",
+    "PathPatcher",
+    "Step",
+    "discover_circuit",
+    "estimate_cost",
+    "path_patching_scores",
+    "step_scores",
+    "top_heads",
+]
+
+METHODS = ("fast", "naive")
+Head = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One path-patching step: the group it finds, where senders are patched, and what they
+    are scored through (``receiver_site`` ``None`` = the logits, else ``"q"`` or ``"v"`` of the
+    previous step's top heads). Positions are keys of :func:`data.encode_prompts` batches."""
+
+    group: str
+    sender_position: str
+    corrupt_position: str
+    receiver_site: Optional[str]
+    receivers_from: Optional[str] = None
+
+
+#: The paper's four steps, in discovery order.
+STEPS: dict[str, Step] = {
+    "value_fetcher": Step("value_fetcher", "last_position", "last_position", None),
+    "position_transmitter": Step("position_transmitter", "last_position", "last_position", "q", "value_fetcher"),
+    "position_detector": Step("position_detector", "query_label_position", "query_label_position", "v",
+                              "position_transmitter"),
+    "structure_reader": Step("structure_reader", "prev_query_label_position", "corrupt_label_position", "v",
+                             "position_detector"),
+}
+
+#: How many top heads of a step become the next step's receivers (paper, Llama-7B).
+PAPER_RECEIVERS_K: dict[str, int] = {"value_fetcher": 20, "position_transmitter": 5, "position_detector": 10}
+#: Candidate group sizes handed to minimality pruning (paper, Llama-7B).
+PAPER_CIRCUIT_K: dict[str, int] = {"value_fetcher": 58, "position_transmitter": 10, "position_detector": 25,
+                                   "structure_reader": 5}
+
+_LOG = "[entity_tracking.path_patching]"
+_DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float64": torch.float64}
+
+
+# --------------------------------------------------------------------------------------------
+# Cost
+
+
+@dataclass
+class CostEstimate:
+    """A sweep's cost before it runs.
+
+    ``forward_equivalents``: FLOPs in units of one forward pass over the whole dataset
+    (``n_examples`` prompts of ``seq_len`` tokens). ``peak_bytes``: estimated peak memory of
+    activations and caches (weights excluded). ``per_part``: forward equivalents per part.
+    """
+
+    method: str
+    model: str
+    n_examples: int
+    seq_len: int
+    dtype: str
+    flops: float
+    forward_equivalents: float
+    peak_bytes: int
+    per_part: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k} {v:,.1f}" for k, v in self.per_part.items())
+        return (f"path patching ({self.method}) on {self.model}, {self.n_examples} examples x {self.seq_len} tokens, "
+                f"{self.dtype}: ~{self.forward_equivalents:,.1f} forward-pass equivalents over the dataset "
+                f"({self.flops / 1e12:,.2f} TFLOP; {parts}); peak activation memory ~{_fmt_bytes(self.peak_bytes)}")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _as_arch(arch_or_config: Any) -> Arch:
+    if isinstance(arch_or_config, Arch):
+        return arch_or_config
+    a = getattr(arch_or_config, "arch", None)
+    return a if isinstance(a, Arch) else arch_for(arch_or_config)
+
+
+def estimate_cost(
+    arch_or_config: Any,
+    n_examples: int,
+    seq_len: int,
+    dtype: Union[str, torch.dtype] = "float32",
+    method: str = "fast",
+    *,
+    steps: Sequence[str] = tuple(STEPS),
+    n_receivers: Optional[Mapping[str, int]] = None,
+    suffix_lengths: Optional[Mapping[str, float]] = None,
+    batch_size: int = 32,
+    max_rows: Optional[int] = None,
+) -> CostEstimate:
+    """Estimated FLOPs, forward-pass equivalents and peak activation memory of a sweep.
+
+    Works from the geometry alone: ``arch_or_config`` is an :class:`Arch`, a ``LoadedModel``
+    or a transformers config (``LlamaConfig(hidden_size=4096, intermediate_size=11008,
+    num_hidden_layers=32, num_attention_heads=32, vocab_size=32000)`` for Llama-7B; no weights).
+
+    Args:
+        n_examples, seq_len: dataset size and prompt length (tokens, BOS included).
+        method: ``"fast"`` or ``"naive"``.
+        steps: which of :data:`STEPS` the sweep runs (default all four).
+        n_receivers: receivers per step (default :data:`PAPER_RECEIVERS_K` of the previous group).
+        suffix_lengths: mean suffix length (tokens from the receiver position to the end) per
+            step; defaults: 1 at the last token, 3 at the query label, ``seq_len / 2`` at the
+            previous query label (uniform over the context).
+        batch_size: examples per forward pass (naive; fast pass 1).
+        max_rows: (sender, example) rows per fast pass-2 forward (default from :func:`_default_max_rows`).
+
+    The count is an upper bound for ``fast`` (it assumes every sender layer has receivers above
+    it). FLOPs count multiply-adds twice; attention scores included; logits of every position
+    are counted for full forward passes (transformers computes them).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    a = _as_arch(arch_or_config)
+    dt = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if dt not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; one of {sorted(_DTYPE_NAMES)}")
+    nb = _DTYPE_BYTES[dt]
+    L, H, Hkv, dh, d = a.n_layers, a.n_heads, a.n_kv_heads, a.d_head, a.d_model
+    dm = a.d_mlp or 4 * d
+    V = a.vocab_size
+    S, N = int(seq_len), int(n_examples)
+    for s in steps:
+        if s not in STEPS:
+            raise ValueError(f"unknown step {s!r}; steps are {list(STEPS)}")
+    recv = {**{g: PAPER_RECEIVERS_K.get(STEPS[g].receivers_from, 0) for g in STEPS if STEPS[g].receivers_from},
+            **(n_receivers or {})}
+    suf = {"value_fetcher": 1.0, "position_transmitter": 1.0, "position_detector": 3.0,
+           "structure_reader": S / 2, **(suffix_lengths or {})}
+
+    proj = 2 * d * (H + 2 * Hkv) * dh + 2 * H * dh * d  # q, k, v, o per token
+    mlp = 2 * 3 * d * dm  # gated MLP per token
+    unembed = 2 * d * V
+
+    def tokens_flops(start: int, stop: int) -> float:  # tokens start..stop-1 attending to all before
+        n = max(0, stop - start)
+        ctx = (start + stop + 1) * n / 2  # sum of context lengths
+        return L * (n * (proj + mlp) + 4 * H * dh * ctx) + n * unembed
+
+    fwd = tokens_flops(0, S)  # one prompt
+    parts: dict[str, float] = {"caches": 2 * N * fwd}
+    bs = min(batch_size, N)
+    act_per_token = (6 * d + 3 * dm + H * S) * nb  # one layer's live activations, roughly
+    if method == "naive":
+        senders = L * H
+        for g in steps:
+            passes = 1 if STEPS[g].receiver_site is None else 2
+            parts[g] = senders * passes * N * fwd
+        caches = 2 * N * S * L * H * dh * nb  # clean and corrupt head outputs, every position
+        frozen = bs * S * L * H * dh * nb  # one chunk's frozen-head patches
+        forward = bs * S * (act_per_token + V * nb)
+        peak = caches + frozen + forward
+    else:
+        rows = min(max_rows or _default_max_rows(a, S, dt), H * N)  # pass 2 runs one sender layer at a time
+        senders = L * H
+        pass1_layer = 2 * H * dh * d + mlp  # o_proj of the patched vector + MLP, per layer and sender
+        for g in steps:
+            step = STEPS[g]
+            p1 = N * H * sum(pass1_layer + (L - 1 - l) * (mlp + 0) for l in range(L))
+            if step.receiver_site is None:
+                p1 += N * senders * unembed
+                parts[g] = p1
+            else:
+                p1 += N * senders * L * 2 * d * (H * dh)  # receivers' projections (upper bound)
+                t = suf[g]
+                start = S - t
+                p2 = N * senders * tokens_flops(int(round(start)), S)
+                prefix = N * tokens_flops(0, int(round(start)))
+                parts[g] = p1 + p2 + prefix
+        caches = 2 * N * 3 * L * (2 * d + H * dh) * nb  # resid_pre, attn_out, z at three positions
+        pass1 = H * bs * (4 * d + 3 * dm + V) * nb
+        kv_row = L * 2 * Hkv * S * dh * nb
+        t = max((suf[g] for g in steps if STEPS[g].receiver_site), default=1)
+        pass2 = rows * (kv_row + t * (act_per_token + V * nb))
+        peak = caches + max(pass1, pass2)
+    flops = sum(parts.values())
+    model = f"{a.family} {L}x{H} heads (d_model {d}, d_mlp {dm}, vocab {V})"
+    return CostEstimate(method=method, model=model, n_examples=N, seq_len=S, dtype=str(dt).removeprefix("torch."),
+                        flops=flops, forward_equivalents=flops / (N * fwd), peak_bytes=int(peak),
+                        per_part={k: v / (N * fwd) for k, v in parts.items()})
+
+
+def _default_max_rows(arch: Arch, seq_len: int, dtype: torch.dtype, budget: int = 1 << 30) -> int:
+    """(sender, example) rows per fast pass-2 forward so that its tiled key/value cache and
+    suffix activations fit in ``budget`` bytes (1 GiB)."""
+    nb = _DTYPE_BYTES.get(dtype, 4)
+    row = arch.n_layers * 2 * arch.n_kv_heads * seq_len * arch.d_head * nb
+    row += 4 * (6 * arch.d_model + 3 * (arch.d_mlp or 4 * arch.d_model) + arch.vocab_size) * nb
+    return max(1, budget // row)
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel
+
+
+def _receivers_by_layer(arch: Arch, receivers: Sequence[Head], site: str) -> dict[int, list[int]]:
+    """``{layer: indices on the site's head axis}`` (kv heads for ``v``), layers ascending."""
+    out: dict[int, list[int]] = {}
+    for layer, head in receivers:
+        layer = arch._layer_index(int(layer))
+        out.setdefault(layer, []).append(int(head))
+    return {l: site_heads(arch, site, hs) for l, hs in sorted(out.items())}
+
+
+class PathPatcher:
+    """Path patching on one dataset: clean/corrupt caches shared by several steps.
+
+    Args:
+        lm: a :class:`~entity_tracking.models.LoadedModel` (local; fast pass 1 calls its modules).
+        base, source: :func:`data.encode_prompts` batches (or ids) of the clean and corrupt
+            prompts, each without padding; example ``i`` of ``source`` corrupts example ``i``.
+        target: ``[batch]`` correct-object token ids (scored at the base's last position).
+        batch_size: examples per forward pass (caches, naive passes, fast pass 1).
+        max_rows: (sender, example) rows per fast pass-2 forward (default: a 1 GiB budget).
+        cache_budget: bytes allowed for keeping the clean run's key/value cache and residual
+            stream of the whole dataset across steps (default 2 GiB; beyond it, per group).
+    """
+
+    def __init__(self, lm: Any, base: Any, source: Any, target: torch.Tensor, *, batch_size: int = 32,
+                 max_rows: Optional[int] = None, progress: bool = True, verbose: bool = True,
+                 cache_budget: int = 2 << 30):
+        self.lm = lm
+        self.nn, self.arch, self.device, _ = _lm_parts(lm)
+        if getattr(lm, "remote", False):
+            raise ValueError("path patching runs locally: load the model without remote: true")
+        self.base = as_batch(base)
+        self.source = as_batch(source)
+        self.seq_len = check_unpadded(self.base, "base prompts")
+        self.source_len = check_unpadded(self.source, "source (corrupt) prompts")
+        self.n = self.base["input_ids"].shape[0]
+        if self.source["input_ids"].shape[0] != self.n:
+            raise ValueError(f"{self.n} base prompts but {self.source['input_ids'].shape[0]} source prompts")
+        self.target = torch.as_tensor(target, dtype=torch.long)
+        if self.target.shape != (self.n,):
+            raise ValueError(f"target must be [batch] = [{self.n}], got {tuple(self.target.shape)}")
+        if (self.target < 0).any() or (self.target >= self.arch.vocab_size).any():
+            raise IndexError(f"target ids must lie in [0, {self.arch.vocab_size})")
+        if not bool((self.base["last_position"] == self.seq_len - 1).all()):
+            raise ValueError("base last_position must be the final token of every (unpadded) prompt")
+        self.batch_size = batch_size
+        self.dtype = next(self.arch._torch(lm).parameters()).dtype
+        self.max_rows = max_rows or _default_max_rows(self.arch, self.seq_len, self.dtype)
+        self.progress = progress
+        self.verbose = verbose
+        self._p_clean: Optional[torch.Tensor] = None
+        self._full: dict[str, Any] = {}
+        self._at: dict[tuple[str, tuple], Any] = {}
+        self._full_state: Optional[tuple] = None
+        self.cache_budget = cache_budget
+
+    # -- positions --------------------------------------------------------------------------
+
+    def positions(self, which: str, key: Union[str, torch.Tensor]) -> torch.Tensor:
+        """Per-example positions ``[batch]`` of the base (``which="base"``) or source batch:
+        a batch key (``"query_label_position"``) or a tensor; validated against the length."""
+        batch = self.base if which == "base" else self.source
+        if isinstance(key, str):
+            if key not in batch:
+                raise KeyError(f"the {which} batch has no '{key}' (keys: {sorted(batch)}); encode it with "
+                               f"data.encode_pairs")
+            pos = batch[key]
+        else:
+            pos = torch.as_tensor(key)
+        name = key if isinstance(key, str) else f"{which} position"
+        return check_positions(pos, batch["input_ids"].shape[1], f"{which} {name}")[:, 0]
+
+    # -- clean quantities -----------------------------------------------------------------
+
+    @property
+    def p_clean(self) -> torch.Tensor:
+        """``[batch]`` clean probability of the target at the last token."""
+        if self._p_clean is None:
+            logits = run(self.lm, self.base, batch_size=self.batch_size, desc="clean run").logits
+            self._p_clean = target_probs(logits, self.target)
+        return self._p_clean
+
+    def _score(self, p: torch.Tensor, rows_p_clean: torch.Tensor) -> torch.Tensor:
+        return (p - rows_p_clean) / rows_p_clean
+
+    # -- naive ------------------------------------------------------------------------------
+
+    def _full_z(self, which: str):
+        if which not in self._full:
+            batch = self.base if which == "base" else self.source
+            res = run(self.lm, batch, record=[("z", l) for l in range(self.arch.n_layers)],
+                      logits=which == "base", batch_size=self.batch_size, desc=f"{which} cache")
+            self._full[which] = res.cache
+            if which == "base" and self._p_clean is None:
+                self._p_clean = target_probs(res.logits, self.target)
+        return self._full[which]
+
+    def naive_scores(self, sender_pos: torch.Tensor, corrupt_pos: torch.Tensor,
+                     receivers: Sequence[Head] = (), site: Optional[str] = None) -> torch.Tensor:
+        """The oracle: two full forward passes per sender and chunk of examples. ``[n_layers, n_heads]``."""
+        a = self.arch
+        clean, corrupt = self._full_z("base"), self._full_z("source")
+        p_clean = self.p_clean
+        recv = _receivers_by_layer(a, receivers, site) if site else {}
+        scores = torch.zeros(a.n_layers, a.n_heads)
+        senders = [(l, h) for l in range(a.n_layers) for h in range(a.n_heads)]
+        it = senders
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(senders, desc="path patching (naive)", leave=False)
+        for (l, h) in it:
+            total = 0.0
+            for sl in _chunks(self.n, self.batch_size, False, ""):
+                n = sl.stop - sl.start
+                bi = torch.arange(n)
+                chunk = {k: v[sl] for k, v in self.base.items() if isinstance(v, torch.Tensor)}
+                ps, pc = sender_pos[sl], corrupt_pos[sl]
+                frozen = []
+                for l2 in range(a.n_layers):
+                    z = clean["z", l2][sl].clone()
+                    if l2 == l:
+                        z[bi, ps, h] = corrupt["z", l2][sl][bi, pc, h]
+                    frozen.append(HeadPatch("z", l2, None, z))
+                if site is None:
+                    logits = run(self.lm, chunk, frozen, batch_size=n).logits
+                else:
+                    rec = run(self.lm, chunk, frozen, [(site, l2) for l2 in recv], record_positions=ps,
+                              logits=False, batch_size=n).cache
+                    patches = [HeadPatch(site, l2, hs, rec[site, l2][:, :, hs], ps) for l2, hs in recv.items()]
+                    logits = run(self.lm, chunk, patches, batch_size=n).logits
+                total += float(self._score(target_probs(logits, self.target[sl]), p_clean[sl]).sum())
+            scores[l, h] = total / self.n
+        return scores
+
+    # -- fast -------------------------------------------------------------------------------
+
+    _FAST_SITES = {"base": ("resid_pre", "z", "attn_out"), "source": ("z",)}
+
+    def _at_positions(self, which: str, pos: torch.Tensor):
+        """The fast kernel's cache of every layer at per-example ``pos`` ``[batch]`` (memoised):
+        ``resid_pre``, ``z``, ``attn_out`` of the base, ``z`` of the source."""
+        key = (which, tuple(pos.tolist()))
+        if key not in self._at:
+            self._cache_at(which, [pos])
+        return self._at[key]
+
+    def _cache_at(self, which: str, columns: Sequence[torch.Tensor]) -> None:
+        """One run caching the fast kernel's sites at several position columns ``[batch]`` each."""
+        batch = self.base if which == "base" else self.source
+        sites = self._FAST_SITES[which]
+        res = run(self.lm, batch, record=[(s, l) for l in range(self.arch.n_layers) for s in sites],
+                  record_positions=torch.stack(list(columns), 1), logits=which == "base",
+                  batch_size=self.batch_size, desc=f"{which} cache", out_device=self.device)
+        if which == "base" and self._p_clean is None:
+            self._p_clean = target_probs(res.logits, self.target)
+        for j, col in enumerate(columns):
+            data = {k: v[:, j:j + 1] for k, v in res.cache.data.items()}
+            self._at[(which, tuple(col.tolist()))] = ActivationCache(data, col[:, None], res.cache.attention_mask)
+
+    def prefetch(self, steps: Sequence[str] = tuple(STEPS)) -> None:
+        """Cache, in one clean and one corrupt run, what the fast kernel needs for ``steps``
+        (their sender and corrupt positions), so that several steps share two forward passes."""
+        cols = {"base": {}, "source": {}}
+        for g in steps:
+            st = STEPS[g]
+            for which, key in (("base", st.sender_position), ("source", st.corrupt_position)):
+                pos = self.positions(which, key)
+                k = (which, tuple(pos.tolist()))
+                if k not in self._at:
+                    cols[which][k] = pos
+        for which, c in cols.items():
+            if c:
+                self._cache_at(which, list(c.values()))
+
+    def fast_scores(self, sender_pos: torch.Tensor, corrupt_pos: torch.Tensor,
+                    receivers: Sequence[Head] = (), site: Optional[str] = None) -> torch.Tensor:
+        """Same scores as :meth:`naive_scores`, without attention in pass 1 and with a cached clean
+        prefix in pass 2 (module docstring). ``[n_layers, n_heads]``."""
+        a, dev = self.arch, self.device
+        L, H = a.n_layers, a.n_heads
+        clean = self._at_positions("base", sender_pos)
+        corrupt = self._at_positions("source", corrupt_pos)
+        recv = _receivers_by_layer(a, receivers, site) if site else {}
+        # A sender layer matters only if some receiver sits above it (or the logits do).
+        layers = [l for l in range(L) if site is None or any(l2 > l for l2 in recv)]
+        sums = torch.zeros(L, H, device=dev)
+        with torch.no_grad():
+            if site is None:
+                for l in self._progress(layers, "fast, logits"):
+                    for sl in _chunks(self.n, self.batch_size, False, ""):
+                        e = torch.arange(sl.start, sl.stop, device=dev)
+                        _, logits = self._pass1(l, e, clean, corrupt, {}, None, logits=True)
+                        p = target_probs(logits.reshape(H * len(e), -1), self.target.to(dev)[e].repeat(H))
+                        sums[l] += self._score(p, self.p_clean.to(dev)[e].repeat(H)).view(H, -1).sum(1)
+            else:
+                groups = []  # (receiver position, examples): one clean prefix per group
+                per = max(1, self.max_rows // H)
+                for P in sorted(set(sender_pos.tolist())):
+                    ex = (sender_pos == P).nonzero()[:, 0].to(dev)
+                    groups += [(P, ex[s]) for s in _chunks(len(ex), per, False, "")]
+                for P, e in self._progress(groups, f"fast, {site} receivers", total_work=len(groups)):
+                    prefix_kv = self._prefix_kv(P, e)
+                    for l in layers:
+                        active = {l2: hs for l2, hs in recv.items() if l2 > l}
+                        vals, _ = self._pass1(l, e, clean, corrupt, active, site)
+                        sums[l] += self._pass2(P, e, prefix_kv, active, vals, site)
+        return (sums / self.n).cpu()
+
+    def _progress(self, items: list, what: str, total_work: Optional[int] = None):
+        if self.progress and len(items) > 1:
+            from tqdm.auto import tqdm
+
+            return tqdm(items, desc=f"path patching ({what})", leave=False)
+        return items
+
+    def _pass1(self, l: int, e: torch.Tensor, clean, corrupt, active: dict[int, list[int]],
+               site: Optional[str], logits: bool = False):
+        """Fast pass 1 for all ``H`` senders of layer ``l`` and examples ``e``, at the sender position.
+
+        Returns ``({receiver layer: [sender, n_e, n_sel, d_head]}, logits [sender, n_e, vocab] or None)``.
+        """
+        a = self.arch
+        hf = a._torch(self.lm)
+        H = a.n_heads
+        diag = torch.arange(H, device=self.device)
+        zp = clean["z", l][e, 0].unsqueeze(0).repeat(H, 1, 1, 1)  # [sender, n_e, H, d_head]
+        zp[diag, :, diag] = corrupt["z", l][e, 0].transpose(0, 1)  # sender h takes its corrupt value
+        attn = a.o_proj(hf, l)(a.merge_heads(zp))  # o_proj of the whole patched vector [sender, n_e, d]
+        resid = a.add_mlp(hf, l, a.add_attn(hf, l, clean["resid_pre", l][e, 0], attn))
+        stop = a.n_layers if logits else (max(active) if active else l)
+        values: dict[int, torch.Tensor] = {}
+        for l2 in range(l + 1, stop + 1 if not logits else stop):
+            if l2 in active:
+                x = a.module(hf, f"{site}_proj", l2)(a.attn_input(hf, l2, resid))
+                n_site = a.n_heads if site == "q" else a.n_kv_heads
+                values[l2] = a.split_heads(x, n_site)[:, :, active[l2]]
+            if l2 < stop:  # frozen heads: the clean attention output at this position
+                resid = a.add_mlp(hf, l2, a.add_attn(hf, l2, resid, clean["attn_out", l2][e, 0]))
+        return values, (a.unembed(hf, resid) if logits else None)
+
+    def _prefix_kv(self, P: int, e: torch.Tensor):
+        """Keys/values of the clean prefix (positions ``< P``) of examples ``e`` per layer, and
+        every block's clean output at the suffix positions ``[n_e, T, d_model]``. From one clean
+        pass over the whole dataset kept for all steps when it fits ``cache_budget`` bytes, else
+        from a clean pass over ``e``."""
+        a = self.arch
+        if self._full_state is None and self._clean_state_bytes() <= self.cache_budget:
+            kv, resid = [], []
+            for sl in _chunks(self.n, self.batch_size, False, ""):
+                k, r = self._clean_pass(self.seq_len, torch.arange(sl.start, sl.stop, device=self.device))
+                kv.append(k)
+                resid.append(r)
+            self._full_state = (
+                [(torch.cat([c[l][0] for c in kv]), torch.cat([c[l][1] for c in kv])) for l in range(a.n_layers)],
+                [torch.cat([r[l] for r in resid]) for l in range(a.n_layers)],
+            )
+        if self._full_state is not None:
+            kv, resid = self._full_state
+            return ([(k[e, :, :P], v[e, :, :P]) for k, v in kv] if P > 0 else None), [r[e, P:] for r in resid]
+        kv, resid = self._clean_pass(P, e)
+        return (kv if P > 0 else None), [r[:, P:] for r in resid]
+
+    def _clean_state_bytes(self) -> int:
+        a = self.arch
+        nb = _DTYPE_BYTES.get(self.dtype, 4)
+        return self.n * a.n_layers * self.seq_len * (2 * a.n_kv_heads * a.d_head + a.d_model) * nb
+
+    def _clean_pass(self, P: int, e: torch.Tensor):
+        """Clean forward of examples ``e``: per-layer keys/values of positions ``< P`` and block
+        outputs at every position."""
+        a = self.arch
+        hf = a._torch(self.lm)
+        resid: list[Optional[torch.Tensor]] = [None] * a.n_layers
+
+        def keep(layer):
+            def hook(module, args, output):
+                out = output[0] if isinstance(output, tuple) else output
+                resid[layer] = out.detach()
+            return hook
+
+        handles = [a.layer(hf, l).register_forward_hook(keep(l)) for l in range(a.n_layers)]
+        try:
+            out = hf(input_ids=self.base["input_ids"].to(self.device)[e], use_cache=True, logits_to_keep=1)
+        finally:
+            for h in handles:
+                h.remove()
+        kv = [(layer.keys[..., :P, :], layer.values[..., :P, :]) for layer in out.past_key_values.layers]
+        return kv, resid
+
+    def _pass2(self, P: int, e: torch.Tensor, prefix_kv, active: dict[int, list[int]],
+               values: dict[int, torch.Tensor], site: str) -> torch.Tensor:
+        """Fast pass 2: summed scores ``[sender]`` over examples ``e`` (all with receiver position
+        ``P``): the clean prefix's key/value cache tiled over the senders, and only the suffix run,
+        with the active receivers' ``site`` patched at its first token."""
+        from transformers import DynamicCache
+
+        a, dev = self.arch, self.device
+        hf = a._torch(self.lm)
+        H, n_e = a.n_heads, len(e)
+        prefix_kv, clean_resid = prefix_kv
+        # Blocks below the first patched receiver are clean at every position: skip them, feeding
+        # the first block that runs the clean residual stream at the suffix positions.
+        first = min(values)
+        suffix = self.base["input_ids"].to(dev)[e, P:]
+        T = suffix.shape[1]
+        target, p_clean = self.target.to(dev)[e], self.p_clean.to(dev)[e]
+        sums = torch.zeros(H, device=dev)
+        for ssl in _chunks(H, max(1, self.max_rows // n_e), False, ""):
+            k = ssl.stop - ssl.start
+            rows = k * n_e  # sender-major: row = sender * n_e + example
+            kw: dict[str, Any] = {"position_ids": torch.arange(P, P + T, device=dev).expand(rows, T),
+                                  "logits_to_keep": 1}
+            if prefix_kv is not None:
+                kw["past_key_values"] = DynamicCache(
+                    [(kk.repeat(k, 1, 1, 1), vv.repeat(k, 1, 1, 1)) for kk, vv in prefix_kv], config=hf.config)
+            patches = [HeadPatch(site, l2, active[l2], v[ssl].reshape(rows, 1, len(active[l2]), a.d_head),
+                                 torch.zeros(rows, 1, dtype=torch.long)) for l2, v in values.items()]
+            skip = clean_resid[first - 1].repeat(k, 1, 1) if first > 0 else None
+            logits = run(self.lm, suffix.repeat(k, 1), patches, trace_kwargs=kw, out_device=dev,
+                         skip_layers=range(first) if first > 0 else (), skip_value=skip).logits
+            p = target_probs(logits, target.repeat(k))
+            sums[ssl] += self._score(p, p_clean.repeat(k)).view(k, n_e).sum(1)
+        return sums
+
+    # -- entry ------------------------------------------------------------------------------
+
+    def scores(self, sender_position: Union[str, torch.Tensor], corrupt_position: Union[str, torch.Tensor],
+               receivers: Sequence[Head] = (), site: Optional[str] = None, method: str = "fast",
+               label: str = "") -> torch.Tensor:
+        """Scores ``[n_layers, n_heads]`` of every sender head (see module docstring).
+
+        ``sender_position``/``corrupt_position``: base/source batch keys or ``[batch]`` tensors.
+        ``receivers``: ``(layer, head)`` query heads, read through ``site`` (``"q"`` or ``"v"``)
+        at the sender position; ``site=None`` scores the direct effect on the logits.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if site not in (None, "q", "v", "k"):
+            raise ValueError(f"receiver site must be None (logits), 'q', 'k' or 'v'; got {site!r}")
+        if site is not None and not receivers:
+            raise ValueError(f"receiver site '{site}' given but no receiver heads")
+        if site is None and receivers:
+            raise ValueError("receivers given without a receiver site ('q' or 'v')")
+        for layer, head in receivers:
+            self.arch._layer_index(int(layer))
+            self.arch.kv_head(int(head))  # range check
+        ps = self.positions("base", sender_position)
+        pc = self.positions("source", corrupt_position)
+        if self.verbose:
+            like = label if label in STEPS and STEPS[label].receiver_site == site else _step_like(site)
+            est = estimate_cost(self.arch, self.n, self.seq_len, self.dtype, method,
+                                steps=[like], n_receivers={like: len(receivers)},
+                                suffix_lengths={like: float((self.seq_len - ps).float().mean())},
+                                batch_size=self.batch_size, max_rows=self.max_rows)
+            print(f"{_LOG} {label + ': ' if label else ''}{est}")
+        fn = self.fast_scores if method == "fast" else self.naive_scores
+        return fn(ps, pc, list(receivers), site)
+
+
+def _step_like(site: Optional[str]) -> str:
+    return {None: "value_fetcher", "q": "position_transmitter", "v": "position_detector",
+            "k": "position_detector"}[site]
+
+
+# --------------------------------------------------------------------------------------------
+# Steps and the circuit
+
+
+def path_patching_scores(lm: Any, base: Any, source: Any, target: torch.Tensor,
+                         sender_position: Union[str, torch.Tensor], corrupt_position: Union[str, torch.Tensor],
+                         receivers: Sequence[Head] = (), site: Optional[str] = None, *, method: str = "fast",
+                         batch_size: int = 32, max_rows: Optional[int] = None, progress: bool = True,
+                         verbose: bool = True) -> torch.Tensor:
+    """Path-patching scores ``[n_layers, n_heads]`` of every sender head (one-shot form of
+    :class:`PathPatcher`); ``method`` ``"fast"`` or ``"naive"`` give the same numbers."""
+    pp = PathPatcher(lm, base, source, target, batch_size=batch_size, max_rows=max_rows, progress=progress,
+                     verbose=verbose)
+    return pp.scores(sender_position, corrupt_position, receivers, site, method)
+
+
+def _patcher_for(lm: Any, pairs: Any, **kw) -> PathPatcher:
+    if isinstance(pairs, PathPatcher):
+        return pairs
+    if not isinstance(pairs, Mapping):
+        from .data import encode_pairs
+
+        pairs = encode_pairs(lm.tokenizer, list(pairs), padding_side="right")
+    return PathPatcher(lm, pairs["base"], pairs["source"], pairs["target"], **kw)
+
+
+def step_scores(lm: Any, pairs: Any, step: str, receivers: Sequence[Head] = (), *, method: str = "fast",
+                **kw) -> torch.Tensor:
+    """Scores ``[n_layers, n_heads]`` of one of the paper's :data:`STEPS` (``"value_fetcher"``,
+    ...). ``pairs``: an :func:`data.encode_pairs` result, path-patching records, or a
+    :class:`PathPatcher` (to share caches between steps). ``receivers``: the previous step's
+    top heads (none for ``value_fetcher``)."""
+    if step not in STEPS:
+        raise ValueError(f"unknown step {step!r}; steps are {list(STEPS)}")
+    s = STEPS[step]
+    pp = _patcher_for(lm, pairs, **kw)
+    return pp.scores(s.sender_position, s.corrupt_position, receivers if s.receiver_site else (),
+                     s.receiver_site, method, label=step)
+
+
+def top_heads(scores: torch.Tensor, k: int) -> list[Head]:
+    """The ``k`` heads with the most negative scores, most negative first (ties: lower index)."""
+    flat = torch.as_tensor(scores).flatten()
+    k = max(0, min(int(k), flat.numel()))
+    order = torch.sort(flat, stable=True).indices[:k]
+    n_heads = scores.shape[1]
+    return [(int(i) // n_heads, int(i) % n_heads) for i in order]
+
+
+def discover_circuit(
+    lm: Any,
+    pairs: Any,
+    *,
+    model_name: Optional[str] = None,
+    receivers_k: Optional[Mapping[str, int]] = None,
+    circuit_k: Optional[Mapping[str, int]] = None,
+    method: str = "fast",
+    drop_vf_pt_overlap: bool = True,
+    prune: Optional[Callable[[Circuit], Circuit]] = None,
+    batch_size: int = 32,
+    max_rows: Optional[int] = None,
+    progress: bool = True,
+    verbose: bool = True,
+) -> Circuit:
+    """Run the four steps and return the candidate circuit (or the pruned one).
+
+    Args:
+        pairs: :func:`data.encode_pairs` of path-patching records (or the records themselves).
+        receivers_k: top heads of a step used as the next step's receivers (default
+            :data:`PAPER_RECEIVERS_K`, clipped to the number of heads).
+        circuit_k: heads per group in the candidate circuit (default :data:`PAPER_CIRCUIT_K`).
+        drop_vf_pt_overlap: drop heads that are also Position Transmitters from the Value
+            Fetchers (the paper's candidate sets do).
+        prune: minimality pruning, ``Circuit -> Circuit`` (e.g. built on mean ablation,
+            :mod:`entity_tracking.ablation`); ``None`` returns the candidates.
+
+    Returns:
+        a :class:`~entity_tracking.circuit.Circuit` whose ``scores[group]`` are the score maps
+        ``[n_layers][n_heads]`` (nested lists) and whose ``meta`` records the parameters,
+        each step's receivers, the dataset size and the method.
+    """
+    pp = _patcher_for(lm, pairs, batch_size=batch_size, max_rows=max_rows, progress=progress, verbose=verbose)
+    a = pp.arch
+    if method == "fast":
+        pp.prefetch(GROUPS)
+    rk = {**PAPER_RECEIVERS_K, **(receivers_k or {})}
+    ck = {**PAPER_CIRCUIT_K, **(circuit_k or {})}
+    scores: dict[str, torch.Tensor] = {}
+    used_receivers: dict[str, list[Head]] = {}
+    for g in GROUPS:
+        s = STEPS[g]
+        recv = top_heads(scores[s.receivers_from], rk[s.receivers_from]) if s.receivers_from else []
+        used_receivers[g] = recv
+        scores[g] = step_scores(lm, pp, g, recv, method=method)
+    groups = {g: top_heads(scores[g], ck[g]) for g in GROUPS}
+    if drop_vf_pt_overlap:
+        pt = set(groups["position_transmitter"])
+        groups["value_fetcher"] = [h for h in groups["value_fetcher"] if h not in pt]
+    name = model_name or getattr(lm, "name", None) or "model"
+    circuit = Circuit(
+        model=name,
+        groups=groups,
+        scores={g: scores[g].tolist() for g in GROUPS},
+        meta={
+            "method": "path_patching",
+            "kernel": method,
+            "receivers_k": {k: int(v) for k, v in rk.items()},
+            "circuit_k": {k: int(v) for k, v in ck.items()},
+            "drop_vf_pt_overlap": drop_vf_pt_overlap,
+            "receivers": {g: [list(h) for h in hs] for g, hs in used_receivers.items()},
+            "steps": {g: asdict(STEPS[g]) for g in GROUPS},
+            "n_examples": pp.n,
+            "seq_len": pp.seq_len,
+            "n_layers": a.n_layers,
+            "n_heads": a.n_heads,
+            "pruned": prune is not None,
+        },
+    )
+    if prune is not None:
+        circuit = prune(circuit)
+        circuit.meta = {**circuit.meta, "pruned": True}
+    return circuit
