@@ -14,7 +14,7 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_GPU ?= torch>=2.4
 PYTEST_ARGS ?=
 
-.PHONY: book test test-slow install bench clean help
+.PHONY: book test test-slow install bench browser clean help
 
 help:
 	@echo "make book [PROFILE=default] [FORCE=1]   execute the chapters and build _build/html"
@@ -38,7 +38,15 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 book: $(STAMP)
 	$(PY) -m entity_tracking.runner --profile $(PROFILE) $(if $(FORCE),--force)
 
-test: $(STAMP)
+# The browser test needs Debian's chromium; install it where we may (root with apt-get).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "no chromium and no root: the browser tests will be skipped (install Debian's chromium)"; fi; }
+
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(STAMP)

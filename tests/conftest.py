@@ -106,3 +106,18 @@ def all_tokenizers(word_tokenizer, word_tokenizer_no_bos, gpt2_style_tokenizer, 
         "gpt2_style": gpt2_style_tokenizer,
         "llama_style": llama_style_tokenizer,
     }
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory):
+    """Every chapter executed on the ci profile through the runner (reusing up-to-date results)
+    and the book built with -W into a temporary folder; returns its ``index.html``."""
+    from pathlib import Path
+
+    from entity_tracking import runner
+    from entity_tracking.config import find_repo_root
+
+    repo = find_repo_root(Path(__file__).parent)
+    out = tmp_path_factory.mktemp("book")
+    runner.run_chapters("ci", repo)
+    return runner.build_book("ci", repo, out_root=out)

@@ -1,4 +1,5 @@
-"""End to end: every chapter of _toc.yml executes on the `ci` profile and the book builds with -W."""
+"""End to end: every chapter of _toc.yml executes on the `ci` profile and the book builds with -W
+(the `built_book` fixture, in conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,6 @@ from entity_tracking import runner
 from entity_tracking.config import find_repo_root
 
 REPO = find_repo_root(Path(__file__).parent)
-
-
-@pytest.fixture(scope="module")
-def built_book(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("book")
-    runner.run_chapters("ci", REPO)
-    return runner.build_book("ci", REPO, out_root=out)
 
 
 def test_every_chapter_is_a_page(built_book):

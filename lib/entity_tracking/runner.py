@@ -251,6 +251,14 @@ def build_book(profile: str, root: Path | None = None, out_root: Path | None = N
     if not index.exists():
         raise RuntimeError(f"jupyter-book build succeeded but wrote no {index}")
     _log(f"book built in {time.perf_counter() - t0:.1f} s -> {index}")
+    try:
+        from .browser import BrowserNotFound, screenshot
+
+        shot = screenshot(index.parent, f"{yaml.safe_load((root / '_toc.yml').read_text())['root']}.html",
+                          index.parent / "landing.png")
+        _log(f"landing page screenshot -> {shot}")
+    except BrowserNotFound:
+        _log("no Chromium here: no landing-page screenshot (install Debian's 'chromium' for one)")
     return index
 
 
