@@ -104,27 +104,30 @@ def as_batch(batch: BatchLike) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_positions(positions: torch.Tensor, seq_len: int, what: str = "position",
+def check_positions(positions: torch.Tensor, seq_len: int, what: str = "",
                     attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Validate per-example positions ``[batch]`` or ``[batch, n]`` against ``seq_len`` (and, with
-    a mask, that no position points at padding); return them as a LongTensor ``[batch, n]``."""
+    a mask, that no position points at padding); return them as a LongTensor ``[batch, n]``.
+    ``what`` names them in errors ("position 60 (example 3, last position) is out of range for
+    sequence length 54")."""
     pos = torch.as_tensor(positions, dtype=torch.long)
     if pos.dim() == 1:
         pos = pos[:, None]
     if pos.dim() != 2:
-        raise ValueError(f"{what}s must be [batch] or [batch, n], got shape {tuple(pos.shape)}")
+        raise ValueError(f"positions ({what}) must be [batch] or [batch, n], got shape {tuple(pos.shape)}")
     bad = (pos < 0) | (pos >= seq_len)
     if bad.any():
         b, i = (int(x) for x in bad.nonzero()[0])
         raise IndexError(
-            f"{what} {int(pos[b, i])} (example {b}) is out of range for sequence length {seq_len}"
+            f"position {int(pos[b, i])} (example {b}{', ' + what if what else ''}) is out of range for "
+            f"sequence length {seq_len}"
             + (" (-1 marks a position the prompt does not have)" if int(pos[b, i]) == -1 else "")
         )
     if attention_mask is not None:
         on_pad = attention_mask.gather(1, pos.to(attention_mask.device)) == 0
         if on_pad.any():
             b, i = (int(x) for x in on_pad.nonzero()[0])
-            raise IndexError(f"{what} {int(pos[b, i])} (example {b}) is a padding position")
+            raise IndexError(f"position {int(pos[b, i])} (example {b}{', ' + what if what else ''}) is a padding position")
     return pos
 
 
@@ -196,7 +199,7 @@ class HeadPatch:
         vals = self.values
         pos = None
         if self.positions is not None:
-            pos = check_positions(self.positions, seq_len, f"{self.site} patch position (layer {layer})")
+            pos = check_positions(self.positions, seq_len, f"{self.site} patch at layer {layer}")
             if vals.dim() == 3:
                 vals = vals[:, None]
         want_pos = seq_len if pos is None else pos.shape[1]

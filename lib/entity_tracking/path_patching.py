@@ -202,6 +202,7 @@ def estimate_cost(
     suffix_lengths: Optional[Mapping[str, float]] = None,
     batch_size: int = 32,
     max_rows: Optional[int] = None,
+    receiver_layers: Optional[Mapping[str, Sequence[int]]] = None,
 ) -> CostEstimate:
     """Estimated FLOPs, forward-pass equivalents and peak activation memory of a sweep.
 
@@ -219,9 +220,12 @@ def estimate_cost(
             previous query label (uniform over the context).
         batch_size: examples per forward pass (naive; fast pass 1).
         max_rows: (sender, example) rows per fast pass-2 forward (default from :func:`_default_max_rows`).
+        receiver_layers: per step, the layers of its receivers (known once the previous step
+            ran). The fast kernel skips sender layers with no receiver above them and runs pass 2
+            from the first receiver layer above the sender; without this the estimate for
+            ``fast`` is an upper bound (every layer a receiver layer).
 
-    The count is an upper bound for ``fast`` (it assumes every sender layer has receivers above
-    it). FLOPs count multiply-adds twice; attention scores included; logits of every position
+    FLOPs count multiply-adds twice; attention scores included; logits of every position
     are counted for full forward passes (transformers computes them).
     """
     if method not in METHODS:
@@ -266,6 +270,8 @@ def estimate_cost(
         forward = bs * S * (act_per_token + V * nb)
         peak = caches + frozen + forward
     else:
+        if any(STEPS[g].receiver_site for g in steps):
+            parts["caches"] += N * fwd  # the clean pass whose key/value cache the pass-2 runs reuse
         rows = min(max_rows or _default_max_rows(a, S, dt), H * N)  # pass 2 runs one sender layer at a time
         senders = L * H
         pass1_layer = 2 * H * dh * d + mlp  # o_proj of the patched vector + MLP, per layer and sender
@@ -277,11 +283,12 @@ def estimate_cost(
                 parts[g] = p1
             else:
                 p1 += N * senders * L * 2 * d * (H * dh)  # receivers' projections (upper bound)
-                t = suf[g]
-                start = S - t
-                p2 = N * senders * tokens_flops(int(round(start)), S)
-                prefix = N * tokens_flops(0, int(round(start)))
-                parts[g] = p1 + p2 + prefix
+                start = int(round(S - suf[g]))
+                rl = sorted(set((receiver_layers or {}).get(g, range(1, L))))
+                # pass 2 per sender layer l: the suffix through the blocks from the first receiver above l
+                frac = sum((L - min(r for r in rl if r > l)) / L for l in range(L) if any(r > l for r in rl)) / L
+                p2 = N * senders * frac * tokens_flops(start, S)
+                parts[g] = p1 + p2
         caches = 2 * N * 3 * L * (2 * d + H * dh) * nb  # resid_pre, attn_out, z at three positions
         pass1 = H * bs * (4 * d + 3 * dm + V) * nb
         kv_row = L * 2 * Hkv * S * dh * nb
@@ -376,8 +383,8 @@ class PathPatcher:
             pos = batch[key]
         else:
             pos = torch.as_tensor(key)
-        name = key if isinstance(key, str) else f"{which} position"
-        return check_positions(pos, batch["input_ids"].shape[1], f"{which} {name}")[:, 0]
+        what = f"{which} {key}" if isinstance(key, str) else f"{which} position"
+        return check_positions(pos, batch["input_ids"].shape[1], what)[:, 0]
 
     # -- clean quantities -----------------------------------------------------------------
 
@@ -496,9 +503,12 @@ class PathPatcher:
         sums = torch.zeros(L, H, device=dev)
         with torch.no_grad():
             if site is None:
+                # With every head frozen the sender's effect stays at its position: it reaches the
+                # logits (read at the last token) only for examples whose sender is the last token.
+                at_last = (sender_pos == self.seq_len - 1).nonzero()[:, 0].to(dev)
                 for l in self._progress(layers, "fast, logits"):
-                    for sl in _chunks(self.n, self.batch_size, False, ""):
-                        e = torch.arange(sl.start, sl.stop, device=dev)
+                    for sl in _chunks(len(at_last), self.batch_size, False, ""):
+                        e = at_last[sl]
                         _, logits = self._pass1(l, e, clean, corrupt, {}, None, logits=True)
                         p = target_probs(logits.reshape(H * len(e), -1), self.target.to(dev)[e].repeat(H))
                         sums[l] += self._score(p, self.p_clean.to(dev)[e].repeat(H)).view(H, -1).sum(1)
@@ -508,7 +518,7 @@ class PathPatcher:
                 for P in sorted(set(sender_pos.tolist())):
                     ex = (sender_pos == P).nonzero()[:, 0].to(dev)
                     groups += [(P, ex[s]) for s in _chunks(len(ex), per, False, "")]
-                for P, e in self._progress(groups, f"fast, {site} receivers", total_work=len(groups)):
+                for P, e in self._progress(groups, f"fast, {site} receivers"):
                     prefix_kv = self._prefix_kv(P, e)
                     for l in layers:
                         active = {l2: hs for l2, hs in recv.items() if l2 > l}
@@ -516,7 +526,7 @@ class PathPatcher:
                         sums[l] += self._pass2(P, e, prefix_kv, active, vals, site)
         return (sums / self.n).cpu()
 
-    def _progress(self, items: list, what: str, total_work: Optional[int] = None):
+    def _progress(self, items: list, what: str):
         if self.progress and len(items) > 1:
             from tqdm.auto import tqdm
 
@@ -661,6 +671,7 @@ class PathPatcher:
             est = estimate_cost(self.arch, self.n, self.seq_len, self.dtype, method,
                                 steps=[like], n_receivers={like: len(receivers)},
                                 suffix_lengths={like: float((self.seq_len - ps).float().mean())},
+                                receiver_layers={like: [int(l) % self.arch.n_layers for l, _ in receivers]},
                                 batch_size=self.batch_size, max_rows=self.max_rows)
             print(f"{_LOG} {label + ': ' if label else ''}{est}")
         fn = self.fast_scores if method == "fast" else self.naive_scores
@@ -787,7 +798,7 @@ def discover_circuit(
             "seq_len": pp.seq_len,
             "n_layers": a.n_layers,
             "n_heads": a.n_heads,
-            "pruned": prune is not None,
+            "pruned": False,
         },
     )
     if prune is not None:

@@ -1,0 +1,271 @@
+"""Activation patching kernels (entity_tracking.patching) on tiny random models built offline.
+
+Grouped by behaviour: patching with a run's own activations changes nothing; patching every
+head from the corrupt run reproduces the corrupt run; per-example positions land where asked;
+GQA kernels equal those of the multi-head twin (same weights, kv heads repeated); the metrics;
+bad input fails naming the problem.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from entity_tracking import data as D
+from entity_tracking import patching as P
+from entity_tracking.arch import arch_for
+from entity_tracking.config import ModelSpec, TinySpec
+from entity_tracking.models import build_tiny_model, load_model
+
+SPEC_GQA = TinySpec(family="llama", n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_mlp=96, seed=11)
+N_EX = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: one torch thread avoids oversubscription stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def sharpen(lm, scale: float = 4.0):
+    """Scale the random weight matrices so heads have visible effects (init std 0.02 makes
+    attention almost uniform and every effect ~1e-6)."""
+    with torch.no_grad():
+        for p in lm.hf.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    return lm
+
+
+def mha_twin(gqa_dir: Path, out: Path) -> Path:
+    """The multi-head model computing the same function as a GQA one: each kv head's k/v rows
+    repeated for the query heads it serves."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(gqa_dir)
+    gqa = AutoModelForCausalLM.from_pretrained(gqa_dir)
+    a = arch_for(gqa)
+    cfg.num_key_value_heads = cfg.num_attention_heads
+    twin = AutoModelForCausalLM.from_config(cfg)
+    state = gqa.state_dict()
+    for layer in range(a.n_layers):
+        for site in ("k_proj", "v_proj"):
+            for kind in ("weight", "bias"):
+                key = f"{a.path(site, layer)}.{kind}"
+                if key in state:
+                    w = state[key].view(a.n_kv_heads, a.d_head, *state[key].shape[1:])
+                    state[key] = w.repeat_interleave(a.group_size, dim=0).reshape(a.n_heads * a.d_head,
+                                                                                    *state[key].shape[1:])
+    twin.load_state_dict(state)
+    twin.save_pretrained(out)
+    for f in Path(gqa_dir).glob("tokenizer*"):
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("patching")
+    gqa = build_tiny_model(SPEC_GQA, root / "gqa")
+    return {"gqa": gqa, "mha": mha_twin(gqa, root / "mha")}
+
+
+def _load(path: Path):
+    return sharpen(load_model(ModelSpec(name=path.name, local_path=str(path)), verbose=False))
+
+
+@pytest.fixture(scope="module")
+def lm(dirs):
+    return _load(dirs["gqa"])
+
+
+@pytest.fixture(scope="module")
+def twin(dirs):
+    return _load(dirs["mha"])
+
+
+@pytest.fixture(scope="module")
+def enc(lm):
+    pairs = D.make_path_patching_pairs(lm.tokenizer, N_EX, 3, seed=1)
+    return D.encode_pairs(lm.tokenizer, pairs, padding_side="right")
+
+
+def _hf_last_logits(lm, ids):
+    with torch.no_grad():
+        return lm.hf(input_ids=ids).logits[:, -1]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class TestCleanRuns:
+    def test_last_logits_match_the_model_in_any_chunking(self, lm, enc):
+        ids = enc["base"]["input_ids"]
+        want = _hf_last_logits(lm, ids)
+        for bs in (2, 4, 100):
+            torch.testing.assert_close(P.last_logits(lm, enc["base"], batch_size=bs), want, atol=1e-5, rtol=1e-5)
+
+    def test_cache_shapes(self, lm, enc):
+        a = lm.arch
+        B, S = enc["base"]["input_ids"].shape
+        c = P.cache_activations(lm, enc["base"], sites=P.SITES, batch_size=4)
+        assert c["z", 1].shape == c["q", 0].shape == (B, S, a.n_heads, a.d_head)
+        assert c["k", 1].shape == c["v", 0].shape == (B, S, a.n_kv_heads, a.d_head)
+        assert c["resid_pre", 0].shape == c["attn_out", 1].shape == c["resid_post", 1].shape == (B, S, a.d_model)
+        at = P.cache_activations(lm, enc["base"], sites=("z",), positions=enc["base"]["query_label_position"])
+        b = torch.arange(B)
+        torch.testing.assert_close(at["z", 1][:, 0], c["z", 1][b, enc["base"]["query_label_position"]])
+        # the residual stream bookkeeping: resid_post(l) = resid_pre(l + 1)
+        torch.testing.assert_close(c["resid_post", 0], c["resid_pre", 1])
+
+
+class TestIdentityPatches:
+    @pytest.mark.parametrize("site", ["z", "q", "k", "v"])
+    def test_patching_own_clean_activation_changes_nothing(self, lm, enc, site):
+        base = enc["base"]
+        clean = P.last_logits(lm, base)
+        cache = P.cache_activations(lm, base, sites=(site,))
+        pos = base["query_label_position"]
+        patches = [P.patch_from_cache(cache, site, l, None, pos) for l in range(lm.arch.n_layers)]
+        patches.append(P.patch_from_cache(cache, site, 1, [1], None))  # every position of one head
+        torch.testing.assert_close(P.last_logits(lm, base, patches), clean, atol=1e-6, rtol=1e-6)
+
+    def test_every_head_from_the_corrupt_run_reproduces_it(self, lm, enc):
+        """Base and corrupt prompts end with the same tokens ("... contains the"), so with every
+        head's output taken from the corrupt run the residual stream at the last position is the
+        corrupt run's (embedding + heads + MLPs of the same inputs)."""
+        base, source = enc["base"], enc["source"]
+        assert torch.equal(base["input_ids"][:, -1], source["input_ids"][:, -1])
+        corrupt_logits = P.last_logits(lm, source)
+        cache = P.cache_activations(lm, source, sites=("z",))
+        every = [P.patch_from_cache(cache, "z", l, None, None) for l in range(lm.arch.n_layers)]
+        torch.testing.assert_close(P.last_logits(lm, base, every), corrupt_logits, atol=1e-5, rtol=1e-5)
+        last = [P.patch_from_cache(cache, "z", l, None, base["last_position"], source["last_position"])
+                for l in range(lm.arch.n_layers)]
+        torch.testing.assert_close(P.last_logits(lm, base, last), corrupt_logits, atol=1e-5, rtol=1e-5)
+        assert (P.last_logits(lm, base) - corrupt_logits).abs().max() > 1e-2  # it did change something
+
+
+class TestPositions:
+    def test_per_example_positions_land_where_asked(self, lm, enc):
+        base, source = enc["base"], enc["source"]
+        B = base["input_ids"].shape[0]
+        src = P.cache_activations(lm, source, sites=("z", "v"))
+        bpos = base["prev_query_label_position"]
+        spos = source["corrupt_label_position"]
+        assert not torch.equal(bpos, spos)  # the positions really differ per example
+        patch = P.patch_from_cache(src, "z", 0, [2], bpos, spos)
+        res = P.run(lm, base, [patch], [("z", 0)])
+        clean = P.cache_activations(lm, base, sites=("z",))
+        want = clean["z", 0].clone()
+        b = torch.arange(B)
+        want[b, bpos, 2] = src["z", 0][b, spos, 2]
+        torch.testing.assert_close(res.cache["z", 0], want)
+        # and it reaches the output
+        assert (res.logits - P.last_logits(lm, base)).abs().max() > 1e-4
+
+    def test_several_positions_per_example(self, lm, enc):
+        base = enc["base"]
+        pos = torch.stack([base["query_label_position"], base["last_position"]], 1)  # [batch, 2]
+        zeros = torch.zeros(pos.shape[0], 2, 1, lm.arch.d_head)
+        res = P.run(lm, base, [P.HeadPatch("q", 1, [3], zeros, pos)], [("q", 1)])
+        b = torch.arange(pos.shape[0])[:, None]
+        assert res.cache["q", 1][b, pos, 3].abs().max() == 0
+        assert res.cache["q", 1][:, 0, 3].abs().max() > 0
+
+
+class TestGQA:
+    def test_site_heads_map_query_heads_to_kv_heads(self, lm):
+        a = lm.arch
+        assert P.site_heads(a, "q", [3, 1]) == [3, 1]
+        assert P.site_heads(a, "v", [0, 1, 3]) == [0, 1] == [a.kv_head(0), a.kv_head(3)]
+
+    def test_head_output_patching_equals_the_mha_twin(self, lm, twin, enc):
+        outs = []
+        for m in (lm, twin):
+            src = P.cache_activations(m, enc["source"], sites=("z",))
+            p = P.patch_from_cache(src, "z", 0, [1, 2], enc["base"]["query_label_position"],
+                                   enc["source"]["query_label_position"])
+            outs.append(P.last_logits(m, enc["base"], [p]))
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+    def test_query_patching_equals_the_mha_twin(self, lm, twin, enc):
+        outs = []
+        for m in (lm, twin):
+            src = P.cache_activations(m, enc["source"], sites=("q",))
+            p = P.patch_from_cache(src, "q", 1, [0, 3], enc["base"]["last_position"], enc["source"]["last_position"])
+            outs.append(P.last_logits(m, enc["base"], [p]))
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+    def test_value_of_a_query_head_is_its_kv_group(self, lm, twin, enc):
+        """GQA: patching query head 3's value patches kv head 1, i.e. query heads 2 and 3 of the twin."""
+        base, source = enc["base"], enc["source"]
+        pos, spos = base["query_label_position"], source["query_label_position"]
+        src = P.cache_activations(lm, source, sites=("v",))
+        got = P.last_logits(lm, base, [P.patch_from_cache(src, "v", 0, P.site_heads(lm.arch, "v", [3]), pos, spos)])
+        tsrc = P.cache_activations(twin, source, sites=("v",))
+        group = list(lm.arch.query_heads(lm.arch.kv_head(3)))
+        assert group == [2, 3]
+        want = P.last_logits(twin, base, [P.patch_from_cache(tsrc, "v", 0, group, pos, spos)])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        only3 = P.last_logits(twin, base, [P.patch_from_cache(tsrc, "v", 0, [3], pos, spos)])
+        assert (only3 - want).abs().max() > 1e-4  # one head of the group alone is a different patch
+
+
+class TestMetrics:
+    def test_target_probs_and_accuracy(self):
+        logits = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+        torch.testing.assert_close(P.target_probs(logits, torch.tensor([1, 0])),
+                                   torch.tensor([0.5, torch.tensor(2.0).exp() / (1 + torch.tensor(2.0).exp())]))
+        assert P.accuracy(logits, torch.tensor([1, 0])) == 0.5
+        with pytest.raises(IndexError, match="target ids"):
+            P.target_probs(logits, torch.tensor([0, 2]))
+
+
+class TestErrors:
+    def test_position_out_of_range_names_it_and_the_length(self, lm, enc):
+        base = enc["base"]
+        S = base["input_ids"].shape[1]
+        bad = base["last_position"].clone()
+        bad[2] = S + 3
+        vals = torch.zeros(bad.shape[0], 1, 1, lm.arch.d_head)
+        with pytest.raises(IndexError, match=rf"position {S + 3} \(example 2, z patch at layer 0\) is out of range for sequence length {S}"):
+            P.last_logits(lm, base, [P.HeadPatch("z", 0, [0], vals, bad)])
+        with pytest.raises(IndexError, match=r"-1 .*out of range.*does not have"):
+            P.cache_activations(lm, base, positions=torch.full_like(bad, -1))
+
+    def test_head_out_of_range(self, lm, enc):
+        vals = torch.zeros(N_EX, 1, 1, lm.arch.d_head)
+        pos = enc["base"]["last_position"]
+        with pytest.raises(IndexError, match="query head 4 out of range: the model has 4"):
+            P.last_logits(lm, enc["base"], [P.HeadPatch("z", 0, [4], vals, pos)])
+        with pytest.raises(IndexError, match="key/value head 2 out of range: the model has 2"):
+            P.last_logits(lm, enc["base"], [P.HeadPatch("v", 0, [2], vals, pos)])
+        with pytest.raises(IndexError, match="query head 9"):
+            P.site_heads(lm.arch, "v", [9])
+
+    def test_bad_layer_site_and_value_shape(self, lm, enc):
+        pos = enc["base"]["last_position"]
+        vals = torch.zeros(N_EX, 1, 1, lm.arch.d_head)
+        with pytest.raises(IndexError, match="layer 5 out of range"):
+            P.last_logits(lm, enc["base"], [P.HeadPatch("z", 5, [0], vals, pos)])
+        with pytest.raises(ValueError, match="cannot patch site 'resid_pre'"):
+            P.last_logits(lm, enc["base"], [P.HeadPatch("resid_pre", 0, [0], vals, pos)])
+        with pytest.raises(ValueError, match=r"values must be .*\[6, 1, 2, 16\]"):
+            P.last_logits(lm, enc["base"], [P.HeadPatch("z", 0, [0, 1], vals, pos)])
+
+    def test_padding_positions_and_unequal_lengths(self, lm):
+        ids = torch.tensor([[1, 5, 6, 7], [1, 5, 6, 0]])
+        mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+        batch = {"input_ids": ids, "attention_mask": mask}
+        assert P.as_batch(batch)["last_position"].tolist() == [3, 2]
+        with pytest.raises(IndexError, match="padding position"):
+            P.cache_activations(lm, batch, positions=torch.tensor([3, 3]))
+        with pytest.raises(ValueError, match=r"unequal lengths \[3, 4\]"):
+            P.check_unpadded(P.as_batch(batch))

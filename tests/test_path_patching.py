@@ -1,0 +1,246 @@
+"""Path patching (entity_tracking.path_patching) on tiny random models built offline.
+
+Grouped by behaviour: the fast kernel gives the naive oracle's scores for all four steps on
+every family (Llama MHA and GQA, Qwen2, Gemma3), whatever its chunking; GQA scores equal those
+of the multi-head twin; what the scores must satisfy by construction; the four-step search
+returns a Circuit and calls the pruning hook; the cost estimate works from a config alone; bad
+input fails naming the problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from entity_tracking import data as D
+from entity_tracking import path_patching as PP
+from entity_tracking.circuit import GROUPS, Circuit
+from entity_tracking.config import ModelSpec, TinySpec
+from entity_tracking.models import build_tiny_model, load_model
+from test_patching import mha_twin, sharpen
+
+SPECS = {
+    "llama-mha": TinySpec(family="llama", n_layers=2, n_heads=4, d_model=64, d_mlp=96, seed=21),
+    "llama-gqa": TinySpec(family="llama", n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_mlp=96, seed=22),
+    "qwen2": TinySpec(family="qwen2", n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_mlp=96, seed=23),
+    "gemma3": TinySpec(family="gemma3", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, d_head=16, d_mlp=64, seed=24),
+}
+#: Receivers of each step, fixed so fast and naive see the same ones; layer-0 receivers make
+#: sender layer 0 patch a subset of them and skip a block in the fast pass 2.
+RECEIVERS = {
+    "value_fetcher": [],
+    "position_transmitter": [(1, 0), (1, 3), (0, 2)],
+    "position_detector": [(1, 1), (1, 2)],
+    "structure_reader": [(1, 3), (0, 1)],
+}
+N_EX, BOXES = 6, 3
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU: one torch thread avoids oversubscription stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("path_patching")
+    out = {name: build_tiny_model(spec, root / name) for name, spec in SPECS.items()}
+    out["llama-gqa-twin"] = mha_twin(out["llama-gqa"], root / "llama-gqa-twin")
+    return out
+
+
+_MODELS: dict[str, object] = {}
+
+
+def model(dirs, name: str):
+    if name not in _MODELS:
+        _MODELS[name] = sharpen(load_model(ModelSpec(name=name, local_path=str(dirs[name])), verbose=False))
+    return _MODELS[name]
+
+
+def encode(lm, n: int = N_EX, boxes: int = BOXES, seed: int = 3):
+    return D.encode_pairs(lm.tokenizer, D.make_path_patching_pairs(lm.tokenizer, n, boxes, seed=seed),
+                          padding_side="right")
+
+
+def patcher(lm, enc, **kw):
+    kw = {"batch_size": 4, "progress": False, "verbose": False, **kw}
+    return PP.PathPatcher(lm, enc["base"], enc["source"], enc["target"], **kw)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class TestFastEqualsNaive:
+    @pytest.mark.parametrize("name", list(SPECS))
+    def test_all_four_steps(self, dirs, name):
+        lm = model(dirs, name)
+        pp = patcher(lm, encode(lm))
+        for step, recv in RECEIVERS.items():
+            fast = PP.step_scores(lm, pp, step, recv, method="fast")
+            naive = PP.step_scores(lm, pp, step, recv, method="naive")
+            assert fast.shape == (lm.arch.n_layers, lm.arch.n_heads)
+            assert (fast - naive).abs().max() < TOL, (step, fast, naive)
+            assert naive.abs().max() > 1e-3, f"{step}: scores too small for the comparison to mean anything"
+
+    def test_chunking_and_cache_budget_do_not_change_scores(self, dirs):
+        """Few rows per pass-2 forward, examples split into groups, no whole-dataset clean state."""
+        lm = model(dirs, "llama-gqa")
+        enc = encode(lm)
+        ref = patcher(lm, enc, batch_size=64)
+        small = patcher(lm, enc, batch_size=2, max_rows=3, cache_budget=0)
+        for step in ("position_detector", "structure_reader"):
+            a = PP.step_scores(lm, ref, step, RECEIVERS[step])
+            b = PP.step_scores(lm, small, step, RECEIVERS[step])
+            assert (a - b).abs().max() < 1e-6
+
+    def test_explicit_positions_and_key_receivers(self, dirs):
+        """The general kernel: any sender/corrupt positions, receivers read through their keys."""
+        lm = model(dirs, "llama-gqa")
+        enc = encode(lm)
+        pp = patcher(lm, enc)
+        ps = enc["base"]["object_positions"][:, 1]
+        pc = enc["source"]["label_positions"][:, 0]
+        for site, recv in ((None, []), ("k", [(1, 2)]), ("v", [(1, 0), (1, 3)])):
+            fast = pp.scores(ps, pc, recv, site, method="fast")
+            naive = pp.scores(ps, pc, recv, site, method="naive")
+            assert (fast - naive).abs().max() < TOL
+            if site is None:  # frozen heads keep an object-position sender away from the last token
+                assert torch.equal(fast, torch.zeros_like(fast))
+            else:
+                assert naive.abs().max() > 1e-3
+
+
+class TestScoresByConstruction:
+    def test_senders_at_or_above_every_receiver_score_zero(self, dirs):
+        lm = model(dirs, "llama-mha")
+        pp = patcher(lm, encode(lm))
+        s = PP.step_scores(lm, pp, "position_transmitter", [(1, 0)], method="fast")
+        assert torch.equal(s[1], torch.zeros(4))
+        naive = PP.step_scores(lm, pp, "position_transmitter", [(1, 0)], method="naive")
+        assert naive[1].abs().max() < 1e-6
+        assert s[0].abs().max() > 0
+
+    def test_gqa_scores_equal_the_mha_twin(self, dirs):
+        """Q receivers are the same heads; a V receiver is its kv head, i.e. its whole group in the twin."""
+        gqa, twin = model(dirs, "llama-gqa"), model(dirs, "llama-gqa-twin")
+        a = gqa.arch
+        enc = encode(gqa)
+        pg, pt = patcher(gqa, enc), patcher(twin, enc)
+        for step, recv in RECEIVERS.items():
+            site = PP.STEPS[step].receiver_site
+            twin_recv = sorted({(l, q) for l, h in recv for q in a.query_heads(a.kv_head(h))}) if site == "v" else recv
+            sg = PP.step_scores(gqa, pg, step, recv)
+            st = PP.step_scores(twin, pt, step, twin_recv)
+            assert (sg - st).abs().max() < TOL, step
+        # a single query head of the twin is a different receiver than its GQA kv group
+        single = PP.step_scores(twin, pt, "position_detector", RECEIVERS["position_detector"])
+        grouped = PP.step_scores(gqa, pg, "position_detector", RECEIVERS["position_detector"])
+        assert (single - grouped).abs().max() > 1e-4
+
+    def test_top_heads(self):
+        s = torch.tensor([[0.1, -0.5], [-0.2, -0.5]])
+        assert PP.top_heads(s, 3) == [(0, 1), (1, 1), (1, 0)]
+        assert PP.top_heads(s, 10) == [(0, 1), (1, 1), (1, 0), (0, 0)]
+
+
+class TestDiscoverCircuit:
+    def test_four_steps_give_a_circuit_and_call_the_pruner(self, dirs, tmp_path):
+        lm = model(dirs, "llama-mha")
+        seen = []
+
+        def prune(c: Circuit) -> Circuit:
+            seen.append(c)
+            return c.without([("structure_reader", c.groups["structure_reader"][0])])
+
+        c = PP.discover_circuit(lm, encode(lm), receivers_k={"value_fetcher": 3, "position_transmitter": 2,
+                                                             "position_detector": 2},
+                                circuit_k={"value_fetcher": 5, "position_transmitter": 2, "position_detector": 3,
+                                           "structure_reader": 2},
+                                prune=prune, progress=False, verbose=False, batch_size=4)
+        cand = seen[0]
+        assert len(cand.groups["position_transmitter"]) == 2 and len(cand.groups["structure_reader"]) == 2
+        assert not set(cand.groups["value_fetcher"]) & set(cand.groups["position_transmitter"])
+        assert len(c.groups["structure_reader"]) == 1 and c.meta["pruned"] and not cand.meta["pruned"]
+        for g in GROUPS:
+            m = torch.tensor(c.scores[g])
+            assert m.shape == (2, 4)
+            assert cand.groups[g] == [h for h in PP.top_heads(m, 10) if h in cand.groups[g]]
+        vf = torch.tensor(c.scores["value_fetcher"])
+        assert c.meta["receivers"]["position_transmitter"] == [list(h) for h in PP.top_heads(vf, 3)]
+        assert c.meta["n_examples"] == N_EX and c.meta["kernel"] == "fast"
+        back = Circuit.load(c.save(tmp_path / "c.json"))
+        assert back.groups == c.groups and back.scores == c.scores
+
+    def test_records_are_encoded_with_the_model_tokenizer(self, dirs):
+        lm = model(dirs, "llama-mha")
+        records = D.make_path_patching_pairs(lm.tokenizer, 4, BOXES, seed=5)
+        s = PP.step_scores(lm, records, "value_fetcher", progress=False, verbose=False)
+        assert s.shape == (2, 4)
+
+
+class TestCost:
+    def test_llama_7b_from_its_config_alone(self, capsys):
+        from transformers import LlamaConfig
+
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                          vocab_size=32000)
+        naive = PP.estimate_cost(cfg, 300, 54, "float16", "naive")
+        fast = PP.estimate_cost(cfg, 300, 54, "float16", "fast")  # upper bound: receivers in every layer
+        assert naive.forward_equivalents == pytest.approx(2 + 7 * 32 * 32)
+        assert fast.forward_equivalents < naive.forward_equivalents / 10
+        # with receivers where the paper found them (PT 11-19, PD 9-13), far fewer senders and blocks run
+        paper = PP.estimate_cost(cfg, 300, 54, "float16", "fast", receiver_layers={
+            "position_transmitter": range(15, 25), "position_detector": range(11, 20),
+            "structure_reader": range(9, 14)})
+        assert paper.forward_equivalents < naive.forward_equivalents / 20
+        assert 0 < fast.peak_bytes and 0 < naive.peak_bytes
+        assert naive.flops > 1e15  # ~7,000 forward passes of 300 prompts of a 7B model
+        print(fast)
+        assert "forward-pass equivalents" in capsys.readouterr().out
+
+    def test_a_sweep_prints_its_cost_first(self, dirs, capsys):
+        lm = model(dirs, "llama-mha")
+        pp = patcher(lm, encode(lm), verbose=True)
+        PP.step_scores(lm, pp, "value_fetcher")
+        out = capsys.readouterr().out
+        assert "value_fetcher: path patching (fast)" in out and "peak activation memory" in out
+
+
+class TestErrors:
+    def test_prompts_of_unequal_length(self, dirs):
+        lm = model(dirs, "llama-mha")
+        recs = D.make_path_patching_pairs(lm.tokenizer, 2, 3, seed=0) + D.make_path_patching_pairs(lm.tokenizer, 2, 4,
+                                                                                                    seed=0)
+        enc = D.encode_pairs(lm.tokenizer, recs, padding_side="right")
+        with pytest.raises(ValueError, match=r"base prompts have unequal lengths \[26, 33\]"):
+            patcher(lm, enc)
+
+    def test_positions_and_heads(self, dirs):
+        lm = model(dirs, "llama-mha")
+        enc = encode(lm)
+        pp = patcher(lm, enc)
+        S = enc["base"]["input_ids"].shape[1]
+        with pytest.raises(IndexError, match=rf"position {S} \(example 0, base position\) .* sequence length {S}"):
+            pp.scores(torch.full((N_EX,), S), enc["source"]["last_position"])
+        absent = {**enc, "base": {**enc["base"], "prev_query_label_position": enc["base"]["prev_query_label_position"].clone()}}
+        absent["base"]["prev_query_label_position"][1] = -1  # a base whose query label is not in the context
+        with pytest.raises(IndexError, match=r"position -1 \(example 1, base prev_query_label_position\)"):
+            PP.step_scores(lm, patcher(lm, absent), "structure_reader", [(1, 0)])
+        with pytest.raises(IndexError, match="query head 7 out of range"):
+            PP.step_scores(lm, pp, "position_transmitter", [(1, 7)])
+        with pytest.raises(IndexError, match="layer 3 out of range"):
+            PP.step_scores(lm, pp, "position_transmitter", [(3, 0)])
+        with pytest.raises(ValueError, match="unknown step"):
+            PP.step_scores(lm, pp, "name_mover")
+        with pytest.raises(ValueError, match="no receiver heads"):
+            pp.scores("last_position", "last_position", [], "q")
+        with pytest.raises(ValueError, match="method must be one of"):
+            PP.step_scores(lm, pp, "value_fetcher", method="approximate")
