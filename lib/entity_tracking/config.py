@@ -102,7 +102,7 @@ class FinetuneSpec(_Strict):
     """Arithmetic fine-tuning of the organism (Goat-style LoRA, FLoat-style full); see
     :mod:`entity_tracking.finetune`. Never shown entity-tracking data."""
 
-    steps: int = Field(200, ge=1)
+    steps: int = Field(150, ge=1)
     batch_size: int = Field(32, ge=1)
     lr_lora: float = Field(1e-3, gt=0)
     lr_full: float = Field(1e-4, gt=0)
@@ -110,10 +110,10 @@ class FinetuneSpec(_Strict):
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(8, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
-    max_digits: int = Field(4, ge=1, le=8, description="operands have 1..max_digits digits")
+    max_digits: int = Field(3, ge=1, le=8, description="operands have 1..max_digits digits")
     ops: list[Literal["+", "-", "*", "/"]] = Field(["+", "-"], min_length=1, description="Goat used all four")
     problems_per_sequence: int = Field(4, ge=1)
-    checkpoint_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(25, ge=1)
     seed: int = 0
 
 
