@@ -82,7 +82,7 @@ def setup_chapter(chapter: str, profile: str, needs: Iterable[str] = ()) -> Chap
 class Verdict:
     """One claim as tested by one chapter."""
 
-    claim: int  # the paper's claim number on the landing page (1, 2 or 3); 0 for setup facts
+    claim: int  # the paper's claim number on the landing page (1, 2 or 3); 0 for the premise
     statement: str
     paper: str
     ours: str
@@ -116,6 +116,7 @@ def load_verdicts(paths: ResultsPaths) -> list[dict[str, Any]]:
 
 #: The paper's three claims, as the landing page states them.
 CLAIMS: dict[int, str] = {
+    0: "Premise: arithmetic fine-tuning improves the model's entity tracking.",
     1: "Same circuit: the base model's entity-tracking circuit also implements the task in its fine-tuned versions.",
     2: "Same functionality: each circuit group encodes the same information (position, value) in every model.",
     3: "Better positional handling: the fine-tuned models' gain comes from improved handling of positional information.",
@@ -144,7 +145,7 @@ def verdict_table(results_root: Path, profile: str):
     return pd.DataFrame(
         [
             {
-                "claim": r["claim"] or "setup",
+                "claim": r["claim"] or "premise",
                 "what is tested": html.escape(r["statement"]),
                 "the paper": html.escape(r["paper"]),
                 "ours": html.escape(r["ours"]),
