@@ -9,7 +9,7 @@ other jobs) and wall-clock time, the speed ratios, the peak memory (tracemalloc'
 Python-level allocations, which does not see torch's tensor buffers, and the process's peak
 RSS), and the largest score difference (must be below 1e-4)::
 
-    python bench/bench_path_patching.py [--examples 64] [--threads 2] [--scale 4]
+    python bench/bench_path_patching.py [--examples 64] [--threads 1] [--scale 4]
 
 ``--scale`` multiplies the random weight matrices so that heads have visible effects (scores of
 order 0.01-0.1 rather than 1e-6), which makes the agreement check meaningful.
@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=64)
     ap.add_argument("--boxes", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: on a shared machine, idle threads spin and "
+                         "inflate both times unevenly)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--scale", type=float, default=4.0)
     ap.add_argument("--receivers", default="8,4,6", help="top heads passed on by steps 1-3 (default 8,4,6)")

@@ -58,7 +58,10 @@ three facts:
 * *Senders that cannot reach a receiver score exactly zero.* A receiver at layer ``l_r`` reads
   the residual stream entering ``l_r``; a sender at layer ``l >= l_r`` cannot change it, and a
   receiver patched with its own clean value changes nothing. Pass 2 of a sender layer patches
-  only receivers above it, and a sender layer with none is skipped (score 0).
+  only receivers above it, and a sender layer with none is skipped (score 0). Likewise the
+  blocks below the first patched receiver are clean at every position: pass 2 skips them
+  (nnsight's ``skip``), handing the first block that runs the clean residual stream. And in the
+  logits step a sender away from the last token cannot reach the logits (score 0).
 
 Prompts must be unpadded (one length per batch; base and source may differ in length): a
 dataset's prompts all have the same length, and positions are then the same for every
@@ -70,7 +73,6 @@ minimality pruning (mean ablation) plugs in through its ``prune`` argument.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -203,6 +205,7 @@ def estimate_cost(
     batch_size: int = 32,
     max_rows: Optional[int] = None,
     receiver_layers: Optional[Mapping[str, Sequence[int]]] = None,
+    cache_budget: int = 2 << 30,
 ) -> CostEstimate:
     """Estimated FLOPs, forward-pass equivalents and peak activation memory of a sweep.
 
@@ -224,6 +227,8 @@ def estimate_cost(
             ran). The fast kernel skips sender layers with no receiver above them and runs pass 2
             from the first receiver layer above the sender; without this the estimate for
             ``fast`` is an upper bound (every layer a receiver layer).
+        cache_budget: as in :class:`PathPatcher`: when the whole dataset's clean pass fits it,
+            that one pass serves every step; otherwise the fast kernel makes a second clean pass.
 
     FLOPs count multiply-adds twice; attention scores included; logits of every position
     are counted for full forward passes (transformers computes them).
@@ -270,8 +275,10 @@ def estimate_cost(
         forward = bs * S * (act_per_token + V * nb)
         peak = caches + frozen + forward
     else:
-        if any(STEPS[g].receiver_site for g in steps):
-            parts["caches"] += N * fwd  # the clean pass whose key/value cache the pass-2 runs reuse
+        state = N * L * S * (2 * Hkv * dh + 3 * d + H * dh) * nb  # PathPatcher._state
+        kept = state <= cache_budget
+        if not kept and any(STEPS[g].receiver_site for g in steps):
+            parts["caches"] += N * fwd  # a second clean pass: prefixes' key/value caches per group
         rows = min(max_rows or _default_max_rows(a, S, dt), H * N)  # pass 2 runs one sender layer at a time
         senders = L * H
         pass1_layer = 2 * H * dh * d + mlp  # o_proj of the patched vector + MLP, per layer and sender
@@ -289,7 +296,7 @@ def estimate_cost(
                 frac = sum((L - min(r for r in rl if r > l)) / L for l in range(L) if any(r > l for r in rl)) / L
                 p2 = N * senders * frac * tokens_flops(start, S)
                 parts[g] = p1 + p2
-        caches = 2 * N * 3 * L * (2 * d + H * dh) * nb  # resid_pre, attn_out, z at three positions
+        caches = 2 * N * 3 * L * (2 * d + H * dh) * nb + (state if kept else 0)
         pass1 = H * bs * (4 * d + 3 * dm + V) * nb
         kv_row = L * 2 * Hkv * S * dh * nb
         t = max((suf[g] for g in steps if STEPS[g].receiver_site), default=1)
@@ -458,7 +465,15 @@ class PathPatcher:
         ``resid_pre``, ``z``, ``attn_out`` of the base, ``z`` of the source."""
         key = (which, tuple(pos.tolist()))
         if key not in self._at:
-            self._cache_at(which, [pos])
+            st = self._state() if which == "base" else None
+            if st is not None:  # gathered from the whole-dataset clean pass
+                b = torch.arange(self.n, device=self.device)
+                p = pos.to(self.device)
+                data = {(site, l): st[site][l][b, p][:, None] for site in self._FAST_SITES["base"]
+                        for l in range(self.arch.n_layers)}
+                self._at[key] = ActivationCache(data, pos[:, None], self.base["attention_mask"])
+            else:
+                self._cache_at(which, [pos])
         return self._at[key]
 
     def _cache_at(self, which: str, columns: Sequence[torch.Tensor]) -> None:
@@ -478,6 +493,7 @@ class PathPatcher:
         """Cache, in one clean and one corrupt run, what the fast kernel needs for ``steps``
         (their sender and corrupt positions), so that several steps share two forward passes."""
         cols = {"base": {}, "source": {}}
+        self._state()  # the base's positions come from the whole-dataset clean pass when it fits
         for g in steps:
             st = STEPS[g]
             for which, key in (("base", st.sender_position), ("source", st.corrupt_position)):
@@ -560,62 +576,86 @@ class PathPatcher:
 
     def _prefix_kv(self, P: int, e: torch.Tensor):
         """Keys/values of the clean prefix (positions ``< P``) of examples ``e`` per layer, and
-        every block's clean output at the suffix positions ``[n_e, T, d_model]``. From one clean
-        pass over the whole dataset kept for all steps when it fits ``cache_budget`` bytes, else
-        from a clean pass over ``e``."""
-        a = self.arch
-        if self._full_state is None and self._clean_state_bytes() <= self.cache_budget:
-            kv, resid = [], []
-            for sl in _chunks(self.n, self.batch_size, False, ""):
-                k, r = self._clean_pass(self.seq_len, torch.arange(sl.start, sl.stop, device=self.device))
-                kv.append(k)
-                resid.append(r)
-            self._full_state = (
-                [(torch.cat([c[l][0] for c in kv]), torch.cat([c[l][1] for c in kv])) for l in range(a.n_layers)],
-                [torch.cat([r[l] for r in resid]) for l in range(a.n_layers)],
-            )
-        if self._full_state is not None:
-            kv, resid = self._full_state
-            return ([(k[e, :, :P], v[e, :, :P]) for k, v in kv] if P > 0 else None), [r[e, P:] for r in resid]
-        kv, resid = self._clean_pass(P, e)
-        return (kv if P > 0 else None), [r[:, P:] for r in resid]
+        every block's clean output at the suffix positions ``[n_e, T, d_model]``: from the
+        whole-dataset clean pass when it fits ``cache_budget``, else from a clean pass over ``e``."""
+        st = self._state()
+        if st is None:
+            st, e = self._clean_pass(e), slice(None)
+        kv = [(k[e, :, :P], v[e, :, :P]) for k, v in zip(st["k"], st["v"])] if P > 0 else None
+        return kv, [r[e, P:] for r in st["resid_post"]]
 
-    def _clean_state_bytes(self) -> int:
+    def _state_bytes(self) -> int:
         a = self.arch
         nb = _DTYPE_BYTES.get(self.dtype, 4)
-        return self.n * a.n_layers * self.seq_len * (2 * a.n_kv_heads * a.d_head + a.d_model) * nb
+        per_token = 2 * a.n_kv_heads * a.d_head + 3 * a.d_model + a.n_heads * a.d_head
+        return self.n * a.n_layers * self.seq_len * per_token * nb
 
-    def _clean_pass(self, P: int, e: torch.Tensor):
-        """Clean forward of examples ``e``: per-layer keys/values of positions ``< P`` and block
-        outputs at every position."""
+    def _state(self) -> Optional[dict]:
+        """The clean pass over the whole dataset (memoised), or ``None`` beyond ``cache_budget``:
+        per layer ``k``/``v`` ``[batch, n_kv_heads, seq, d_head]`` (the model's cache: after
+        rotary embeddings), ``resid_pre``/``attn_out``/``resid_post`` ``[batch, seq, d_model]``
+        and ``z`` ``[batch, seq, n_heads, d_head]``. One forward pass serves every step's clean
+        caches and prefixes."""
+        if self._full_state is None and self._state_bytes() <= self.cache_budget:
+            parts = [self._clean_pass(torch.arange(sl.start, sl.stop, device=self.device))
+                     for sl in _chunks(self.n, self.batch_size, False, "")]
+            self._full_state = {key: [torch.cat([p[key][l] for p in parts]) for l in range(self.arch.n_layers)]
+                                for key in parts[0] if key != "logits"}
+            if self._p_clean is None:
+                self._p_clean = target_probs(torch.cat([p["logits"] for p in parts]), self.target.to(self.device))
+        return self._full_state
+
+    def _clean_pass(self, e: torch.Tensor) -> dict:
+        """Clean forward of examples ``e`` with forward hooks on the blocks and ``o_proj``: see
+        :meth:`_state` for what it returns (for these examples), plus last-token ``logits``."""
         a = self.arch
         hf = a._torch(self.lm)
-        resid: list[Optional[torch.Tensor]] = [None] * a.n_layers
+        L = a.n_layers
+        got: dict[str, list] = {k: [None] * L for k in ("resid_pre", "z", "attn_out", "resid_post")}
 
-        def keep(layer):
-            def hook(module, args, output):
-                out = output[0] if isinstance(output, tuple) else output
-                resid[layer] = out.detach()
+        def first(x):
+            return x[0] if isinstance(x, tuple) else x
+
+        def pre(key, layer, heads=False):
+            def hook(module, args, kwargs):
+                x = args[0] if args else next(iter(kwargs.values()))
+                got[key][layer] = (a.split_heads(x) if heads else x).detach()
             return hook
 
-        handles = [a.layer(hf, l).register_forward_hook(keep(l)) for l in range(a.n_layers)]
+        def post(key, layer):
+            def hook(module, args, output):
+                got[key][layer] = first(output).detach()
+            return hook
+
+        handles = []
+        for l in range(L):
+            handles.append(a.layer(hf, l).register_forward_pre_hook(pre("resid_pre", l), with_kwargs=True))
+            handles.append(a.o_proj(hf, l).register_forward_pre_hook(pre("z", l, heads=True), with_kwargs=True))
+            handles.append(a.o_proj(hf, l).register_forward_hook(post("attn_out", l)))
+            handles.append(a.layer(hf, l).register_forward_hook(post("resid_post", l)))
         try:
-            out = hf(input_ids=self.base["input_ids"].to(self.device)[e], use_cache=True, logits_to_keep=1)
+            with torch.no_grad():
+                out = hf(input_ids=self.base["input_ids"].to(self.device)[e], use_cache=True, logits_to_keep=1)
         finally:
             for h in handles:
                 h.remove()
-        kv = [(layer.keys[..., :P, :], layer.values[..., :P, :]) for layer in out.past_key_values.layers]
-        return kv, resid
+        layers = out.past_key_values.layers
+        short = [l for l, layer in enumerate(layers) if layer.keys.shape[-2] != self.seq_len]
+        if short:  # a sliding-window layer dropped early keys: the prefix cannot be cut from it
+            raise NotImplementedError(
+                f"prompts of {self.seq_len} tokens exceed the sliding attention window of layer {short[0]}; "
+                f"the fast kernel's cached prefix needs every key, use method='naive'")
+        got["k"] = [layer.keys for layer in layers]
+        got["v"] = [layer.values for layer in layers]
+        got["logits"] = out.logits[:, -1]
+        return got
 
     def _pass2(self, P: int, e: torch.Tensor, prefix_kv, active: dict[int, list[int]],
                values: dict[int, torch.Tensor], site: str) -> torch.Tensor:
         """Fast pass 2: summed scores ``[sender]`` over examples ``e`` (all with receiver position
         ``P``): the clean prefix's key/value cache tiled over the senders, and only the suffix run,
         with the active receivers' ``site`` patched at its first token."""
-        from transformers import DynamicCache
-
         a, dev = self.arch, self.device
-        hf = a._torch(self.lm)
         H, n_e = a.n_heads, len(e)
         prefix_kv, clean_resid = prefix_kv
         # Blocks below the first patched receiver are clean at every position: skip them, feeding
@@ -627,20 +667,33 @@ class PathPatcher:
         sums = torch.zeros(H, device=dev)
         for ssl in _chunks(H, max(1, self.max_rows // n_e), False, ""):
             k = ssl.stop - ssl.start
-            rows = k * n_e  # sender-major: row = sender * n_e + example
+            rows = n_e * k  # example-major: row = example * k + sender
             kw: dict[str, Any] = {"position_ids": torch.arange(P, P + T, device=dev).expand(rows, T),
                                   "logits_to_keep": 1}
             if prefix_kv is not None:
-                kw["past_key_values"] = DynamicCache(
-                    [(kk.repeat(k, 1, 1, 1), vv.repeat(k, 1, 1, 1)) for kk, vv in prefix_kv], config=hf.config)
-            patches = [HeadPatch(site, l2, active[l2], v[ssl].reshape(rows, 1, len(active[l2]), a.d_head),
+                kw["past_key_values"] = self._tiled_cache(prefix_kv, k, first)
+            patches = [HeadPatch(site, l2, active[l2],
+                                 v[ssl].transpose(0, 1).reshape(rows, 1, len(active[l2]), a.d_head),
                                  torch.zeros(rows, 1, dtype=torch.long)) for l2, v in values.items()]
-            skip = clean_resid[first - 1].repeat(k, 1, 1) if first > 0 else None
-            logits = run(self.lm, suffix.repeat(k, 1), patches, trace_kwargs=kw, out_device=dev,
+            skip = clean_resid[first - 1].repeat_interleave(k, 0) if first > 0 else None
+            logits = run(self.lm, suffix.repeat_interleave(k, 0), patches, trace_kwargs=kw, out_device=dev,
                          skip_layers=range(first) if first > 0 else (), skip_value=skip).logits
-            p = target_probs(logits, target.repeat(k))
-            sums[ssl] += self._score(p, p_clean.repeat(k)).view(k, n_e).sum(1)
+            p = target_probs(logits, target.repeat_interleave(k))
+            sums[ssl] += self._score(p, p_clean.repeat_interleave(k)).view(n_e, k).sum(0)
         return sums
+
+    def _tiled_cache(self, prefix_kv, k: int, first: int):
+        """A ``DynamicCache`` of the prefix with every example repeated for ``k`` senders
+        (example-major). Blocks below ``first`` are skipped in the run, so their layers keep the
+        untiled prefix (never read; it only gives the cache its length): the tiling copy is made
+        only where attention will read it."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(prefix_kv, config=self.arch._torch(self.lm).config)
+        for l, layer in enumerate(cache.layers):
+            if l >= first:
+                layer.batch_repeat_interleave(k)
+        return cache
 
     # -- entry ------------------------------------------------------------------------------
 
