@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     from entity_tracking.models import build_tiny_model, load_model
 
     spec = TinySpec(family="llama", n_layers=4, n_heads=8, d_model=128, d_mlp=512, seed=0)
-    root = Path(tempfile.mkdtemp(prefix="bench-pp-"))
-    lm = load_model(ModelSpec(name="organism-sized", local_path=str(build_tiny_model(spec, root / "m"))), verbose=False)
+    with tempfile.TemporaryDirectory(prefix="bench-pp-") as root:
+        lm = load_model(ModelSpec(name="organism-sized", local_path=str(build_tiny_model(spec, Path(root) / "m"))),
+                        verbose=False)
     with torch.no_grad():
         for p in lm.hf.parameters():
             if p.dim() == 2:
