@@ -953,5 +953,5 @@ def minimality(lm, prompts, means: MeanActivations, circuit: Circuit, *, top_fra
 
 def pruner(lm, prompts, means: MeanActivations, **kw) -> Callable[[Circuit], Circuit]:
     """``circuit -> minimality(lm, prompts, means, circuit, **kw).pruned``: the ``prune``
-    argument of :func:`entity_tracking.path_patching.discover`."""
+    argument of :func:`entity_tracking.path_patching.discover_circuit`."""
     return lambda circuit: minimality(lm, prompts, means, circuit, **kw).pruned
