@@ -121,3 +121,15 @@ def built_book(tmp_path_factory):
     out = tmp_path_factory.mktemp("book")
     runner.run_chapters("ci", repo)
     return runner.build_book("ci", repo, out_root=out)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared CPU: one torch thread avoids oversubscription stalls
+    (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

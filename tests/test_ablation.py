@@ -51,15 +51,7 @@ def _spec(seed: int) -> TinySpec:
     return TinySpec(family="llama", n_layers=N_LAYERS, n_heads=N_HEADS, d_model=40, d_mlp=48, seed=seed)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
-    threads' spinning makes every matmul ~100x slower; restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):

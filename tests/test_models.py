@@ -17,6 +17,7 @@ import torch
 from entity_tracking.arch import FAMILIES, UnsupportedArchitecture, arch_for
 from entity_tracking.config import ModelSpec, TinySpec, find_repo_root, load_profile
 from entity_tracking.io import ResultsPaths
+from helpers import mha_twin
 from entity_tracking.models import (
     LoadedModel,
     ModelNotAvailable,
@@ -236,38 +237,11 @@ class TestFamiliesTraced:
         assert a.lm_head(lm.hf) is lm.hf.lm_head
 
 
-def _mha_twin(gqa_dir: Path, out: Path) -> Path:
-    """The multi-head model computing the same function: each kv head's k/v rows repeated for the
-    query heads it serves (query head h reads kv head h // group)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    import shutil
-
-    cfg = AutoConfig.from_pretrained(gqa_dir)
-    gqa = AutoModelForCausalLM.from_pretrained(gqa_dir)
-    a = arch_for(gqa)
-    cfg.num_key_value_heads = cfg.num_attention_heads
-    twin = AutoModelForCausalLM.from_config(cfg)
-    state = gqa.state_dict()
-    for layer in range(a.n_layers):
-        for site in ("k_proj", "v_proj"):
-            for kind in ("weight", "bias"):
-                key = f"{a.path(site, layer)}.{kind}"
-                if key in state:
-                    w = state[key]
-                    w = w.view(a.n_kv_heads, a.d_head, *w.shape[1:]).repeat_interleave(a.group_size, dim=0)
-                    state[key] = w.reshape(a.n_heads * a.d_head, *w.shape[2:])
-    twin.load_state_dict(state)
-    twin.save_pretrained(out)
-    for f in Path(gqa_dir).glob("tokenizer*"):
-        shutil.copy(f, out / f.name)
-    return out
-
-
 class TestGQA:
     @pytest.mark.parametrize("family", list(FAMILY_SPECS))
-    def test_gqa_equals_mha_twin(self, family, tiny_dirs, tmp_path):
+    def test_gqa_equalsmha_twin(self, family, tiny_dirs, tmp_path):
         gqa = load_model(_local("gqa", tiny_dirs[family]), verbose=False)
-        mha = load_model(_local("mha", _mha_twin(tiny_dirs[family], tmp_path / "twin")), verbose=False)
+        mha = load_model(_local("mha", mha_twin(tiny_dirs[family], tmp_path / "twin")), verbose=False)
         assert gqa.arch.is_gqa and not mha.arch.is_gqa and mha.arch.n_kv_heads == gqa.arch.n_heads
         ids = _ids(gqa)
         outs = {}

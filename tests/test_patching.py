@@ -19,55 +19,13 @@ from entity_tracking import patching as P
 from entity_tracking.arch import arch_for
 from entity_tracking.config import ModelSpec, TinySpec
 from entity_tracking.models import build_tiny_model, load_model
+from helpers import mha_twin, sharpen
 
 SPEC_GQA = TinySpec(family="llama", n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_mlp=96, seed=11)
 N_EX = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one torch thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def sharpen(lm, scale: float = 4.0):
-    """Scale the random weight matrices so heads have visible effects (init std 0.02 makes
-    attention almost uniform and every effect ~1e-6)."""
-    with torch.no_grad():
-        for p in lm.hf.parameters():
-            if p.dim() == 2:
-                p.mul_(scale)
-    return lm
-
-
-def mha_twin(gqa_dir: Path, out: Path) -> Path:
-    """The multi-head model computing the same function as a GQA one: each kv head's k/v rows
-    repeated for the query heads it serves."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(gqa_dir)
-    gqa = AutoModelForCausalLM.from_pretrained(gqa_dir)
-    a = arch_for(gqa)
-    cfg.num_key_value_heads = cfg.num_attention_heads
-    twin = AutoModelForCausalLM.from_config(cfg)
-    state = gqa.state_dict()
-    for layer in range(a.n_layers):
-        for site in ("k_proj", "v_proj"):
-            for kind in ("weight", "bias"):
-                key = f"{a.path(site, layer)}.{kind}"
-                if key in state:
-                    w = state[key].view(a.n_kv_heads, a.d_head, *state[key].shape[1:])
-                    state[key] = w.repeat_interleave(a.group_size, dim=0).reshape(a.n_heads * a.d_head,
-                                                                                    *state[key].shape[1:])
-    twin.load_state_dict(state)
-    twin.save_pretrained(out)
-    for f in Path(gqa_dir).glob("tokenizer*"):
-        shutil.copy(f, out / f.name)
-    return out
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):

@@ -19,7 +19,7 @@ from entity_tracking import path_patching as PP
 from entity_tracking.circuit import GROUPS, Circuit
 from entity_tracking.config import ModelSpec, TinySpec
 from entity_tracking.models import build_tiny_model, load_model
-from test_patching import mha_twin, sharpen
+from helpers import mha_twin, sharpen
 
 SPECS = {
     "llama-mha": TinySpec(family="llama", n_layers=2, n_heads=4, d_model=64, d_mlp=96, seed=21),
@@ -39,14 +39,7 @@ N_EX, BOXES = 6, 3
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one torch thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory) -> dict[str, Path]:
