@@ -8,7 +8,6 @@ bad input fails naming the problem.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
