@@ -4,28 +4,30 @@ Builds the default profile's organism recipe from scratch in a temporary results
 cache is bypassed), then the Goat-style LoRA and the FLoat-style full fine-tune, and prints each
 wall-clock time and the total against the 10-minute CPU budget, with the accuracies reached::
 
-    python bench/bench_training.py [--threads 2] [--keep DIR]
+    python bench/bench_training.py [--threads N] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 BUDGET_S = 600.0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for training (default: the library's, $ENTITY_TRACKING_TRAIN_THREADS or 1)")
     ap.add_argument("--keep", type=Path, default=None, help="results folder to keep the builds in")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        os.environ["ENTITY_TRACKING_TRAIN_THREADS"] = str(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         times[f"fine-tune (organism-{kind})"] = time.perf_counter() - t
 
     total = sum(times.values())
-    print(f"torch threads: {torch.get_num_threads()}   results: {root}")
+    print(f"training threads: {read_json(base / 'recipe.json')['torch_threads']}   results: {root}")
     for k, v in times.items():
         print(f"{k:32s} {v:7.1f} s")
     print(f"{'total':32s} {total:7.1f} s   budget {BUDGET_S:.0f} s ({100 * total / BUDGET_S:.0f}% used)"

@@ -202,10 +202,11 @@ def finetune(
 def ensure_finetune(org: OrganismSpec, kind: Literal["lora", "full"], base: Path, out_dir: Path, progress: bool = True) -> Path:
     """The fine-tune of ``kind`` of the organism in ``base``, built in ``out_dir`` on first use and
     reused while its recipe hash (base recipe + fine-tune recipe) matches."""
-    from .organism import _cached, recipe_hash
+    from .organism import _cached, recipe_hash, train_threads
 
     h = recipe_hash(org, f"organism-{kind}")
     if not _cached(out_dir, h):
-        finetune(base, org.finetune, kind, out_dir, org=org, progress=progress,
-                 extra_meta={"hash": h, "base_hash": recipe_hash(org)})
+        with train_threads():
+            finetune(base, org.finetune, kind, out_dir, org=org, progress=progress,
+                     extra_meta={"hash": h, "base_hash": recipe_hash(org)})
     return out_dir
