@@ -111,3 +111,14 @@ def test_dcm_selects_the_head_that_carries_the_answer(planted):
     sem = desideratum_accuracy(planted, res.selected, "last", split["test"], n_resamples=5)
     assert abs(sem["accuracy"] - res.test_accuracy) < 1e-9
 
+
+
+def test_functionality_reads_the_paper_pattern():
+    from entity_tracking import paper
+    from entity_tracking.dcm import functionality
+
+    rows = [{"group": g, "desideratum": d, "selected_for": d, "model": "Llama-7B", "mean": v["Llama-7B"]}
+            for (g, d), v in paper.DCM_SEMANTICS.items()]
+    got = functionality(rows)["Llama-7B"]
+    assert got == {"value_fetcher": "value", "position_transmitter": "position", "position_detector": "position",
+                   "structure_reader": "neither"}
