@@ -97,6 +97,7 @@ class Layout:
     v_proj: str = "v_proj"
     o_proj: str = "o_proj"
     mlp: str = "mlp"
+    mlp_out_proj: str = "down_proj"
     embed: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
@@ -134,7 +135,7 @@ MODEL_TYPES: dict[str, str] = {
 }
 
 #: Sites inside one decoder block, and sites of the whole model (no layer index).
-LAYER_SITES = ("layer", "attn", "q_proj", "k_proj", "v_proj", "o_proj", "mlp")
+LAYER_SITES = ("layer", "attn", "q_proj", "k_proj", "v_proj", "o_proj", "mlp", "mlp_out_proj")
 MODEL_SITES = ("embed", "final_norm", "lm_head")
 #: The norms of the residual block (per layer); a family lacking one has ``None`` in its Layout.
 NORM_SITES = ("attn_in_norm", "attn_out_norm", "mlp_in_norm", "mlp_out_norm")
@@ -304,6 +305,8 @@ class Arch:
             return f"{block}.{name}"
         if site in ("attn", "mlp"):
             return f"{block}.{getattr(L, site)}"
+        if site == "mlp_out_proj":  # the MLP's last projection, which writes to the residual stream
+            return f"{block}.{L.mlp}.{L.mlp_out_proj}"
         return f"{block}.{L.attn}.{getattr(L, site)}"
 
     def module(self, root: Any, site: str, layer: Optional[int] = None) -> Any:

@@ -324,30 +324,26 @@ def _cached(d: Path, h: str) -> bool:
 
 
 def _build_model(spec: OrganismSpec, vocab_size: int, tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=spec.d_model,
-        intermediate_size=spec.d_mlp,
-        num_hidden_layers=spec.n_layers,
-        num_attention_heads=spec.n_heads,
-        num_key_value_heads=spec.n_kv_heads or spec.n_heads,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    from .arch import arch_for
+    from .config import TinySpec
+    from .models import _tiny_config
+
+    if vocab_size != len(tok):
+        raise ValueError(f"vocab_size {vocab_size} does not match the tokenizer's {len(tok)}")
+    cfg = _tiny_config(TinySpec(family="llama", n_layers=spec.n_layers, n_heads=spec.n_heads,
+                                n_kv_heads=spec.n_kv_heads, d_model=spec.d_model, d_mlp=spec.d_mlp), tok)
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(cfg)
     if spec.residual_init != 1.0:
         # Blocks whose writes to the residual stream start small (or zero) leave a deep model
         # close to a shallow one at first, which learns the lookup like a 2-layer model does.
+        arch = arch_for(model)
         with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.o_proj.weight.mul_(spec.residual_init)
-                layer.mlp.down_proj.weight.mul_(spec.residual_init)
+            for layer in range(arch.n_layers):
+                arch.module(model, "o_proj", layer).weight.mul_(spec.residual_init)
+                arch.module(model, "mlp_out_proj", layer).weight.mul_(spec.residual_init)
     return model
 
 
