@@ -33,6 +33,7 @@ from entity_tracking.ablation import (
     keep_mask,
     mean_ablated_logits,
     minimality,
+    necessity,
     pruner,
     random_circuit,
     random_circuits,
@@ -340,6 +341,60 @@ class TestRandomCircuits:
     def test_too_many_heads(self, lm):
         with pytest.raises(AblationError, match="cannot draw 16 distinct heads from 15"):
             random_circuit(lm.arch, {"value_fetcher": 16})
+
+    def test_excluded_heads_are_never_drawn(self, lm):
+        out = [(0, 0), (1, 3), (-1, 4)]
+        drawn = random_circuits(lm.arch, {"value_fetcher": 12}, n=5, seed=2, exclude=out)
+        allowed = {(layer, h) for layer in range(N_LAYERS) for h in range(N_HEADS)} - {(0, 0), (1, 3), (2, 4)}
+        for r in drawn:  # 12 of the 12 allowed heads: exactly the allowed set, whatever the seed
+            assert set(r.groups["value_fetcher"]) == allowed
+        with pytest.raises(AblationError, match=r"cannot draw 13 distinct heads from 12 \(3 excluded\)"):
+            random_circuit(lm.arch, {"value_fetcher": 13}, exclude=out)
+        with pytest.raises(IndexError, match="head 7 out of range"):
+            random_circuit(lm.arch, {"value_fetcher": 1}, exclude=[(0, 7)])
+
+
+class TestNecessity:
+    def test_group_ablated_everywhere_against_random_heads(self, lm, batch, means):
+        c = _circuit()
+        res = necessity(lm, batch, means, c, "value_fetcher", n_random=4, seed=1, progress=False)
+        vf = Circuit("a", {"value_fetcher": c.groups["value_fetcher"]}, positions={"value_fetcher": ALL_POSITIONS})
+        direct = evaluate(lm, batch, means, [Ablation(), Ablation(ablate=vf)], progress=False)
+        assert res.full.accuracy == 1.0 and res.ablated.accuracy == direct[1].accuracy
+        assert res.drop == pytest.approx(1.0 - direct[1].accuracy)
+        assert len(res.random_any) == len(res.random_outside) == 4
+        # the outside baseline equals ablating those very draws, none of which touches the circuit
+        inside = {h for g in GROUPS for h in c.groups[g]}
+        draws = random_circuits(lm.arch, vf, 4, 1, exclude=inside)
+        assert all(not set(d.groups["value_fetcher"]) & inside for d in draws)
+        again = evaluate(lm, batch, means, [Ablation(ablate=d) for d in draws], progress=False)
+        assert [e.accuracy for e in res.random_outside] == [e.accuracy for e in again]
+        r = res.random_drop("outside")
+        assert res.far_more("outside") == (res.drop > 2 * r + 0.1)
+        assert res.far_more("outside", factor=0.0, margin=-1.0)  # any drop beats a -1 bar
+        row = res.row()
+        assert row["heads"] == 3 and row["group ablated"] == res.ablated.accuracy
+        assert res.to_json()["head_list"] == [list(h) for h in c.groups["value_fetcher"]]
+
+    def test_every_head_is_everything_ablated_and_leaves_no_outside(self, lm, batch, means):
+        every = [(layer, h) for layer in range(N_LAYERS) for h in range(N_HEADS)]
+        c = Circuit("a", {"value_fetcher": every})
+        res = necessity(lm, batch, means, c, n_random=2, progress=False)
+        nothing = evaluate(lm, batch, means, [Ablation(keep=empty_circuit())], progress=False)[0]
+        assert res.ablated.accuracy == nothing.accuracy
+        # every draw of 15 of 15 heads is the group itself; no head is left outside the circuit
+        assert [e.accuracy for e in res.random_any] == [res.ablated.accuracy] * 2
+        assert res.random_outside == [] and not res.far_more("outside")
+        assert math.isnan(res.random_drop("outside"))
+
+    def test_errors(self, lm, batch, means):
+        c = _circuit()
+        with pytest.raises(AblationError, match="no structure_reader heads"):
+            necessity(lm, batch, means, Circuit("a", {"value_fetcher": [(0, 1)]}), "structure_reader", progress=False)
+        with pytest.raises(AblationError, match="unknown group 'mlp'"):
+            necessity(lm, batch, means, c, "mlp", progress=False)
+        with pytest.raises(ValueError, match="baseline must be"):
+            necessity(lm, batch, means, c, n_random=1, progress=False).random_drop("inside")
 
 
 class TestMinimality:

@@ -140,8 +140,41 @@ class TestScoresByConstruction:
 
     def test_top_heads(self):
         s = torch.tensor([[0.1, -0.5], [-0.2, -0.5]])
+        assert PP.top_heads(s, 2) == [(0, 1), (1, 1)]
         assert PP.top_heads(s, 3) == [(0, 1), (1, 1), (1, 0)]
-        assert PP.top_heads(s, 10) == [(0, 1), (1, 1), (1, 0), (0, 0)]
+        # only heads that lower p(correct) qualify: a zero (cannot reach) or positive score never does
+        assert PP.top_heads(s, 10) == [(0, 1), (1, 1), (1, 0)]
+        assert PP.top_heads(torch.zeros(2, 3), 4) == []
+
+    def test_pooled_metric_is_not_dominated_by_confidently_wrong_prompts(self, dirs):
+        """A head that cuts p(correct) 0.9 -> 0.1 on a right prompt and lifts 0.001 -> 0.01 on a
+        wrong one: the paper's mean of ratios calls it helpful (+4), the pooled metric harmful."""
+        lm = model(dirs, "llama-mha")
+        pcl, p = torch.tensor([0.9, 0.001]), torch.tensor([0.1, 0.01])
+        scores = {}
+        for metric in PP.METRICS:
+            pp = patcher(lm, encode(lm, n=2), metric=metric)
+            pp._p_clean = pcl
+            scores[metric] = float(pp._score(p, pcl).mean())
+        assert scores["relative"] == pytest.approx(((0.1 - 0.9) / 0.9 + (0.01 - 0.001) / 0.001) / 2)
+        assert scores["relative"] > 4
+        assert scores["pooled"] == pytest.approx((p - pcl).sum() / pcl.sum())
+        assert scores["pooled"] < -0.8
+
+    @pytest.mark.parametrize("name", ["llama-mha", "llama-gqa"])
+    def test_pooled_scores_are_the_relative_change_of_the_mean_probability(self, dirs, name):
+        """Fast equals naive under the pooled metric too; and pooled x mean p_clean is the mean
+        absolute change, i.e. relative scores weighted by each prompt's clean probability."""
+        lm = model(dirs, name)
+        enc = encode(lm)
+        pooled = patcher(lm, enc, metric="pooled")
+        for step, recv in RECEIVERS.items():
+            fast = PP.step_scores(lm, pooled, step, recv, method="fast")
+            naive = PP.step_scores(lm, pooled, step, recv, method="naive")
+            assert (fast - naive).abs().max() < TOL, step
+            assert naive.abs().max() > 1e-4, step
+        with pytest.raises(ValueError, match="metric must be one of"):
+            patcher(lm, enc, metric="logit_diff")
 
 
 class TestDiscoverCircuit:
@@ -151,7 +184,7 @@ class TestDiscoverCircuit:
 
         def prune(c: Circuit) -> Circuit:
             seen.append(c)
-            return c.without([("structure_reader", c.groups["structure_reader"][0])])
+            return c.without([("position_transmitter", c.groups["position_transmitter"][0])])
 
         c = PP.discover_circuit(lm, encode(lm), receivers_k={"value_fetcher": 3, "position_transmitter": 2,
                                                              "position_detector": 2},
@@ -159,13 +192,19 @@ class TestDiscoverCircuit:
                                            "structure_reader": 2},
                                 prune=prune, progress=False, verbose=False, batch_size=4)
         cand = seen[0]
-        assert len(cand.groups["position_transmitter"]) == 2 and len(cand.groups["structure_reader"]) == 2
+        assert len(cand.groups["position_transmitter"]) == 2
         assert not set(cand.groups["value_fetcher"]) & set(cand.groups["position_transmitter"])
-        assert len(c.groups["structure_reader"]) == 1 and c.meta["pruned"] and not cand.meta["pruned"]
+        assert len(c.groups["position_transmitter"]) == 1 and c.meta["pruned"] and not cand.meta["pruned"]
+        k = c.meta["circuit_k"]
         for g in GROUPS:
             m = torch.tensor(c.scores[g])
             assert m.shape == (2, 4)
+            assert len(cand.groups[g]) <= k[g]
             assert cand.groups[g] == [h for h in PP.top_heads(m, 10) if h in cand.groups[g]]
+            assert all(m[h] < 0 for h in cand.groups[g]), g
+            recv = c.meta["receivers"][g]
+            if PP.STEPS[g].receivers_from and not recv:  # nothing to score through: no group either
+                assert torch.equal(m, torch.zeros(2, 4)) and cand.groups[g] == []
         vf = torch.tensor(c.scores["value_fetcher"])
         assert c.meta["receivers"]["position_transmitter"] == [list(h) for h in PP.top_heads(vf, 3)]
         assert c.meta["n_examples"] == N_EX and c.meta["kernel"] == "fast"

@@ -17,7 +17,11 @@ than the three *vital* ones all heads are ablated, and at a vital position every
 not in the circuit group acting there is ablated (Value Fetchers and Position Transmitters at
 the last token, Position Detectors at the query label, Structure Readers at the query label's
 earlier occurrence in the context). F(M) is the model's own accuracy, nothing ablated, and
-F(∅) the accuracy with every head ablated everywhere. **Faithfulness** is F(C)/F(M): how much of
+F(∅) the accuracy with every head ablated everywhere. **Necessity** asks the converse of
+faithfulness for one group: mean-ablate its heads at every position and compare the accuracy lost
+with that lost to as many random heads -- drawn from the whole model, and from the heads outside
+the circuit (in a small model, random heads drawn from all of them often *are* circuit heads).
+**Faithfulness** is F(C)/F(M): how much of
 the model's behaviour the circuit alone recovers; a random circuit of the same group sizes is the
 baseline. **Completeness** (Wang et al. 2022) asks whether the circuit holds *all* the
 mechanism: remove a subset K of the circuit from both the circuit and the full model and compare,
@@ -74,6 +78,7 @@ __all__ = [
     "HeadMinimality",
     "MeanActivations",
     "MinimalityResult",
+    "NecessityResult",
     "bootstrap",
     "circuit_performance",
     "completeness",
@@ -86,6 +91,7 @@ __all__ = [
     "keep_mask",
     "mean_ablated_logits",
     "minimality",
+    "necessity",
     "pruner",
     "random_circuit",
     "random_circuits",
@@ -620,29 +626,38 @@ def _decode(flat: torch.Tensor, n_heads: int) -> list[Head]:
     return [(int(i) // n_heads, int(i) % n_heads) for i in flat]
 
 
-def random_circuit(arch, like: Circuit | Mapping[str, int], seed: int = 0, model: str = "") -> Circuit:
+def random_circuit(arch, like: Circuit | Mapping[str, int], seed: int = 0, model: str = "",
+                   exclude: Iterable[Head] = ()) -> Circuit:
     """A circuit with the group sizes of ``like``, heads drawn uniformly without replacement
-    (within a group) from all ``n_layers x n_heads`` heads; positions as ``like``'s."""
+    (within a group) from all ``n_layers x n_heads`` heads but ``exclude`` (e.g. a found
+    circuit's, for a baseline of heads *outside* it); positions as ``like``'s."""
     sizes = {g: len(like.groups[g]) for g in GROUPS} if isinstance(like, Circuit) else {g: int(like.get(g, 0)) for g in GROUPS}
     positions = dict(like.positions) if isinstance(like, Circuit) else None
-    total = arch.n_layers * arch.n_heads
+    excluded = set()
+    for layer, head in exclude:
+        arch._check_head(int(head), arch.n_heads, "query")
+        excluded.add(arch._layer_index(int(layer)) * arch.n_heads + int(head))
+    pool = torch.tensor([i for i in range(arch.n_layers * arch.n_heads) if i not in excluded], dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     groups = {}
     for g in GROUPS:
-        if not 0 <= sizes[g] <= total:
-            raise AblationError(f"group {g}: cannot draw {sizes[g]} distinct heads from {total}")
-        groups[g] = _decode(torch.randperm(total, generator=gen)[: sizes[g]], arch.n_heads)
+        if not 0 <= sizes[g] <= len(pool):
+            raise AblationError(f"group {g}: cannot draw {sizes[g]} distinct heads from {len(pool)}"
+                                f"{f' ({len(excluded)} excluded)' if excluded else ''}")
+        groups[g] = _decode(pool[torch.randperm(len(pool), generator=gen)[: sizes[g]]], arch.n_heads)
     c = Circuit(model or f"random-{seed}", groups, meta={"kind": "random", "seed": seed})
     if positions:
         c.positions.update(positions)
     return c
 
 
-def random_circuits(arch, like: Circuit | Mapping[str, int], n: int = 10, seed: int = 0) -> list[Circuit]:
+def random_circuits(arch, like: Circuit | Mapping[str, int], n: int = 10, seed: int = 0,
+                    exclude: Iterable[Head] = ()) -> list[Circuit]:
     """``n`` random circuits (:func:`random_circuit`), seeds derived from ``seed``."""
+    exclude = list(exclude)
     gen = torch.Generator().manual_seed(seed)
     seeds = torch.randint(2**31 - 1, (n,), generator=gen).tolist()
-    return [random_circuit(arch, like, s, model=f"random-{seed}-{i}") for i, s in enumerate(seeds)]
+    return [random_circuit(arch, like, s, model=f"random-{seed}-{i}", exclude=exclude) for i, s in enumerate(seeds)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -713,6 +728,86 @@ def faithfulness(lm, prompts, means: MeanActivations, circuit: Circuit, *, n_ran
     settings += [Ablation(keep=r, label=f"F(random {i})") for i, r in enumerate(rand)]
     evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress, check_model=check_model)
     return FaithfulnessResult(lm.name, circuit, evs[0], evs[1], evs[2], evs[3:], rand)
+
+
+# --------------------------------------------------------------------------------------------
+# Necessity
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NecessityResult:
+    """Accuracy with one group's heads mean-ablated everywhere, against as many random heads.
+
+    ``random_any`` draws from every head of the model, ``random_outside`` from the heads outside
+    the circuit (empty when too few remain)."""
+
+    model: str
+    group: str
+    heads: list[Head]
+    full: Evaluation
+    ablated: Evaluation
+    random_any: list[Evaluation]
+    random_outside: list[Evaluation]
+
+    @staticmethod
+    def _mean(evs: Sequence[Evaluation]) -> float:
+        return sum(e.accuracy for e in evs) / len(evs) if evs else float("nan")
+
+    @property
+    def drop(self) -> float:
+        """Accuracy lost to ablating the group."""
+        return self.full.accuracy - self.ablated.accuracy
+
+    def random_drop(self, baseline: str = "outside") -> float:
+        """Mean accuracy lost to as many random heads (``"outside"`` the circuit, or ``"any"``)."""
+        if baseline not in ("outside", "any"):
+            raise ValueError(f"baseline must be 'outside' or 'any', got {baseline!r}")
+        return self.full.accuracy - self._mean(self.random_outside if baseline == "outside" else self.random_any)
+
+    def far_more(self, baseline: str = "outside", factor: float = 2.0, margin: float = 0.1) -> bool:
+        """The group costs "far more" than random heads: ``drop > factor * random_drop + margin``
+        (false when the baseline could not be drawn)."""
+        r = self.random_drop(baseline)
+        return bool(r == r and self.drop > factor * r + margin)
+
+    def row(self) -> dict[str, Any]:
+        """One table row (the circuit chapter's)."""
+        return {"model": self.model, "group": self.group, "heads": len(self.heads),
+                "full model": self.full.accuracy, "group ablated": self.ablated.accuracy,
+                "random heads outside the circuit (mean)": self._mean(self.random_outside),
+                "random heads of the whole model (mean)": self._mean(self.random_any)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.row(), "head_list": [list(h) for h in self.heads],
+                "random_outside_accuracies": [e.accuracy for e in self.random_outside],
+                "random_any_accuracies": [e.accuracy for e in self.random_any],
+                "n_examples": self.full.n, "far_more_than_outside": self.far_more("outside"),
+                "far_more_than_any": self.far_more("any")}
+
+
+def necessity(lm, prompts, means: MeanActivations, circuit: Circuit, group: str = "value_fetcher", *,
+              n_random: int = 10, seed: int = 0, batch_size: int = 32, progress: bool = True) -> NecessityResult:
+    """Mean-ablate ``circuit``'s ``group`` at every position and, as baselines, ``n_random``
+    draws of as many heads from the whole model and from the heads outside ``circuit``."""
+    if group not in GROUPS:
+        raise AblationError(f"unknown group {group!r}; groups are {list(GROUPS)}")
+    heads = list(circuit.groups[group])
+    if not heads:
+        raise AblationError(f"circuit of {circuit.model!r} has no {group} heads to ablate")
+    if n_random < 1:
+        raise AblationError("n_random must be >= 1")
+    target = Circuit(circuit.model, {group: heads}, positions={group: ALL_POSITIONS})
+    inside = {tuple(h) for g in GROUPS for h in circuit.groups[g]}
+    rand_any = random_circuits(lm.arch, target, n_random, seed)
+    outside_pool = lm.arch.n_layers * lm.arch.n_heads - len(inside)
+    rand_out = random_circuits(lm.arch, target, n_random, seed, exclude=inside) if outside_pool >= len(heads) else []
+    settings = [Ablation(label="F(M)"), Ablation(ablate=target, label=f"{group} ablated")]
+    settings += [Ablation(ablate=r, label="random (any)") for r in rand_any]
+    settings += [Ablation(ablate=r, label="random (outside)") for r in rand_out]
+    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress)
+    k = 2 + len(rand_any)
+    return NecessityResult(getattr(lm, "name", circuit.model), group, heads, evs[0], evs[1], evs[2:k], evs[k:])
 
 
 # --------------------------------------------------------------------------------------------

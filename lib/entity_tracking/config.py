@@ -223,6 +223,12 @@ class CircuitSpec(_Strict):
     """Circuit discovery by path patching (paper-methods §2)."""
 
     method: Literal["fast", "naive"] = "fast"
+    metric: Literal["relative", "pooled"] = Field(
+        "relative",
+        description="path-patching score: the paper's mean relative change of p(correct) per prompt, "
+                    "or 'pooled', the relative change of the mean p(correct) (robust when the model is "
+                    "often confidently wrong)",
+    )
     n_examples: Optional[int] = Field(None, ge=1, description="path-patching pairs used (default: all of data.n_path_patching)")
     receivers: dict[str, int] = Field(
         default_factory=lambda: {"value_fetcher": 20, "position_transmitter": 5, "position_detector": 10},

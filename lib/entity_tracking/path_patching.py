@@ -16,7 +16,14 @@ head ``(l, h)`` at a sender position ``p_s``:
 
 The score of the sender is the mean over examples of ``(p_patched - p_clean) / p_clean``, where
 ``p`` is the probability (softmax over the whole vocabulary) of the correct object at the last
-token. Heads with the **most negative** scores carry the path. For the first step, whose
+token (``metric="relative"``, the paper's). Heads with the **most negative** scores carry the path.
+The paper's mean of ratios suits a model that is rarely confidently wrong. On one that often is
+(the CPU organism gives the answer less than 5% probability in a quarter of its prompts), those
+prompts dominate the mean: a head whose patch moves 0.001 to 0.01 scores +9 there and outweighs
+ten prompts where it cuts 0.9 to 0.1, so the heads that do the work can score *positive*.
+``metric="pooled"`` scores the relative change of the *mean* probability instead,
+``sum(p_patched - p_clean) / sum(p_clean)``: the same scale, every prompt weighted by its clean
+probability, and no blow-up. For the first step, whose
 "receiver" is the logits, pass 1's logits are scored directly (the sender's direct effect via
 the residual stream and the MLPs). The circuit is found backwards from the logits in four steps
 (:data:`STEPS`); each step's top heads are the receivers of the next:
@@ -95,6 +102,7 @@ from .patching import (
 
 __all__ = [
     "METHODS",
+    "METRICS",
     "PAPER_CIRCUIT_K",
     "PAPER_RECEIVERS_K",
     "STEPS",
@@ -109,6 +117,8 @@ __all__ = [
 ]
 
 METHODS = ("fast", "naive")
+#: Path-patching scores: the paper's mean relative change, or the relative change of the mean.
+METRICS = ("relative", "pooled")
 Head = tuple[int, int]
 
 
@@ -343,11 +353,16 @@ class PathPatcher:
         max_rows: (sender, example) rows per fast pass-2 forward (default: a 1 GiB budget).
         cache_budget: bytes allowed for keeping the clean run's key/value cache and residual
             stream of the whole dataset across steps (default 2 GiB; beyond it, per group).
+        metric: ``"relative"`` (the paper's mean of per-prompt relative changes) or
+            ``"pooled"`` (relative change of the mean probability); see the module docstring.
     """
 
     def __init__(self, lm: Any, base: Any, source: Any, target: torch.Tensor, *, batch_size: int = 32,
                  max_rows: Optional[int] = None, progress: bool = True, verbose: bool = True,
-                 cache_budget: int = 2 << 30):
+                 cache_budget: int = 2 << 30, metric: str = "relative"):
+        if metric not in METRICS:
+            raise ValueError(f"path-patching metric must be one of {METRICS}, got {metric!r}")
+        self.metric = metric
         self.lm = lm
         self.nn, self.arch, self.device, _ = _lm_parts(lm)
         if getattr(lm, "remote", False):
@@ -404,6 +419,9 @@ class PathPatcher:
         return self._p_clean
 
     def _score(self, p: torch.Tensor, rows_p_clean: torch.Tensor) -> torch.Tensor:
+        """Per-row terms whose mean over the dataset is the score (``metric``)."""
+        if self.metric == "pooled":
+            return (p - rows_p_clean) / self.p_clean.mean().to(p.device)
         return (p - rows_p_clean) / rows_p_clean
 
     # -- naive ------------------------------------------------------------------------------
@@ -744,11 +762,11 @@ def path_patching_scores(lm: Any, base: Any, source: Any, target: torch.Tensor,
                          sender_position: Union[str, torch.Tensor], corrupt_position: Union[str, torch.Tensor],
                          receivers: Sequence[Head] = (), site: Optional[str] = None, *, method: str = "fast",
                          batch_size: int = 32, max_rows: Optional[int] = None, progress: bool = True,
-                         verbose: bool = True) -> torch.Tensor:
+                         verbose: bool = True, metric: str = "relative") -> torch.Tensor:
     """Path-patching scores ``[n_layers, n_heads]`` of every sender head (one-shot form of
     :class:`PathPatcher`); ``method`` ``"fast"`` or ``"naive"`` give the same numbers."""
     pp = PathPatcher(lm, base, source, target, batch_size=batch_size, max_rows=max_rows, progress=progress,
-                     verbose=verbose)
+                     verbose=verbose, metric=metric)
     return pp.scores(sender_position, corrupt_position, receivers, site, method)
 
 
@@ -777,9 +795,15 @@ def step_scores(lm: Any, pairs: Any, step: str, receivers: Sequence[Head] = (), 
 
 
 def top_heads(scores: torch.Tensor, k: int) -> list[Head]:
-    """The ``k`` heads with the most negative scores, most negative first (ties: lower index)."""
+    """The ``k`` heads with the most negative scores, most negative first (ties: lower index).
+
+    Only heads whose score is below zero qualify: a head that cannot reach the receivers scores
+    exactly 0, and one whose patch *raises* the correct answer's probability does not carry it,
+    so neither belongs to a group however few heads score below zero. (The reference code took
+    the top ``k`` whatever their sign, which fills a group of a model without that path with
+    arbitrary heads.)"""
     flat = torch.as_tensor(scores).flatten()
-    k = max(0, min(int(k), flat.numel()))
+    k = max(0, min(int(k), int((flat < 0).sum())))
     order = torch.sort(flat, stable=True).indices[:k]
     n_heads = scores.shape[1]
     return [(int(i) // n_heads, int(i) % n_heads) for i in order]
@@ -795,6 +819,7 @@ def discover_circuit(
     method: str = "fast",
     drop_vf_pt_overlap: bool = True,
     prune: Optional[Callable[[Circuit], Circuit]] = None,
+    metric: str = "relative",
     batch_size: int = 32,
     max_rows: Optional[int] = None,
     progress: bool = True,
@@ -811,13 +836,16 @@ def discover_circuit(
             Fetchers (the paper's candidate sets do).
         prune: minimality pruning, ``Circuit -> Circuit`` (e.g. built on mean ablation,
             :mod:`entity_tracking.ablation`); ``None`` returns the candidates.
+        metric: ``"relative"`` (the paper's) or ``"pooled"`` (:class:`PathPatcher`); ignored
+            when ``pairs`` is a :class:`PathPatcher`, which has its own.
 
     Returns:
         a :class:`~entity_tracking.circuit.Circuit` whose ``scores[group]`` are the score maps
         ``[n_layers][n_heads]`` (nested lists) and whose ``meta`` records the parameters,
         each step's receivers, the dataset size and the method.
     """
-    pp = _patcher_for(lm, pairs, batch_size=batch_size, max_rows=max_rows, progress=progress, verbose=verbose)
+    pp = _patcher_for(lm, pairs, batch_size=batch_size, max_rows=max_rows, progress=progress, verbose=verbose,
+                      metric=metric)
     a = pp.arch
     if method == "fast":
         pp.prefetch(GROUPS)
@@ -829,6 +857,9 @@ def discover_circuit(
         s = STEPS[g]
         recv = top_heads(scores[s.receivers_from], rk[s.receivers_from]) if s.receivers_from else []
         used_receivers[g] = recv
+        if s.receivers_from and not recv:  # the previous group is empty: no path to score
+            scores[g] = torch.zeros(a.n_layers, a.n_heads)
+            continue
         scores[g] = step_scores(lm, pp, g, recv, method=method)
     groups = {g: top_heads(scores[g], ck[g]) for g in GROUPS}
     if drop_vf_pt_overlap:
@@ -842,6 +873,7 @@ def discover_circuit(
         meta={
             "method": "path_patching",
             "kernel": method,
+            "metric": pp.metric,
             "receivers_k": {k: int(v) for k, v in rk.items()},
             "circuit_k": {k: int(v) for k, v in ck.items()},
             "drop_vf_pt_overlap": drop_vf_pt_overlap,
