@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from entity_tracking import data as D
-from entity_tracking.cmap import CMAPError, heads_by_position, input_cmap, output_cmap
+from entity_tracking.cmap import CMAPError, head_sets, heads_by_position, input_cmap, output_cmap
 from entity_tracking.circuit import Circuit
 from entity_tracking.config import ModelSpec, TinySpec
 from entity_tracking.models import build_tiny_model, load_model
@@ -89,6 +89,19 @@ def test_groups_map_to_their_positions():
     assert heads_by_position(c, ["structure_reader"]) == {"prev_query_label": [(0, 3)]}
     with pytest.raises(CMAPError, match="unknown circuit group 'nope'"):
         heads_by_position(c, ["nope"])
+
+
+def test_head_sets_leave_out_sets_with_nothing_to_patch():
+    """An empty group (a model without that path) and a DCM selection of no heads are not
+    patched as sets; every other set patches its heads at its group's position."""
+    c = Circuit("m", {"value_fetcher": [(1, 0), (1, 2)], "position_transmitter": [(0, 1)]})
+    sets = head_sets(c, {("value_fetcher", "object_value"): [(1, 2)], ("position_transmitter", "positional"): []})
+    assert sets == {
+        "full circuit": {"last": [(1, 0), (1, 2), (0, 1)]},
+        "value_fetcher (DCM object_value)": {"last": [(1, 2)]},
+        "value_fetcher (whole group)": {"last": [(1, 0), (1, 2)]},
+        "position_transmitter (whole group)": {"last": [(0, 1)]},
+    }
 
 
 def test_different_head_shapes_fail_clearly(tmp_path):

@@ -207,14 +207,16 @@ def head_sets(circuit: Circuit, dcm_selected: Mapping[tuple[str, str], Sequence[
               ) -> dict[str, dict[str, list[Head]]]:
     """The head sets CMAP patches, as ``{label: {position key: heads}}``: the full circuit, each
     group's DCM heads (the paper's choice; the whole group where DCM has no result or for the
-    Structure Readers) and each whole group."""
+    Structure Readers) and each whole group. A set with no heads (an empty group, DCM selecting
+    nothing) has nothing to patch and is left out."""
     sets: dict[str, dict[str, list[Head]]] = {"full circuit": heads_by_position(circuit)}
     for g in GROUPS:
         d = DCM_CHOICE[g]
         chosen = (dcm_selected or {}).get((g, d)) if d else None
-        if chosen is not None:
+        if chosen:
             sets[f"{g} (DCM {d})"] = {circuit.positions[g]: list(chosen)}
-        sets[f"{g} (whole group)"] = {circuit.positions[g]: list(circuit.groups[g])}
+        if circuit.groups[g]:
+            sets[f"{g} (whole group)"] = {circuit.positions[g]: list(circuit.groups[g])}
     return sets
 
 
