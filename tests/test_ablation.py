@@ -34,6 +34,7 @@ from entity_tracking.ablation import (
     mean_ablated_logits,
     minimality,
     necessity,
+    outside_at_positions,
     pruner,
     random_circuit,
     random_circuits,
@@ -352,6 +353,38 @@ class TestRandomCircuits:
             random_circuit(lm.arch, {"value_fetcher": 13}, exclude=out)
         with pytest.raises(IndexError, match="head 7 out of range"):
             random_circuit(lm.arch, {"value_fetcher": 1}, exclude=[(0, 7)])
+
+
+class TestOutsideAtPositions:
+    def test_sites_are_the_heads_outside_each_groups_position(self, lm):
+        c = _circuit()
+        out = outside_at_positions(lm.arch, c)
+        every = [(layer, h) for layer in range(N_LAYERS) for h in range(N_HEADS)]
+        last = set(c.groups["value_fetcher"]) | set(c.groups["position_transmitter"])
+        assert out.groups["value_fetcher"] == [h for h in every if h not in last]  # VF and PT share 'last'
+        assert out.groups["position_transmitter"] == []
+        assert out.groups["position_detector"] == [h for h in every if h not in set(c.groups["position_detector"])]
+        assert out.groups["structure_reader"] == [h for h in every if h not in set(c.groups["structure_reader"])]
+        only = outside_at_positions(lm.arch, c, ["query_label"])
+        assert only.n_heads == N_LAYERS * N_HEADS - 2 and only.groups["position_detector"]
+        with pytest.raises(AblationError, match="not positions of circuit"):
+            outside_at_positions(lm.arch, c, ["first"])
+
+    def test_a_circuit_of_every_head_leaves_nothing_to_ablate(self, lm, batch, means):
+        every = [(layer, h) for layer in range(N_LAYERS) for h in range(N_HEADS)]
+        c = Circuit("a", {g: list(every) for g in GROUPS})
+        assert outside_at_positions(lm.arch, c).n_heads == 0
+        res = evaluate(lm, batch, means, [Ablation(ablate=outside_at_positions(lm.arch, c))], progress=False)
+        assert res[0].accuracy == 1.0
+
+    def test_equals_the_hooked_reference(self, lm, batch, means):
+        """Only non-circuit heads at the vital positions are replaced; all else keeps its value."""
+        c = _circuit()
+        out = outside_at_positions(lm.arch, c)
+        got = mean_ablated_logits(lm, batch, means, Ablation(ablate=out))
+        want = _hooked_logits(lm, batch, means, circuit=full_circuit(lm.arch), removed=out)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert not torch.allclose(got, mean_ablated_logits(lm, batch, means, Ablation(keep=c)), atol=1e-3)
 
 
 class TestNecessity:

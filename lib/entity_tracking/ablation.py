@@ -92,6 +92,7 @@ __all__ = [
     "mean_ablated_logits",
     "minimality",
     "necessity",
+    "outside_at_positions",
     "pruner",
     "random_circuit",
     "random_circuits",
@@ -248,6 +249,29 @@ def full_circuit(arch, model: str = "") -> Circuit:
 def empty_circuit(model: str = "") -> Circuit:
     """No heads: evaluated as a circuit, every head is ablated at every position."""
     return Circuit(model, {g: [] for g in GROUPS}, meta={"kind": "empty"})
+
+
+def outside_at_positions(arch, circuit: Circuit, positions: Optional[Iterable[str]] = None) -> Circuit:
+    """The heads *not* in ``circuit`` at each of its group positions (or only ``positions``), as
+    a circuit to ablate: ``Ablation(ablate=outside_at_positions(arch, C))`` is F(C) with every
+    other position left intact, the converse of the paper's F(C), which also ablates every head at
+    every non-vital position. Evaluated one position at a time, it says at which vital position a
+    circuit misses heads the model needs. Each position's heads go into the first group acting
+    there; groups at :data:`ALL_POSITIONS` have no outside."""
+    keys = [p for p in dict.fromkeys(circuit.positions[g] for g in GROUPS) if p != ALL_POSITIONS]
+    if positions is not None:
+        wanted = list(positions)
+        unknown = [p for p in wanted if p not in keys]
+        if unknown:
+            raise AblationError(f"positions {unknown} are not positions of circuit '{circuit.model}' ({keys})")
+        keys = [p for p in keys if p in wanted]
+    heads = [(layer, h) for layer in range(arch.n_layers) for h in range(arch.n_heads)]
+    groups: dict[str, list[Head]] = {g: [] for g in GROUPS}
+    for pos in keys:
+        inside = {tuple(h) for g in GROUPS if circuit.positions[g] == pos for h in circuit.groups[g]}
+        first = next(g for g in GROUPS if circuit.positions[g] == pos)
+        groups[first] = [h for h in heads if h not in inside]
+    return Circuit(circuit.model, groups, dict(circuit.positions), meta={"kind": "outside", "positions": keys})
 
 
 def _sites(circuit: Circuit) -> list[tuple[str, Head]]:
