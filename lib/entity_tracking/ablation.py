@@ -23,7 +23,9 @@ with that lost to as many random heads -- drawn from the whole model, and from t
 the circuit (in a small model, random heads drawn from all of them often *are* circuit heads).
 **Faithfulness** is F(C)/F(M): how much of
 the model's behaviour the circuit alone recovers; a random circuit of the same group sizes is the
-baseline. **Completeness** (Wang et al. 2022) asks whether the circuit holds *all* the
+baseline. Its converse, :func:`outside_at_positions`, leaves the non-vital positions intact and
+ablates only the heads outside the circuit at the vital ones -- one position at a time, it shows
+where a circuit misses heads the model needs. **Completeness** (Wang et al. 2022) asks whether the circuit holds *all* the
 mechanism: remove a subset K of the circuit from both the circuit and the full model and compare,
 |F(C\\K) - F(M\\K)|, where F(M\\K) mean-ablates only K's heads at their group's position; a circuit
 missing redundant backup heads would collapse under C\\K while M\\K is carried by the backups.
