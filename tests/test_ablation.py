@@ -38,6 +38,7 @@ from entity_tracking.ablation import (
     pruner,
     random_circuit,
     random_circuits,
+    shortfall_by_position,
 )
 from entity_tracking.arch import arch_for
 from entity_tracking.circuit import GROUP_POSITIONS, GROUPS, Circuit
@@ -386,6 +387,20 @@ class TestOutsideAtPositions:
         assert torch.allclose(got, want, atol=1e-5)
         assert not torch.allclose(got, mean_ablated_logits(lm, batch, means, Ablation(keep=c)), atol=1e-3)
 
+    def test_shortfall_by_position_rows(self, lm, batch, means):
+        """F(M), the paper's F(C), each vital position alone, then all: each row equals its own
+        ablation evaluated directly."""
+        c = _circuit()
+        rows = shortfall_by_position(lm, batch, means, c, progress=False)
+        keys = ["last", "query_label", "prev_query_label"]
+        assert [r["setting"] for r in rows] == ["F(M)", "F(C)", *keys, "all vital positions"]
+        assert rows[0]["evaluation"].accuracy == 1.0 and rows[0]["heads_ablated"] is None
+        outs = [outside_at_positions(lm.arch, c, [k]) for k in keys] + [outside_at_positions(lm.arch, c)]
+        direct = evaluate(lm, batch, means, [Ablation(keep=c)] + [Ablation(ablate=o) for o in outs], progress=False)
+        assert [r["evaluation"].accuracy for r in rows[1:]] == [e.accuracy for e in direct]
+        assert [r["heads_ablated"] for r in rows[2:]] == [o.n_heads for o in outs]
+        assert rows[-1]["heads_ablated"] == sum(r["heads_ablated"] for r in rows[2:5])
+
 
 class TestNecessity:
     def test_group_ablated_everywhere_against_random_heads(self, lm, batch, means):
@@ -405,6 +420,8 @@ class TestNecessity:
         r = res.random_drop("outside")
         assert res.far_more("outside") == (res.drop > 2 * r + 0.1)
         assert res.far_more("outside", factor=0.0, margin=-1.0)  # any drop beats a -1 bar
+        assert res.is_necessary() == (res.far_more("outside") and res.drop > res.random_drop("any"))
+        assert res.to_json()["necessary"] == res.is_necessary()
         row = res.row()
         assert row["heads"] == 3 and row["group ablated"] == res.ablated.accuracy
         assert res.to_json()["head_list"] == [list(h) for h in c.groups["value_fetcher"]]
@@ -417,7 +434,7 @@ class TestNecessity:
         assert res.ablated.accuracy == nothing.accuracy
         # every draw of 15 of 15 heads is the group itself; no head is left outside the circuit
         assert [e.accuracy for e in res.random_any] == [res.ablated.accuracy] * 2
-        assert res.random_outside == [] and not res.far_more("outside")
+        assert res.random_outside == [] and not res.far_more("outside") and not res.is_necessary()
         assert math.isnan(res.random_drop("outside"))
 
     def test_errors(self, lm, batch, means):

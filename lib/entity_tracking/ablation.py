@@ -17,16 +17,16 @@ than the three *vital* ones all heads are ablated, and at a vital position every
 not in the circuit group acting there is ablated (Value Fetchers and Position Transmitters at
 the last token, Position Detectors at the query label, Structure Readers at the query label's
 earlier occurrence in the context). F(M) is the model's own accuracy, nothing ablated, and
-F(∅) the accuracy with every head ablated everywhere. **Necessity** asks the converse of
-faithfulness for one group: mean-ablate its heads at every position and compare the accuracy lost
-with that lost to as many random heads -- drawn from the whole model, and from the heads outside
-the circuit (in a small model, random heads drawn from all of them often *are* circuit heads).
-**Faithfulness** is F(C)/F(M): how much of
-the model's behaviour the circuit alone recovers; a random circuit of the same group sizes is the
-baseline. Its converse, :func:`outside_at_positions`, leaves the non-vital positions intact and
-ablates only the heads outside the circuit at the vital ones -- one position at a time, it shows
-where a circuit misses heads the model needs. **Completeness** (Wang et al. 2022) asks whether the circuit holds *all* the
-mechanism: remove a subset K of the circuit from both the circuit and the full model and compare,
+F(∅) the accuracy with every head ablated everywhere. **Faithfulness** is F(C)/F(M): how much
+of the model's behaviour the circuit alone recovers; a random circuit of the same group sizes is
+the baseline. Its converse, :func:`outside_at_positions`, leaves the non-vital positions intact
+and ablates only the heads outside the circuit at the vital ones; one position at a time
+(:func:`shortfall_by_position`), it shows where a circuit misses heads the model needs.
+**Necessity** asks, for one group, the opposite question: mean-ablate its heads at every position
+and compare the accuracy lost with that lost to as many random heads -- drawn from the whole model,
+and from the heads outside the circuit (in a small model, random heads drawn from all of them
+often *are* circuit heads). **Completeness** (Wang et al. 2022) asks whether the circuit holds
+*all* the mechanism: remove a subset K of the circuit from both the circuit and the full model and compare,
 |F(C\\K) - F(M\\K)|, where F(M\\K) mean-ablates only K's heads at their group's position; a circuit
 missing redundant backup heads would collapse under C\\K while M\\K is carried by the backups.
 **Minimality** asks whether every head is needed: for head v, K is the top share of its group
@@ -98,6 +98,7 @@ __all__ = [
     "pruner",
     "random_circuit",
     "random_circuits",
+    "shortfall_by_position",
 ]
 
 #: A circuit position meaning "every token" (see :func:`full_circuit`).
@@ -240,10 +241,14 @@ def compute_means(lm, prompts, *, batch_size: int = 32, progress: bool = True) -
 # --------------------------------------------------------------------------------------------
 
 
+def _every_head(arch) -> list[Head]:
+    return [(layer, h) for layer in range(arch.n_layers) for h in range(arch.n_heads)]
+
+
 def full_circuit(arch, model: str = "") -> Circuit:
     """Every head in every group, each group at :data:`ALL_POSITIONS`: nothing is ablated, so
     its circuit performance is the full model's accuracy F(M)."""
-    heads = [(layer, h) for layer in range(arch.n_layers) for h in range(arch.n_heads)]
+    heads = _every_head(arch)
     return Circuit(model, {g: list(heads) for g in GROUPS}, positions={g: ALL_POSITIONS for g in GROUPS},
                    meta={"kind": "full"})
 
@@ -267,13 +272,28 @@ def outside_at_positions(arch, circuit: Circuit, positions: Optional[Iterable[st
         if unknown:
             raise AblationError(f"positions {unknown} are not positions of circuit '{circuit.model}' ({keys})")
         keys = [p for p in keys if p in wanted]
-    heads = [(layer, h) for layer in range(arch.n_layers) for h in range(arch.n_heads)]
+    heads = _every_head(arch)
     groups: dict[str, list[Head]] = {g: [] for g in GROUPS}
     for pos in keys:
         inside = {tuple(h) for g in GROUPS if circuit.positions[g] == pos for h in circuit.groups[g]}
         first = next(g for g in GROUPS if circuit.positions[g] == pos)
         groups[first] = [h for h in heads if h not in inside]
     return Circuit(circuit.model, groups, dict(circuit.positions), meta={"kind": "outside", "positions": keys})
+
+
+def shortfall_by_position(lm, prompts, means: MeanActivations, circuit: Circuit, *, batch_size: int = 32,
+                          progress: bool = True) -> list[dict[str, Any]]:
+    """Where ``circuit`` falls short in ``lm``: rows ``{"setting", "heads_ablated", "evaluation"}``
+    for F(M), the paper's F(C), the heads outside the circuit ablated at each of its positions
+    alone (``setting`` = the position key; everything else intact), and at all of them
+    (``"all vital positions"``). ``heads_ablated`` is ``None`` for F(M) and F(C)."""
+    keys = [p for p in dict.fromkeys(circuit.positions[g] for g in GROUPS) if p != ALL_POSITIONS]
+    outside = {k: outside_at_positions(lm.arch, circuit, [k]) for k in keys}
+    outside["all vital positions"] = outside_at_positions(lm.arch, circuit)
+    settings = [("F(M)", None, Ablation(label="F(M)")), ("F(C)", None, Ablation(keep=circuit, label="F(C)"))]
+    settings += [(k, o.n_heads, Ablation(ablate=o, label=f"outside at {k}")) for k, o in outside.items()]
+    evs = evaluate(lm, prompts, means, [a for _, _, a in settings], batch_size=batch_size, progress=progress)
+    return [{"setting": k, "heads_ablated": n, "evaluation": e} for (k, n, _), e in zip(settings, evs)]
 
 
 def _sites(circuit: Circuit) -> list[tuple[str, Head]]:
@@ -797,6 +817,11 @@ class NecessityResult:
         r = self.random_drop(baseline)
         return bool(r == r and self.drop > factor * r + margin)
 
+    def is_necessary(self) -> bool:
+        """The group is necessary: it costs "far more" than random heads outside the circuit
+        (:meth:`far_more`) and more than random heads of the whole model."""
+        return self.far_more("outside") and self.drop > self.random_drop("any")
+
     def row(self) -> dict[str, Any]:
         """One table row (the circuit chapter's)."""
         return {"model": self.model, "group": self.group, "heads": len(self.heads),
@@ -809,7 +834,7 @@ class NecessityResult:
                 "random_outside_accuracies": [e.accuracy for e in self.random_outside],
                 "random_any_accuracies": [e.accuracy for e in self.random_any],
                 "n_examples": self.full.n, "far_more_than_outside": self.far_more("outside"),
-                "far_more_than_any": self.far_more("any")}
+                "far_more_than_any": self.far_more("any"), "necessary": self.is_necessary()}
 
 
 def necessity(lm, prompts, means: MeanActivations, circuit: Circuit, group: str = "value_fetcher", *,
