@@ -138,13 +138,24 @@ class TestScoresByConstruction:
         grouped = PP.step_scores(gqa, pg, "position_detector", RECEIVERS["position_detector"])
         assert (single - grouped).abs().max() > 1e-4
 
-    def test_top_heads(self):
+    def test_top_heads_paper_rule_takes_k_heads_whatever_their_sign(self):
         s = torch.tensor([[0.1, -0.5], [-0.2, -0.5]])
         assert PP.top_heads(s, 2) == [(0, 1), (1, 1)]
         assert PP.top_heads(s, 3) == [(0, 1), (1, 1), (1, 0)]
-        # only heads that lower p(correct) qualify: a zero (cannot reach) or positive score never does
-        assert PP.top_heads(s, 10) == [(0, 1), (1, 1), (1, 0)]
-        assert PP.top_heads(torch.zeros(2, 3), 4) == []
+        # fewer than k negative: the reference's rule fills the group with positive-score heads
+        assert PP.top_heads(s, 4) == [(0, 1), (1, 1), (1, 0), (0, 0)]
+        assert PP.top_heads(s, 10) == [(0, 1), (1, 1), (1, 0), (0, 0)]
+        assert PP.top_heads(torch.tensor([[0.3, 0.1], [0.2, 0.4]]), 2) == [(0, 1), (1, 0)]
+        assert PP.top_heads(torch.zeros(2, 3), 2) == [(0, 0), (0, 1)]
+
+    def test_top_heads_negative_rule_keeps_only_negative_scores(self):
+        s = torch.tensor([[0.1, -0.5], [-0.2, -0.5]])
+        assert PP.top_heads(s, 2, "negative") == [(0, 1), (1, 1)]
+        # a zero (cannot reach) or positive score never qualifies
+        assert PP.top_heads(s, 10, "negative") == [(0, 1), (1, 1), (1, 0)]
+        assert PP.top_heads(torch.zeros(2, 3), 4, "negative") == []
+        with pytest.raises(ValueError, match="unknown selection rule 'neg'"):
+            PP.top_heads(s, 2, "neg")
 
     def test_pooled_metric_is_not_dominated_by_confidently_wrong_prompts(self, dirs):
         """A head that cuts p(correct) 0.9 -> 0.1 on a right prompt and lifts 0.001 -> 0.01 on a
@@ -190,7 +201,7 @@ class TestDiscoverCircuit:
                                                              "position_detector": 2},
                                 circuit_k={"value_fetcher": 5, "position_transmitter": 2, "position_detector": 3,
                                            "structure_reader": 2},
-                                prune=prune, progress=False, verbose=False, batch_size=4)
+                                prune=prune, selection="negative", progress=False, verbose=False, batch_size=4)
         cand = seen[0]
         assert len(cand.groups["position_transmitter"]) == 2
         assert not set(cand.groups["value_fetcher"]) & set(cand.groups["position_transmitter"])
@@ -200,16 +211,61 @@ class TestDiscoverCircuit:
             m = torch.tensor(c.scores[g])
             assert m.shape == (2, 4)
             assert len(cand.groups[g]) <= k[g]
-            assert cand.groups[g] == [h for h in PP.top_heads(m, 10) if h in cand.groups[g]]
+            assert cand.groups[g] == [h for h in PP.top_heads(m, 10, "negative") if h in cand.groups[g]]
             assert all(m[h] < 0 for h in cand.groups[g]), g
             recv = c.meta["receivers"][g]
             if PP.STEPS[g].receivers_from and not recv:  # nothing to score through: no group either
                 assert torch.equal(m, torch.zeros(2, 4)) and cand.groups[g] == []
         vf = torch.tensor(c.scores["value_fetcher"])
-        assert c.meta["receivers"]["position_transmitter"] == [list(h) for h in PP.top_heads(vf, 3)]
+        assert c.meta["receivers"]["position_transmitter"] == [list(h) for h in PP.top_heads(vf, 3, "negative")]
         assert c.meta["n_examples"] == N_EX and c.meta["kernel"] == "fast"
         back = Circuit.load(c.save(tmp_path / "c.json"))
         assert back.groups == c.groups and back.scores == c.scores
+
+    @pytest.mark.parametrize("selection", PP.SELECTIONS)
+    def test_selection_rules(self, dirs, selection):
+        lm = model(dirs, "llama-mha")
+        c = PP.discover_circuit(lm, encode(lm), receivers_k={"value_fetcher": 3, "position_transmitter": 2,
+                                                             "position_detector": 2},
+                                circuit_k={g: 3 for g in GROUPS}, drop_vf_pt_overlap=False, selection=selection,
+                                progress=False, verbose=False, batch_size=4)
+        assert c.meta["selection"] == selection
+        for g in GROUPS:
+            m = torch.tensor(c.scores[g])
+            assert c.groups[g] == PP.top_heads(m, 3, selection), g
+            if selection == "paper":
+                assert len(c.groups[g]) == 3, g
+            else:
+                assert all(m[h] < 0 for h in c.groups[g]), g
+            recv = c.meta["receivers"][g]
+            if PP.STEPS[g].receivers_from and not recv:  # nothing to score through: no group either
+                assert selection == "negative"
+                assert torch.equal(m, torch.zeros(2, 4)) and c.groups[g] == []
+
+    @pytest.mark.parametrize("selection,runs", [("paper", True), ("negative", False)])
+    def test_a_step_after_an_all_positive_group(self, dirs, monkeypatch, selection, runs):
+        """Every Value Fetcher scores above zero: the paper's rule still takes the k lowest as the
+        Transmitter step's receivers and runs it; ours has no receivers and scores zeros."""
+        lm = model(dirs, "llama-mha")
+        calls, real = [], PP.step_scores
+
+        def fake(lm_, pp, step, receivers=(), **kw):
+            calls.append((step, list(receivers)))
+            if step == "value_fetcher":
+                return torch.tensor([[0.5, 0.4, 0.3, 0.2], [0.9, 0.8, 0.7, 0.1]])
+            return real(lm_, pp, step, receivers, **kw)
+
+        monkeypatch.setattr(PP, "step_scores", fake)
+        c = PP.discover_circuit(lm, encode(lm), receivers_k={"value_fetcher": 2}, selection=selection,
+                                progress=False, verbose=False, batch_size=4)
+        stepped = dict(calls)
+        assert ("position_transmitter" in stepped) == runs
+        if runs:
+            assert stepped["position_transmitter"] == [(1, 3), (0, 3)]
+            assert torch.tensor(c.scores["position_transmitter"]).abs().max() > 0
+        else:
+            assert c.meta["receivers"]["position_transmitter"] == []
+            assert c.groups["value_fetcher"] == c.groups["position_transmitter"] == []
 
     def test_records_are_encoded_with_the_model_tokenizer(self, dirs):
         lm = model(dirs, "llama-mha")

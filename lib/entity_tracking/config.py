@@ -229,6 +229,13 @@ class CircuitSpec(_Strict):
                     "or 'pooled', the relative change of the mean p(correct) (robust when the model is "
                     "often confidently wrong)",
     )
+    selection: Literal["paper", "negative"] = Field(
+        "paper",
+        description="how a step's scores become a group: 'paper', the reference's k lowest scores whatever "
+                    "their sign (every step runs from its k receivers), or 'negative', only heads whose score "
+                    "is below zero (a group may come out smaller, or empty, and a step after an empty group "
+                    "finds nothing)",
+    )
     n_examples: Optional[int] = Field(None, ge=1, description="path-patching pairs used (default: all of data.n_path_patching)")
     receivers: dict[str, int] = Field(
         default_factory=lambda: {"value_fetcher": 20, "position_transmitter": 5, "position_detector": 10},
@@ -262,15 +269,38 @@ class DCMSpec(_Strict):
     batch_size: int = Field(32, ge=1)
     eval_every: int = Field(4, ge=1)
     relaxation: Literal["clamp", "sigmoid"] = "clamp"
-    n_resamples: int = Field(10, ge=1, description="resamplings of the per-model semantics")
-    sample_size: int = Field(500, ge=1)
+    n_resamples: int = Field(10, ge=1, description="runs of the per-model semantics (mean and std over them)")
+    sample_size: int = Field(500, ge=1, description="pairs per run of the per-model semantics")
+    semantics_pairs: Literal["fresh", "bootstrap"] = Field(
+        "fresh",
+        description="'fresh': every run draws sample_size new pairs from the desideratum generator, as the "
+                    "reference code does; 'bootstrap': runs resample the stored test split with replacement",
+    )
 
 
 class CMAPSpec(_Strict):
-    """Cross-model activation patching (paper-methods §5)."""
+    """Cross-model activation patching (paper-methods §5; :mod:`entity_tracking.cmap`)."""
 
     batch_size: int = Field(32, ge=1)
     n_bootstrap: int = Field(1000, ge=10)
+    circuit: Literal["own", "base"] = Field(
+        "own",
+        description="whose heads are patched from each fine-tuned model: 'own' = that model's own circuit and "
+                    "the DCM heads learned on it in that model, as the paper's final CMAP; 'base' = the base "
+                    "model's circuit and DCM heads, the same for every fine-tune",
+    )
+    input_kv_positions: Literal["before", "through"] = Field(
+        "before",
+        description="input CMAP patches a head's keys/values at the positions strictly before its own "
+                    "('before', the paper's reference code) or up to and including its own ('through', ours)",
+    )
+    input_restore: Literal["before_last", "others"] = Field(
+        "before_last",
+        description="after an input-CMAP patch, every head output before the last position goes back to the "
+                    "base model's ('before_last', the paper's reference code), or the patched layers' head "
+                    "outputs everywhere except each patched head at its own position ('others', ours; with "
+                    "'through', q+k+v input CMAP then equals output CMAP)",
+    )
 
 
 class Profile(_Strict):

@@ -16,7 +16,10 @@ head ``(l, h)`` at a sender position ``p_s``:
 
 The score of the sender is the mean over examples of ``(p_patched - p_clean) / p_clean``, where
 ``p`` is the probability (softmax over the whole vocabulary) of the correct object at the last
-token (``metric="relative"``, the paper's). Heads with the **most negative** scores carry the path.
+token (``metric="relative"``, the paper's). Heads with the **most negative** scores carry the path:
+the paper takes the ``k`` lowest scores of a step as its group whatever their sign
+(``selection="paper"``, the default); ``selection="negative"`` (ours) keeps only scores below
+zero, so a model without the path gets a smaller or empty group (:func:`top_heads`).
 The paper's mean of ratios suits a model that is rarely confidently wrong. On one that often is
 (the CPU organism gives the answer less than 5% probability in a quarter of its prompts), those
 prompts dominate the mean: a head whose patch moves 0.001 to 0.01 scores +9 there and outweighs
@@ -108,6 +111,7 @@ __all__ = [
     "STEPS",
     "CostEstimate",
     "PathPatcher",
+    "SELECTIONS",
     "Step",
     "discover_circuit",
     "estimate_cost",
@@ -119,6 +123,8 @@ __all__ = [
 METHODS = ("fast", "naive")
 #: Path-patching scores: the paper's mean relative change, or the relative change of the mean.
 METRICS = ("relative", "pooled")
+#: Group selection: the paper's k lowest scores whatever their sign, or only negative scores (ours).
+SELECTIONS = ("paper", "negative")
 Head = tuple[int, int]
 
 
@@ -794,16 +800,27 @@ def step_scores(lm: Any, pairs: Any, step: str, receivers: Sequence[Head] = (), 
                      s.receiver_site, method, label=step)
 
 
-def top_heads(scores: torch.Tensor, k: int) -> list[Head]:
-    """The ``k`` heads with the most negative scores, most negative first (ties: lower index).
+def top_heads(scores: torch.Tensor, k: int, selection: str = "paper") -> list[Head]:
+    """The ``k`` heads with the lowest scores, most negative first (ties: lower index).
 
-    Only heads whose score is below zero qualify: a head that cannot reach the receivers scores
-    exactly 0, and one whose patch *raises* the correct answer's probability does not carry it,
-    so neither belongs to a group however few heads score below zero. (The reference code took
-    the top ``k`` whatever their sign, which fills a group of a model without that path with
-    arbitrary heads.)"""
+    ``selection="paper"`` is the reference code's rule (``compute_topk_components(...,
+    largest=False)``): the ``k`` lowest scores whatever their sign, so a group always has ``k``
+    heads, positive-score ones included when fewer than ``k`` score below zero.
+    ``selection="negative"`` (ours) keeps only heads whose score is below zero: a head that
+    cannot reach the receivers scores exactly 0, and one whose patch *raises* the correct
+    answer's probability does not carry it, so a group can come out smaller than ``k``, or empty.
+
+    >>> top_heads(torch.tensor([[0.2, -0.1], [0.0, 0.3]]), 2)
+    [(0, 1), (1, 0)]
+    >>> top_heads(torch.tensor([[0.2, -0.1], [0.0, 0.3]]), 2, "negative")
+    [(0, 1)]
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection rule {selection!r}; rules are {list(SELECTIONS)}")
     flat = torch.as_tensor(scores).flatten()
-    k = max(0, min(int(k), int((flat < 0).sum())))
+    k = max(0, min(int(k), flat.numel()))
+    if selection == "negative":
+        k = min(k, int((flat < 0).sum()))
     order = torch.sort(flat, stable=True).indices[:k]
     n_heads = scores.shape[1]
     return [(int(i) // n_heads, int(i) % n_heads) for i in order]
@@ -820,6 +837,7 @@ def discover_circuit(
     drop_vf_pt_overlap: bool = True,
     prune: Optional[Callable[[Circuit], Circuit]] = None,
     metric: str = "relative",
+    selection: str = "paper",
     batch_size: int = 32,
     max_rows: Optional[int] = None,
     progress: bool = True,
@@ -838,12 +856,18 @@ def discover_circuit(
             :mod:`entity_tracking.ablation`); ``None`` returns the candidates.
         metric: ``"relative"`` (the paper's) or ``"pooled"`` (:class:`PathPatcher`); ignored
             when ``pairs`` is a :class:`PathPatcher`, which has its own.
+        selection: how a step's scores become a group (:func:`top_heads`): ``"paper"`` (the
+            reference's k lowest scores, whatever their sign; every step runs from its k
+            receivers) or ``"negative"`` (ours: negative scores only; a step whose receiver
+            group came out empty scores zeros and finds nothing).
 
     Returns:
         a :class:`~entity_tracking.circuit.Circuit` whose ``scores[group]`` are the score maps
         ``[n_layers][n_heads]`` (nested lists) and whose ``meta`` records the parameters,
         each step's receivers, the dataset size and the method.
     """
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection rule {selection!r}; rules are {list(SELECTIONS)}")
     pp = _patcher_for(lm, pairs, batch_size=batch_size, max_rows=max_rows, progress=progress, verbose=verbose,
                       metric=metric)
     a = pp.arch
@@ -855,13 +879,13 @@ def discover_circuit(
     used_receivers: dict[str, list[Head]] = {}
     for g in GROUPS:
         s = STEPS[g]
-        recv = top_heads(scores[s.receivers_from], rk[s.receivers_from]) if s.receivers_from else []
+        recv = top_heads(scores[s.receivers_from], rk[s.receivers_from], selection) if s.receivers_from else []
         used_receivers[g] = recv
-        if s.receivers_from and not recv:  # the previous group is empty: no path to score
+        if s.receivers_from and not recv:  # "negative" only: the previous group is empty, no path to score
             scores[g] = torch.zeros(a.n_layers, a.n_heads)
             continue
         scores[g] = step_scores(lm, pp, g, recv, method=method)
-    groups = {g: top_heads(scores[g], ck[g]) for g in GROUPS}
+    groups = {g: top_heads(scores[g], ck[g], selection) for g in GROUPS}
     if drop_vf_pt_overlap:
         pt = set(groups["position_transmitter"])
         groups["value_fetcher"] = [h for h in groups["value_fetcher"] if h not in pt]
@@ -874,6 +898,7 @@ def discover_circuit(
             "method": "path_patching",
             "kernel": method,
             "metric": pp.metric,
+            "selection": selection,
             "receivers_k": {k: int(v) for k, v in rk.items()},
             "circuit_k": {k: int(v) for k, v in ck.items()},
             "drop_vf_pt_overlap": drop_vf_pt_overlap,
