@@ -21,6 +21,7 @@ from entity_tracking.ablation import (
     Ablation,
     AblationError,
     MeanActivations,
+    Evaluation,
     bootstrap,
     circuit_performance,
     completeness,
@@ -491,6 +492,23 @@ class TestMinimality:
         res = minimality(lm, batch, means, c, groups=["structure_reader"], threshold=math.inf, progress=False)
         assert [h.group for h in res.heads] == ["structure_reader"]
         assert res.pruned.groups["value_fetcher"] == c.groups["value_fetcher"]
+
+
+    def test_records_f_of_c_and_keeps_the_candidates_when_it_is_not_above_chance(self, lm, batch, means):
+        c = _circuit()
+        res = minimality(lm, batch, means, c, threshold=math.inf, progress=False)  # prunes every head
+        assert torch.equal(res.circuit_accuracy.correct, circuit_performance(lm, batch, means, c).correct)
+        assert all(not res.pruned.groups[g] for g in GROUPS)
+        n = res.circuit_accuracy.n
+        for n_correct, boxes, measurable in [(n, 7, True), (0, 7, False), (n // 2, 2, False), (n // 2, 26, True)]:
+            res.circuit_accuracy = Evaluation("F(C)", torch.arange(n) < n_correct, torch.zeros(n, dtype=torch.long))
+            assert res.measurable(boxes) is measurable, (n_correct, boxes)
+            kept = res.chosen(boxes)
+            assert kept.groups == (res.pruned.groups if measurable else c.groups)
+            info = kept.meta["minimality"]
+            assert info["measurable"] is measurable and kept.meta["pruned"] is measurable
+            assert info["chance"] == pytest.approx(1 / boxes)
+            assert info["circuit_accuracy"]["value"] == pytest.approx(n_correct / n)
 
 
 class TestBootstrap:

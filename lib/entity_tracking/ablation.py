@@ -67,6 +67,7 @@ import torch
 
 from .circuit import GROUPS, Circuit, Head
 from .data import encode_prompts
+from .verdicts import chance, minimality_measurable
 
 __all__ = [
     "ALL_POSITIONS",
@@ -1004,7 +1005,8 @@ class HeadMinimality:
 
 @dataclass
 class MinimalityResult:
-    """Per-head minimality scores and the circuit pruned to the heads that pass."""
+    """Per-head minimality scores, the circuit pruned to the heads that pass, and F(C) of the
+    unpruned circuit on the same prompts (``circuit_accuracy``)."""
 
     circuit: Circuit
     pruned: Circuit
@@ -1012,10 +1014,30 @@ class MinimalityResult:
     pair_accuracy: dict[str, torch.Tensor]
     top_fraction: float
     threshold: float
+    circuit_accuracy: Evaluation
 
     @property
     def scores(self) -> dict[tuple[str, Head], float]:
         return {(h.group, h.head): h.score for h in self.heads}
+
+    def measurable(self, num_boxes: int, *, n_resamples: int = 1000, seed: int = 0) -> bool:
+        """Whether the drops mean anything: F(C) above chance with its 95% interval
+        (:func:`entity_tracking.verdicts.minimality_measurable`)."""
+        low = self.circuit_accuracy.estimate(n_resamples=n_resamples, seed=seed).low
+        return minimality_measurable(low, num_boxes)
+
+    def chosen(self, num_boxes: int, **kw) -> Circuit:
+        """The circuit the book keeps: the pruned one when minimality is :meth:`measurable`,
+        else the unpruned candidates. Its ``meta["minimality"]`` says which, with F(C)."""
+        ok = self.measurable(num_boxes, **kw)
+        est = self.circuit_accuracy.estimate(**kw)
+        kept = self.pruned if ok else self.circuit
+        meta = {**self.pruned.meta, "pruned": ok}
+        meta["minimality"] = {**meta.get("minimality", {}), "measurable": ok, "circuit_accuracy": est.as_dict(),
+                              "chance": chance(num_boxes),
+                              "decision": "pruned" if ok else "kept the candidates: F(C) is not above chance"}
+        return Circuit(kept.model, {g: list(kept.groups[g]) for g in GROUPS}, dict(kept.positions),
+                       dict(kept.scores), meta)
 
     def summary(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[tuple[str, Head], Estimate]:
         return {(h.group, h.head): h.estimate(n_resamples=n_resamples, seed=seed, level=level) for h in self.heads}
@@ -1027,6 +1049,8 @@ class MinimalityResult:
             "heads": [{"group": h.group, "head": list(h.head), "removed": [list(x) for x in h.removed],
                        "before": h.before.accuracy, "after": h.after.accuracy,
                        "score": h.score, "kept": h.kept} for h in self.heads],
+            "circuit_accuracy": self.circuit_accuracy.accuracy,
+            "n_examples": self.circuit_accuracy.n,
             "pruned": self.pruned.to_json(),
         }
 
@@ -1060,15 +1084,15 @@ def minimality(lm, prompts, means: MeanActivations, circuit: Circuit, *, top_fra
     def minus(g: str, heads: Iterable[Head], label: str) -> Ablation:
         return Ablation(keep=circuit, ablate=Circuit("K", {g: list(heads)}, dict(circuit.positions)), label=label)
 
-    # 1. pairwise ablations, all groups in one batched evaluation
-    pair_settings, index = [], []
+    # 1. pairwise ablations, all groups in one batched evaluation (first: F(C) itself)
+    pair_settings, index = [Ablation(keep=circuit, label="F(C)")], []
     for g in todo:
         hs = circuit.groups[g]
         for i in range(len(hs)):
             for j in range(i, len(hs)):
                 pair_settings.append(minus(g, list(dict.fromkeys([hs[i], hs[j]])), f"F(C\\{{{hs[i]},{hs[j]}}})"))
                 index.append((g, i, j))
-    evs = evaluate(lm, prompts, means, pair_settings, **kw)
+    f_c, *evs = evaluate(lm, prompts, means, pair_settings, **kw)
     pair = {g: torch.zeros(len(circuit.groups[g]), len(circuit.groups[g])) for g in todo}
     for (g, i, j), e in zip(index, evs):
         pair[g][i, j] = pair[g][j, i] = e.accuracy
@@ -1092,9 +1116,9 @@ def minimality(lm, prompts, means: MeanActivations, circuit: Circuit, *, top_fra
     new_groups = {g: [h for h in circuit.groups[g] if g not in todo or (g, h) in kept] for g in GROUPS}
     meta = dict(circuit.meta)
     meta["minimality"] = {"top_fraction": top_fraction, "threshold": threshold, "groups": todo,
-                          "n_examples": evs[0].n if evs else 0}
+                          "n_examples": f_c.n}
     pruned = Circuit(circuit.model, new_groups, dict(circuit.positions), dict(circuit.scores), meta)
-    return MinimalityResult(circuit, pruned, heads, pair, top_fraction, threshold)
+    return MinimalityResult(circuit, pruned, heads, pair, top_fraction, threshold, f_c)
 
 
 def pruner(lm, prompts, means: MeanActivations, **kw) -> Callable[[Circuit], Circuit]:
