@@ -67,7 +67,7 @@ import torch
 
 from .circuit import GROUPS, Circuit, Head
 from .data import encode_prompts
-from .verdicts import chance, minimality_measurable
+from .verdicts import BEYOND_RANDOM_MARGIN, NECESSITY_FACTOR, NECESSITY_MARGIN, chance, minimality_measurable
 
 __all__ = [
     "ALL_POSITIONS",
@@ -812,11 +812,17 @@ class NecessityResult:
             raise ValueError(f"baseline must be 'outside' or 'any', got {baseline!r}")
         return self.full.accuracy - self._mean(self.random_outside if baseline == "outside" else self.random_any)
 
-    def far_more(self, baseline: str = "outside", factor: float = 2.0, margin: float = 0.1) -> bool:
+    def far_more(self, baseline: str = "outside", factor: float = float(NECESSITY_FACTOR),
+                 margin: float = float(NECESSITY_MARGIN)) -> bool:
         """The group costs "far more" than random heads: ``drop > factor * random_drop + margin``
-        (false when the baseline could not be drawn)."""
+        (false when the baseline could not be drawn; the defaults are :mod:`entity_tracking.verdicts`')."""
         r = self.random_drop(baseline)
         return bool(r == r and self.drop > factor * r + margin)
+
+    def beyond_random(self, baseline: str = "outside") -> bool:
+        """The group costs more than random heads by :data:`entity_tracking.verdicts.BEYOND_RANDOM_MARGIN`."""
+        r = self.random_drop(baseline)
+        return bool(r == r and self.drop > r + float(BEYOND_RANDOM_MARGIN))
 
     def is_necessary(self) -> bool:
         """The group is necessary: it costs "far more" than random heads outside the circuit

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .circuit import GROUPS, Circuit
+
 __all__ = [
     "BEYOND_RANDOM_MARGIN",
     "CMAP_RECOVERY",
@@ -36,6 +38,9 @@ __all__ = [
     "NECESSITY_MARGIN",
     "Threshold",
     "chance",
+    "circuit_claim",
+    "exceeds",
+    "groups_found",
     "minimality_measurable",
 ]
 
@@ -119,3 +124,30 @@ def minimality_measurable(circuit_low: float, num_boxes: int) -> bool:
     -- those ratios compare noise with noise, so minimality cannot say which heads matter and
     the circuit keeps its candidates."""
     return circuit_low > chance(num_boxes)
+
+
+def groups_found(circuit: Circuit) -> list[str]:
+    """The groups of a :class:`~entity_tracking.circuit.Circuit` that carry their path: at least
+    one of their heads has a path-patching score below zero. (Under the paper's selection every
+    group has k heads; a group of heads that cannot lower p(correct) is a group in name only.)"""
+    return [g for g in GROUPS
+            if any(circuit.scores.get(g) and circuit.scores[g][l][h] < 0 for l, h in circuit.groups[g])]
+
+
+def circuit_claim(n_groups_found: int, necessary: bool, beyond_random: bool) -> Holds:
+    """"The base model has a four-group circuit whose Value Fetchers are necessary": holds with all
+    four groups (:data:`GROUP_COUNT`) and necessary Value Fetchers; partly with necessary Value
+    Fetchers, or with some group and Value Fetchers that cost more than random heads
+    (:data:`BEYOND_RANDOM_MARGIN`); else does not hold."""
+    if GROUP_COUNT(n_groups_found) == "holds" and necessary:
+        return "holds"
+    return "partly" if necessary or (n_groups_found > 0 and beyond_random) else "does not hold"
+
+
+def exceeds(ours: dict, reference: dict) -> Holds:
+    """One accuracy beats another (``{"value", "low", "high"}`` estimates with 95% intervals):
+    holds when the intervals do not overlap (``ours.low > reference.high``), partly when only
+    the point estimate is higher, else does not hold."""
+    if ours["low"] > reference["high"]:
+        return "holds"
+    return "partly" if ours["value"] > reference["value"] else "does not hold"
