@@ -21,6 +21,7 @@ from entity_tracking.ablation import (
     Ablation,
     AblationError,
     MeanActivations,
+    NecessityResult,
     Evaluation,
     bootstrap,
     circuit_performance,
@@ -426,6 +427,26 @@ class TestNecessity:
         row = res.row()
         assert row["heads"] == 3 and row["group ablated"] == res.ablated.accuracy
         assert res.to_json()["head_list"] == [list(h) for h in c.groups["value_fetcher"]]
+
+    def test_effect_size_interval_over_prompts_and_draws(self):
+        n = 40
+        ev = lambda correct: Evaluation("x", torch.as_tensor(correct, dtype=torch.bool), torch.zeros(n, dtype=torch.long))
+        full = ev([True] * n)
+        ablated = ev([i % 4 == 0 for i in range(n)])  # 0.25
+        same = [ev([i % 10 != 0 for i in range(n)])] * 2  # 0.9, twice
+        spread = [ev([True] * n), ev([i % 5 != 0 for i in range(n)])]  # 1.0 and 0.8: mean 0.9
+        a = NecessityResult("m", "value_fetcher", [(0, 0)], full, ablated, [], same)
+        b = NecessityResult("m", "value_fetcher", [(0, 0)], full, ablated, [], spread)
+        for r in (a, b):
+            e = r.effect("outside", n_resamples=500)
+            assert e.value == pytest.approx(r.drop - r.random_drop("outside")) and e.value == pytest.approx(0.65)
+            assert e.low < e.value < e.high and e.low > 0
+        # resampling the draws widens the interval when the draws disagree
+        wa, wb = (r.effect(n_resamples=2000) for r in (a, b))
+        assert wb.high - wb.low > wa.high - wa.low
+        assert math.isnan(r.effect("any").value)  # no draws from the whole model
+        with pytest.raises(ValueError, match="baseline must be"):
+            r.effect("inside")
 
     def test_every_head_is_everything_ablated_and_leaves_no_outside(self, lm, batch, means):
         every = [(layer, h) for layer in range(N_LAYERS) for h in range(N_HEADS)]

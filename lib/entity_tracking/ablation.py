@@ -819,6 +819,32 @@ class NecessityResult:
         r = self.random_drop(baseline)
         return bool(r == r and self.drop > factor * r + margin)
 
+    def effect(self, baseline: str = "outside", *, n_resamples: int = 1000, seed: int = 0,
+               level: float = 0.95) -> Estimate:
+        """The effect size ``drop - random_drop(baseline)`` (accuracy lost to the group beyond
+        what as many random heads lose) with a bootstrap interval over prompts (paired: the
+        same resampled prompts for every setting) and over the random draws. NaN when the
+        baseline could not be drawn.
+
+        With ``d`` draws the statistic of one resample is the mean accuracy of ``d`` draws
+        sampled with replacement minus the group-ablated accuracy."""
+        draws = self.random_outside if baseline == "outside" else self.random_any if baseline == "any" else None
+        if draws is None:
+            raise ValueError(f"baseline must be 'outside' or 'any', got {baseline!r}")
+        if not draws:
+            return Estimate(float("nan"), float("nan"), float("nan"), level, self.full.n)
+        d = len(draws)
+        gen = torch.Generator().manual_seed(seed + 1)
+
+        def stat(acc: torch.Tensor) -> torch.Tensor:  # acc [1 + d, R]
+            if acc.shape[1] == 1:  # the point estimate: every draw once
+                return acc[1:].mean(0) - acc[0]
+            pick = torch.randint(d, (d, acc.shape[1]), generator=gen) + 1
+            return acc.gather(0, pick).mean(0) - acc[0]
+
+        vec = torch.stack([self.ablated.correct] + [e.correct for e in draws])
+        return bootstrap(vec, stat, n_resamples=n_resamples, seed=seed, level=level)
+
     def beyond_random(self, baseline: str = "outside") -> bool:
         """The group costs more than random heads by :data:`entity_tracking.verdicts.BEYOND_RANDOM_MARGIN`."""
         r = self.random_drop(baseline)
