@@ -332,3 +332,47 @@ class TestErrors:
             pp.scores("last_position", "last_position", [], "q")
         with pytest.raises(ValueError, match="method must be one of"):
             PP.step_scores(lm, pp, "value_fetcher", method="approximate")
+
+
+class TestNull:
+    def test_shuffled_attention_scrambles_and_restores(self, dirs):
+        from entity_tracking.patching import last_logits
+
+        lm = model(dirs, "llama-gqa")
+        batch = D.encode_prompts(lm.tokenizer, D.make_eval_prompts(lm.tokenizer, 4, BOXES, seed=2))
+        before = last_logits(lm, batch)
+        weights = [m.weight.detach().clone() for l in range(lm.arch.n_layers) for m in lm.arch.attention_projections(lm, l)]
+        with PP.shuffled_attention(lm, seed=1):
+            inside = last_logits(lm, batch)
+            now = [m.weight for l in range(lm.arch.n_layers) for m in lm.arch.attention_projections(lm, l)]
+            assert all(not torch.equal(a, b) for a, b in zip(weights, now))
+            # the same values, permuted
+            assert all(torch.equal(a.flatten().sort().values, b.flatten().sort().values) for a, b in zip(weights, now))
+        assert not torch.allclose(before, inside, atol=1e-4)
+        assert torch.equal(last_logits(lm, batch), before)
+        with pytest.raises(RuntimeError, match="boom"):
+            with PP.shuffled_attention(lm, seed=2):
+                raise RuntimeError("boom")
+        after = [m.weight for l in range(lm.arch.n_layers) for m in lm.arch.attention_projections(lm, l)]
+        assert all(torch.equal(a, b) for a, b in zip(weights, after))
+
+    def test_null_circuit_runs_the_same_sweep_on_the_scrambled_model(self, dirs):
+        from entity_tracking.verdicts import groups_standing_out
+
+        lm = model(dirs, "llama-mha")
+        kw = dict(receivers_k={"value_fetcher": 2, "position_transmitter": 2, "position_detector": 2},
+                  circuit_k={g: 2 for g in GROUPS}, progress=False, verbose=False, batch_size=4)
+        real = PP.discover_circuit(lm, encode(lm), **kw)
+        null = PP.null_circuit(lm, encode(lm), seed=0, **kw)
+        assert null.meta["null"] == "shuffled attention" and null.meta["circuit_k"] == real.meta["circuit_k"]
+        assert null.scores != real.scores
+        again = PP.discover_circuit(lm, encode(lm), **kw)
+        assert again.scores == real.scores  # the real model is untouched
+        table = groups_standing_out(real, null)
+        for g in GROUPS:
+            low = min(real.scores[g][l][h] for l, h in real.groups[g])
+            null_low = min(x for row in null.scores[g] for x in row)
+            assert table[g]["lowest"] == low and table[g]["null_lowest"] == null_low
+            assert table[g]["stands_out"] == (low < 0 and low < null_low)
+        with pytest.raises(TypeError, match="needs the pairs"):
+            PP.null_circuit(lm, patcher(lm, encode(lm)))

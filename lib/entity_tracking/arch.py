@@ -341,6 +341,11 @@ class Arch:
     def mlp(self, root: Any, layer: int) -> Any:
         return self.module(root, "mlp", layer)
 
+    def attention_projections(self, root: Any, layer: int) -> list[torch.nn.Module]:
+        """The torch modules ``[q_proj, k_proj, v_proj, o_proj]`` of block ``layer`` (for weight edits)."""
+        model = self._torch(root)
+        return [model.get_submodule(self.path(site, layer)) for site in ("q_proj", "k_proj", "v_proj", "o_proj")]
+
     def embed(self, root: Any) -> Any:
         return self.module(root, "embed")
 

@@ -23,7 +23,8 @@ from .io import ResultsPaths, read_json, write_json
 
 __all__ = ["ChapterContext", "Verdict", "load_verdicts", "record_verdicts", "setup_chapter"]
 
-Holds = Literal["holds", "does not hold", "partly", "not run"]
+Holds = Literal["holds", "does not hold", "partly", "not run", "not testable"]
+VERDICTS: tuple[str, ...] = ("holds", "partly", "does not hold", "not testable", "not run")
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ class Verdict:
     ours: str
     holds: Holds
     chapter: str = ""
+    rule: str = ""  # the rule applied (entity_tracking.verdicts), in words
+    sample: str = ""  # the sample sizes behind it: prompts, random draws, resamples
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -98,11 +101,11 @@ def record_verdicts(ctx: ChapterContext, verdicts: Iterable[Verdict]):
     import pandas as pd
 
     rows = [dict(v.to_json(), chapter=ctx.name) for v in verdicts]
-    bad = [r for r in rows if r["holds"] not in ("holds", "does not hold", "partly", "not run")]
+    bad = [r for r in rows if r["holds"] not in VERDICTS]
     if bad:
-        raise ValueError(f"verdict 'holds' must be holds / does not hold / partly / not run, got {bad[0]['holds']!r}")
+        raise ValueError(f"verdict 'holds' must be one of {' / '.join(VERDICTS)}, got {bad[0]['holds']!r}")
     write_json(ctx.paths.metrics / "verdicts" / f"{ctx.name}.json", rows)
-    return pd.DataFrame(rows)[["claim", "statement", "paper", "ours", "holds"]]
+    return pd.DataFrame(rows)[["claim", "statement", "paper", "ours", "holds", "sample", "rule"]]
 
 
 def load_verdicts(paths: ResultsPaths) -> list[dict[str, Any]]:
@@ -133,7 +136,7 @@ def verdict_table(results_root: Path, profile: str):
     rows = load_verdicts(ResultsPaths(Path(results_root) / profile))
     tested = {r["claim"] for r in rows}
     rows += [
-        {"claim": c, "statement": text, "paper": "", "ours": "", "holds": "not run", "chapter": ""}
+        {"claim": c, "statement": text, "paper": "", "ours": "", "holds": "not run", "chapter": "", "rule": "", "sample": ""}
         for c, text in CLAIMS.items()
         if c not in tested
     ]
@@ -141,6 +144,13 @@ def verdict_table(results_root: Path, profile: str):
 
     def link(ch: str) -> str:
         return f'<a href="{html.escape(ch)}.html">{html.escape(ch)}</a>' if ch else ""
+
+    def details(r: dict) -> str:
+        sample, rule = r.get("sample", ""), r.get("rule", "")
+        if not (sample or rule):
+            return ""
+        return (f'<details><summary>{html.escape(sample or "rule")}</summary>{html.escape(rule)}</details>'
+                if rule else html.escape(sample))
 
     return pd.DataFrame(
         [
@@ -150,6 +160,7 @@ def verdict_table(results_root: Path, profile: str):
                 "the paper": html.escape(r["paper"]),
                 "ours": html.escape(r["ours"]),
                 "verdict": r["holds"],
+                "sample and rule": details(r),
                 "evidence": link(r["chapter"]),
             }
             for r in rows

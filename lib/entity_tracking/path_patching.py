@@ -83,8 +83,9 @@ minimality pruning (mean ablation) plugs in through its ``prune`` argument.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -115,6 +116,8 @@ __all__ = [
     "Step",
     "discover_circuit",
     "estimate_cost",
+    "null_circuit",
+    "shuffled_attention",
     "path_patching_scores",
     "step_scores",
     "top_heads",
@@ -915,3 +918,49 @@ def discover_circuit(
         circuit = prune(circuit)
         circuit.meta = {**circuit.meta, "pruned": True}
     return circuit
+
+
+# --------------------------------------------------------------------------------------------
+# The null: what a sweep finds in a model whose attention is scrambled
+
+
+@contextmanager
+def shuffled_attention(lm: Any, seed: int = 0) -> Iterator[Any]:
+    """Within the block, ``lm``'s attention is scrambled: the entries of every q/k/v/o projection
+    weight of every layer are randomly permuted in place (the same values, no structure). The
+    weights are restored on exit, also after an error.
+
+    Path patching on this model measures what the sweep reports when no head implements anything:
+    the scale of scores that noise alone produces (:func:`null_circuit`)."""
+    arch = lm.arch
+    gen = torch.Generator().manual_seed(seed)
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for layer in range(arch.n_layers):
+                for mod in arch.attention_projections(lm, layer):
+                    w = mod.weight
+                    saved.append((w, w.detach().to("cpu", copy=True)))
+                    perm = torch.randperm(w.numel(), generator=gen).to(w.device)
+                    w.copy_(w.detach().flatten()[perm].view_as(w))
+        yield lm
+    finally:
+        with torch.no_grad():
+            for w, orig in saved:
+                w.copy_(orig.to(w.device))
+
+
+def null_circuit(lm: Any, pairs: Any, *, seed: int = 0, **discover_kw) -> Circuit:
+    """:func:`discover_circuit` on ``lm`` with :func:`shuffled_attention` (same prompts, same
+    k, same rules): its per-step scores are the null the real sweep's groups are read against
+    (:func:`entity_tracking.verdicts.groups_standing_out`).
+
+    >>> # null = null_circuit(lm, pairs, receivers_k=spec.receivers, circuit_k=spec.candidates)
+    """
+    if isinstance(pairs, PathPatcher):
+        raise TypeError("null_circuit needs the pairs, not a PathPatcher: its clean caches belong to the real model")
+    name = discover_kw.pop("model_name", None) or getattr(lm, "name", None) or "model"
+    with shuffled_attention(lm, seed):
+        c = discover_circuit(lm, pairs, model_name=f"{name} (attention shuffled)", **discover_kw)
+    c.meta = {**c.meta, "null": "shuffled attention", "null_seed": seed}
+    return c

@@ -1,5 +1,13 @@
 """The rules behind every verdict: each threshold a chapter applies, in one place, with its reason.
 
+**Competence first.** A claim about how a model does entity tracking can only be tested on a
+model that does it. Every verdict therefore starts with :func:`competence`: the model's accuracy
+on the chapter's prompts must be above chance (``1 / num_boxes``) with its 95% interval, or the
+verdict reads ``"not testable: the model does not do the task (accuracy a [lo, hi], chance c)"``
+whatever the rest of the numbers say. A model at chance still yields four "groups" from path
+patching and random-looking ablation differences; without this check a verdict would pass on
+noise.
+
 A chapter closes by saying whether each of the paper's claims holds in its models
 (:class:`~entity_tracking.book.Verdict`). The numbers that decide it -- how faithful is
 faithful, how much of a gain is "most" -- are stated here once, each with a one-line reason,
@@ -20,7 +28,7 @@ tuned to make a claim hold.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Iterable, Literal, Mapping
 
 from .circuit import GROUPS, Circuit
 
@@ -37,14 +45,23 @@ __all__ = [
     "NECESSITY_FACTOR",
     "NECESSITY_MARGIN",
     "Threshold",
+    "COMPETENCE_RULE",
+    "Competence",
+    "NOT_TESTABLE",
     "chance",
     "circuit_claim",
+    "competence",
+    "untestable",
     "exceeds",
     "groups_found",
+    "groups_standing_out",
     "minimality_measurable",
 ]
 
-Holds = Literal["holds", "does not hold", "partly", "not run"]
+Holds = Literal["holds", "does not hold", "partly", "not run", "not testable"]
+
+#: The verdict of a claim whose model does not do the task.
+NOT_TESTABLE = "not testable"
 
 
 @dataclass(frozen=True)
@@ -151,3 +168,61 @@ def exceeds(ours: dict, reference: dict) -> Holds:
     if ours["low"] > reference["high"]:
         return "holds"
     return "partly" if ours["value"] > reference["value"] else "does not hold"
+
+
+@dataclass(frozen=True)
+class Competence:
+    """A model's accuracy on the task (``{"value", "low", "high"}``, a 95% interval over
+    ``n`` prompts) against chance; ``ok`` when the whole interval lies above chance."""
+
+    model: str
+    accuracy: Mapping[str, float]
+    n: int
+    chance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.accuracy["low"] > self.chance
+
+    def __str__(self) -> str:
+        a = self.accuracy
+        return (f"{self.model}: accuracy {a['value']:.2f} [{a['low']:.2f}, {a['high']:.2f}] on {self.n} prompts, "
+                f"chance {self.chance:.2f}")
+
+    @property
+    def reason(self) -> str:
+        """The ``ours`` text of a verdict this model cannot be tested on."""
+        a = self.accuracy
+        return (f"not testable: {self.model} does not do the task (accuracy {a['value']:.2f} "
+                f"[{a['low']:.2f}, {a['high']:.2f}], chance {self.chance:.2f})")
+
+
+def competence(model: str, evaluation: Any, num_boxes: int, *, n_resamples: int = 1000, seed: int = 0) -> Competence:
+    """:class:`Competence` of ``model`` from an :class:`~entity_tracking.ablation.Evaluation`
+    of it on the task's prompts (nothing ablated), e.g. F(M)."""
+    est = evaluation.estimate(n_resamples=n_resamples, seed=seed)
+    return Competence(model, {"value": est.value, "low": est.low, "high": est.high}, est.n, chance(num_boxes))
+
+
+COMPETENCE_RULE = "first: every model it is about does the task (accuracy above 1/boxes with its 95% interval)"
+
+
+def untestable(models: Iterable[Competence]) -> str | None:
+    """The ``ours`` text when any of ``models`` does not do the task, else None."""
+    bad = [c for c in models if not c.ok]
+    return "; ".join(c.reason for c in bad) if bad else None
+
+
+def groups_standing_out(circuit: Circuit, null: Circuit) -> dict[str, dict[str, float | bool]]:
+    """Per group: its lowest head score, the lowest score of the same step in the null sweep
+    (:func:`entity_tracking.path_patching.null_circuit`), and whether the group stands out
+    (some head of the group scores below every head of the null). A group of k heads that only
+    matches the null is what path patching returns on noise."""
+    out: dict[str, dict[str, float | bool]] = {}
+    for g in GROUPS:
+        null_scores = [x for row in null.scores.get(g, []) for x in row]
+        null_min = min(null_scores) if null_scores else float("nan")
+        ours = [circuit.scores[g][l][h] for l, h in circuit.groups[g]] if circuit.scores.get(g) else []
+        low = min(ours) if ours else float("nan")
+        out[g] = {"lowest": low, "null_lowest": null_min, "stands_out": bool(ours) and low < 0 and low < null_min}
+    return out
