@@ -1,4 +1,6 @@
-"""CMAP: identity into itself, recovery of an edited head, input (q+k+v) == output patching."""
+"""CMAP: identity into itself, recovery of an edited head, input (q+k+v) == output patching under
+ours, and input CMAP under the paper's reference semantics against an independent hook-and-loop
+implementation of the authors' ``cmap_in`` on the plain HF model."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from entity_tracking import data as D
-from entity_tracking.cmap import CMAPError, head_sets, heads_by_position, input_cmap, output_cmap
+from entity_tracking.cmap import (CMAPError, head_sets, head_sets_for, heads_by_position, input_cmap, input_sets,
+                                  output_cmap)
 from entity_tracking.circuit import Circuit
 from entity_tracking.config import ModelSpec, TinySpec
 from entity_tracking.models import build_tiny_model, load_model
@@ -48,13 +51,18 @@ def models(request, tmp_path_factory):
     return base, ft, batch
 
 
+OURS = {"kv_positions": "through", "restore": "others"}
+REFERENCE = {"kv_positions": "before", "restore": "before_last"}
+
+
 def test_into_itself_is_identity(models):
     base, _, batch = models
     clean = last_logits(base, batch)
     heads = {"last": [(0, 1), (2, 3)], "query_label": [(1, 0)], "prev_query_label": [(1, 2)]}
     assert torch.allclose(output_cmap(base, base, batch, heads), clean, atol=1e-5)
-    for sites in ("q", "k", "v", "qkv"):
-        assert torch.allclose(input_cmap(base, base, batch, heads, sites), clean, atol=1e-5), sites
+    for mode in (REFERENCE, OURS):
+        for sites in ("q", "k", "v", "qkv"):
+            assert torch.allclose(input_cmap(base, base, batch, heads, sites, **mode), clean, atol=1e-5), (mode, sites)
 
 
 def test_output_cmap_of_edited_head_everywhere_recovers_the_copy(models):
@@ -71,7 +79,7 @@ def test_output_cmap_of_edited_head_everywhere_recovers_the_copy(models):
 def test_input_qkv_equals_output_cmap(models, key, head):
     base, ft, batch = models
     out = output_cmap(base, ft, batch, {key: [head]})
-    inp = input_cmap(base, ft, batch, {key: [head]}, "qkv")
+    inp = input_cmap(base, ft, batch, {key: [head]}, "qkv", **OURS)
     assert torch.allclose(inp, out, atol=1e-5)
 
 
@@ -80,6 +88,171 @@ def test_input_cmap_changes_the_output_when_values_differ(models):
     clean = last_logits(base, batch)
     edited = base.arch.query_heads(1)[0]  # a query head reading the edited kv head
     assert not torch.allclose(input_cmap(base, ft, batch, {"last": [(1, edited)]}, "v"), clean, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's reference semantics, against the authors' cmap_in redone with plain forward hooks
+
+
+def _attn(lm, layer: int):
+    return lm.hf.model.layers[layer].self_attn
+
+
+def _reference_input_cmap(base, ft, batch, layer: int, head: int, key: str, site: str) -> torch.Tensor:
+    """The authors' ``cmap_in`` for one head and one site, on the HF modules directly: cache the
+    fine-tuned model's ``{site}_proj`` output of ``layer`` and the base model's ``o_proj`` inputs of
+    every layer; then run the base model with the head's query overwritten at its position ``p``
+    (or its key/value head's key/value at positions ``[:p]``) and every layer's ``o_proj`` input at
+    ``[:, :-1]`` overwritten with the base model's cached value. Returns last-position logits."""
+    ids = batch["input_ids"]
+    positions = [int(p) for p in batch[f"{key}_position"]]
+    arch = base.arch
+    d, group = arch.d_head, arch.n_heads // arch.n_kv_heads
+    col = head if site == "q" else head // group
+    cols = slice(col * d, (col + 1) * d)
+
+    ft_out: dict[str, torch.Tensor] = {}
+    h = getattr(_attn(ft, layer), f"{site}_proj").register_forward_hook(
+        lambda mod, args, out: ft_out.__setitem__("x", out.detach().clone()))
+    with torch.no_grad():
+        ft.hf(ids)
+    h.remove()
+
+    base_z: dict[int, torch.Tensor] = {}
+
+    def saver(l):
+        def hook(mod, args):
+            base_z[l] = args[0].detach().clone()
+        return hook
+
+    hooks = [_attn(base, l).o_proj.register_forward_pre_hook(saver(l)) for l in range(arch.n_layers)]
+    with torch.no_grad():
+        base.hf(ids)
+    for h in hooks:
+        h.remove()
+
+    def patch(mod, args, out):
+        out = out.clone()
+        for b, p in enumerate(positions):
+            if site == "q":
+                out[b, p, cols] = ft_out["x"][b, p, cols]
+            else:
+                out[b, :p, cols] = ft_out["x"][b, :p, cols]
+        return out
+
+    def restorer(l):
+        def hook(mod, args):
+            x = args[0].clone()
+            x[:, :-1] = base_z[l][:, :-1]
+            return (x, *args[1:])
+        return hook
+
+    hooks = [getattr(_attn(base, layer), f"{site}_proj").register_forward_hook(patch)]
+    hooks += [_attn(base, l).o_proj.register_forward_pre_hook(restorer(l)) for l in range(arch.n_layers)]
+    try:
+        with torch.no_grad():
+            return base.hf(ids).logits[:, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("site,key,head", [
+    ("q", "last", (2, 1)), ("k", "last", (2, 1)), ("v", "last", (2, 1)),
+    ("k", "query_label", (2, 0)), ("v", "query_label", (2, 0)),
+])
+def test_input_cmap_matches_the_reference_hooks(models, site, key, head):
+    """q-, k- and v-only input CMAP under the defaults equals the authors' procedure redone with
+    forward hooks (layer 2 reads a residual stream the edit in layer 1 changed, so its q/k/v differ)."""
+    base, ft, batch = models
+    ours = input_cmap(base, ft, batch, {key: [head]}, site)
+    ref = _reference_input_cmap(base, ft, batch, *head, key, site)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert not torch.allclose(ours, last_logits(base, batch), atol=1e-4), "the patch must do something"
+
+
+def test_reference_query_patch_before_the_last_position_does_nothing(models):
+    """Under the reference restore a head before the last position acts only through the keys and
+    values it adds to the last position; its query changes only its own (restored) output. Under
+    ours that output is kept and reaches the last position through layer 2 (the control)."""
+    base, _, batch = models
+    twin = _load("twin", Path(base.spec.local_path))  # the base model with its layer-1 queries perturbed
+    g = torch.Generator().manual_seed(5)
+    noise = 10 * torch.randn(base.arch.d_model, generator=g)
+    # a pre-hook on q_proj's input: nnsight reads q_proj's output after it (a forward hook's
+    # change to the output would reach the model's forward but not nnsight's cache)
+    h = _attn(twin, 1).q_proj.register_forward_pre_hook(lambda mod, args: (args[0] + noise, *args[1:]))
+    try:
+        clean = last_logits(base, batch)
+        reference = input_cmap(base, twin, batch, {"query_label": [(1, 0)]}, "q")
+        ours = input_cmap(base, twin, batch, {"query_label": [(1, 0)]}, "q", **OURS)
+    finally:
+        h.remove()
+    assert torch.allclose(reference, clean, atol=1e-5)
+    assert not torch.allclose(ours, clean, atol=1e-4)
+
+
+@pytest.mark.parametrize("restore", ["before_last", "others"])
+@pytest.mark.parametrize("key,head", [("last", (1, 1)), ("query_label", (1, 0))])
+def test_reference_kv_leaves_the_heads_own_position_alone(models, key, head, restore):
+    """A "fine-tuned" model that is the base model with its layer-1 keys and values perturbed at
+    exactly the head's own position ``p``: with ``kv_positions="before"`` nothing it differs in is
+    patched, so the base model comes out unchanged; with ``"through"`` the perturbation at ``p``
+    gets in (the control that this test could fail)."""
+    base, _, batch = models
+    layer = head[0]
+    twin = _load("twin", Path(base.spec.local_path))
+    positions = [int(p) for p in batch[f"{key}_position"]]
+    g = torch.Generator().manual_seed(11)
+
+    def perturb(mod, args):  # on the k_proj/v_proj input, which nnsight's read of their output follows
+        x = args[0].clone()
+        for b, p in enumerate(positions):
+            x[b, p] += 10 * torch.randn(x.shape[-1], generator=g)
+        return (x, *args[1:])
+
+    hooks = [getattr(_attn(twin, layer), f"{s}_proj").register_forward_pre_hook(perturb) for s in ("k", "v")]
+    try:
+        clean = last_logits(base, batch)
+        assert not torch.allclose(last_logits(twin, batch), clean, atol=1e-4), "the twin must differ"
+        before = input_cmap(base, twin, batch, {key: [head]}, "kv", kv_positions="before", restore=restore)
+        through = input_cmap(base, twin, batch, {key: [head]}, "kv", kv_positions="through", restore=restore)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.allclose(before, clean, atol=1e-5)
+    assert not torch.allclose(through, clean, atol=1e-4)
+
+
+def test_bad_modes_fail_clearly(models):
+    base, ft, batch = models
+    with pytest.raises(CMAPError, match="kv_positions='upto' is not one of"):
+        input_cmap(base, ft, batch, {"last": [(1, 1)]}, "k", kv_positions="upto")
+    with pytest.raises(CMAPError, match="restore='all' is not one of"):
+        input_cmap(base, ft, batch, {"last": [(1, 1)]}, "k", restore="all")
+    with pytest.raises(CMAPError, match="sites among"):
+        input_cmap(base, ft, batch, {"last": [(1, 1)]}, "qx")
+
+
+def test_head_sets_for_picks_the_circuit():
+    """'own': each fine-tune's own circuit and DCM heads; 'base': the base model's, for every fine-tune."""
+    circuits = {"base": Circuit("base", {"value_fetcher": [(1, 0)]}),
+                "ft": Circuit("ft", {"value_fetcher": [(2, 3), (1, 1)]})}
+    selections = {"base": {("value_fetcher", "object_value"): [(1, 0)]},
+                  "ft": {("value_fetcher", "object_value"): [(2, 3)]}}
+    source, sets = head_sets_for("ft", "base", "own", circuits, selections)
+    assert source == "ft"
+    assert sets == head_sets(circuits["ft"], selections["ft"])
+    assert sets["value_fetcher (DCM object_value)"] == {"last": [(2, 3)]}
+    source, sets = head_sets_for("ft", "base", "base", circuits.__getitem__, selections.__getitem__)
+    assert source == "base"
+    assert sets == head_sets(circuits["base"], selections["base"])
+    # only the chosen model is looked up: "base" needs no circuit of the fine-tune
+    assert head_sets_for("other", "base", "base", circuits, selections)[0] == "base"
+    with pytest.raises(CMAPError, match="no circuit for model 'other'"):
+        head_sets_for("other", "base", "own", circuits, selections)
+    with pytest.raises(CMAPError, match="circuit='mine' is not one of"):
+        head_sets_for("ft", "base", "mine", circuits, selections)
 
 
 def test_groups_map_to_their_positions():
@@ -102,6 +275,7 @@ def test_head_sets_leave_out_sets_with_nothing_to_patch():
         "value_fetcher (whole group)": {"last": [(1, 0), (1, 2)]},
         "position_transmitter (whole group)": {"last": [(0, 1)]},
     }
+    assert input_sets(sets) == {"value_fetcher (DCM object_value)": {"last": [(1, 2)]}}
 
 
 def test_different_head_shapes_fail_clearly(tmp_path):

@@ -13,13 +13,38 @@ There is no counterfactual prompt: the "source" is the other model.
   context). The patched vectors then pass through the **base** model's own output projection
   and everything after it.
 * **Input CMAP** patches what a head reads instead of what it writes: the fine-tuned model's
-  query of the head at its position, and/or its key and value at that position and every
-  earlier one (the positions the query attends to). Only the head's output at its own position
-  is meant to change, so, as in the paper, the patched layers' head outputs at every other
-  position are restored to the base model's values (and, under grouped-query attention, so are
-  the other query heads that share a patched key/value head). With q, k and v all patched the
-  head computes exactly the fine-tuned model's output at that position, so input CMAP of
-  ``"qkv"`` equals output CMAP of the same head (a test checks this).
+  query (``q_proj`` output) of the head at its position ``pos``, and/or its keys and values
+  (``k_proj``/``v_proj`` outputs) at earlier positions. Two variants differ in which key/value
+  positions are patched and in which head outputs are afterwards put back to the base model's:
+
+  - **The paper's reference code** (``kv_positions="before"``, ``restore="before_last"``, the
+    default): keys and values at positions ``[:, :pos]``, strictly *before* the head's own
+    position (its own key/value stays the base model's); then, in every layer, every head's
+    output at every position but the last (the o_proj input at ``[:, :-1]``,
+    ``[batch, pos, head, d_head]``) is restored to the base model's value, and the last position
+    is left as the patched run computed it. Restoring only the patched layers gives the same
+    numbers, and this module does that: nothing at a position before the last changes in a layer
+    that holds no patch (a position only reads itself and earlier positions, and the patched
+    layers' outputs there are restored), so the restore is an identity elsewhere. A consequence:
+    a patch of a head whose position is *before* the last (a Position Detector at the query label,
+    a Structure Reader) acts only through the keys/values it contributes to the **last**
+    position, read by the heads of that layer there (the head itself and, under grouped-query
+    attention, the query heads sharing its key/value head); its own output at ``pos`` is restored,
+    so a query-only patch there does nothing.
+  - **Ours** (``kv_positions="through"``, ``restore="others"``): keys and values at positions
+    ``[:, :pos+1]``, the head's own position included (every position its query attends to);
+    then only the patched layers' head outputs are restored, everywhere except each patched
+    head at its own position (so under grouped-query attention the other query heads that share
+    a patched key/value head are restored too, at every position). Only the chosen head's output
+    at its position changes, and it carries into later layers at that position, whatever the
+    position is.
+
+  With q, k and v all patched, **ours** makes the head compute exactly the fine-tuned model's
+  output at its position and keeps nothing else, so input CMAP of ``"qkv"`` equals output CMAP
+  of the same head (a test checks this). Under the reference it does not: the head's own
+  key/value stays the base model's (its query attends to it), a head before the last position
+  has its output restored, and the heads that share the patched key/value at the last position
+  keep what they read.
 
 Query and key patches are written before rotary embeddings, which are the same in both models.
 For a family with per-head query/key norms (Gemma3) the base model's norm weights then apply to
@@ -29,16 +54,24 @@ the fine-tuned query/key, so ``"qkv"`` no longer equals output CMAP there.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 
 from .circuit import GROUPS, Circuit, Head
 from .patching import HeadPatch, accuracy, as_batch, check_positions, check_unpadded, run, site_heads
 
-__all__ = ["CMAPError", "check_compatible", "heads_by_position", "input_cmap", "output_cmap"]
+__all__ = ["CMAPError", "check_compatible", "head_sets", "head_sets_for", "heads_by_position", "input_cmap",
+           "input_sets", "output_cmap", "sweep"]
 
 INPUT_SITES = ("q", "k", "v")
+#: ``input_cmap(kv_positions=...)``: keys/values strictly before the head's position (the paper's
+#: reference code) or up to and including it (ours).
+KV_POSITIONS = ("before", "through")
+#: ``input_cmap(restore=...)``: every head output before the last position goes back to the
+#: base model's (the reference code), or every head output of the patched layers but the patched
+#: heads at their own positions (ours).
+RESTORES = ("before_last", "others")
 
 
 class CMAPError(ValueError):
@@ -116,6 +149,12 @@ def output_cmap(
     return run(base, b, patches, batch_size=batch_size, progress=progress, desc="output CMAP").logits
 
 
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise CMAPError(f"input CMAP: {name}={value!r} is not one of {list(allowed)}")
+    return value
+
+
 def input_cmap(
     base,
     finetuned,
@@ -123,41 +162,72 @@ def input_cmap(
     heads: Mapping[str, Sequence[Head]],
     sites: str | Sequence[str] = "qkv",
     *,
+    kv_positions: Literal["before", "through"] = "before",
+    restore: Literal["before_last", "others"] = "before_last",
     batch_size: int = 32,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Base-model logits ``[batch, vocab]`` with the fine-tuned model's queries / keys / values of
-    the chosen heads patched in (``sites`` any of ``"q"``, ``"k"``, ``"v"``, e.g. ``"qk"``).
+    """Base-model logits ``[batch, vocab]`` (last position) with the fine-tuned model's queries /
+    keys / values of the chosen heads patched in (``sites`` any of ``"q"``, ``"k"``, ``"v"``,
+    e.g. ``"qk"``).
 
-    The query at the head's position, keys and values at that position and every earlier one;
-    the patched layers' head outputs everywhere else are restored to the base model's. Prompts
-    must share one length (no padding), since a head attends over absolute positions.
+    Args:
+        base, finetuned: :class:`~entity_tracking.models.LoadedModel` s of one architecture.
+        batch: an :func:`~entity_tracking.data.encode_prompts` batch. Prompts must share one
+            length (no padding), since a head attends over absolute positions.
+        heads: ``{position key: [(layer, head), ...]}``; each head is patched at its example's
+            ``batch[f"{key}_position"] [batch]`` (call it ``pos``).
+        sites: which of the head's inputs come from the fine-tuned model. The query
+            (``[batch, pos, head, d_head]``) is patched at ``pos`` only; the key and value, on the
+            head's key/value head (shared by a group of query heads under grouped-query
+            attention), at the positions ``kv_positions`` says.
+        kv_positions: ``"before"`` (the paper's reference code): positions ``[:, :pos]``, strictly
+            before the head's own; ``"through"`` (ours): ``[:, :pos+1]``, its own included.
+        restore: ``"before_last"`` (the reference code): every head output at every position
+            before the last goes back to the base model's value (done in the patched layers only,
+            which gives the same numbers; see the module docstring), so a head before the last
+            position acts only through the keys/values it adds to the last position's attention;
+            ``"others"`` (ours): the patched layers' head outputs go back to the base model's
+            everywhere except each patched head at its own position.
+
+    The defaults reproduce the reference code; ``kv_positions="through", restore="others"`` with
+    ``sites="qkv"`` equals :func:`output_cmap` of the same heads.
     """
     check_compatible(base, finetuned)
-    sites = [s for s in INPUT_SITES if s in set(sites)]
-    if not sites:
+    _check_choice("kv_positions", kv_positions, KV_POSITIONS)
+    _check_choice("restore", restore, RESTORES)
+    if isinstance(sites, str):
+        unknown = sorted(set(sites) - set(INPUT_SITES))
+    else:
+        unknown = [s for s in sites if s not in INPUT_SITES]
+    chosen_sites = [s for s in INPUT_SITES if s in set(sites)]
+    if unknown or not chosen_sites:
         raise CMAPError(f"input CMAP needs sites among {INPUT_SITES}, got {sites!r}")
     b = as_batch(batch)
     S = check_unpadded(b, "CMAP prompts")
     B = b["input_ids"].shape[0]
+    last = check_positions(b["last_position"], S, "last position")[:, 0]
+    if restore == "before_last" and not bool((last == S - 1).all()):
+        raise CMAPError(f"restore='before_last' leaves the last position ({S - 1}) unrestored, but the batch "
+                        f"evaluates at positions {sorted({int(x) for x in last})[:8]}")
     arch = base.arch
     plan: dict[int, list[tuple[int, torch.Tensor]]] = defaultdict(list)  # layer -> [(head, pos [B])]
     for key, hs in heads.items():
         pos = check_positions(_positions(b, key), S, f"{key} position")[:, 0]
         for layer, head in hs:
-            plan[int(layer)].append((int(head), pos))
+            plan[arch._layer_index(int(layer))].append((int(head), pos))
     layers = sorted(plan)
     if not layers:
         return run(base, b, (), batch_size=batch_size).logits
-    record = [(s, l) for l in layers for s in sites]
+    record = [(s, l) for l in layers for s in chosen_sites]
     ft = run(finetuned, b, (), record, logits=False, batch_size=batch_size, progress=progress,
              desc="caching fine-tuned q/k/v").cache
-    clean = run(base, b, (), [(s, l) for l in layers for s in (*sites, "z")], logits=False,
+    clean = run(base, b, (), [(s, l) for l in layers for s in (*chosen_sites, "z")], logits=False,
                 batch_size=batch_size, progress=progress, desc="caching base q/k/v/z").cache
     ar = torch.arange(S)
     patches: list[HeadPatch] = []
     for layer in layers:
-        for site in sites:
+        for site in chosen_sites:
             n = arch.n_heads if site == "q" else arch.n_kv_heads
             # where[b, t, h]: take the fine-tuned value at (t, h) of this site for example b
             where = torch.zeros(B, S, n, dtype=torch.bool)
@@ -165,12 +235,25 @@ def input_cmap(
                 (h_site,) = site_heads(arch, site, [head])
                 if site == "q":
                     where[torch.arange(B), pos, h_site] = True
+                elif kv_positions == "before":
+                    where[:, :, h_site] |= ar[None, :] < pos[:, None]
                 else:
                     where[:, :, h_site] |= ar[None, :] <= pos[:, None]
             value = torch.where(where[..., None], ft[site, layer], clean[site, layer])
             patches.append(HeadPatch(site, layer, None, value))
-        patches += _restore_except(clean["z", layer], layer, plan[layer])
+        if restore == "others":
+            patches += _restore_except(clean["z", layer], layer, plan[layer])
+        elif S > 1:
+            patches.append(_restore_before_last(clean["z", layer], layer))
     return run(base, b, patches, batch_size=batch_size, progress=progress, desc="input CMAP").logits
+
+
+def _restore_before_last(clean_z: torch.Tensor, layer: int) -> HeadPatch:
+    """A patch writing the base head outputs ``clean_z [batch, seq, n_heads, d_head]`` of ``layer``
+    at every head and every position but the last (the reference code's ``[:, :-1]``)."""
+    B, S = clean_z.shape[:2]
+    before = torch.arange(S - 1)[None, :].expand(B, S - 1)
+    return HeadPatch("z", layer, None, clean_z[:, :-1], before)
 
 
 def _restore_except(clean_z: torch.Tensor, layer: int, chosen: Sequence[tuple[int, torch.Tensor]]) -> list[HeadPatch]:
@@ -220,16 +303,73 @@ def head_sets(circuit: Circuit, dcm_selected: Mapping[tuple[str, str], Sequence[
     return sets
 
 
+#: The groups whose inputs the paper's input CMAP patches (its Table 3): the Value Fetchers and
+#: the Position Transmitters, as their DCM heads.
+INPUT_GROUPS = ("value_fetcher", "position_transmitter")
+
+
+def input_sets(sets: Mapping[str, Mapping[str, Sequence[Head]]]) -> dict[str, Mapping[str, Sequence[Head]]]:
+    """The head sets of :func:`head_sets` that input CMAP patches: the DCM sets of
+    :data:`INPUT_GROUPS` (absent where DCM selected nothing)."""
+    return {k: v for k, v in sets.items() if k.startswith(tuple(f"{g} (DCM" for g in INPUT_GROUPS))}
+
+
+#: ``head_sets_for(circuit=...)``: whose circuit and DCM heads a fine-tune's head sets are.
+CIRCUIT_CHOICES = ("own", "base")
+
+Source = Union[Callable[[str], Any], Mapping[str, Any]]
+
+
+def _lookup(source: Source, name: str, what: str) -> Any:
+    if callable(source):
+        return source(name)
+    if name not in source:
+        raise CMAPError(f"no {what} for model '{name}' (have: {sorted(source)})")
+    return source[name]
+
+
+def head_sets_for(
+    finetuned: str,
+    base: str,
+    circuit: Literal["own", "base"],
+    circuits: Source,
+    selections: Source,
+) -> tuple[str, dict[str, dict[str, list[Head]]]]:
+    """The head sets (:func:`head_sets`) to patch from fine-tune ``finetuned`` into ``base``, and
+    the name of the model whose circuit they come from.
+
+    Args:
+        finetuned, base: model names.
+        circuit: ``"own"`` -- the fine-tuned model's own circuit and the DCM heads learned on it
+            in that model (the paper's final CMAP: each model's heads are found in that model);
+            ``"base"`` -- the base model's circuit and DCM heads, the same sets for every fine-tune.
+        circuits: ``name -> Circuit``, a mapping or a function (e.g. loading
+            ``paths.circuits / f"{name}.json"``); only the chosen model's is looked up.
+        selections: ``name -> {(group, desideratum): [(layer, head), ...]}``, a mapping or a
+            function (e.g. :func:`entity_tracking.dcm.read_selections` of the masks file).
+
+    Returns:
+        ``(source model name, {label: {position key: heads}})``.
+    """
+    if circuit not in CIRCUIT_CHOICES:
+        raise CMAPError(f"circuit={circuit!r} is not one of {list(CIRCUIT_CHOICES)}")
+    source = finetuned if circuit == "own" else base
+    return source, head_sets(_lookup(circuits, source, "circuit"), _lookup(selections, source, "DCM selections"))
+
+
 def _correct(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == target).float()
 
 
 def sweep(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapping[str, Mapping[str, Sequence[Head]]],
           input_groups: Mapping[str, Mapping[str, Sequence[Head]]] | None = None,
-          input_sites: Sequence[str] = ("q", "k", "v", "qk", "qkv"), *, batch_size: int = 32,
+          input_sites: Sequence[str] = ("q", "k", "v", "qk", "qkv"), *,
+          kv_positions: Literal["before", "through"] = "before",
+          restore: Literal["before_last", "others"] = "before_last", batch_size: int = 32,
           n_bootstrap: int = 1000) -> list[dict[str, Any]]:
     """Accuracy of the base model, the fine-tuned model, output CMAP of every head set and input
     CMAP of every (group, sites) pair, each with a bootstrap interval over the prompts.
+    ``kv_positions`` and ``restore`` go to :func:`input_cmap` (defaults: the paper's reference code).
 
     Returns rows ``{"kind", "patched", "sites", "n_heads", "accuracy", "low", "high"}``."""
     from tqdm.auto import tqdm
@@ -237,6 +377,8 @@ def sweep(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapping[str,
     from .ablation import bootstrap
     from .patching import last_logits
 
+    _check_choice("kv_positions", kv_positions, KV_POSITIONS)
+    _check_choice("restore", restore, RESTORES)
     target = batch["target"]
     rows: list[dict[str, Any]] = []
 
@@ -254,7 +396,8 @@ def sweep(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapping[str,
         if kind == "output":
             logits = output_cmap(base, finetuned, batch, hs, batch_size=batch_size)
         else:
-            logits = input_cmap(base, finetuned, batch, hs, sites, batch_size=batch_size)
+            logits = input_cmap(base, finetuned, batch, hs, sites, kv_positions=kv_positions, restore=restore,
+                                batch_size=batch_size)
         add(kind, label, sites, n, logits)
     return rows
 
