@@ -284,3 +284,24 @@ def test_different_head_shapes_fail_clearly(tmp_path):
     batch = D.encode_prompts(a.tokenizer, D.make_eval_prompts(a.tokenizer, 2, num_boxes=3, seed=0))
     with pytest.raises(CMAPError, match="'a' vs 'b' differ in n_heads: 4 vs 8"):
         output_cmap(a, b, batch, {"last": [(0, 0)]})
+
+
+def test_sweep_shares_of_the_gain_with_paired_intervals(models):
+    """Targets are the fine-tuned model's own answers, so it gains over the base model; patching
+    every head it changed, at every position, recovers all of the gain (share exactly 1), and
+    patching nothing recovers none."""
+    from entity_tracking.cmap import sweep
+
+    base, ft, batch = models
+    b = dict(batch)
+    b["target"] = last_logits(ft, batch).argmax(-1)
+    edited = [(1, h) for h in base.arch.query_heads(1)]
+    far = [(0, 0)]  # a head of the untouched layer 0: patching it from ft changes nothing
+    rows = {r["patched"]: r for r in sweep(base, ft, b, {"edited": {"all": edited}, "far": {"all": far}},
+                                           n_bootstrap=200)}
+    base_acc, ft_row = rows["base alone"]["accuracy"], rows["fine-tuned alone"]
+    assert ft_row["accuracy"] == 1.0 and base_acc < 1.0
+    assert ft_row["share"] == pytest.approx(1.0 - base_acc) and ft_row["share_low"] <= ft_row["share"] <= ft_row["share_high"]
+    assert rows["edited"]["share"] == pytest.approx(1.0) and rows["edited"]["share_low"] == pytest.approx(1.0)
+    assert rows["far"]["share"] == pytest.approx(0.0) and rows["far"]["share_high"] == pytest.approx(0.0)
+    assert all(r["n_prompts"] == len(b["target"]) for r in rows.values())

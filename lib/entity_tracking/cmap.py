@@ -62,7 +62,7 @@ from .circuit import GROUPS, Circuit, Head
 from .patching import HeadPatch, accuracy, as_batch, check_positions, check_unpadded, run, site_heads
 
 __all__ = ["CMAPError", "check_compatible", "head_sets", "head_sets_for", "heads_by_position", "input_cmap",
-           "input_sets", "output_cmap", "sweep"]
+           "input_sets", "output_cmap", "row_key", "sweep"]
 
 INPUT_SITES = ("q", "k", "v")
 #: ``input_cmap(kv_positions=...)``: keys/values strictly before the head's position (the paper's
@@ -371,7 +371,12 @@ def sweep(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapping[str,
     CMAP of every (group, sites) pair, each with a bootstrap interval over the prompts.
     ``kv_positions`` and ``restore`` go to :func:`input_cmap` (defaults: the paper's reference code).
 
-    Returns rows ``{"kind", "patched", "sites", "n_heads", "accuracy", "low", "high"}``."""
+    Returns rows ``{"kind", "patched", "sites", "n_heads", "n_prompts", "accuracy", "low", "high",
+    "share", "share_low", "share_high"}``: ``share`` is the share of the fine-tuning gain the
+    patch recovers, ``(acc_patched - acc_base) / (acc_finetuned - acc_base)``, with a paired
+    bootstrap interval over the prompts (the same resampled prompts for all three accuracies;
+    NaN where a resample has no gain). The fine-tuned model's row carries the gain itself in
+    ``share`` (``acc_finetuned - acc_base``, paired interval); the base model's row has NaN."""
     from tqdm.auto import tqdm
 
     from .ablation import bootstrap
@@ -381,14 +386,25 @@ def sweep(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapping[str,
     _check_choice("restore", restore, RESTORES)
     target = batch["target"]
     rows: list[dict[str, Any]] = []
+    nan = float("nan")
 
-    def add(kind: str, patched: str, sites: str, n: int, logits: torch.Tensor) -> None:
-        est = bootstrap(_correct(logits, target)[None], n_resamples=n_bootstrap)
-        rows.append({"kind": kind, "patched": patched, "sites": sites, "n_heads": n,
-                     "accuracy": est.value, "low": est.low, "high": est.high})
+    def share_of_gain(acc: torch.Tensor) -> torch.Tensor:  # acc [3, R]: patched, base, fine-tuned
+        gain = acc[2] - acc[1]
+        return torch.where(gain.abs() > 1e-9, (acc[0] - acc[1]) / gain.where(gain.abs() > 1e-9, torch.ones_like(gain)),
+                           torch.full_like(gain, nan))
 
-    add("model", "base alone", "", 0, last_logits(base, batch, batch_size=batch_size))
-    add("model", "fine-tuned alone", "", 0, last_logits(finetuned, batch, batch_size=batch_size))
+    def add(kind: str, patched: str, sites: str, n: int, correct: torch.Tensor, share=None) -> None:
+        est = bootstrap(correct[None], n_resamples=n_bootstrap)
+        sh = share or {"value": nan, "low": nan, "high": nan}
+        rows.append({"kind": kind, "patched": patched, "sites": sites, "n_heads": n, "n_prompts": int(correct.numel()),
+                     "accuracy": est.value, "low": est.low, "high": est.high,
+                     "share": sh["value"], "share_low": sh["low"], "share_high": sh["high"]})
+
+    base_c = _correct(last_logits(base, batch, batch_size=batch_size), target)
+    ft_c = _correct(last_logits(finetuned, batch, batch_size=batch_size), target)
+    add("model", "base alone", "", 0, base_c)
+    gain = bootstrap(torch.stack([ft_c, base_c]), lambda a: a[0] - a[1], n_resamples=n_bootstrap)
+    add("model", "fine-tuned alone", "", 0, ft_c, gain.as_dict())
     jobs = [("output", label, "z", hs) for label, hs in sets.items()]
     jobs += [("input", label, s, hs) for label, hs in (input_groups or {}).items() for s in input_sites]
     for kind, label, sites, hs in tqdm(jobs, desc="CMAP", leave=False):
@@ -398,19 +414,21 @@ def sweep(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapping[str,
         else:
             logits = input_cmap(base, finetuned, batch, hs, sites, kv_positions=kv_positions, restore=restore,
                                 batch_size=batch_size)
-        add(kind, label, sites, n, logits)
+        c = _correct(logits, target)
+        share = bootstrap(torch.stack([c, base_c, ft_c]), share_of_gain, n_resamples=n_bootstrap)
+        add(kind, label, sites, n, c, share.as_dict())
     return rows
 
 
+def row_key(row: Mapping[str, Any]) -> str:
+    """How a :func:`sweep` row is named: its head set, plus ``[sites]`` for input CMAP."""
+    return row["patched"] if row["kind"] != "input" else f"{row['patched']} [{row['sites']}]"
+
+
 def gain_shares(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Share of the fine-tuning gain each patched set recovers:
+    """Share of the fine-tuning gain each patched set recovers, by :func:`row_key`:
     ``(acc_patched - acc_base) / (acc_finetuned - acc_base)`` (NaN when there is no gain)."""
     acc = {r["patched"]: r["accuracy"] for r in rows if r["kind"] == "model"}
     gain = acc["fine-tuned alone"] - acc["base alone"]
-    out = {}
-    for r in rows:
-        if r["kind"] == "model":
-            continue
-        key = r["patched"] if r["kind"] == "output" else f"{r['patched']} [{r['sites']}]"
-        out[key] = (r["accuracy"] - acc["base alone"]) / gain if abs(gain) > 1e-9 else float("nan")
-    return out
+    return {row_key(r): (r["accuracy"] - acc["base alone"]) / gain if abs(gain) > 1e-9 else float("nan")
+            for r in rows if r["kind"] != "model"}
