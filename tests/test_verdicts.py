@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 
 import pytest
+import torch
 
 from entity_tracking import verdicts as V
 from entity_tracking.circuit import GROUPS, Circuit
@@ -69,3 +70,105 @@ def test_exceeds_needs_disjoint_intervals_to_hold():
     assert V.exceeds({"value": 0.76, "low": 0.71, "high": 0.80}, ref) == "holds"
     assert V.exceeds({"value": 0.72, "low": 0.68, "high": 0.76}, ref) == "partly"
     assert V.exceeds({"value": 0.60, "low": 0.55, "high": 0.65}, ref) == "does not hold"
+
+
+# --------------------------------------------------------------------------------------------
+# The chapters' verdicts on real (tiny) models: a model at chance is never tested; a planted
+# necessary head is found necessary with an interval
+
+
+from entity_tracking import cmap
+from entity_tracking import data as D
+from entity_tracking.ablation import (
+    compute_means, encode_for, faithfulness, mean_ablated_logits, model_accuracy, necessity)
+from entity_tracking.config import ModelSpec, TinySpec
+from entity_tracking.models import build_tiny_model, load_model
+from entity_tracking.path_patching import discover_circuit, null_circuit
+
+BOXES = 7
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("verdicts")
+    out = {}
+    for name, seed in (("base", 31), ("ft", 32)):
+        d = build_tiny_model(TinySpec(family="llama", n_layers=2, n_heads=4, d_model=32, d_mlp=64, seed=seed), root / name)
+        out[name] = load_model(ModelSpec(name=name, local_path=str(d)), verbose=False)
+    tok = out["base"].tokenizer
+    ev = D.make_eval_prompts(tok, 30, BOXES, seed=1)
+    ref = D.make_mean_reference_prompts(tok, 12, BOXES, seed=1, n_tokens=ev[0]["n_tokens"])
+    pp = D.make_path_patching_pairs(tok, 6, BOXES, seed=1)
+    return out, ev, ref, pp
+
+
+K = dict(receivers_k={"value_fetcher": 2, "position_transmitter": 2, "position_detector": 2},
+         circuit_k={**{g: 2 for g in GROUPS}, "value_fetcher": 5}, progress=False, verbose=False, batch_size=8)
+
+
+def test_a_model_at_chance_is_not_testable_in_every_chapter(tiny):
+    models, ev, ref, pp = tiny
+    comp, circuits, faith, means = {}, {}, {}, {}
+    for name, lm in models.items():
+        comp[name] = V.competence(name, model_accuracy(lm, ev, progress=False), BOXES, n_resamples=200)
+        assert not comp[name].ok, f"an untrained model should be at chance: {comp[name]}"
+        circuits[name] = discover_circuit(lm, D.encode_pairs(lm.tokenizer, pp), model_name=name, **K)
+        means[name] = compute_means(lm, ref, batch_size=8, progress=False)
+    base = models["base"]
+    null = null_circuit(base, D.encode_pairs(base.tokenizer, pp), **K)
+    nec = necessity(base, ev, means["base"], circuits["base"], n_random=3, progress=False)
+    got = V.circuit_verdicts(comp["base"], circuits["base"], nec, null, {"ft": (comp["ft"], circuits["ft"])},
+                             n_path_patching=len(pp), n_resamples=200)
+    for name, lm in models.items():
+        faith[("base", name)] = faithfulness(lm, ev, means[name], circuits["base"], n_random=2,
+                                             progress=False).to_json(n_resamples=200)["summary"]
+    got += V.faithfulness_verdicts(comp, faith, "base", ["ft"], n_random=2)
+    sets = cmap.head_sets(circuits["ft"])
+    rows = cmap.sweep(base, models["ft"], D.encode_prompts(base.tokenizer, ev), sets, cmap.input_sets(sets),
+                      n_bootstrap=100)
+    got += V.cmap_verdicts({"ft": rows}, BOXES)
+    assert len(got) == 2 + 3 + 1
+    for v in got:
+        assert v.holds == V.NOT_TESTABLE, v
+        assert v.ours.startswith("not testable:") and "chance 0.14" in v.ours
+        assert v.rule == V.COMPETENCE_RULE and "prompts" in v.sample
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A tiny model whose answer is written by head 1.2: its o_proj columns are scaled up 30x and
+    every other head's down 10x."""
+    d = build_tiny_model(TinySpec(family="llama", n_layers=2, n_heads=4, d_model=32, d_mlp=64, seed=33),
+                         tmp_path_factory.mktemp("planted") / "m")
+    lm = load_model(ModelSpec(name="planted", local_path=str(d)), verbose=False)
+    dh = lm.arch.d_head
+    with torch.no_grad():
+        for layer in range(lm.arch.n_layers):
+            o = lm.arch.attention_projections(lm, layer)[3]
+            for h in range(lm.arch.n_heads):
+                o.weight[:, h * dh:(h + 1) * dh] *= 30.0 if (layer, h) == (1, 2) else 0.1
+    return lm
+
+
+@pytest.mark.parametrize("n_prompts,n_random", [(30, 10), (20, 3)])
+def test_a_planted_necessary_head_holds_with_an_interval(tiny, planted, n_prompts, n_random):
+    _, ev, ref, _ = tiny
+    lm = planted
+    batch = encode_for(lm, ev[:n_prompts])
+    batch["target"] = mean_ablated_logits(lm, batch, None).argmax(-1)  # what the planted model answers
+    means = compute_means(lm, ref, batch_size=8, progress=False)
+    circuit = Circuit("planted", {"value_fetcher": [(1, 2)]})
+    res = necessity(lm, batch, means, circuit, n_random=n_random, progress=False)
+    grade, eff = V.necessity_grade(res, n_resamples=500)
+    assert eff.n == n_prompts and eff.low == eff.low and eff.high == eff.high and eff.low <= eff.value <= eff.high
+    if n_random == 10:
+        assert grade == "holds" and eff.low > 0, (grade, eff, res.row())
+        # the control: a head whose output was scaled down is not necessary
+        other = necessity(lm, batch, means, Circuit("planted", {"value_fetcher": [(0, 1)]}), n_random=n_random,
+                          progress=False)
+        assert V.necessity_grade(other, n_resamples=500)[0] == "does not hold", other.row()
+    comp = V.competence("planted", model_accuracy(lm, batch, progress=False), BOXES)
+    assert comp.ok  # self-labelled: it does "the task" by construction
+    (v,) = V.circuit_verdicts(comp, circuit, res, None, {}, n_path_patching=0, n_resamples=500)
+    assert "effect" in v.ours and f"{n_random} random draws" in v.sample and f"{n_prompts} prompts" in v.sample

@@ -584,6 +584,11 @@ def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[
     ]
 
 
+def model_accuracy(lm, prompts, **kw) -> Evaluation:
+    """F(M): accuracy of ``lm`` on ``prompts`` with nothing ablated (no means needed)."""
+    return evaluate(lm, prompts, None, [Ablation(label="F(M)")], **kw)[0]
+
+
 def circuit_performance(lm, prompts, means: MeanActivations, circuit: Circuit, **kw) -> Evaluation:
     """F(C): accuracy of ``lm`` with everything outside ``circuit`` mean-ablated."""
     return evaluate(lm, prompts, means, [Ablation(keep=circuit, label="F(C)")], **kw)[0]

@@ -30,7 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping
 
+from .book import Verdict
 from .circuit import GROUPS, Circuit
+from .cmap import row_key
 
 __all__ = [
     "BEYOND_RANDOM_MARGIN",
@@ -50,12 +52,16 @@ __all__ = [
     "NOT_TESTABLE",
     "chance",
     "circuit_claim",
+    "circuit_verdicts",
+    "cmap_verdicts",
     "competence",
     "untestable",
     "exceeds",
+    "faithfulness_verdicts",
     "groups_found",
     "groups_standing_out",
     "minimality_measurable",
+    "necessity_grade",
 ]
 
 Holds = Literal["holds", "does not hold", "partly", "not run", "not testable"]
@@ -91,6 +97,21 @@ class Grade:
     @property
     def rule(self) -> str:
         return f"holds at >= {self.holds:g}, partly at >= {self.partly:g}"
+
+    def interval(self, est: Mapping[str, float]) -> Holds:
+        """The grade of an estimate with its 95% interval (``{"value", "low", "high"}``): holds
+        when the whole interval is at or above ``holds``, does not hold when it is wholly below
+        ``partly``, partly otherwise."""
+        if any(est[k] != est[k] for k in ("value", "low", "high")):
+            return "not run"
+        if est["low"] >= self.holds:
+            return "holds"
+        return "does not hold" if est["high"] < self.partly else "partly"
+
+    @property
+    def interval_rule(self) -> str:
+        return (f"holds when the 95% interval lies at or above {self.holds:g}, does not hold when it lies "
+                f"below {self.partly:g}, partly otherwise")
 
 
 #: Faithfulness F(C)/F(M) of a circuit in a model (faithfulness chapter).
@@ -180,6 +201,12 @@ class Competence:
     n: int
     chance: float
 
+    @classmethod
+    def of(cls, model: str, accuracy: Mapping[str, float], num_boxes: int, n: int | None = None) -> "Competence":
+        """From an accuracy estimate ``{"value", "low", "high"[, "n"]}``."""
+        acc = {k: float(accuracy[k]) for k in ("value", "low", "high")}
+        return cls(model, acc, int(n if n is not None else accuracy.get("n", 0)), chance(num_boxes))
+
     @property
     def ok(self) -> bool:
         return self.accuracy["low"] > self.chance
@@ -225,4 +252,188 @@ def groups_standing_out(circuit: Circuit, null: Circuit) -> dict[str, dict[str, 
         ours = [circuit.scores[g][l][h] for l, h in circuit.groups[g]] if circuit.scores.get(g) else []
         low = min(ours) if ours else float("nan")
         out[g] = {"lowest": low, "null_lowest": null_min, "stands_out": bool(ours) and low < 0 and low < null_min}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The chapters' verdicts: measured results in, Verdict rows out (each chapter's last cell)
+
+
+def _fmt(est: Mapping[str, float]) -> str:
+    return f"{est['value']:.2f} [{est['low']:.2f}, {est['high']:.2f}]"
+
+
+def _not_testable(claim: int, statement: str, paper: str, models: Iterable[Competence], sample: str = ""):
+    models = list(models)
+    reason = untestable(models)
+    if reason is None:
+        return None
+    return Verdict(claim, statement, paper, reason, NOT_TESTABLE, rule=COMPETENCE_RULE,
+                   sample=sample or "; ".join(f"{c.model}: {c.n} prompts" for c in models))
+
+
+NECESSITY_RULE = (f"holds when ablating the group costs > {NECESSITY_FACTOR.value:g} x the drop of as many random "
+                  f"heads outside the circuit + {NECESSITY_MARGIN.value:g}, the effect (its drop minus theirs) has a "
+                  "95% interval above 0 (bootstrap over prompts and draws), and it costs more than random heads of "
+                  f"the whole model; partly when the effect exceeds {BEYOND_RANDOM_MARGIN.value:g} with its interval "
+                  "above 0")
+
+
+def necessity_grade(necessity: Any, *, n_resamples: int = 1000, seed: int = 0) -> tuple[Holds, Any]:
+    """Is a group necessary? ``(verdict, effect)`` for a
+    :class:`~entity_tracking.ablation.NecessityResult` under :data:`NECESSITY_RULE`; the effect
+    is its :meth:`~entity_tracking.ablation.NecessityResult.effect` estimate over random heads
+    outside the circuit (NaN, and "not run", when none could be drawn)."""
+    eff = necessity.effect("outside", n_resamples=n_resamples, seed=seed)
+    if eff.value != eff.value:
+        return "not run", eff
+    if necessity.is_necessary() and eff.low > 0:
+        return "holds", eff
+    return ("partly" if eff.low > 0 and eff.value > BEYOND_RANDOM_MARGIN.value else "does not hold"), eff
+
+
+CIRCUIT_RULE = ("holds: all four groups stand out from the null sweep (a head scoring below every head of "
+                "the same sweep with attention shuffled) and the Value Fetchers are necessary (their ablation "
+                f"costs > {NECESSITY_FACTOR.value:g} x the drop of as many random heads outside the circuit "
+                f"+ {NECESSITY_MARGIN.value:g}, the effect's 95% interval is above 0, and it costs more than "
+                "random heads of the whole model); partly: necessary Value Fetchers, or some group standing "
+                f"out with Value Fetchers beyond random (effect > {BEYOND_RANDOM_MARGIN.value:g}, interval above 0)")
+
+
+def circuit_verdicts(base: Competence, circuit: Circuit, necessity: Any, null: Circuit | None,
+                     finetuned: Mapping[str, tuple[Competence, Circuit]], *, n_path_patching: int,
+                     n_resamples: int = 1000) -> list:
+    """The circuit chapter's verdicts. ``necessity``: the base circuit's Value Fetchers'
+    :class:`~entity_tracking.ablation.NecessityResult` (None when it has none); ``null``: the
+    :func:`~entity_tracking.path_patching.null_circuit` of the base model (None: groups count
+    when a head scores below zero); ``finetuned``: each fine-tune's competence and circuit."""
+    s1 = "The base model has a four-group circuit whose Value Fetchers are necessary"
+    p1 = "72 heads in 4 groups (Llama-7B)"
+    out = []
+    skip = _not_testable(1, s1, p1, [base])
+    if skip is not None:
+        out.append(skip)
+    else:
+        if null is not None:
+            stand = groups_standing_out(circuit, null)
+            found = [g for g in GROUPS if stand[g]["stands_out"]]
+            found_text = "groups standing out from the null: "
+        else:
+            found, found_text = groups_found(circuit), "groups with a head that lowers p(correct): "
+        ours = f"{circuit.n_heads} heads; {found_text}{', '.join(found) or 'none'}"
+        necessary = beyond = False
+        sample = f"{n_path_patching} path-patching pairs"
+        if necessity is not None:
+            graded, eff = necessity_grade(necessity, n_resamples=n_resamples)
+            necessary, beyond = graded == "holds", graded in ("holds", "partly")
+            row = necessity.row()
+            ours += (f"; VF ablated {row['group ablated']:.2f} vs random heads outside the circuit "
+                     f"{row['random heads outside the circuit (mean)']:.2f} (effect {_fmt(eff.as_dict())}), "
+                     f"of the whole model {row['random heads of the whole model (mean)']:.2f}; full {row['full model']:.2f}")
+            sample = (f"{necessity.full.n} prompts; {len(necessity.random_outside)} random draws outside the circuit, "
+                      f"{len(necessity.random_any)} of the whole model; " + sample)
+        out.append(Verdict(1, s1, p1, ours, circuit_claim(len(found), necessary, beyond),
+                           rule=f"{COMPETENCE_RULE}; then {CIRCUIT_RULE}", sample=sample))
+    if finetuned:
+        s2 = "The fine-tuned models' circuits contain the base circuit's heads"
+        p2 = "0.68-1.00 of Llama's heads per group found in Goat's / FLoat's circuits"
+        skip = _not_testable(1, s2, p2, [base, *(c for c, _ in finetuned.values())])
+        if skip is not None:
+            out.append(skip)
+        else:
+            shares = [o["precision"] for _, c in finetuned.values() for o in circuit.overlap(c).values() if o["self"]]
+            mean_p = sum(shares) / len(shares) if shares else float("nan")
+            out.append(Verdict(1, s2, p2, f"mean share per group {mean_p:.2f} over {len(finetuned)} fine-tuned model(s)",
+                               CIRCUIT_OVERLAP(mean_p), rule=f"{COMPETENCE_RULE}; then {CIRCUIT_OVERLAP.rule}",
+                               sample=f"{len(shares)} groups in {len(finetuned)} fine-tuned model(s)"))
+    return out
+
+
+def faithfulness_verdicts(competences: Mapping[str, Competence], faith: Mapping[tuple[str, str], Mapping[str, Any]],
+                          base: str, finetuned: Iterable[str], *, n_random: int) -> list:
+    """The faithfulness chapter's verdicts from ``faith[(circuit of, evaluated in)]``, the
+    :meth:`~entity_tracking.ablation.FaithfulnessResult.summary` dicts (``faithfulness``,
+    ``circuit_accuracy``, ``full_accuracy``: ``{"value", "low", "high"}``)."""
+    rule = f"{COMPETENCE_RULE}; then {FAITHFUL.interval_rule}"
+    beats_rule = (f"{COMPETENCE_RULE}; then holds when the circuit's 95% interval lies above the full base "
+                  "model's, partly when only its point estimate is higher")
+
+    def faithful(model: str, paper: str) -> Any:
+        statement = f"The base circuit is faithful in {'the base model' if model == base else model}"
+        s = faith[(base, model)]
+        n = int(s["full_accuracy"].get("n", 0))
+        sample = f"{n} prompts; {n_random} random circuits"
+        return (_not_testable(1, statement, paper, [competences[base], competences[model]] if model != base
+                              else [competences[base]], sample)
+                or Verdict(1, statement, paper, _fmt(s["faithfulness"]), FAITHFUL.interval(s["faithfulness"]),
+                           rule=rule, sample=sample))
+
+    out = [faithful(base, "1.00 (Llama-7B)")]
+    base_full = faith[(base, base)]["full_accuracy"]
+    for m in finetuned:
+        out.append(faithful(m, "0.97 / 0.89 / 0.88 (Vicuna / Goat / FLoat)"))
+        s = faith[(base, m)]
+        statement = f"The base circuit in {m} beats the full base model"
+        paper = "0.73 (Goat) and 0.72 (FLoat) vs 0.66"
+        sample = f"{int(s['circuit_accuracy'].get('n', 0))} prompts"
+        out.append(_not_testable(1, statement, paper, [competences[base], competences[m]], sample)
+                   or Verdict(1, statement, paper, f"{_fmt(s['circuit_accuracy'])} vs {_fmt(base_full)}",
+                              exceeds(s["circuit_accuracy"], base_full), rule=beats_rule, sample=sample))
+    return out
+
+
+CMAP_GAIN_RULE = (f"a gain to attribute: the fine-tune's gain over the base is at least {MIN_GAIN.value:g} and its "
+                  "95% interval (paired over prompts) is above 0")
+
+
+def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], num_boxes: int) -> list:
+    """The CMAP chapter's verdicts from each fine-tune's :func:`entity_tracking.cmap.sweep` rows
+    (with their ``share`` intervals); competence comes from the rows of the models alone."""
+    out = []
+    for ft, rows in rows_by_finetune.items():
+        rows = list(rows)
+        by = {row_key(r): r for r in rows}
+        alone = {k: by[k] for k in ("base alone", "fine-tuned alone")}
+        comps = [Competence.of(name, {"value": r["accuracy"], "low": r["low"], "high": r["high"]}, num_boxes,
+                               r["n_prompts"]) for name, r in (("base", alone["base alone"]), (ft, alone["fine-tuned alone"]))]
+        gain = {"value": alone["fine-tuned alone"]["share"], "low": alone["fine-tuned alone"]["share_low"],
+                "high": alone["fine-tuned alone"]["share_high"]}
+        n = int(alone["base alone"]["n_prompts"])
+        sample = f"{n} prompts (paired bootstrap)"
+        s1, p1 = f"Patching {ft}'s circuit recovers its gain", "full circuit recovers 100% of the gain (0.66 → 0.82)"
+        skip = _not_testable(3, s1, p1, comps, sample)
+        if skip is not None:
+            out.append(skip)
+            continue
+        if not (gain["low"] > 0 and gain["value"] >= MIN_GAIN.value):
+            out.append(Verdict(3, s1, p1, f"no gain to attribute: gain {_fmt(gain)} (fine-tuned "
+                               f"{alone['fine-tuned alone']['accuracy']:.2f} vs base {alone['base alone']['accuracy']:.2f})",
+                               "does not hold", rule=f"{COMPETENCE_RULE}; then {CMAP_GAIN_RULE}", sample=sample))
+            continue
+        full = by.get("full circuit")
+        share = ({"value": full["share"], "low": full["share_low"], "high": full["share_high"]} if full
+                 else {"value": float("nan"), "low": float("nan"), "high": float("nan")})
+        out.append(Verdict(3, s1, p1, f"full circuit recovers {_fmt(share)} of a {_fmt(gain)} gain",
+                           CMAP_RECOVERY.interval(share),
+                           rule=f"{COMPETENCE_RULE}; then {CMAP_GAIN_RULE}; then {CMAP_RECOVERY.interval_rule}",
+                           sample=sample))
+        qkv = {}
+        for site in "qkv":
+            r = next((r for k, r in by.items() if r["kind"] == "input" and r["sites"] == site
+                      and r["patched"].startswith("value_fetcher")), None)
+            qkv[site] = ({"value": r["share"], "low": r["share_low"], "high": r["share_high"]} if r
+                         else {"value": float("nan"), "low": float("nan"), "high": float("nan")})
+        q, k, v = qkv["q"], qkv["k"], qkv["v"]
+        if any(x["value"] != x["value"] for x in qkv.values()):
+            holds = "not run"
+        elif q["low"] > max(k["high"], v["high"]):
+            holds = "holds"
+        else:
+            holds = "partly" if q["value"] > max(k["value"], v["value"]) else "does not hold"
+        out.append(Verdict(3, f"The Value Fetchers' query carries most of {ft}'s gain",
+                           "VF query 0.77 vs key 0.63, value 0.69 (Goat → Llama)",
+                           f"shares of the gain: Q {_fmt(q)}, K {_fmt(k)}, V {_fmt(v)}", holds,
+                           rule=(f"{COMPETENCE_RULE}; then holds when the query's 95% interval lies above both the "
+                                 "key's and the value's, partly when only its point estimate is highest"),
+                           sample=sample))
     return out
