@@ -1,4 +1,6 @@
-"""DCM: the mask's two extremes are oracles, and a head built to carry the answer is the one found."""
+"""DCM: the mask's two extremes are oracles, a head built to carry the answer is the one found, the
+mask is chosen on the eval split (ties to more heads), the semantics draw fresh pairs, and masks of
+several models round-trip through one file."""
 
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from entity_tracking import data as D
-from entity_tracking.config import ModelSpec, TinySpec
-from entity_tracking.dcm import DCMError, desideratum_accuracy, masked_logits, source_head_outputs, take_rows, train_mask
+from entity_tracking import dcm
+from entity_tracking.config import DataSpec, DCMSpec, ModelSpec, TinySpec
+from entity_tracking.dcm import (DCMError, DCMResult, better_mask, desideratum_accuracy, fresh_pairs, masked_logits,
+                                 read_selections, source_head_outputs, take_rows, train_mask, write_masks)
+from entity_tracking.io import read_json
 from entity_tracking.models import build_tiny_model, load_model
 from entity_tracking.patching import HeadPatch, last_logits, run
 
@@ -112,7 +117,6 @@ def test_dcm_selects_the_head_that_carries_the_answer(planted):
     assert abs(sem["accuracy"] - res.test_accuracy) < 1e-9
 
 
-
 def test_functionality_reads_the_paper_pattern():
     from entity_tracking import paper
     from entity_tracking.dcm import functionality
@@ -122,3 +126,209 @@ def test_functionality_reads_the_paper_pattern():
     got = functionality(rows)["Llama-7B"]
     assert got == {"value_fetcher": "value", "position_transmitter": "position", "position_detector": "position",
                    "structure_reader": "neither"}
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing the mask: on the eval split, ties to more heads
+
+
+def test_better_mask_prefers_accuracy_then_more_heads():
+    assert better_mask(0.8, 0, 0.7, 3)  # accuracy first
+    assert not better_mask(0.7, 5, 0.8, 0)
+    assert better_mask(0.8, 3, 0.8, 2)  # equal accuracy: more selected heads win
+    assert not better_mask(0.8, 2, 0.8, 3)
+    assert not better_mask(0.8, 2, 0.8, 2)  # a full tie keeps the earlier mask
+    assert better_mask(0.0, 0, -1.0, -1)  # anything beats the start
+
+
+@pytest.fixture(scope="module")
+def planted_pairs(planted):
+    """160 positional pairs on the planted model with two target sets: ``carrier``, what it says
+    when only the carrier head is patched, and ``keep``, what it says unpatched."""
+    tok = planted.tokenizer
+    enc = D.encode_pairs(tok, D.make_desiderata(tok, "positional", 160, num_boxes=3, seed=6), padding_side="right")
+    group = [(1, h) for h in range(N_HEADS)]
+    src = source_head_outputs(planted, enc["source"], group, "last")
+    only_carrier = torch.tensor([0.0 if h == CARRIER else 1.0 for h in range(N_HEADS)])
+    with torch.no_grad():
+        carrier = masked_logits(planted, enc["base"], src, group, "last", only_carrier).argmax(-1)
+        keep = masked_logits(planted, enc["base"], src, group, "last", torch.ones(N_HEADS)).argmax(-1)
+    return enc, group, carrier, keep
+
+
+def _split(enc, rows, target):
+    rows = torch.as_tensor(rows)
+    return {"base": take_rows(enc["base"], rows), "source": take_rows(enc["source"], rows), "target": target[rows]}
+
+
+def _rounded(lm, split, group, mask) -> float:
+    src = source_head_outputs(lm, split["source"], group, "last")
+    with torch.no_grad():
+        pred = masked_logits(lm, split["base"], src, group, "last", torch.tensor(mask, dtype=torch.float32)).argmax(-1)
+    return float((pred == split["target"]).float().mean())
+
+
+def test_mask_is_chosen_on_the_eval_split(planted, planted_pairs):
+    """Train and test ask for the carrier's answer, eval for the unpatched answer: the carrier mask
+    that training finds is best on train and test, but the eval split prefers keeping every head.
+    Only an eval-based choice returns a mask without the carrier, with its eval accuracy 1."""
+    enc, group, carrier, keep = planted_pairs
+    train = _split(enc, range(0, 64), carrier)
+    ev = _split(enc, range(64, 96), keep)
+    test = _split(enc, range(96, 128), carrier)
+    assert (keep[64:96] != carrier[64:96]).any(), "the carrier mask must lose on eval"
+    assert (keep[96:128] != carrier[96:128]).float().mean() > 0.3, "and win on test"
+    res = train_mask(planted, group, "last", train, ev, test, lam=0.05, lr=0.1, epochs=4, batch_size=16,
+                     eval_every=1, seed=0, progress=False)
+    assert any(h["n_selected"] >= 1 for h in res.history), "training must have reached the carrier mask"
+    assert (1, CARRIER) not in res.selected
+    assert res.eval_accuracy == 1.0
+    assert res.eval_accuracy == pytest.approx(_rounded(planted, ev, group, res.mask))
+    assert res.test_accuracy == pytest.approx(_rounded(planted, test, group, res.mask))
+    assert res.test_accuracy < 0.7
+    assert max(h["eval_accuracy"] for h in res.history) == res.eval_accuracy
+
+
+def test_ties_go_to_the_mask_with_more_heads(planted, planted_pairs):
+    """An eval split on which the carrier changes nothing: keeping every head (the first rounded
+    mask) and patching the carrier score the same, and the mask that selects more heads is kept."""
+    enc, group, carrier, keep = planted_pairs
+    agree = [i for i in range(64, 160) if keep[i] == carrier[i]][:24]
+    assert len(agree) >= 8
+    res = train_mask(planted, group, "last", _split(enc, range(0, 64), carrier), _split(enc, agree, carrier),
+                     _split(enc, range(64, 96), carrier), lam=0.05, lr=0.1, epochs=4, batch_size=16,
+                     eval_every=1, seed=0, progress=False)
+    first = res.history[0]
+    assert first["n_selected"] == 0 and first["eval_accuracy"] == 1.0, "the first rounded mask keeps every head"
+    assert res.eval_accuracy == 1.0
+    assert (1, CARRIER) in res.selected
+    assert len(res.selected) == max(h["n_selected"] for h in res.history if h["eval_accuracy"] == 1.0)
+    assert res.best_step > first["step"]
+
+
+# --------------------------------------------------------------------------------------------
+# Fresh pairs for the per-model semantics
+
+DATA = DataSpec(num_boxes=3, seed=3, n_eval=6, n_path_patching=4, n_mean_reference=4, n_desiderata=16,
+                n_arithmetic=4, arithmetic_max_digits=2)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny):
+    d = tmp_path_factory.mktemp("dcm_data")
+    D.build_datasets(DATA, d, tiny.tokenizer)
+    return d
+
+
+def _texts(recs):
+    return [(r["base"]["text"], r["source"]["text"]) for r in recs]
+
+
+def test_fresh_pairs_are_new_and_reproducible(tiny, data_dir):
+    stored = set(_texts(D.load_desiderata(data_dir, "positional")))
+    a = fresh_pairs(data_dir, tiny.tokenizer, "positional", 12, draw=0)
+    b = fresh_pairs(data_dir, tiny.tokenizer, "positional", 12, draw=1)
+    assert len(a) == len(b) == 12
+    assert a == fresh_pairs(data_dir, tiny.tokenizer, "positional", 12, draw=0)  # same draw, same pairs
+    assert _texts(a) != _texts(b)
+    assert not set(_texts(a)) & set(_texts(b))
+    assert not (set(_texts(a)) | set(_texts(b))) & stored
+    assert _texts(a) != _texts(fresh_pairs(data_dir, tiny.tokenizer, "positional", 12, draw=0, seed=1))
+    # every pair is used, with the manifest's vocabulary and number of boxes
+    assert all(r["split"] == "fresh" and r["draw"] == 0 for r in a)
+    vocab = set(D.load_manifest(data_dir)["vocabulary"]["objects"])
+    assert all(set(r["base"]["objects"]) <= vocab and len(r["base"]["objects"]) == DATA.num_boxes for r in a)
+    assert dcm.fresh_seed(DATA.seed, "positional", 0) != DATA.seed
+    # fewer pairs than the generator's split needs still works
+    assert len(fresh_pairs(data_dir, tiny.tokenizer, "object_value", 2, draw=4)) == 2
+
+
+def test_desideratum_accuracy_fresh_runs_are_the_draws(tiny, data_dir):
+    recs = [r for i in range(3) for r in fresh_pairs(data_dir, tiny.tokenizer, "positional", 8, draw=i)]
+    enc = D.encode_pairs(tiny.tokenizer, recs, padding_side="right")
+    # targets that make the runs differ: draw i is right on i + 2 of its 8 samples
+    base_pred = run(tiny, enc["base"], ()).logits.argmax(-1)
+    target = base_pred.clone() + 1
+    for i in range(3):
+        target[8 * i: 8 * i + i + 2] = base_pred[8 * i: 8 * i + i + 2]
+    enc["target"] = target
+    r = desideratum_accuracy(tiny, [], "last", enc, mode="fresh", n_resamples=3, sample_size=8)
+    assert r["runs"] == [2 / 8, 3 / 8, 4 / 8]
+    assert r["mean"] == pytest.approx(3 / 8) and r["std"] == pytest.approx(1 / 8)
+    with pytest.raises(DCMError, match="3 draws of 5"):
+        desideratum_accuracy(tiny, [], "last", enc, mode="fresh", n_resamples=3, sample_size=5)
+
+
+def test_semantics_fresh_draws_new_pairs_once_for_all_models(tiny, data_dir, monkeypatch):
+    spec = DCMSpec(n_resamples=3, sample_size=8, batch_size=8)
+    made, seen = [], []
+    real_fresh, real_acc = dcm.fresh_pairs, dcm.desideratum_accuracy
+
+    def spy_fresh(where, tokenizer, name, n, draw, seed=0, **kw):
+        made.append((name, draw, n))
+        return real_fresh(where, tokenizer, name, n, draw, seed, **kw)
+
+    def spy_acc(lm, heads, position, pairs, **kw):
+        out = real_acc(lm, heads, position, pairs, **kw)
+        seen.append((pairs, kw, out))
+        return out
+
+    monkeypatch.setattr(dcm, "fresh_pairs", spy_fresh)
+    monkeypatch.setattr(dcm, "desideratum_accuracy", spy_acc)
+    selections = {("value_fetcher", "positional"): [(1, 0), (1, 2)], ("value_fetcher", "object_value"): [(1, 1)]}
+    rows = dcm.semantics([("a", tiny), ("b", tiny)], selections, {"value_fetcher": "last"}, data_dir, spec)
+    # generated once per (desideratum, draw), shared by both models
+    assert sorted(made) == [(d, i, 8) for d in ("object_value", "positional") for i in range(3)]
+    assert len(rows) == 4 and all(r["pairs"] == "fresh" and r["n_runs"] == 3 for r in rows)
+    stored_test = D.encode_pairs(tiny.tokenizer, D.load_desiderata(data_dir, "positional", "test"), padding_side="right")
+    want = D.encode_pairs(tiny.tokenizer, [r for i in range(3) for r in real_fresh(data_dir, tiny.tokenizer, "positional", 8, i)],
+                          padding_side="right")
+    pairs, kw, out = seen[0]
+    assert kw["mode"] == "fresh" and kw["n_resamples"] == 3 and kw["sample_size"] == 8
+    assert torch.equal(pairs["base"]["input_ids"], want["base"]["input_ids"])
+    assert torch.equal(pairs["target"], want["target"])
+    assert pairs["base"]["input_ids"].shape[0] == 24 != stored_test["base"]["input_ids"].shape[0]
+    # mean and std over the three runs, in percent, each run one draw
+    for row, (_, _, out) in zip(rows, seen):
+        assert len(out["runs"]) == 3
+        assert row["mean"] == pytest.approx(100 * sum(out["runs"]) / 3)
+        m = sum(out["runs"]) / 3
+        assert row["std"] == pytest.approx(100 * (sum((x - m) ** 2 for x in out["runs"]) / 2) ** 0.5)
+    # run i is the accuracy on draw i alone
+    per_draw = [desideratum_accuracy(tiny, [(1, 0), (1, 2)], "last",
+                                     D.encode_pairs(tiny.tokenizer, real_fresh(data_dir, tiny.tokenizer, "positional", 8, i),
+                                                    padding_side="right"))["accuracy"] for i in range(3)]
+    assert seen[0][2]["runs"] == pytest.approx(per_draw)
+
+
+def test_semantics_bootstrap_resamples_the_test_split(tiny, data_dir, monkeypatch):
+    spec = DCMSpec(n_resamples=4, sample_size=5, batch_size=8, semantics_pairs="bootstrap")
+    monkeypatch.setattr(dcm, "fresh_pairs", lambda *a, **k: pytest.fail("bootstrap mode must not draw fresh pairs"))
+    rows = dcm.semantics([("a", tiny)], {("value_fetcher", "positional"): [(1, 0)]}, {"value_fetcher": "last"},
+                         data_dir, spec)
+    assert rows[0]["pairs"] == "bootstrap" and rows[0]["n_runs"] == 4
+
+
+# --------------------------------------------------------------------------------------------
+# Masks of several models in one file
+
+
+def _result(selected_heads, heads=((0, 1), (1, 0), (1, 2))):
+    mask = [0 if h in selected_heads else 1 for h in heads]
+    return DCMResult(list(heads), mask, "last", 0.01, 0, "clamp", 0.5, 0.4, 3)
+
+
+def test_masks_round_trip_per_model(tmp_path):
+    path = tmp_path / "dcm_masks.json"
+    masks = {
+        "base": {("value_fetcher", "object_value"): _result([(1, 0)]), ("position_detector", "positional"): _result([])},
+        "ft": {("value_fetcher", "object_value"): _result([(0, 1), (1, 2)])},
+    }
+    write_masks(path, masks)
+    assert set(read_json(path)) == {"base", "ft"}
+    assert read_json(path)["ft"]["value_fetcher/object_value"] == masks["ft"][("value_fetcher", "object_value")].to_json()
+    assert read_selections(path, "base") == {("value_fetcher", "object_value"): [(1, 0)],
+                                             ("position_detector", "positional"): []}
+    assert read_selections(path, "ft") == {("value_fetcher", "object_value"): [(0, 1), (1, 2)]}
+    with pytest.raises(DCMError, match=r"'other'.*\['base', 'ft'\]"):
+        read_selections(path, "other")

@@ -20,8 +20,15 @@ the result. Heads whose rounded mask is 0 are *selected*: patching them alone fr
 base makes the model follow the desideratum.
 
 The **per-model semantics** (§4) then patch a selected set of heads from source to base in any
-model of the same architecture and report the share of samples whose answer is the target,
-over resampled subsets (:func:`desideratum_accuracy`).
+model of the same architecture and report the share of samples whose answer is the target.
+As in the reference code, each of ``n_resamples`` runs draws ``sample_size`` *fresh* pairs from
+the desideratum generator (:func:`fresh_pairs`, with the data manifest's vocabulary and a seed
+of its own, so never the stored train/eval/test pairs) and the result is the mean and std over
+the runs; ``semantics_pairs="bootstrap"`` resamples the stored test split instead
+(:func:`desideratum_accuracy`).
+
+Masks of several models are stored in one file, ``{model: {"group/desideratum": mask}}``,
+written by :func:`write_masks` and read back by :func:`read_selections`.
 
 Gradients flow through the nnsight trace: the blend is written by *replacing* the o_proj
 input (not an in-place write into the model's tensor), the model's weights stay frozen, and the
@@ -30,6 +37,7 @@ loss is differentiated after the trace from the saved logits.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections import defaultdict
@@ -42,7 +50,9 @@ from .circuit import Head
 from .patching import HeadPatch, accuracy, as_batch, check_positions, run
 
 __all__ = [
-    "DCMError", "DCMResult", "desideratum_accuracy", "masked_logits", "source_head_outputs", "take_rows", "train_mask",
+    "CORE_DESIDERATA", "DCMError", "DCMResult", "better_mask", "desideratum_accuracy", "encode_desideratum",
+    "fresh_pairs", "fresh_seed", "functionality", "manifest_vocabulary", "masked_logits", "read_selections",
+    "semantics", "source_head_outputs", "sweep", "take_rows", "train_mask", "write_masks",
 ]
 
 
@@ -154,6 +164,13 @@ def _rounded_accuracy(lm, pairs, src_z, heads, position, mask_values, batch_size
         return correct / max(n, 1)
 
 
+def better_mask(accuracy: float, n_selected: int, best_accuracy: float, best_n_selected: int) -> bool:
+    """Whether a rounded mask with eval ``accuracy`` selecting ``n_selected`` heads replaces the
+    best so far: higher eval accuracy wins, and at equal accuracy the mask that selects **more**
+    heads wins (as in the reference code); a full tie keeps the earlier mask."""
+    return (accuracy, n_selected) > (best_accuracy, best_n_selected)
+
+
 def train_mask(
     lm,
     heads: Sequence[Head],
@@ -174,8 +191,10 @@ def train_mask(
     """Learn a DCM mask over ``heads`` (all acting at ``position``) for one desideratum.
 
     ``train``/``eval``/``test`` are :func:`entity_tracking.data.encode_pairs` batches
-    (``{"base", "source", "target"}``). Returns the best rounded mask on ``eval`` and its
-    ``test`` accuracy.
+    (``{"base", "source", "target"}``). The mask is trained on ``train``; every ``eval_every``
+    steps (and at the last) its rounding is scored on ``eval`` and kept if :func:`better_mask`
+    (higher eval accuracy, ties to more selected heads). Returns that mask, its eval accuracy and
+    its accuracy on ``test`` (``test`` plays no part in the choice).
     """
     heads = [h for l, hs in _by_layer(heads).items() for h in [(l, x) for x in hs]]
     if not heads:
@@ -227,7 +246,7 @@ def train_mask(
             hard = [int(x >= 0.5) for x in mv.tolist()]
             n_sel = hard.count(0)
             history.append({"step": step + 1, "loss": float(loss.detach()), "eval_accuracy": acc, "n_selected": n_sel})
-            if (acc, n_sel) > best[:2]:
+            if better_mask(acc, n_sel, best[0], best[1]):
                 best = (acc, n_sel, hard, step + 1)
     mask = torch.tensor(best[2], dtype=torch.float32)
     test_acc = _rounded_accuracy(lm, test, src["test"], heads, position, mask, batch_size)
@@ -240,6 +259,7 @@ def desideratum_accuracy(
     position: str,
     pairs: Mapping[str, Any],
     *,
+    mode: Literal["fresh", "bootstrap"] = "bootstrap",
     n_resamples: int = 10,
     sample_size: Optional[int] = None,
     seed: int = 0,
@@ -248,13 +268,29 @@ def desideratum_accuracy(
     """Patch ``heads`` from source to base (each at its group ``position``, the source read at its
     own position) and report the share of samples whose answer is the target.
 
-    Returns ``{"mean", "std", "runs": [...], "correct": [n] (0/1 per sample)}``: ``runs`` are
-    the accuracies of ``n_resamples`` subsets of ``sample_size`` samples drawn with replacement
-    (all samples when ``sample_size`` is None)."""
+    Returns ``{"mean", "std", "runs": [...], "correct": [n] (0/1 per sample), "accuracy"}``
+    (``accuracy``: over all samples). The ``n_resamples`` ``runs`` are
+
+    * ``mode="bootstrap"``: subsets of ``sample_size`` samples of ``pairs`` drawn with
+      replacement (all ``n`` samples when ``sample_size`` is None), seeded by ``seed``;
+    * ``mode="fresh"``: ``pairs`` are ``n_resamples`` independent draws of ``sample_size``
+      pairs each, concatenated in draw order (:func:`fresh_pairs`); run ``i`` is the accuracy on
+      draw ``i`` (the reference code's protocol). ``sample_size`` None means ``n / n_resamples``.
+    """
+    if mode not in ("fresh", "bootstrap"):
+        raise DCMError(f"mode must be 'fresh' or 'bootstrap', got {mode!r}")
+    if n_resamples < 1:
+        raise DCMError(f"n_resamples must be at least 1, got {n_resamples}")
     base, source = as_batch(pairs["base"]), as_batch(pairs["source"])
     target = pairs["target"]
     if base["input_ids"].shape[0] != source["input_ids"].shape[0]:
         raise DCMError("base and source batches differ in size")
+    n = base["input_ids"].shape[0]
+    if mode == "fresh":
+        k = sample_size or n // n_resamples
+        if k < 1 or k * n_resamples != n:
+            raise DCMError(f"fresh mode needs {n_resamples} draws of {sample_size} pairs concatenated, "
+                           f"got {n} pairs")
     patches: list[HeadPatch] = []
     if heads:
         src_z = source_head_outputs(lm, source, heads, position, batch_size=batch_size)
@@ -263,13 +299,105 @@ def desideratum_accuracy(
             patches.append(HeadPatch("z", layer, hs, src_z[layer][:, None], pos))
     logits = run(lm, base, patches, batch_size=batch_size, desc="desideratum patching").logits
     correct = (logits.argmax(-1) == target).float()
-    n = correct.shape[0]
-    k = sample_size or n
-    rng = random.Random(seed)
-    runs = [float(correct[[rng.randrange(n) for _ in range(k)]].mean()) for _ in range(n_resamples)]
+    if mode == "fresh":
+        runs = [float(correct[i * k:(i + 1) * k].mean()) for i in range(n_resamples)]
+    else:
+        k = sample_size or n
+        rng = random.Random(seed)
+        runs = [float(correct[[rng.randrange(n) for _ in range(k)]].mean()) for _ in range(n_resamples)]
     mean = sum(runs) / len(runs)
     std = (sum((r - mean) ** 2 for r in runs) / max(len(runs) - 1, 1)) ** 0.5
     return {"mean": mean, "std": std, "runs": runs, "correct": correct.tolist(), "accuracy": accuracy(logits, target)}
+
+
+# --------------------------------------------------------------------------------------------
+# Fresh desideratum pairs, drawn as the reference code draws them for the semantics
+
+
+def manifest_vocabulary(where, tokenizer):
+    """The :class:`~entity_tracking.data.Vocabulary` recorded in the data manifest of ``where``
+    (the objects and labels the profile's data were built with), for ``tokenizer``. Raises a
+    :class:`~entity_tracking.data.DataError` if one of its objects is not one token for it."""
+    from . import data as D
+
+    man = D.load_manifest(where)
+    k = int(man["num_boxes"])
+    voc = man["vocabulary"]
+    return D.build_vocabulary(tokenizer, voc["objects"], voc["labels"], num_boxes=k, min_objects=2 * k + 1)
+
+
+def fresh_seed(data_seed: int, name: str, draw: int, seed: int = 0) -> int:
+    """The generator seed of fresh draw ``draw`` of desideratum ``name``: a 62-bit hash of the data
+    seed, the desideratum, the draw and ``seed``, never equal to ``data_seed`` (the seed of the
+    stored pairs), so fresh pairs are new."""
+    key = f"dcm-fresh-pairs:{data_seed}:{name}:{draw}:{seed}".encode()
+    out = int.from_bytes(hashlib.sha256(key).digest()[:8], "big") >> 2
+    return out + 1 if out == int(data_seed) else out
+
+
+def fresh_pairs(where, tokenizer, name: str, n: int, draw: int, seed: int = 0, *,
+                vocab=None) -> list[dict[str, Any]]:
+    """``n`` new (base, source, target) records of desideratum ``name``, generated by
+    :func:`entity_tracking.data.make_desiderata` with the manifest's vocabulary and number of
+    boxes and the seed :func:`fresh_seed` derives from the data seed, ``name``, ``draw`` and
+    ``seed``. The same arguments give the same records; another ``draw`` gives other pairs.
+
+    Every record is used (the generator's 50/25/25 split labels are meaningless here and are
+    replaced by ``"fresh"``; ``draw`` is recorded). ``vocab`` (from :func:`manifest_vocabulary`)
+    saves rebuilding the vocabulary on every call."""
+    from . import data as D
+
+    if n < 1:
+        raise DCMError(f"a fresh draw needs at least one pair, got n={n}")
+    man = D.load_manifest(where)
+    vocab = vocab if vocab is not None else manifest_vocabulary(where, tokenizer)
+    s = fresh_seed(int(man["seed"]), name, draw, seed)
+    recs = D.make_desiderata(tokenizer, name, max(n, len(D.SPLITS) + 1), int(man["num_boxes"]), s, vocab)[:n]
+    for r in recs:
+        r["split"], r["draw"] = "fresh", draw
+    return recs
+
+
+# --------------------------------------------------------------------------------------------
+# Masks of several models in one file
+
+
+def write_masks(path, masks: Mapping[str, Mapping[tuple[str, str], DCMResult]]):
+    """Write ``{model: {(group, desideratum): DCMResult}}`` atomically as JSON
+    ``{model: {"group/desideratum": DCMResult.to_json()}}``; read it with :func:`read_selections`."""
+    from .io import write_json
+
+    out: dict[str, dict[str, Any]] = {}
+    for model, results in masks.items():
+        out[str(model)] = {}
+        for key, res in results.items():
+            group, desid = key
+            if "/" in group or "/" in desid:
+                raise DCMError(f"group and desideratum names must not contain '/': {key}")
+            out[str(model)][f"{group}/{desid}"] = res.to_json()
+    return write_json(path, out)
+
+
+def read_selections(path, model_name: str) -> dict[tuple[str, str], list[Head]]:
+    """The heads DCM selected for ``model_name`` in a :func:`write_masks` file:
+    ``{(group, desideratum): [(layer, head), ...]}``. Raises :class:`DCMError` naming the model
+    and the models the file holds when it has none for ``model_name``."""
+    from .io import read_json
+
+    data = read_json(path)
+    if not isinstance(data, dict) or model_name not in data:
+        present = sorted(data) if isinstance(data, dict) else []
+        hint = ""
+        if present and all("/" in k for k in present):
+            hint = "; it looks like a single-model file of an older version: rerun the DCM chapter"
+        raise DCMError(f"{path} has no DCM masks for model '{model_name}' (models present: {present}){hint}")
+    out: dict[tuple[str, str], list[Head]] = {}
+    for key, res in data[model_name].items():
+        group, sep, desid = key.partition("/")
+        if not sep or not isinstance(res, dict) or "selected" not in res:
+            raise DCMError(f"{path}: entry '{key}' of model '{model_name}' is not a 'group/desideratum' mask")
+        out[(group, desid)] = [(int(l), int(h)) for l, h in res["selected"]]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +437,8 @@ def sweep(lm, circuit, where, spec, groups: Sequence[str] | None = None,
                                  splits[d]["test"], lam=lam, lr=spec.lr, epochs=spec.epochs,
                                  batch_size=spec.batch_size, eval_every=spec.eval_every, seed=seed,
                                  relaxation=spec.relaxation, progress=False)
-                if best is None or (res.eval_accuracy, len(res.selected)) > (best.eval_accuracy, len(best.selected)):
+                if best is None or better_mask(res.eval_accuracy, len(res.selected), best.eval_accuracy,
+                                               len(best.selected)):
                     best = res
         out[(g, d)] = best
     return out
@@ -319,13 +448,37 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
               positions: Mapping[str, str], where, spec,
               desiderata: Mapping[tuple[str, str], Sequence[str]] | None = None) -> list[dict[str, Any]]:
     """Per-model semantics: for every (group, desideratum) selection, patch those heads from source
-    to base in every model and report the share of test samples giving the target (percent,
-    mean and std over ``spec.n_resamples`` resamples of ``spec.sample_size``).
+    to base in every model and report the share of samples giving the target (percent, mean and
+    std over ``spec.n_resamples`` runs of ``spec.sample_size`` pairs).
+
+    ``spec.semantics_pairs`` says where the pairs come from: ``"fresh"`` (the reference code's
+    protocol) draws new pairs for every run with :func:`fresh_pairs` (generated once per
+    desideratum and draw, with the first model's tokenizer, and shared by every model, each
+    encoding them with its own tokenizer); ``"bootstrap"`` resamples the stored test split.
 
     ``models`` yields ``(name, LoadedModel)`` pairs (a generator may load one model at a time).
     ``desiderata`` optionally maps a selection key to the desiderata whose pairs evaluate it
     (default: the key's own), e.g. the Transmitters' positional heads on the extra variants.
     """
+    from tqdm.auto import tqdm
+
+    from . import data as D
+
+    mode = getattr(spec, "semantics_pairs", "bootstrap")
+    if mode not in ("fresh", "bootstrap"):
+        raise DCMError(f"semantics_pairs must be 'fresh' or 'bootstrap', got {mode!r}")
+    fresh: dict[tuple[str, int], list[dict[str, Any]]] = {}  # (desideratum, draw) -> records, across models
+    vocab = None
+
+    def fresh_records(tokenizer, desid: str) -> list[dict[str, Any]]:
+        nonlocal vocab
+        missing = [i for i in range(spec.n_resamples) if (desid, i) not in fresh]
+        if missing and vocab is None:
+            vocab = manifest_vocabulary(where, tokenizer)
+        for i in tqdm(missing, desc=f"fresh {desid} pairs", leave=False, disable=not missing):
+            fresh[desid, i] = fresh_pairs(where, tokenizer, desid, spec.sample_size, i, vocab=vocab)
+        return [r for i in range(spec.n_resamples) for r in fresh[desid, i]]
+
     rows = []
     for name, lm in models:
         pairs_of: dict[str, dict[str, Any]] = {}
@@ -333,12 +486,17 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
             group, desid = key
             for eval_desid in (desiderata or {}).get(key, [desid]):
                 if eval_desid not in pairs_of:
-                    pairs_of[eval_desid] = encode_desideratum(lm.tokenizer, where, eval_desid, "test")
-                r = desideratum_accuracy(lm, list(heads), positions[group], pairs_of[eval_desid],
+                    if mode == "fresh":
+                        pairs_of[eval_desid] = D.encode_pairs(lm.tokenizer, fresh_records(lm.tokenizer, eval_desid),
+                                                              padding_side="right")
+                    else:
+                        pairs_of[eval_desid] = encode_desideratum(lm.tokenizer, where, eval_desid, "test")
+                r = desideratum_accuracy(lm, list(heads), positions[group], pairs_of[eval_desid], mode=mode,
                                          n_resamples=spec.n_resamples, sample_size=spec.sample_size, seed=0,
                                          batch_size=spec.batch_size)
                 rows.append({"group": group, "desideratum": eval_desid, "selected_for": desid, "model": name,
-                             "n_heads": len(heads), "mean": 100 * r["mean"], "std": 100 * r["std"]})
+                             "n_heads": len(heads), "mean": 100 * r["mean"], "std": 100 * r["std"],
+                             "pairs": mode, "n_runs": len(r["runs"])})
     return rows
 
 

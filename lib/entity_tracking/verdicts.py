@@ -46,6 +46,7 @@ __all__ = [
     "MIN_GAIN",
     "NECESSITY_FACTOR",
     "NECESSITY_MARGIN",
+    "SCORE_FLOOR",
     "Threshold",
     "COMPETENCE_RULE",
     "Competence",
@@ -138,6 +139,10 @@ NECESSITY_FACTOR = Threshold(2.0, "twice the cost of as many random heads is an 
 NECESSITY_MARGIN = Threshold(0.1, "and at least 10 points of accuracy, so a near-zero baseline cannot make a "
                                   "1-point drop 'necessary'")
 
+#: A path-patching score closer to zero than this is no effect (scores are relative changes of p(correct)).
+SCORE_FLOOR = Threshold(1e-3, "a head that moves p(correct) by under 0.1% of itself carries nothing measurable; "
+                              "float32 sums alone reach 1e-6")
+
 #: An ablated group that costs more than random heads outside the circuit by this much counts as
 #: "beyond random" for a partial verdict (circuit chapter).
 BEYOND_RANDOM_MARGIN = Threshold(0.02, "2 points: more than a few prompts on a 500-prompt evaluation")
@@ -166,10 +171,10 @@ def minimality_measurable(circuit_low: float, num_boxes: int) -> bool:
 
 def groups_found(circuit: Circuit) -> list[str]:
     """The groups of a :class:`~entity_tracking.circuit.Circuit` that carry their path: at least
-    one of their heads has a path-patching score below zero. (Under the paper's selection every
+    one of their heads has a path-patching score below zero (below ``-SCORE_FLOOR``). (Under the paper's selection every
     group has k heads; a group of heads that cannot lower p(correct) is a group in name only.)"""
     return [g for g in GROUPS
-            if any(circuit.scores.get(g) and circuit.scores[g][l][h] < 0 for l, h in circuit.groups[g])]
+            if any(circuit.scores.get(g) and circuit.scores[g][l][h] < -SCORE_FLOOR.value for l, h in circuit.groups[g])]
 
 
 def circuit_claim(n_groups_found: int, necessary: bool, beyond_random: bool) -> Holds:
@@ -237,21 +242,23 @@ COMPETENCE_RULE = "first: every model it is about does the task (accuracy above 
 def untestable(models: Iterable[Competence]) -> str | None:
     """The ``ours`` text when any of ``models`` does not do the task, else None."""
     bad = [c for c in models if not c.ok]
-    return "; ".join(c.reason for c in bad) if bad else None
+    prefix = "not testable: "
+    return prefix + "; ".join(c.reason[len(prefix):] for c in bad) if bad else None
 
 
 def groups_standing_out(circuit: Circuit, null: Circuit) -> dict[str, dict[str, float | bool]]:
     """Per group: its lowest head score, the lowest score of the same step in the null sweep
     (:func:`entity_tracking.path_patching.null_circuit`), and whether the group stands out
-    (some head of the group scores below every head of the null). A group of k heads that only
-    matches the null is what path patching returns on noise."""
+    (some head of the group scores below every head of the null, and below ``-SCORE_FLOOR``).
+    A group of k heads that only matches the null is what path patching returns on noise."""
     out: dict[str, dict[str, float | bool]] = {}
     for g in GROUPS:
         null_scores = [x for row in null.scores.get(g, []) for x in row]
         null_min = min(null_scores) if null_scores else float("nan")
         ours = [circuit.scores[g][l][h] for l, h in circuit.groups[g]] if circuit.scores.get(g) else []
         low = min(ours) if ours else float("nan")
-        out[g] = {"lowest": low, "null_lowest": null_min, "stands_out": bool(ours) and low < 0 and low < null_min}
+        out[g] = {"lowest": low, "null_lowest": null_min,
+                  "stands_out": bool(ours) and low < -SCORE_FLOOR.value and low < null_min}
     return out
 
 
@@ -293,7 +300,7 @@ def necessity_grade(necessity: Any, *, n_resamples: int = 1000, seed: int = 0) -
 
 
 CIRCUIT_RULE = ("holds: all four groups stand out from the null sweep (a head scoring below every head of "
-                "the same sweep with attention shuffled) and the Value Fetchers are necessary (their ablation "
+                f"the same sweep with attention shuffled, and below -{SCORE_FLOOR.value:g}) and the Value Fetchers are necessary (their ablation "
                 f"costs > {NECESSITY_FACTOR.value:g} x the drop of as many random heads outside the circuit "
                 f"+ {NECESSITY_MARGIN.value:g}, the effect's 95% interval is above 0, and it costs more than "
                 "random heads of the whole model); partly: necessary Value Fetchers, or some group standing "
