@@ -16,7 +16,7 @@ from entity_tracking import dcm
 from entity_tracking.config import DataSpec, DCMSpec, ModelSpec, TinySpec
 from entity_tracking.dcm import (DCMError, DCMResult, better_mask, desideratum_accuracy, fresh_pairs, masked_logits,
                                  read_selections, source_head_outputs, take_rows, train_mask, write_masks)
-from entity_tracking.io import read_json
+from entity_tracking.io import read_json, write_json
 from entity_tracking.models import build_tiny_model, load_model
 from entity_tracking.patching import HeadPatch, last_logits, run
 
@@ -280,14 +280,14 @@ def test_semantics_fresh_draws_new_pairs_once_for_all_models(tiny, data_dir, mon
     # generated once per (desideratum, draw), shared by both models
     assert sorted(made) == [(d, i, 8) for d in ("object_value", "positional") for i in range(3)]
     assert len(rows) == 4 and all(r["pairs"] == "fresh" and r["n_runs"] == 3 for r in rows)
-    stored_test = D.encode_pairs(tiny.tokenizer, D.load_desiderata(data_dir, "positional", "test"), padding_side="right")
-    want = D.encode_pairs(tiny.tokenizer, [r for i in range(3) for r in real_fresh(data_dir, tiny.tokenizer, "positional", 8, i)],
-                          padding_side="right")
+    # the first selection was evaluated on draws 0, 1, 2 of fresh positional pairs, in order
+    draws = [real_fresh(data_dir, tiny.tokenizer, "positional", 8, i) for i in range(3)]
+    want = D.encode_pairs(tiny.tokenizer, [r for d in draws for r in d], padding_side="right")
     pairs, kw, out = seen[0]
     assert kw["mode"] == "fresh" and kw["n_resamples"] == 3 and kw["sample_size"] == 8
     assert torch.equal(pairs["base"]["input_ids"], want["base"]["input_ids"])
+    assert torch.equal(pairs["source"]["input_ids"], want["source"]["input_ids"])
     assert torch.equal(pairs["target"], want["target"])
-    assert pairs["base"]["input_ids"].shape[0] == 24 != stored_test["base"]["input_ids"].shape[0]
     # mean and std over the three runs, in percent, each run one draw
     for row, (_, _, out) in zip(rows, seen):
         assert len(out["runs"]) == 3
@@ -296,8 +296,7 @@ def test_semantics_fresh_draws_new_pairs_once_for_all_models(tiny, data_dir, mon
         assert row["std"] == pytest.approx(100 * (sum((x - m) ** 2 for x in out["runs"]) / 2) ** 0.5)
     # run i is the accuracy on draw i alone
     per_draw = [desideratum_accuracy(tiny, [(1, 0), (1, 2)], "last",
-                                     D.encode_pairs(tiny.tokenizer, real_fresh(data_dir, tiny.tokenizer, "positional", 8, i),
-                                                    padding_side="right"))["accuracy"] for i in range(3)]
+                                     D.encode_pairs(tiny.tokenizer, d, padding_side="right"))["accuracy"] for d in draws]
     assert seen[0][2]["runs"] == pytest.approx(per_draw)
 
 
@@ -326,9 +325,17 @@ def test_masks_round_trip_per_model(tmp_path):
     }
     write_masks(path, masks)
     assert set(read_json(path)) == {"base", "ft"}
-    assert read_json(path)["ft"]["value_fetcher/object_value"] == masks["ft"][("value_fetcher", "object_value")].to_json()
+    stored = read_json(path)["ft"]["value_fetcher/object_value"]
+    assert stored == masks["ft"][("value_fetcher", "object_value")].to_json()
     assert read_selections(path, "base") == {("value_fetcher", "object_value"): [(1, 0)],
                                              ("position_detector", "positional"): []}
     assert read_selections(path, "ft") == {("value_fetcher", "object_value"): [(0, 1), (1, 2)]}
     with pytest.raises(DCMError, match=r"'other'.*\['base', 'ft'\]"):
         read_selections(path, "other")
+
+
+def test_read_selections_names_an_old_single_model_file(tmp_path):
+    path = tmp_path / "dcm_masks.json"
+    write_json(path, {"value_fetcher/object_value": _result([(1, 0)]).to_json()})
+    with pytest.raises(DCMError, match="'base'.*older version"):
+        read_selections(path, "base")
