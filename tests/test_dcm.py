@@ -308,6 +308,31 @@ def test_semantics_bootstrap_resamples_the_test_split(tiny, data_dir, monkeypatc
     assert rows[0]["pairs"] == "bootstrap" and rows[0]["n_runs"] == 4
 
 
+def test_semantics_shares_one_source_run_and_gives_each_selection_its_own_numbers(tiny, data_dir, monkeypatch):
+    """Selections that overlap, on one desideratum and position, plus empty ones: each selection is
+    patched with exactly its own heads' source outputs (sliced from one shared source run), and
+    the unpatched run is made once and reported for every empty selection."""
+    spec = DCMSpec(n_resamples=3, sample_size=6, batch_size=8, semantics_pairs="bootstrap")
+    sel = {("value_fetcher", "positional"): [(1, 0), (0, 2)], ("position_transmitter", "positional"): [(0, 2), (1, 1)],
+           ("structure_reader", "positional"): [], ("position_detector", "positional"): []}
+    positions = {"value_fetcher": "last", "position_transmitter": "last", "structure_reader": "last",
+                 "position_detector": "query_label"}
+    pairs = dcm.encode_desideratum(tiny.tokenizer, data_dir, "positional", "test")
+    seen, real = [], dcm.desideratum_accuracy
+
+    def spy(lm, heads, position, p, **kw):
+        seen.append((list(heads), position, kw.get("source_z")))
+        return real(lm, heads, position, p, **kw)
+
+    monkeypatch.setattr(dcm, "desideratum_accuracy", spy)
+    rows = dcm.semantics([("a", tiny)], sel, positions, data_dir, spec)
+    assert [h for h, _, _ in seen] == [[(1, 0), (0, 2)], [(0, 2), (1, 1)], []]  # one unpatched run for two
+    for heads, position, src in seen[:2]:
+        want = dcm.source_head_outputs(tiny, pairs["source"], heads, position, batch_size=8)
+        assert src.keys() == want.keys() and all(torch.equal(src[l], want[l]) for l in want)
+    assert rows[2]["mean"] == rows[3]["mean"] and rows[2]["std"] == rows[3]["std"]
+
+
 # --------------------------------------------------------------------------------------------
 # Masks of several models in one file
 

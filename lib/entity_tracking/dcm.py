@@ -75,6 +75,11 @@ def _pos(batch: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor
                            batch.get("attention_mask"))[:, 0]
 
 
+def _ordered(heads: Sequence[Head]) -> list[Head]:
+    """``heads`` in :func:`_by_layer` order (by layer, then as given)."""
+    return [(l, h) for l, hs in _by_layer(heads).items() for h in hs]
+
+
 def source_head_outputs(lm, source: Mapping[str, torch.Tensor], heads: Sequence[Head], position: str,
                         *, batch_size: int = 32) -> dict[int, torch.Tensor]:
     """The source run's outputs of ``heads`` at the source's own ``position``:
@@ -264,9 +269,12 @@ def desideratum_accuracy(
     sample_size: Optional[int] = None,
     seed: int = 0,
     batch_size: int = 32,
+    source_z: Optional[Mapping[int, torch.Tensor]] = None,
 ) -> dict[str, Any]:
     """Patch ``heads`` from source to base (each at its group ``position``, the source read at its
-    own position) and report the share of samples whose answer is the target.
+    own position) and report the share of samples whose answer is the target. ``source_z``: the
+    source run's outputs of ``heads`` as :func:`source_head_outputs` returns them, when already
+    computed (:func:`semantics` shares one source run between selections).
 
     Returns ``{"mean", "std", "runs": [...], "correct": [n] (0/1 per sample), "accuracy"}``
     (``accuracy``: over all samples). The ``n_resamples`` ``runs`` are
@@ -293,7 +301,8 @@ def desideratum_accuracy(
                            f"got {n} pairs")
     patches: list[HeadPatch] = []
     if heads:
-        src_z = source_head_outputs(lm, source, heads, position, batch_size=batch_size)
+        src_z = source_z if source_z is not None else source_head_outputs(lm, source, heads, position,
+                                                                          batch_size=batch_size)
         pos = _pos(base, position, "base")
         for layer, hs in _by_layer(heads).items():
             patches.append(HeadPatch("z", layer, hs, src_z[layer][:, None], pos))
@@ -479,24 +488,46 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
             fresh[desid, i] = fresh_pairs(where, tokenizer, desid, spec.sample_size, i, vocab=vocab)
         return [r for i in range(spec.n_resamples) for r in fresh[desid, i]]
 
+    # one source run per (desideratum, position) serves every selection evaluated on it: it records
+    # the union of their heads, and each selection takes its own heads' slices
+    jobs = [(key, heads, eval_desid) for key, heads in selections.items()
+            for eval_desid in (desiderata or {}).get(key, [key[1]])]
+    union: dict[tuple[str, str], list[Head]] = defaultdict(list)
+    for (group, _), heads, eval_desid in jobs:
+        u = union[eval_desid, positions[group]]
+        u += [tuple(h) for h in heads if tuple(h) not in u]
+
     rows = []
     for name, lm in models:
         pairs_of: dict[str, dict[str, Any]] = {}
-        for key, heads in selections.items():
+        sources: dict[tuple[str, str], dict[Head, torch.Tensor]] = {}
+        unpatched: dict[str, dict[str, Any]] = {}
+        for key, heads, eval_desid in tqdm(jobs, desc=f"semantics ({name})", leave=False):
             group, desid = key
-            for eval_desid in (desiderata or {}).get(key, [desid]):
-                if eval_desid not in pairs_of:
-                    if mode == "fresh":
-                        pairs_of[eval_desid] = D.encode_pairs(lm.tokenizer, fresh_records(lm.tokenizer, eval_desid),
-                                                              padding_side="right")
-                    else:
-                        pairs_of[eval_desid] = encode_desideratum(lm.tokenizer, where, eval_desid, "test")
+            if eval_desid not in pairs_of:
+                if mode == "fresh":
+                    pairs_of[eval_desid] = D.encode_pairs(lm.tokenizer, fresh_records(lm.tokenizer, eval_desid),
+                                                          padding_side="right")
+                else:
+                    pairs_of[eval_desid] = encode_desideratum(lm.tokenizer, where, eval_desid, "test")
+            where_key = (eval_desid, positions[group])
+            if heads and where_key not in sources:
+                allh = _ordered(union[where_key])
+                z = source_head_outputs(lm, pairs_of[eval_desid]["source"], allh, positions[group],
+                                        batch_size=spec.batch_size)
+                sources[where_key] = {(l, h): z[l][:, i] for l, hs in _by_layer(allh).items() for i, h in enumerate(hs)}
+            src = ({l: torch.stack([sources[where_key][(l, h)] for h in hs], 1) for l, hs in _by_layer(heads).items()}
+                   if heads else None)
+            if heads or eval_desid not in unpatched:  # nothing to patch: the model as it is, run once
                 r = desideratum_accuracy(lm, list(heads), positions[group], pairs_of[eval_desid], mode=mode,
                                          n_resamples=spec.n_resamples, sample_size=spec.sample_size, seed=0,
-                                         batch_size=spec.batch_size)
-                rows.append({"group": group, "desideratum": eval_desid, "selected_for": desid, "model": name,
-                             "n_heads": len(heads), "mean": 100 * r["mean"], "std": 100 * r["std"],
-                             "pairs": mode, "n_runs": len(r["runs"])})
+                                         batch_size=spec.batch_size, source_z=src)
+                if not heads:
+                    unpatched[eval_desid] = r
+            r = r if heads else unpatched[eval_desid]
+            rows.append({"group": group, "desideratum": eval_desid, "selected_for": desid, "model": name,
+                         "n_heads": len(heads), "mean": 100 * r["mean"], "std": 100 * r["std"],
+                         "pairs": mode, "n_runs": len(r["runs"])})
     return rows
 
 
