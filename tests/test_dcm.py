@@ -121,11 +121,19 @@ def test_functionality_reads_the_paper_pattern():
     from entity_tracking import paper
     from entity_tracking.dcm import functionality
 
-    rows = [{"group": g, "desideratum": d, "selected_for": d, "model": "Llama-7B", "mean": v["Llama-7B"]}
-            for (g, d), v in paper.DCM_SEMANTICS.items()]
+    # the paper: 10 fresh draws of 500 pairs, standard deviations of about 2 points
+    rows = [{"group": g, "desideratum": d, "selected_for": d, "model": "Llama-7B", "mean": v["Llama-7B"],
+             "std": 2.0, "n_runs": 10, "pairs": "fresh"} for (g, d), v in paper.DCM_SEMANTICS.items()]
     got = functionality(rows)["Llama-7B"]
     assert got == {"value_fetcher": "value", "position_transmitter": "position", "position_detector": "position",
                    "structure_reader": "neither"}
+    # the same means measured too noisily to tell apart: nothing is claimed
+    noisy = [{**r, "std": 40.0} for r in rows]
+    assert set(functionality(noisy)["Llama-7B"].values()) == {"neither"}
+    # bootstrap runs resample one split: their std is the standard error itself
+    # (Transmitters, positional 36.9: with std 9, 36.9 - 1.96 * 9 < 20, but 36.9 - 1.96 * 9 / sqrt(10) > 20)
+    assert functionality([{**r, "std": 9.0, "pairs": "bootstrap"} for r in rows])["Llama-7B"]["position_transmitter"] == "neither"
+    assert functionality([{**r, "std": 9.0} for r in rows])["Llama-7B"]["position_transmitter"] == "position"
 
 
 # --------------------------------------------------------------------------------------------

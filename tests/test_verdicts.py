@@ -77,7 +77,7 @@ def test_exceeds_needs_disjoint_intervals_to_hold():
 # necessary head is found necessary with an interval
 
 
-from entity_tracking import cmap
+from entity_tracking import cmap, dcm
 from entity_tracking import data as D
 from entity_tracking.ablation import (
     compute_means, encode_for, faithfulness, mean_ablated_logits, model_accuracy, necessity)
@@ -128,11 +128,21 @@ def test_a_model_at_chance_is_not_testable_in_every_chapter(tiny):
     rows = cmap.sweep(base, models["ft"], D.encode_prompts(base.tokenizer, ev), sets, cmap.input_sets(sets),
                       n_bootstrap=100)
     got += V.cmap_verdicts({"ft": rows}, BOXES)
-    assert len(got) == 2 + 3 + 1
+    sem = []
+    for d in ("positional", "object_value"):
+        pairs = D.encode_pairs(base.tokenizer, D.make_desiderata(base.tokenizer, d, 8, BOXES, seed=2), padding_side="right")
+        for name, lm in models.items():
+            for g in ("value_fetcher", "position_transmitter", "position_detector"):
+                r = dcm.desideratum_accuracy(lm, circuits["base"].groups[g], circuits["base"].positions[g], pairs,
+                                             n_resamples=3, batch_size=8)
+                sem.append({"group": g, "desideratum": d, "selected_for": d, "model": name, "mean": 100 * r["mean"],
+                            "std": 100 * r["std"], "n_runs": 3, "pairs": "bootstrap"})
+    got += V.dcm_verdicts(comp, dcm.functionality(sem), "base", sample="3 bootstrap resamples of 8 pairs")
+    assert len(got) == 2 + 3 + 1 + 2
     for v in got:
         assert v.holds == V.NOT_TESTABLE, v
         assert v.ours.startswith("not testable:") and "chance 0.14" in v.ours
-        assert v.rule == V.COMPETENCE_RULE and "prompts" in v.sample
+        assert v.rule == V.COMPETENCE_RULE and ("prompts" in v.sample or "pairs" in v.sample)
 
 
 @pytest.fixture(scope="module")

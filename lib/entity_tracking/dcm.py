@@ -48,6 +48,7 @@ import torch
 
 from .circuit import Head
 from .patching import HeadPatch, accuracy, as_batch, check_positions, run
+from .verdicts import DCM_MARGIN, DCM_SHARE_FLOOR
 
 __all__ = [
     "CORE_DESIDERATA", "DCMError", "DCMResult", "better_mask", "desideratum_accuracy", "encode_desideratum",
@@ -531,24 +532,38 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
     return rows
 
 
-def functionality(rows: Sequence[Mapping[str, Any]], margin: float = 5.0, floor: float = 20.0) -> dict[str, dict[str, str]]:
+def share_interval(row: Mapping[str, Any]) -> tuple[float, float]:
+    """An approximate 95% interval ``(low, high)`` (percent) of a :func:`semantics` row's share.
+    Fresh draws are independent samples, so the mean of ``n_runs`` has standard error
+    ``std / sqrt(n_runs)``; bootstrap runs resample one test split, whose standard error their
+    ``std`` estimates directly."""
+    n = max(int(row.get("n_runs", 1)), 1)
+    se = row["std"] / math.sqrt(n) if row.get("pairs", "bootstrap") == "fresh" else row["std"]
+    return row["mean"] - 1.96 * se, row["mean"] + 1.96 * se
+
+
+def functionality(rows: Sequence[Mapping[str, Any]], margin: float = float(DCM_MARGIN),
+                  floor: float = float(DCM_SHARE_FLOOR)) -> dict[str, dict[str, str]]:
     """What each group encodes in each model, read off :func:`semantics` rows of the core
-    desiderata: ``"position"`` when the positional share is at least ``floor`` percent and beats
-    the object-value share by more than ``margin`` points, ``"value"`` for the reverse,
+    desiderata: ``"position"`` when the positional share's 95% interval (:func:`share_interval`)
+    lies at or above ``floor`` percent and above the object-value share's interval, and the
+    positional share beats it by more than ``margin`` points; ``"value"`` for the reverse;
     ``"neither"`` otherwise (the paper's groups reach 37-66% on what they encode, and about 13%
-    on what they do not)."""
-    table: dict[str, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    on what they do not; thresholds and reasons in :mod:`entity_tracking.verdicts`)."""
+    table: dict[str, dict[str, dict[str, Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         if r["desideratum"] == r["selected_for"] and r["desideratum"] in ("positional", "object_value"):
-            table[r["model"]][r["group"]][r["desideratum"]] = r["mean"]
+            table[r["model"]][r["group"]][r["desideratum"]] = r
+    none = {"mean": 0.0, "std": 0.0, "n_runs": 1}
     out: dict[str, dict[str, str]] = {}
     for model, groups in table.items():
         out[model] = {}
         for g, d in groups.items():
-            pos, val = d.get("positional", 0.0), d.get("object_value", 0.0)
-            if pos >= floor and pos > val + margin:
+            pos, val = d.get("positional", none), d.get("object_value", none)
+            (pl, ph), (vl, vh) = share_interval(pos), share_interval(val)
+            if pl >= floor and pl > vh and pos["mean"] > val["mean"] + margin:
                 out[model][g] = "position"
-            elif val >= floor and val > pos + margin:
+            elif vl >= floor and vl > ph and val["mean"] > pos["mean"] + margin:
                 out[model][g] = "value"
             else:
                 out[model][g] = "neither"

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Literal, Mapping
 from .book import Verdict
 from .circuit import GROUPS, Circuit
 from .cmap import row_key
+from .io import read_json, write_json
 
 __all__ = [
     "BEYOND_RANDOM_MARGIN",
@@ -58,7 +59,10 @@ __all__ = [
     "competence",
     "untestable",
     "exceeds",
+    "dcm_verdicts",
     "faithfulness_verdicts",
+    "read_competence",
+    "write_competence",
     "groups_found",
     "groups_standing_out",
     "minimality_measurable",
@@ -443,4 +447,57 @@ def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], n
                            rule=(f"{COMPETENCE_RULE}; then holds when the query's 95% interval lies above both the "
                                  "key's and the value's, partly when only its point estimate is highest"),
                            sample=sample))
+    return out
+
+
+def write_competence(path, competences: Mapping[str, Competence]) -> None:
+    """Write every model's :class:`Competence` (the circuit chapter does, for the later chapters)."""
+    write_json(path, {name: {"model": c.model, "accuracy": dict(c.accuracy), "n": c.n, "chance": c.chance}
+                      for name, c in competences.items()})
+
+
+def read_competence(path) -> dict[str, Competence]:
+    """The :class:`Competence` of every model, as :func:`write_competence` wrote them."""
+    return {name: Competence(d["model"], d["accuracy"], int(d["n"]), float(d["chance"]))
+            for name, d in read_json(path).items()}
+
+
+DCM_EXPECTED = {"value_fetcher": "value", "position_transmitter": "position", "position_detector": "position"}
+
+
+def dcm_verdicts(competences: Mapping[str, Competence], pattern: Mapping[str, Mapping[str, str]], base: str,
+                 *, sample: str) -> list:
+    """The DCM chapter's verdicts from :func:`entity_tracking.dcm.functionality`'s ``pattern``
+    (``{model: {group: "position" | "value" | "neither"}}``); ``sample`` states the pairs behind it."""
+    rule = (f"{COMPETENCE_RULE}; then a group encodes position (value) when that share's 95% interval lies at or "
+            f"above {DCM_SHARE_FLOOR.value:g}% and above the other share's interval, beating it by "
+            f"> {DCM_MARGIN.value:g} points")
+    s1, p1 = "Every model's groups encode the same kind of information", "VF: value, PT and PD: position, in all four models"
+    s2 = "VF carries value; PT and PD carry position (base model)"
+    p2 = "VF object value 45.6%, PT positional 36.9%, PD positional 44.0% (Llama)"
+    out = []
+    models = list(pattern)
+    skip = _not_testable(2, s1, p1, [competences[m] for m in models if m in competences], sample)
+    if skip is not None:
+        out.append(skip)
+    else:
+        patterns = list(pattern.values())
+        same = all(p == patterns[0] for p in patterns)
+        informative = any(v != "neither" for p in patterns for v in p.values())
+        ours = (f"{'same' if same else 'different'} pattern across {len(patterns)} model(s)"
+                + ("" if informative else "; but no group's share stands above the floor in any model"))
+        out.append(Verdict(2, s1, p1, ours, "not run" if len(patterns) < 2 else
+                           "holds" if same and informative else "does not hold",
+                           rule=f"{rule}; holds when every model shows the same pattern and some group encodes "
+                                "something", sample=sample))
+    skip = _not_testable(2, s2, p2, [competences[base]], sample)
+    if skip is not None:
+        out.append(skip)
+    else:
+        got = pattern.get(base, {})
+        matches = [g for g, v in DCM_EXPECTED.items() if got.get(g) == v]
+        out.append(Verdict(2, s2, p2, f"{len(matches)} of 3 groups match: " + ", ".join(
+            f"{g.replace('_', ' ')}: {got.get(g, 'no heads')}" for g in DCM_EXPECTED),
+            "holds" if len(matches) == 3 else "partly" if matches else "does not hold",
+            rule=f"{rule}; holds when all three groups match the paper, partly when some do", sample=sample))
     return out
