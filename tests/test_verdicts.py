@@ -182,3 +182,15 @@ def test_a_planted_necessary_head_holds_with_an_interval(tiny, planted, n_prompt
     assert comp.ok  # self-labelled: it does "the task" by construction
     (v,) = V.circuit_verdicts(comp, circuit, res, None, {}, n_path_patching=0, n_resamples=500)
     assert "effect" in v.ours and f"{n_random} random draws" in v.sample and f"{n_prompts} prompts" in v.sample
+
+
+def test_premise_needs_one_model_that_does_the_task():
+    at_chance = V.Competence("base", {"value": 0.1, "low": 0.05, "high": 0.15}, 100, 1 / 7)
+    able = V.Competence("ft", {"value": 0.6, "low": 0.5, "high": 0.7}, 100, 1 / 7)
+    gain = {"value": 0.5, "low": 0.4, "high": 0.6}
+    (v,) = V.premise_verdicts(at_chance, {"ft": (at_chance, {"value": 0.0, "low": -0.05, "high": 0.05})})
+    assert v.holds == V.NOT_TESTABLE and "base does not do the task" in v.ours
+    (v,) = V.premise_verdicts(at_chance, {"ft": (able, gain)})
+    assert v.holds == "holds" and v.sample == "100 prompts (paired bootstrap)"
+    (v,) = V.premise_verdicts(able, {"ft": (able, {"value": 0.01, "low": -0.02, "high": 0.04})})
+    assert v.holds == "does not hold"

@@ -67,6 +67,7 @@ __all__ = [
     "groups_standing_out",
     "minimality_measurable",
     "necessity_grade",
+    "premise_verdicts",
 ]
 
 Holds = Literal["holds", "does not hold", "partly", "not run", "not testable"]
@@ -397,7 +398,7 @@ CMAP_GAIN_RULE = (f"a gain to attribute: the fine-tune's gain over the base is a
                   "95% interval (paired over prompts) is above 0")
 
 
-def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], num_boxes: int) -> list:
+def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], num_boxes: int, base: str = "base") -> list:
     """The CMAP chapter's verdicts from each fine-tune's :func:`entity_tracking.cmap.sweep` rows
     (with their ``share`` intervals); competence comes from the rows of the models alone."""
     out = []
@@ -406,7 +407,7 @@ def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], n
         by = {row_key(r): r for r in rows}
         alone = {k: by[k] for k in ("base alone", "fine-tuned alone")}
         comps = [Competence.of(name, {"value": r["accuracy"], "low": r["low"], "high": r["high"]}, num_boxes,
-                               r["n_prompts"]) for name, r in (("base", alone["base alone"]), (ft, alone["fine-tuned alone"]))]
+                               r["n_prompts"]) for name, r in ((base, alone["base alone"]), (ft, alone["fine-tuned alone"]))]
         gain = {"value": alone["fine-tuned alone"]["share"], "low": alone["fine-tuned alone"]["share_low"],
                 "high": alone["fine-tuned alone"]["share_high"]}
         n = int(alone["base alone"]["n_prompts"])
@@ -500,4 +501,26 @@ def dcm_verdicts(competences: Mapping[str, Competence], pattern: Mapping[str, Ma
             f"{g.replace('_', ' ')}: {got.get(g, 'no heads')}" for g in DCM_EXPECTED),
             "holds" if len(matches) == 3 else "partly" if matches else "does not hold",
             rule=f"{rule}; holds when all three groups match the paper, partly when some do", sample=sample))
+    return out
+
+
+PREMISE_RULE = ("first: the base or the fine-tune does the task (accuracy above 1/boxes with its 95% interval: "
+                "between two models at chance there is no tracking to improve); then holds when the paired "
+                "95% interval of the fine-tune's gain over the base lies above 0")
+
+
+def premise_verdicts(base: Competence, finetuned: Mapping[str, tuple[Competence, Mapping[str, float]]]) -> list:
+    """The fine-tuning chapter's premise: each fine-tune's accuracy gain over the base
+    (``{"value", "low", "high"}``, a paired interval over prompts) is above zero."""
+    out = []
+    for name, (comp, gain) in finetuned.items():
+        statement = f"Arithmetic fine-tuning ({name}) improves entity tracking"
+        paper = "+0.16 (Goat-7B and FLoat-7B vs Llama-7B: 0.82 vs 0.66)"
+        sample = f"{comp.n} prompts (paired bootstrap)"
+        if not (base.ok or comp.ok):
+            out.append(Verdict(0, statement, paper, untestable([base, comp]), NOT_TESTABLE, rule=PREMISE_RULE,
+                               sample=sample))
+            continue
+        out.append(Verdict(0, statement, paper, f"{gain['value']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}]",
+                           "holds" if gain["low"] > 0 else "does not hold", rule=PREMISE_RULE, sample=sample))
     return out
