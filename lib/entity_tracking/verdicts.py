@@ -38,6 +38,7 @@ from .io import read_json, write_json
 __all__ = [
     "BEYOND_RANDOM_MARGIN",
     "CMAP_RECOVERY",
+    "CONFIDENTLY_WRONG",
     "CIRCUIT_OVERLAP",
     "DCM_MARGIN",
     "DCM_SHARE_FLOOR",
@@ -147,6 +148,11 @@ NECESSITY_MARGIN = Threshold(0.1, "and at least 10 points of accuracy, so a near
 #: A path-patching score closer to zero than this is no effect (scores are relative changes of p(correct)).
 SCORE_FLOOR = Threshold(1e-3, "a head that moves p(correct) by under 0.1% of itself carries nothing measurable; "
                               "float32 sums alone reach 1e-6")
+
+#: A prompt on which the model gives the answer less than this probability is "confidently wrong"
+#: (the circuit chapter reports their share beside the choice of path-patching metric).
+CONFIDENTLY_WRONG = Threshold(0.05, "under 5% on the answer, a prompt's relative change of p(correct) can reach "
+                                    "+20x and outweigh the prompts the model gets right")
 
 #: An ablated group that costs more than random heads outside the circuit by this much counts as
 #: "beyond random" for a partial verdict (circuit chapter).
