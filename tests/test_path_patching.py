@@ -373,6 +373,9 @@ class TestNull:
             low = min(real.scores[g][l][h] for l, h in real.groups[g])
             null_low = min(x for row in null.scores[g] for x in row)
             assert table[g]["lowest"] == low and table[g]["null_lowest"] == null_low
-            assert table[g]["stands_out"] == (low < -1e-3 and low < null_low)
+            eff, null_eff = low * real.meta["mean_p_clean"], null_low * null.meta["mean_p_clean"]
+            assert table[g]["effect"] == pytest.approx(eff) and table[g]["null_effect"] == pytest.approx(null_eff)
+            assert table[g]["stands_out"] == (low < -1e-3 and eff < null_eff)
+        assert 0 < null.meta["mean_p_clean"] < 1 and null.meta["mean_p_clean"] != real.meta["mean_p_clean"]
         with pytest.raises(TypeError, match="needs the pairs"):
             PP.null_circuit(lm, patcher(lm, encode(lm)))

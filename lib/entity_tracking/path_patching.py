@@ -908,6 +908,7 @@ def discover_circuit(
             "receivers": {g: [list(h) for h in hs] for g, hs in used_receivers.items()},
             "steps": {g: asdict(STEPS[g]) for g in GROUPS},
             "n_examples": pp.n,
+            "mean_p_clean": float(pp.p_clean.mean()),
             "seq_len": pp.seq_len,
             "n_layers": a.n_layers,
             "n_heads": a.n_heads,

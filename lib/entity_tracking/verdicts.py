@@ -258,18 +258,27 @@ def untestable(models: Iterable[Competence]) -> str | None:
 
 
 def groups_standing_out(circuit: Circuit, null: Circuit) -> dict[str, dict[str, float | bool]]:
-    """Per group: its lowest head score, the lowest score of the same step in the null sweep
-    (:func:`entity_tracking.path_patching.null_circuit`), and whether the group stands out
-    (some head of the group scores below every head of the null, and below ``-SCORE_FLOOR``).
-    A group of k heads that only matches the null is what path patching returns on noise."""
+    """Per group: its strongest head's effect, the strongest effect of any head in the same step
+    of the null sweep (:func:`entity_tracking.path_patching.null_circuit`), and whether the group
+    stands out (its strongest head beats every head of the null, and its score is below
+    ``-SCORE_FLOOR``). A group of k heads that only matches the null is what path patching
+    returns on noise.
+
+    Effects are compared as changes of p(correct) in absolute terms: score x the sweep's mean
+    clean p(correct) (``meta["mean_p_clean"]``), which for the pooled metric is exactly the mean
+    change of p(correct) (for the paper's relative metric, an approximation). Relative scores
+    themselves cannot be compared: the scrambled model gives the answer almost no probability,
+    so tiny absolute changes become large relative ones."""
+    scale_c = float(circuit.meta.get("mean_p_clean", 1.0))
+    scale_n = float(null.meta.get("mean_p_clean", 1.0))
     out: dict[str, dict[str, float | bool]] = {}
     for g in GROUPS:
         null_scores = [x for row in null.scores.get(g, []) for x in row]
         null_min = min(null_scores) if null_scores else float("nan")
         ours = [circuit.scores[g][l][h] for l, h in circuit.groups[g]] if circuit.scores.get(g) else []
         low = min(ours) if ours else float("nan")
-        out[g] = {"lowest": low, "null_lowest": null_min,
-                  "stands_out": bool(ours) and low < -SCORE_FLOOR.value and low < null_min}
+        out[g] = {"lowest": low, "null_lowest": null_min, "effect": low * scale_c, "null_effect": null_min * scale_n,
+                  "stands_out": bool(ours) and low < -SCORE_FLOOR.value and low * scale_c < null_min * scale_n}
     return out
 
 
@@ -310,8 +319,9 @@ def necessity_grade(necessity: Any, *, n_resamples: int = 1000, seed: int = 0) -
     return ("partly" if eff.low > 0 and eff.value > BEYOND_RANDOM_MARGIN.value else "does not hold"), eff
 
 
-CIRCUIT_RULE = ("holds: all four groups stand out from the null sweep (a head scoring below every head of "
-                f"the same sweep with attention shuffled, and below -{SCORE_FLOOR.value:g}) and the Value Fetchers are necessary (their ablation "
+CIRCUIT_RULE = ("holds: all four groups stand out from the null sweep (a head lowering p(correct) more than "
+                "every head of the same sweep with attention shuffled, and scoring below "
+                f"-{SCORE_FLOOR.value:g}) and the Value Fetchers are necessary (their ablation "
                 f"costs > {NECESSITY_FACTOR.value:g} x the drop of as many random heads outside the circuit "
                 f"+ {NECESSITY_MARGIN.value:g}, the effect's 95% interval is above 0, and it costs more than "
                 "random heads of the whole model); partly: necessary Value Fetchers, or some group standing "
