@@ -183,6 +183,12 @@ class TestInterchange:
         assert len(sub.rows()) == len(B.OUTCOMES) * 2
 
 
+    def test_spread_layers(self):
+        assert B.spread_layers(4) == [0, 1, 2, 3]
+        assert B.spread_layers(32, 8) == [0, 4, 9, 13, 18, 22, 27, 31]
+        assert B.spread_layers(32, 1) == [31]
+
+
 class TestErrors:
     def test_position_out_of_range(self, lm, pairs):
         bases, sources = _bases_sources(pairs)

@@ -71,6 +71,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
+from . import paper
 from .ablation import Ablation, Estimate, Evaluation, MeanActivations, bootstrap, evaluate, keep_mask
 from .circuit import Circuit, Head
 from .data import QUERY_FORM, DataError, encode_prompts, locate_spans, render_prompt, word_token_ids
@@ -89,8 +90,10 @@ __all__ = [
     "accuracy_by_box",
     "context_ablation",
     "context_settings",
+    "spread_layers",
     "encode_regions",
     "interchange_map",
+    "paper_implied",
     "patch_residual",
     "position_labels",
 ]
@@ -291,6 +294,29 @@ def context_ablation(lm, prompts: Sequence[Mapping[str, Any]], means: Optional[M
     return ContextAblation(getattr(lm, "name", ""), dict(zip(settings, evs)), sites)
 
 
+#: How the paper's numbers stand for two settings of :func:`context_ablation` in Llama-7B.
+PAPER_IMPLIED_HOW = (
+    "The paper's F(C) mean-ablates every head at every context position except its Structure Readers at the "
+    "queried label's occurrence, and F(C\\SR) (completeness, K = the Structure Readers) ablates those too; "
+    "both also ablate the heads outside the circuit at the query, so they approximate, probably from below, "
+    "'label kept' and 'every context head' here (F(C) is Table 1's, F(C\\SR) the completeness table's; "
+    "they come from two versions of the paper's circuit).")
+
+
+def paper_implied() -> dict[str, Any]:
+    """Llama-7B's accuracy under the settings of :func:`context_ablation` as the paper's own numbers
+    imply them (:data:`PAPER_IMPLIED_HOW`): ``clean`` = F(M), ``context_ablated_label_kept`` = F(C),
+    ``context_ablated`` = F(C\\SR); ``query_ablated`` is not implied (None)."""
+    return {
+        "model": "Llama-7B",
+        "clean": paper.FAITHFULNESS["Llama-7B"]["full"],
+        "context_ablated": paper.COMPLETENESS_GROUPS_LLAMA["structure_reader"]["F(C\\K)"],
+        "context_ablated_label_kept": paper.FAITHFULNESS["Llama-7B"]["circuit"],
+        "query_ablated": None,
+        "how": PAPER_IMPLIED_HOW,
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Accuracy by queried box
 # --------------------------------------------------------------------------------------------
@@ -369,6 +395,18 @@ def _positions(positions: Optional[Iterable[int]], seq: int) -> list[int]:
     if not out:
         raise BindingError("no positions to patch")
     return out
+
+
+def spread_layers(n_layers: int, at_most: int = 8) -> list[int]:
+    """At most ``at_most`` layer indices spread evenly over ``0..n_layers-1``, first and last
+    included: every layer of a small model, a sample of a deep one (the map's cost is linear in it)."""
+    if n_layers < 1 or at_most < 1:
+        raise BindingError(f"need n_layers >= 1 and at_most >= 1, got {n_layers}, {at_most}")
+    if n_layers <= at_most:
+        return list(range(n_layers))
+    if at_most == 1:
+        return [n_layers - 1]
+    return sorted({round(i * (n_layers - 1) / (at_most - 1)) for i in range(at_most)})
 
 
 def _layers(arch, layers: Optional[Iterable[int]]) -> list[int]:
