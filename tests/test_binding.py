@@ -76,6 +76,20 @@ class TestRegions:
         kept = b["context_but_queried_label_position"][0].tolist()
         assert set(ctx) - set(kept) == {int(b["prev_query_label_position"][0])}
 
+    def test_bpe_tokenizer_with_left_padding(self, llama_style_tokenizer):
+        tok = llama_style_tokenizer
+        recs = D.make_eval_prompts(tok, 3, num_boxes=3, seed=0) + D.make_eval_prompts(tok, 4, num_boxes=4, seed=0)
+        b = B.encode_regions(tok, recs)
+        assert not bool(b["attention_mask"].all()), "the mixed box counts should pad"
+        for i in range(len(recs)):
+            toks = tok.convert_ids_to_tokens(b["input_ids"][i].tolist())
+            real = b["attention_mask"][i].nonzero()[:, 0].tolist()
+            ctx = [p for p in b["context_position"][i].tolist() if p >= 0]
+            query = [p for p in b["query_position"][i].tolist() if p >= 0]
+            assert ctx + query == real  # pads belong to neither region
+            assert toks[query[0]].lstrip("▁") == "Box" and toks[ctx[-1]] == "."
+            assert query[-1] == int(b["last_position"][i]) and query[1] == int(b["query_label_position"][i])
+
 
 class TestContextAblation:
     def test_nothing_ablated_equals_clean_and_the_plain_evaluation(self, lm, prompts, means, own):
