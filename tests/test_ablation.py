@@ -242,6 +242,37 @@ class TestWhatIsAblated:
             want = mean_ablated_logits(lm, batch, means, ab).argmax(-1)
             assert torch.equal(ev.predicted, want)
 
+    def test_a_key_naming_several_positions_is_the_union_of_single_positions(self, lm, batch, means):
+        B = batch["input_ids"].shape[0]
+        multi = dict(batch)
+        multi["two_position"] = torch.stack([batch["query_label_position"], batch["last_position"]], 1)
+        multi["two_position"][0, 1] = -1  # absent for prompt 0: only its query label is ablated
+        heads = [(0, 4), (2, 1)]
+        got = keep_mask(lm.arch, multi, Ablation(ablate=Circuit("K", {"value_fetcher": heads},
+                                                                  positions={"value_fetcher": "two"})))
+        want = keep_mask(lm.arch, batch, Ablation(ablate=Circuit(
+            "K", {"value_fetcher": heads, "position_detector": heads},
+            positions={"value_fetcher": "last", "position_detector": "query_label"})))
+        want[:, 0] = keep_mask(lm.arch, batch, Ablation(ablate=Circuit(
+            "K", {"position_detector": heads}, positions={"position_detector": "query_label"})))[:, 0]
+        assert torch.equal(got, want)
+        assert int((~got).sum()) == len(heads) * (2 * B - 1)
+        # batched evaluation picks each row's own positions (rows are regrouped across settings)
+        ab = Ablation(ablate=Circuit("K", {"value_fetcher": heads}, positions={"value_fetcher": "two"}))
+        two = Ablation(ablate=Circuit("K", {"value_fetcher": heads, "position_detector": heads},
+                                      positions={"value_fetcher": "last", "position_detector": "query_label"}))
+        got_ev, want_ev = evaluate(lm, multi, means, [ab, two], batch_size=5, progress=False)
+        assert torch.equal(got_ev.predicted[1:], want_ev.predicted[1:])
+
+    def test_a_position_out_of_range_names_the_key(self, lm, batch, means):
+        bad = dict(batch)
+        S = batch["input_ids"].shape[1]
+        bad["far_position"] = torch.full((batch["input_ids"].shape[0], 2), S)
+        c = Circuit("c", {"value_fetcher": [(0, 0)]}, positions={"value_fetcher": "far"})
+        with pytest.raises(AblationError, match=rf"far_position'\] holds position {S}, out of range"):
+            evaluate(lm, bad, means, [Ablation(ablate=c)], progress=False)
+
+
 
 class TestCircuitMetrics:
     def test_full_circuit_is_the_full_model(self, lm, batch, means):

@@ -39,7 +39,10 @@ its own sites. ``C\\K`` is therefore "C's sites minus K's sites" (:class:`Ablati
 ``keep=C, ablate=K``), which matches ``M\\K`` exactly even where a head sits in two groups at one
 position -- unlike :meth:`Circuit.without`, which removes group entries. A group at the special
 position :data:`ALL_POSITIONS` acts at every token, which is how :func:`full_circuit` spells the
-full model: its F(C) *is* F(M), its faithfulness exactly 1.
+full model: its F(C) *is* F(M), its faithfulness exactly 1. A position key may also name *several*
+positions per prompt: a batch entry ``<key>_position`` of shape ``[batch, n]`` (``-1``-padded)
+puts the group's heads at all of them, which is how :mod:`entity_tracking.binding` ablates every
+context position at once.
 
 **Uncertainty.** Every evaluation keeps its per-example correctness vector
 (:class:`Evaluation`), so every number gets a percentile bootstrap interval by resampling the
@@ -345,6 +348,7 @@ class Ablation:
 
 
 def _check_circuit(arch, circuit: Circuit, batch: Mapping[str, torch.Tensor], what: str) -> None:
+    seq = int(batch["input_ids"].shape[1])
     for g in GROUPS:
         for layer, head in circuit.groups[g]:
             if not (0 <= layer < arch.n_layers and 0 <= head < arch.n_heads):
@@ -353,11 +357,21 @@ def _check_circuit(arch, circuit: Circuit, batch: Mapping[str, torch.Tensor], wh
                     f"{arch.n_layers} layers x {arch.n_heads} heads"
                 )
         pos = circuit.positions[g]
-        if circuit.groups[g] and pos != ALL_POSITIONS and f"{pos}_position" not in batch:
+        if not circuit.groups[g] or pos == ALL_POSITIONS:
+            continue
+        key = f"{pos}_position"
+        if key not in batch:
             raise AblationError(
-                f"{what} '{circuit.model}' group {g} acts at '{pos}', but the batch has no '{pos}_position' "
+                f"{what} '{circuit.model}' group {g} acts at '{pos}', but the batch has no '{key}' "
                 f"(positions: {sorted(k for k in batch if k.endswith('_position'))})"
             )
+        p = torch.as_tensor(batch[key])
+        if p.dim() not in (1, 2) or p.shape[0] != batch["input_ids"].shape[0]:
+            raise AblationError(f"batch['{key}'] must be [batch] or [batch, n] positions, got shape {tuple(p.shape)}")
+        if bool((p >= seq).any()) or bool((p < -1).any()):
+            bad = int(p[(p >= seq) | (p < -1)][0])
+            raise AblationError(f"batch['{key}'] holds position {bad}, out of range for prompts of {seq} tokens "
+                                f"(-1 marks an absent position)")
 
 
 def _position_keys(ablations: Sequence[Ablation]) -> list[str]:
@@ -393,13 +407,17 @@ def _site_table(arch, ablations: Sequence[Ablation], keys: list[str]) -> tuple[t
 
 def _onehots(batch: Mapping[str, torch.Tensor], keys: list[str], rows: torch.Tensor, seq: int) -> torch.Tensor:
     """``[n_keys, n_rows, seq]`` float: 1 where row ``r`` has position key ``k`` (all ones for
-    :data:`ALL_POSITIONS`; nothing where a position is ``-1``, i.e. absent)."""
+    :data:`ALL_POSITIONS`; nothing where a position is ``-1``, i.e. absent). A key's batch entry
+    is ``[batch]`` (one position per prompt) or ``[batch, n]`` (several, ``-1``-padded)."""
     out = torch.zeros(len(keys), len(rows), seq)
     out[0] = 1.0
     for k, key in enumerate(keys[1:], start=1):
-        pos = batch[f"{key}_position"][rows]
+        pos = torch.as_tensor(batch[f"{key}_position"])[rows]
+        if pos.dim() == 1:
+            pos = pos[:, None]
         ok = pos >= 0
-        out[k, torch.arange(len(rows))[ok], pos[ok]] = 1.0
+        r = torch.arange(len(rows))[:, None].expand_as(pos)
+        out[k, r[ok], pos[ok]] = 1.0
     return out
 
 

@@ -413,6 +413,21 @@ class Arch:
         """Residual stream leaving block ``layer`` (its output) ``[batch, pos, d_model]``."""
         return self.layer(nn, layer).output
 
+    def set_resid_pre(self, nn: Any, layer: int, value: torch.Tensor) -> None:
+        """Replace the residual stream entering block ``layer`` with ``value`` ``[batch, pos, d_model]``
+        (for ``layer`` 0: the token embeddings as the first block reads them)."""
+        self._check_resid(value, "set_resid_pre")
+        self.layer(nn, layer).input = value
+
+    def set_resid_post(self, nn: Any, layer: int, value: torch.Tensor) -> None:
+        """Replace the residual stream leaving block ``layer`` with ``value`` ``[batch, pos, d_model]``."""
+        self._check_resid(value, "set_resid_post")
+        self.layer(nn, layer).output = value
+
+    def _check_resid(self, value: torch.Tensor, what: str) -> None:
+        if value.shape[-1] != self.d_model:
+            raise ValueError(f"{what}: expected [batch, pos, {self.d_model}] (d_model), got {list(value.shape)}")
+
     # -- the per-position parts of a block, on plain tensors ------------------
 
     def _norm(self, root: Any, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,14 @@ FAITHFULNESS = {
 #: Completeness of the Llama circuit in Llama: random subsets (p=0.5), F(M\\K) / F(C\\K) / score.
 COMPLETENESS_RANDOM_LLAMA = {"F(M\\K)": 0.11, "F(C\\K)": 0.00, "score": 0.10}
 
+#: Completeness of the Llama circuit in Llama, K = one whole group: F(C\\K) and F(M\\K).
+COMPLETENESS_GROUPS_LLAMA = {
+    "value_fetcher": {"F(C\\K)": 0.00, "F(M\\K)": 0.19},
+    "position_transmitter": {"F(C\\K)": 0.02, "F(M\\K)": 0.23},
+    "position_detector": {"F(C\\K)": 0.02, "F(M\\K)": 0.04},
+    "structure_reader": {"F(C\\K)": 0.46, "F(M\\K)": 0.58},
+}
+
 #: DCM per-model semantics of the Llama circuit's DCM heads: % of samples giving the target.
 DCM_SEMANTICS = {
     ("value_fetcher", "object_value"): {"Llama-7B": 45.6, "Vicuna-7B": 56.4, "Goat-7B": 65.9, "FLoat-7B": 63.3},

@@ -32,6 +32,10 @@ Conventions:
   vocabulary.
 * Every run is under ``torch.no_grad()`` and split into chunks of ``batch_size`` examples.
 
+The residual stream can be written too (:class:`ResidPatch`, sites ``resid_pre`` and
+``resid_post``: a block's input and output, ``[batch, pos, d_model]``), for interchange at the
+level of whole token representations (:mod:`entity_tracking.binding`).
+
 Inside one trace nnsight requires modules to be read in forward order; :func:`run` sorts all
 reads and writes by ``(layer, site)`` in the order the model computes them, so callers list
 patches and records in any order.
@@ -49,10 +53,12 @@ from .arch import Arch
 __all__ = [
     "HEAD_SITES",
     "RESID_SITES",
+    "RESID_WRITE_SITES",
     "SITES",
     "ActivationCache",
     "HeadPatch",
     "PatchRun",
+    "ResidPatch",
     "accuracy",
     "as_batch",
     "cache_activations",
@@ -219,6 +225,51 @@ class HeadPatch:
                          None if self.positions is None else self.positions[sl])
 
 
+#: Residual sites :class:`ResidPatch` can write (a block's input and output).
+RESID_WRITE_SITES: tuple[str, ...] = ("resid_pre", "resid_post")
+
+
+@dataclass
+class ResidPatch:
+    """Overwrite the residual stream of one block at chosen per-example positions.
+
+    Attributes:
+        site: ``"resid_pre"`` (the block's input; layer 0: the embeddings) or ``"resid_post"``
+            (its output).
+        layer: layer index (negative counts from the end).
+        values: ``[batch, n_pos, d_model]`` with ``positions [batch, n_pos]``, or
+            ``[batch, seq, d_model]`` with ``positions=None`` (every position).
+        positions: base positions per example, ``[batch]`` or ``[batch, n_pos]``; ``None`` = all.
+    """
+
+    site: str
+    layer: int
+    values: torch.Tensor
+    positions: Optional[torch.Tensor] = None
+
+    def resolved(self, arch: Arch, batch_size: int, seq_len: int) -> "ResidPatch":
+        """Checked copy with a non-negative layer and positions ``[batch, n_pos]`` (or None)."""
+        if self.site not in RESID_WRITE_SITES:
+            raise ValueError(f"cannot write residual site '{self.site}'; writable residual sites are {RESID_WRITE_SITES}")
+        layer = arch._layer_index(self.layer)
+        vals, pos = self.values, None
+        if self.positions is not None:
+            pos = check_positions(self.positions, seq_len, f"{self.site} patch at layer {layer}")
+            if vals.dim() == 2:
+                vals = vals[:, None]
+            if pos.shape[0] != batch_size:
+                raise ValueError(f"{self.site} patch (layer {layer}): positions for {pos.shape[0]} examples, "
+                                 f"batch has {batch_size}")
+        want = (batch_size, seq_len if pos is None else pos.shape[1], arch.d_model)
+        if tuple(vals.shape) != want:
+            raise ValueError(f"{self.site} patch (layer {layer}): values must be [batch, "
+                             f"{'seq' if pos is None else 'n_pos'}, d_model] = {list(want)}, got {list(vals.shape)}")
+        return ResidPatch(self.site, layer, vals, pos)
+
+    def rows(self, sl: slice) -> "ResidPatch":
+        return ResidPatch(self.site, self.layer, self.values[sl], None if self.positions is None else self.positions[sl])
+
+
 def patch_from_cache(source: "ActivationCache", site: str, layer: int, heads: Optional[Sequence[int]],
                      positions: Optional[torch.Tensor], source_positions: Optional[torch.Tensor] = None) -> HeadPatch:
     """A :class:`HeadPatch` writing, at base ``positions``, the values ``source`` holds at
@@ -287,7 +338,8 @@ def _read(arch: Arch, nn: Any, site: str, layer: int) -> torch.Tensor:
 
 
 def _write(arch: Arch, nn: Any, site: str, layer: int, value: torch.Tensor) -> None:
-    {"q": arch.set_q_heads, "k": arch.set_k_heads, "v": arch.set_v_heads, "z": arch.set_heads}[site](nn, layer, value)
+    {"q": arch.set_q_heads, "k": arch.set_k_heads, "v": arch.set_v_heads, "z": arch.set_heads,
+     "resid_pre": arch.set_resid_pre, "resid_post": arch.set_resid_post}[site](nn, layer, value)
 
 
 def _chunks(n: int, batch_size: int, progress: bool, desc: str):
@@ -316,7 +368,7 @@ def _lm_parts(lm: Any) -> tuple[Any, Arch, torch.device, dict]:
 def run(
     lm: Any,
     batch: BatchLike,
-    patches: Sequence[HeadPatch] = (),
+    patches: Sequence[Union[HeadPatch, "ResidPatch"]] = (),
     record: Iterable[tuple[str, int]] = (),
     *,
     record_positions: Optional[torch.Tensor] = None,
@@ -335,7 +387,8 @@ def run(
     Args:
         lm: a :class:`~entity_tracking.models.LoadedModel` (or an nnsight model).
         batch: input ids ``[batch, seq]`` or an :func:`~entity_tracking.data.encode_prompts` batch.
-        patches: :class:`HeadPatch` es; applied in forward order, several per (site, layer) allowed.
+        patches: :class:`HeadPatch` es and :class:`ResidPatch` es; applied in forward order, several
+            per (site, layer) allowed.
         record: ``(site, layer)`` pairs (sites of :data:`SITES`) to cache, *after* patching.
         record_positions: ``[batch]`` / ``[batch, n_pos]``: cache only these positions.
         all_logits: return ``[batch, seq, vocab]`` instead of the last position's ``[batch, vocab]``.
@@ -397,8 +450,14 @@ def run(
                     if cpatches[(layer, site)]:
                         new = cur.clone()
                         for p in cpatches[(layer, site)]:
-                            hs = torch.as_tensor(p.heads, device=device)
                             vals = p.values.to(device=device, dtype=new.dtype)
+                            if isinstance(p, ResidPatch):
+                                if p.positions is None:
+                                    new[:] = vals
+                                else:
+                                    new[bi[:, None], p.positions.to(device)] = vals
+                                continue
+                            hs = torch.as_tensor(p.heads, device=device)
                             if p.positions is None:
                                 new[:, :, hs] = vals
                             else:

@@ -1,0 +1,546 @@
+"""Where the binding lives: in the content of the context, or in its positions.
+
+A model that answers ``... the cup is in Box A ... Box A contains the`` with `` cup`` must, at
+some point, tie the object to its box: it *binds* them. Two mechanisms can do it, and they leave
+different traces.
+
+* **By content.** A head copies each object onto its box label in the context; at the query, a
+  head finds the context occurrence of the query label and reads the object stored there. The
+  binding lives in the *activations at the context positions*, and differs from prompt to prompt.
+* **By position.** The model reads *where* the queried box sits (its ordinal position, "the
+  third box") and fetches the object at that position. What the context positions carry about
+  the binding is then the same in every prompt of the template -- a property of the position,
+  not of the content.
+
+Mean ablation tells them apart (paper-methods §1.3, §3). Replacing a head's output by its mean
+over random prompts, per absolute position, removes what is *specific to this prompt* and keeps
+what is the same at that position in every prompt. :func:`context_ablation` mean-ablates every
+head at every **context position** (every token before the query's ``Box``) and keeps the
+**query positions** (``Box <label> contains the``). A model that binds by content loses its
+accuracy; one that binds by position keeps much of it. Two controls: the same ablation with the
+heads at the queried label's context occurrence (``prev_query_label``) *kept* -- enough for a
+content binder whose value is stored on that label -- and only the query positions ablated.
+The paper's own completeness numbers imply the first picture for Llama-7B: its circuit keeps
+0.66 (F(C)) with every context head ablated but those at the queried label, and 0.46 (F(C∖SR))
+with those ablated too.
+
+:func:`interchange_map` reads the same question off the residual stream. For a base prompt and a
+source prompt with other objects, other labels and another queried box index, it overwrites the
+base's residual stream (a block's output, ``[batch, pos, d_model]``) at one (layer, position)
+with the source's and asks what the base then answers: **its own** object (the patched site did
+not matter), **the source's object** (the site carried the answer's content), or **the base
+object at the source's queried index** (the site carried *which position* is queried). Content
+binding shows as a route of "source" cells from the context to the last token; positional
+binding as "positional" cells.
+
+:func:`accuracy_by_box` splits accuracy by the queried box index (1..num_boxes): a model trained
+on few boxes may fail on boxes at positions it never saw.
+
+Shapes: head outputs ``[batch, pos, n_heads, d_head]`` (mean ablation, :mod:`.ablation`),
+residual stream ``[batch, pos, d_model]`` (interchange, :mod:`.patching`). Positions of the
+regions are added to the batches of :func:`entity_tracking.data.encode_prompts` as
+``context_position`` ``[batch, n_context]``, ``context_but_queried_label_position``
+``[batch, n_context - 1]`` and ``query_position`` ``[batch, n_query]`` (``-1``-padded), so the
+ablations are ordinary :class:`~entity_tracking.ablation.Ablation` settings.
+
+Example (a tiny random model; its numbers mean nothing, the calls are the chapter's)::
+
+    from entity_tracking import binding, data as D
+    from entity_tracking.ablation import compute_means
+    from entity_tracking.config import ModelSpec, TinySpec
+    from entity_tracking.models import build_tiny_model, load_model
+
+    path = build_tiny_model(TinySpec(n_layers=2, n_heads=4, d_model=32, d_mlp=64), "/tmp/tiny-binding")
+    lm = load_model(ModelSpec(name="tiny", local_path=str(path)), verbose=False)
+    ev = D.make_eval_prompts(lm.tokenizer, 21, num_boxes=3)
+    ref = D.make_mean_reference_prompts(lm.tokenizer, 20, num_boxes=3, n_tokens=ev[0]["n_tokens"])
+    means = compute_means(lm, ref, progress=False)
+    res = binding.context_ablation(lm, ev, means, progress=False)
+    print({k: f"{e:.2f}" for k, e in res.summary(n_resamples=200).items()})
+    print([f"{b.estimate:.2f}" for b in binding.accuracy_by_box(lm, ev, progress=False)])
+    pairs = D.make_desiderata(lm.tokenizer, "object_value", 8, num_boxes=3)
+    m = binding.interchange_map(lm, [p["base"] for p in pairs], [p["source"] for p in pairs],
+                                layers=[0, 1], positions=None, progress=False)
+    print(m.shares["source"].shape)  # [2 layers, n_tokens positions]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from . import paper
+from .ablation import Ablation, Estimate, Evaluation, MeanActivations, bootstrap, evaluate, keep_mask
+from .circuit import Circuit, Head
+from .data import QUERY_FORM, DataError, encode_prompts, locate_spans, render_prompt, word_token_ids
+from .patching import ResidPatch, cache_activations, run
+
+__all__ = [
+    "CONTEXT",
+    "CONTEXT_LABEL_KEPT",
+    "OUTCOMES",
+    "QUERY",
+    "SETTINGS",
+    "BindingError",
+    "BoxAccuracy",
+    "ContextAblation",
+    "InterchangeMap",
+    "accuracy_by_box",
+    "context_ablation",
+    "context_settings",
+    "spread_layers",
+    "encode_regions",
+    "interchange_map",
+    "paper_implied",
+    "patch_residual",
+    "position_labels",
+]
+
+#: Position keys added to a batch by :func:`encode_regions` (batch keys ``<key>_position``).
+CONTEXT = "context"
+CONTEXT_LABEL_KEPT = "context_but_queried_label"
+QUERY = "query"
+
+#: The settings of :func:`context_ablation`, in display order.
+SETTINGS: tuple[str, ...] = ("clean", "context_ablated", "context_ablated_label_kept", "query_ablated")
+SETTING_LABELS: dict[str, str] = {
+    "clean": "nothing ablated",
+    "context_ablated": "every head at every context position",
+    "context_ablated_label_kept": "same, heads at the queried label's context occurrence kept",
+    "query_ablated": "only the query positions",
+}
+
+#: What a base prompt answers after an interchange (:class:`InterchangeMap`).
+OUTCOMES: tuple[str, ...] = ("own", "source", "positional", "other")
+
+
+class BindingError(ValueError):
+    """Inputs these measurements cannot use; the message names the problem."""
+
+
+# --------------------------------------------------------------------------------------------
+# Regions of a prompt
+# --------------------------------------------------------------------------------------------
+
+
+def _query_offsets(tokenizer, prompts: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]]:
+    """Unpadded token indices ``(query Box, query label)`` of each prompt, for ``tokenizer``."""
+    head = QUERY_FORM.split("{label}")[0]  # "Box "
+    word = head.split()[0]
+    texts, spans = [], []
+    for p in prompts:
+        text, sp = render_prompt(p)
+        start = sp["query_label"][0] - len(head)
+        if text[start:start + len(head)] != head:
+            raise BindingError(f"prompt {text!r} does not end in the query form {QUERY_FORM!r}")
+        texts.append(text)
+        spans.append([(start, start + len(word)), sp["query_label"]])
+    try:
+        pos, _ = locate_spans(tokenizer, texts, spans)
+    except DataError as e:
+        raise BindingError(f"cannot find the query's first token: {e}") from None
+    return [(r[0], r[1]) for r in pos]
+
+
+def _pad_rows(rows: list[list[int]]) -> torch.Tensor:
+    n = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), max(n, 1)), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def encode_regions(lm_or_tokenizer, prompts: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """:func:`~entity_tracking.data.encode_prompts` plus the regions of every prompt.
+
+    Adds ``context_position`` ``[batch, n_context]`` (every real token before the query's
+    ``Box``, BOS included), ``context_but_queried_label_position`` (the same without the queried
+    label's context occurrence) and ``query_position`` ``[batch, n_query]`` (``Box`` to the last
+    token), all ``-1``-padded. Every prompt must hold its query label in the context.
+    """
+    tok = getattr(lm_or_tokenizer, "tokenizer", lm_or_tokenizer)
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, Mapping) and "objects" in p for p in prompts):
+        raise BindingError("encode_regions needs prompt records (dicts with 'objects', 'labels', 'query_label')")
+    batch = encode_prompts(tok, prompts)
+    prev = batch["prev_query_label_position"]
+    if bool((prev < 0).any()):
+        i = int((prev < 0).nonzero()[0])
+        raise BindingError(f"prompt {i} ({prompts[i]['text']!r}) asks for a label absent from its context; "
+                           "the regions need the queried label's context occurrence")
+    offsets = _query_offsets(tok, prompts)
+    mask = batch["attention_mask"]
+    ctx, kept, query = [], [], []
+    for i, (box, label) in enumerate(offsets):
+        qbox = box + int(batch["query_label_position"][i]) - label  # shifted for left padding
+        real = [j for j in range(qbox) if int(mask[i, j]) == 1]
+        ctx.append(real)
+        kept.append([j for j in real if j != int(prev[i])])
+        query.append(list(range(qbox, int(batch["last_position"][i]) + 1)))
+    batch[f"{CONTEXT}_position"] = _pad_rows(ctx)
+    batch[f"{CONTEXT_LABEL_KEPT}_position"] = _pad_rows(kept)
+    batch[f"{QUERY}_position"] = _pad_rows(query)
+    return batch
+
+
+def position_labels(lm_or_tokenizer, batch: Mapping[str, torch.Tensor], row: int = 0) -> list[str]:
+    """A name for every position of ``batch`` (read off prompt ``row``): ``object i`` and
+    ``label i`` for box i (1-based), ``query label``, ``last``, else the token's own text."""
+    tok = getattr(lm_or_tokenizer, "tokenizer", lm_or_tokenizer)
+    ids = batch["input_ids"][row].tolist()
+    names = [t.replace("Ġ", "").replace("▁", "") or t for t in tok.convert_ids_to_tokens(ids)]
+    for i, p in enumerate(batch["object_positions"][row].tolist()):
+        if p >= 0:
+            names[p] = f"object {i + 1}"
+    for i, p in enumerate(batch["label_positions"][row].tolist()):
+        if p >= 0:
+            names[p] = f"label {i + 1}"
+    names[int(batch["query_label_position"][row])] = "query label"
+    names[int(batch["last_position"][row])] = "last"
+    return names
+
+
+# --------------------------------------------------------------------------------------------
+# Context ablation
+# --------------------------------------------------------------------------------------------
+
+
+def context_settings(arch, heads: Optional[Iterable[Head]] = None) -> dict[str, Ablation]:
+    """The four :class:`~entity_tracking.ablation.Ablation` settings of :func:`context_ablation`
+    for ``heads`` (default: every head of the model), keyed by :data:`SETTINGS`."""
+    hs = [(l, h) for l in range(arch.n_layers) for h in range(arch.n_heads)] if heads is None else \
+        [(int(l), int(h)) for l, h in heads]
+
+    def at(key: str) -> Circuit:
+        return Circuit(key, {"value_fetcher": hs}, positions={"value_fetcher": key})
+
+    return {
+        "clean": Ablation(label="clean"),
+        "context_ablated": Ablation(ablate=at(CONTEXT), label="context_ablated"),
+        "context_ablated_label_kept": Ablation(ablate=at(CONTEXT_LABEL_KEPT), label="context_ablated_label_kept"),
+        "query_ablated": Ablation(ablate=at(QUERY), label="query_ablated"),
+    }
+
+
+@dataclass
+class ContextAblation:
+    """Accuracy of one model under the settings of :func:`context_ablation`.
+
+    Attributes:
+        model: ``lm.name``.
+        evaluations: per setting (:data:`SETTINGS`) the per-prompt :class:`Evaluation`.
+        sites_ablated: per setting, the head outputs ``(layer, head, position)`` mean-ablated per
+            prompt (averaged over prompts).
+    """
+
+    model: str
+    evaluations: dict[str, Evaluation]
+    sites_ablated: dict[str, float]
+
+    @property
+    def n(self) -> int:
+        return self.evaluations["clean"].n
+
+    def summary(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Estimate]:
+        """Accuracy of every setting, and ``retention_<setting>`` = its accuracy / clean accuracy
+        (paired bootstrap over the same prompts), each with a percentile interval."""
+        kw = dict(n_resamples=n_resamples, seed=seed, level=level)
+        out = {k: e.estimate(**kw) for k, e in self.evaluations.items()}
+        clean = self.evaluations["clean"].correct
+        for k in SETTINGS[1:]:
+            vec = torch.stack([self.evaluations[k].correct, clean])
+            out[f"retention_{k}"] = bootstrap(
+                vec, lambda a: torch.where(a[1] > 0, a[0] / a[1].clamp_min(1e-30), torch.full_like(a[0], float("nan"))),
+                **kw)
+        return out
+
+    def to_json(self, **kw) -> dict[str, Any]:
+        return {"model": self.model, "n_examples": self.n, "sites_ablated": self.sites_ablated,
+                **{k: e.as_dict() for k, e in self.summary(**kw).items()}}
+
+
+def context_ablation(lm, prompts: Sequence[Mapping[str, Any]], means: Optional[MeanActivations], *,
+                     heads: Optional[Iterable[Head]] = None, targets: Optional[torch.Tensor] = None,
+                     batch_size: int = 32, progress: bool = True, check_model: bool = True) -> ContextAblation:
+    """Accuracy of ``lm`` with ``heads`` (default every head) mean-ablated at the context, at the
+    context but the queried label's occurrence, and at the query positions only (module docstring).
+
+    Args:
+        lm: a :class:`~entity_tracking.models.LoadedModel`.
+        prompts: evaluation prompt records (their query label in the context), all of one token
+            length, the length of the mean-reference prompts.
+        means: ``lm``'s :class:`MeanActivations` ``[n_layers, pos, n_heads, d_head]``
+            (:func:`~entity_tracking.ablation.compute_means`).
+        heads: ``(layer, head)`` pairs to ablate; ``[]`` ablates nothing (every setting = clean).
+        targets: token ids ``[batch]`` to score against instead of the prompts' answers (e.g. the
+            clean model's own predictions, to measure agreement with it).
+
+    Returns:
+        :class:`ContextAblation`.
+    """
+    batch = encode_regions(lm, prompts)
+    if targets is not None:
+        targets = torch.as_tensor(targets, dtype=torch.long)
+        if targets.shape != batch["target"].shape:
+            raise BindingError(f"targets must be [batch] = [{len(batch['target'])}], got {list(targets.shape)}")
+        batch["target"] = targets
+    settings = context_settings(lm.arch, heads)
+    evs = evaluate(lm, batch, means, list(settings.values()), batch_size=batch_size, progress=progress,
+                   check_model=check_model)
+    n = int(batch["input_ids"].shape[0])
+    sites = {k: float((~keep_mask(lm.arch, batch, ab)).sum()) / n for k, ab in settings.items()}
+    return ContextAblation(getattr(lm, "name", ""), dict(zip(settings, evs)), sites)
+
+
+#: How the paper's numbers stand for two settings of :func:`context_ablation` in Llama-7B.
+PAPER_IMPLIED_HOW = (
+    "The paper's F(C) mean-ablates every head at every context position except its Structure Readers at the "
+    "queried label's occurrence, and F(C\\SR) (completeness, K = the Structure Readers) ablates those too; "
+    "both also ablate the heads outside the circuit at the query, so they approximate, probably from below, "
+    "'label kept' and 'every context head' here (F(C) is Table 1's, F(C\\SR) the completeness table's; "
+    "they come from two versions of the paper's circuit).")
+
+
+def paper_implied() -> dict[str, Any]:
+    """Llama-7B's accuracy under the settings of :func:`context_ablation` as the paper's own numbers
+    imply them (:data:`PAPER_IMPLIED_HOW`): ``clean`` = F(M), ``context_ablated_label_kept`` = F(C),
+    ``context_ablated`` = F(C\\SR); ``query_ablated`` is not implied (None)."""
+    return {
+        "model": "Llama-7B",
+        "clean": paper.FAITHFULNESS["Llama-7B"]["full"],
+        "context_ablated": paper.COMPLETENESS_GROUPS_LLAMA["structure_reader"]["F(C\\K)"],
+        "context_ablated_label_kept": paper.FAITHFULNESS["Llama-7B"]["circuit"],
+        "query_ablated": None,
+        "how": PAPER_IMPLIED_HOW,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy by queried box
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoxAccuracy:
+    """Accuracy on the prompts that query box ``box`` (1-based), with its bootstrap interval."""
+
+    box: int
+    n: int
+    estimate: Estimate
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"box": self.box, **self.estimate.as_dict()}
+
+
+def accuracy_by_box(lm, prompts: Sequence[Mapping[str, Any]], *, evaluation: Optional[Evaluation] = None,
+                    n_resamples: int = 1000, seed: int = 0, level: float = 0.95, batch_size: int = 32,
+                    progress: bool = True) -> list[BoxAccuracy]:
+    """Accuracy of ``lm`` per queried box index (``query_index + 1``), boxes ``1..num_boxes``.
+
+    ``evaluation`` reuses a per-prompt :class:`Evaluation` of the same ``prompts`` (e.g. one
+    setting of :func:`context_ablation`) instead of running the clean model. A box no prompt
+    queries gets ``n = 0`` and NaN.
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise BindingError("accuracy_by_box needs at least one prompt")
+    missing = [i for i, p in enumerate(prompts) if p.get("query_index") is None]
+    if missing:
+        raise BindingError(f"prompts {missing[:5]} have no query_index (query label absent from the context)")
+    if evaluation is None:
+        (evaluation,) = evaluate(lm, prompts, None, [Ablation(label="clean")], batch_size=batch_size,
+                                 progress=progress)
+    if evaluation.n != len(prompts):
+        raise BindingError(f"the evaluation covers {evaluation.n} prompts, not the {len(prompts)} given")
+    q = torch.tensor([int(p["query_index"]) for p in prompts])
+    k = max(len(p["objects"]) for p in prompts)
+    out = []
+    for b in range(k):
+        sel = evaluation.correct[q == b]
+        est = (bootstrap(sel[None], n_resamples=n_resamples, seed=seed, level=level) if len(sel)
+               else Estimate(float("nan"), float("nan"), float("nan"), level, 0))
+        out.append(BoxAccuracy(b + 1, int(len(sel)), est))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Residual interchange
+# --------------------------------------------------------------------------------------------
+
+
+def _pair_batches(lm, base_prompts, source_prompts) -> tuple[dict, dict]:
+    base_prompts, source_prompts = list(base_prompts), list(source_prompts)
+    if len(base_prompts) != len(source_prompts):
+        raise BindingError(f"{len(base_prompts)} base prompts but {len(source_prompts)} source prompts")
+    if not base_prompts:
+        raise BindingError("interchange needs at least one (base, source) pair")
+    base = encode_prompts(lm.tokenizer, base_prompts)
+    source = encode_prompts(lm.tokenizer, source_prompts)
+    lengths = sorted({int(x) for x in torch.cat([base["length"], source["length"]])})
+    if len(lengths) != 1:
+        raise BindingError(f"interchange lines positions up: base and source prompts must all have one token "
+                           f"length, got lengths {lengths}; build them with the same num_boxes and template")
+    return base, source
+
+
+def _positions(positions: Optional[Iterable[int]], seq: int) -> list[int]:
+    if positions is None:
+        return list(range(seq))
+    out = [int(p) for p in positions]
+    bad = [p for p in out if not 0 <= p < seq]
+    if bad:
+        raise BindingError(f"position {bad[0]} is out of range for prompts of {seq} tokens")
+    if not out:
+        raise BindingError("no positions to patch")
+    return out
+
+
+def spread_layers(n_layers: int, at_most: int = 8) -> list[int]:
+    """At most ``at_most`` layer indices spread evenly over ``0..n_layers-1``, first and last
+    included: every layer of a small model, a sample of a deep one (the map's cost is linear in it)."""
+    if n_layers < 1 or at_most < 1:
+        raise BindingError(f"need n_layers >= 1 and at_most >= 1, got {n_layers}, {at_most}")
+    if n_layers <= at_most:
+        return list(range(n_layers))
+    if at_most == 1:
+        return [n_layers - 1]
+    return sorted({round(i * (n_layers - 1) / (at_most - 1)) for i in range(at_most)})
+
+
+def _layers(arch, layers: Optional[Iterable[int]]) -> list[int]:
+    if layers is None:
+        return list(range(arch.n_layers))
+    out = [int(l) for l in layers]
+    bad = [l for l in out if not 0 <= l < arch.n_layers]
+    if bad:
+        raise BindingError(f"layer {bad[0]} is out of range for a model of {arch.n_layers} layers")
+    if not out:
+        raise BindingError("no layers to patch")
+    return out
+
+
+def patch_residual(lm, base_prompts, source_prompts, layer: int, positions: Optional[Iterable[int]] = None, *,
+                   site: str = "resid_post", batch_size: int = 32) -> torch.Tensor:
+    """Logits ``[batch, vocab]`` at the last token of each base prompt whose residual stream at
+    ``site`` (``"resid_post"``: block ``layer``'s output; ``"resid_pre"``: its input) is replaced
+    at ``positions`` (absolute; default all) by that of its source prompt, ``[batch, pos, d_model]``."""
+    base, source = _pair_batches(lm, base_prompts, source_prompts)
+    seq = int(base["input_ids"].shape[1])
+    pos = _positions(positions, seq)
+    layer = _layers(lm.arch, [layer])[0]
+    cache = cache_activations(lm, source, sites=(site,), layers=[layer], batch_size=batch_size)
+    p = torch.tensor(pos)
+    vals = cache[site, layer][:, p]
+    patch = ResidPatch(site, layer, vals, p[None].expand(len(vals), -1))
+    return run(lm, base, [patch], batch_size=batch_size).logits
+
+
+@dataclass
+class InterchangeMap:
+    """What base prompts answer after one (layer, position) of their residual stream is taken
+    from a source prompt.
+
+    Attributes:
+        model: ``lm.name``.
+        site: the residual site patched (``"resid_post"``: block outputs).
+        layers, positions: the patched layers and absolute positions (the map's axes).
+        position_labels: a name per patched position (:func:`position_labels`).
+        predicted: ``[n_layers, n_positions, n_pairs]`` argmax token after each patch.
+        answers: per outcome (``own``, ``source``, ``positional``) ``[n_pairs]`` token ids.
+        clean_predicted: ``[n_pairs]`` the base's own argmax, nothing patched.
+    """
+
+    model: str
+    site: str
+    layers: list[int]
+    positions: list[int]
+    position_labels: list[str]
+    predicted: torch.Tensor
+    answers: dict[str, torch.Tensor]
+    clean_predicted: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return int(self.predicted.shape[-1])
+
+    @property
+    def shares(self) -> dict[str, torch.Tensor]:
+        """Share ``[n_layers, n_positions]`` of pairs answering each of :data:`OUTCOMES`
+        (``other``: none of the three). They add up to 1 when the three answers differ."""
+        hit = {k: self.predicted == v[None, None] for k, v in self.answers.items()}
+        other = ~(hit["own"] | hit["source"] | hit["positional"])
+        return {**{k: h.float().mean(-1) for k, h in hit.items()}, "other": other.float().mean(-1)}
+
+    @property
+    def clean_accuracy(self) -> float:
+        return float((self.clean_predicted == self.answers["own"]).float().mean())
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per (layer, position, outcome) with its share: a long table for plotting."""
+        sh = self.shares
+        return [{"layer": l, "position": p, "label": lab, "outcome": k, "share": float(sh[k][i, j])}
+                for k in OUTCOMES for i, l in enumerate(self.layers)
+                for j, (p, lab) in enumerate(zip(self.positions, self.position_labels))]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "site": self.site, "layers": self.layers, "positions": self.positions,
+                "position_labels": self.position_labels, "n_pairs": self.n, "clean_accuracy": self.clean_accuracy,
+                "shares": {k: v.tolist() for k, v in self.shares.items()}}
+
+
+def interchange_map(lm, base_prompts: Sequence[Mapping[str, Any]], source_prompts: Sequence[Mapping[str, Any]],
+                    layers: Optional[Iterable[int]] = None, positions: Optional[Iterable[int]] = None, *,
+                    site: str = "resid_post", batch_size: int = 32, progress: bool = True) -> InterchangeMap:
+    """Patch the residual stream at one (layer, position) at a time from source into base.
+
+    Args:
+        lm: a :class:`~entity_tracking.models.LoadedModel`.
+        base_prompts, source_prompts: paired prompt records of one token length; each source
+            should hold other objects and labels than its base and query another box index
+            (e.g. the ``object_value`` desiderata of :func:`entity_tracking.data.make_desiderata`),
+            so that the three answers differ.
+        layers: block indices (default all); positions: absolute token positions (default all).
+        site: ``"resid_post"`` (block output) or ``"resid_pre"`` (block input).
+
+    Returns:
+        :class:`InterchangeMap`: for every (layer, position) the base's answer, sorted into its
+        own object, the source's answer and the base object at the source's queried index.
+    """
+    base_prompts, source_prompts = list(base_prompts), list(source_prompts)
+    base, source = _pair_batches(lm, base_prompts, source_prompts)
+    seq = int(base["input_ids"].shape[1])
+    pos = _positions(positions, seq)
+    lays = _layers(lm.arch, layers)
+    for i, (b, s) in enumerate(zip(base_prompts, source_prompts)):
+        if s.get("query_index") is None or b.get("query_index") is None:
+            raise BindingError(f"pair {i}: base and source must both query a box of their own context")
+        if s["query_index"] >= len(b["objects"]):
+            raise BindingError(f"pair {i}: the source queries box {s['query_index'] + 1}, the base has "
+                               f"{len(b['objects'])} boxes")
+    tok = lm.tokenizer
+    answers = {
+        "own": base["target"],
+        "source": source["target"],
+        "positional": torch.tensor(word_token_ids(tok, [b["objects"][s["query_index"]]
+                                                        for b, s in zip(base_prompts, source_prompts)])),
+    }
+    n, P = len(base_prompts), len(pos)
+    cache = cache_activations(lm, source, sites=(site,), layers=lays, batch_size=batch_size)
+    clean = run(lm, base, batch_size=batch_size).logits.argmax(-1)
+    ex = torch.arange(n).repeat(P)  # rows (position, pair), position-major
+    at = torch.tensor(pos).repeat_interleave(n)
+    rows = {k: v[ex] for k, v in base.items() if isinstance(v, torch.Tensor) and v.shape[:1] == (n,)}
+    predicted = torch.empty(len(lays), P, n, dtype=torch.long)
+    it = lays
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(lays, desc=f"interchange ({getattr(lm, 'name', '')}, {P} positions x {n} pairs)")
+    for i, layer in enumerate(it):
+        vals = cache[site, layer][ex, at][:, None]  # [rows, 1, d_model]
+        logits = run(lm, rows, [ResidPatch(site, layer, vals, at[:, None])], batch_size=batch_size).logits
+        predicted[i] = logits.argmax(-1).view(P, n)
+    labels = position_labels(tok, base)
+    return InterchangeMap(getattr(lm, "name", ""), site, lays, pos, [labels[p] for p in pos], predicted, answers, clean)
