@@ -189,8 +189,12 @@ class TestReaders:
             {"output_type": "execute_result", "metadata": {}, "execution_count": 2,
              "data": {"text/html": f"<td>{Path.home()}/models</td>", "text/plain": "t"}},
         ])]}
+        nb["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {"version_major": 2, "state": {
+            "m": {"state": {"children": ["IPY_MODEL_b"]}}, "b": {"state": {"value": "3/3 [00:01<00:00, 2.44it/s]"}},
+            "w": {"state": {"children": ["IPY_MODEL_d"]}}, "d": {"state": {"options": ["a"]}}}}}
         runner.clean_outputs(nb, root)
         outs = nb["cells"][0]["outputs"]
+        assert set(nb["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]) == {"w", "d"}
         text = json.dumps(nb)
         assert "Warning" not in text and "it/s]" not in text and "site-packages" not in text
         assert str(root) not in text and str(Path.home()) not in text

@@ -41,8 +41,8 @@ Saved outputs hold no warnings, no progress bars and no path of the build machin
 (:func:`clean_outputs`): the kernels run with :data:`KERNEL_ENV` (tqdm, hub and transformers
 progress bars off, transformers logging at ``error``, Python warnings ignored), and after execution
 every ``stderr`` line that is a progress bar or a warning (with its source line) is dropped, as
-are tqdm widgets and a cell's bare ``PosixPath(...)`` value (what a writer returned), and the
-repository root, the results folder, the home folder and site-packages prefixes are written as
+are tqdm widgets (with their saved widget state) and a cell's bare ``PosixPath(...)`` value (what
+a writer returned), and the repository root, the results folder, the home folder and site-packages prefixes are written as
 relative paths. Tables show no default ``0..n-1`` index: ``setup_chapter`` registers a DataFrame
 HTML formatter in each kernel (:mod:`entity_tracking.book`).
 
@@ -287,12 +287,38 @@ def clean_outputs(nb: dict, root: Optional[Path] = None) -> dict:
                 out["traceback"] = [scrub(t) for t in out.get("traceback", [])]
             outputs.append(out)
         cell["outputs"] = outputs
+    _prune_widget_state(nb)
     meta = nb.get("metadata", {}).get("papermill")
     if isinstance(meta, dict):
         for key in ("input_path", "output_path", "cwd"):
             if isinstance(meta.get(key), str):
                 meta[key] = scrub(meta[key])
     return nb
+
+
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+_WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def _prune_widget_state(nb: dict) -> None:
+    """Keep in the notebook's saved widget state only the models that a remaining output shows
+    (and those they refer to): the state of a dropped progress bar would still reach the page."""
+    state = nb.get("metadata", {}).get("widgets", {}).get(_WIDGET_STATE, {}).get("state")
+    if not isinstance(state, dict):
+        return
+    todo = [out["data"][_WIDGET_VIEW].get("model_id") for cell in nb.get("cells", [])
+            for out in cell.get("outputs", []) if _WIDGET_VIEW in out.get("data", {})]
+    keep: set[str] = set()
+    while todo:
+        mid = todo.pop()
+        if mid in keep or mid not in state:
+            continue
+        keep.add(mid)
+        todo += re.findall(r"IPY_MODEL_([0-9a-f]+)", json.dumps(state[mid]))
+    for mid in [m for m in state if m not in keep]:
+        del state[mid]
+    if not state:
+        del nb["metadata"]["widgets"]
 
 
 def _for_readers(path: Path, root: Path) -> None:
@@ -756,11 +782,15 @@ def _summary(runs: list[ChapterRun], index: Optional[Path], seconds: float) -> N
     if runs:
         _log("")
         width = max(len(r.chapter.stem) for r in runs)
+        rows = []
         for r in runs:
             took = _clock(r.seconds) if r.seconds is not None else "?"
             when = took if r.status == "ran" else f"{r.status} (last run {took})"
             where = (index.parent / f"{r.chapter.name}.html") if index is not None else r.notebook
-            _log(f"  {r.chapter.stem:<{width}}  {when:<24}  {where}")
+            rows.append((r.chapter.stem, when, where))
+        w2 = max(len(when) for _, when, _ in rows)
+        for stem, when, where in rows:
+            _log(f"  {stem:<{width}}  {when:<{w2}}  {where}")
     _log(f"total {_clock(seconds)}" + (f"; the book: {index}" if index is not None else ""))
 
 
