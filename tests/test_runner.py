@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -134,3 +135,202 @@ class TestAtomicWrites:
                 raise Interrupt
         assert json.loads(target.read_text()) == {"v": 1}
         assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def _cell(kind: str, source: str, tags=(), outputs=None) -> dict:
+    cell = {"cell_type": kind, "metadata": {"tags": list(tags)} if tags else {}, "source": source}
+    if kind == "code":
+        cell["outputs"] = outputs or []
+    return cell
+
+
+class TestReaders:
+    """One display rule for every notebook, and outputs free of warnings, bars and machine paths."""
+
+    def test_display_rule(self):
+        long = "\n".join(f"x{i} = {i}" for i in range(runner.SHORT_CELL_LINES + 1))
+        short = "\n".join(f"x{i} = {i}" for i in range(runner.SHORT_CELL_LINES))
+        boot = runner.bootstrap_source("https://example.org/fork")
+        nb = {"cells": [
+            _cell("markdown", "# Title\n" + long),
+            _cell("code", boot, ["hide-input"]),
+            _cell("code", 'profile = "default"', ["parameters"]),
+            _cell("code", 'profile = "ci"', ["injected-parameters"]),
+            _cell("code", long),
+            _cell("code", short + "\n\n\n"),
+            _cell("code", long, ["show-input"]),
+            _cell("code", long, ["remove-input"]),
+        ]}
+        runner.prepare_for_readers(nb)
+        tags = [c["metadata"].get("tags", []) for c in nb["cells"]]
+        assert tags == [[], ["hide-input", "remove-cell"], ["parameters", "remove-cell"],
+                        ["injected-parameters", "remove-cell"], ["hide-input"], [], ["show-input"], ["remove-input"]]
+        again = json.loads(json.dumps(nb))
+        assert runner.prepare_for_readers(again) == nb, "the rule is idempotent"
+
+    def test_warnings_bars_and_paths_leave_the_outputs(self, tmp_path, monkeypatch):
+        root = tmp_path / "checkout"
+        monkeypatch.delenv("ENTITY_TRACKING_RESULTS", raising=False)
+        warning = ("/opt/venv/lib/python3.11/site-packages/transformers/modeling_utils.py:3303: FutureWarning: "
+                   "`x` is deprecated.\n  warnings.warn(\n")
+        bar = "\rLoading weights:   0%|          | 0/21 [00:00<?, ?it/s]\rLoading weights: 100%|##| 21/21 [00:01<00:00, 20.1it/s]\n"
+        nb = {"metadata": {"papermill": {"input_path": str(root / "book" / "a.ipynb")}}, "cells": [_cell("code", "x", outputs=[
+            {"output_type": "stream", "name": "stderr", "text": warning + bar + "organism: accuracy 0.1\n"},
+            {"output_type": "stream", "name": "stderr", "text": bar},
+            {"output_type": "stream", "name": "stdout", "text": f"wrote {root}/results/ci/a.json\n"},
+            {"output_type": "display_data", "metadata": {}, "data": {
+                "application/vnd.jupyter.widget-view+json": {"model_id": "m"},
+                "text/plain": "evaluate (tiny):   0%|          | 0/3 [00:00<?, ?it/s]"}},
+            {"output_type": "display_data", "metadata": {}, "data": {
+                "application/vnd.jupyter.widget-view+json": {"model_id": "w"},
+                "text/plain": "interactive(children=(Dropdown(),))"}},
+            {"output_type": "execute_result", "metadata": {}, "execution_count": 1,
+             "data": {"text/plain": f"PosixPath('{root}/results/ci/metrics/a.json')"}},
+            {"output_type": "execute_result", "metadata": {}, "execution_count": 2,
+             "data": {"text/html": f"<td>{Path.home()}/models</td>", "text/plain": "t"}},
+        ])]}
+        nb["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {"version_major": 2, "state": {
+            "m": {"state": {"children": ["IPY_MODEL_b"]}}, "b": {"state": {"value": "3/3 [00:01<00:00, 2.44it/s]"}},
+            "w": {"state": {"children": ["IPY_MODEL_d"]}}, "d": {"state": {"options": ["a"]}}}}}
+        runner.clean_outputs(nb, root)
+        outs = nb["cells"][0]["outputs"]
+        assert set(nb["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]) == {"w", "d"}
+        text = json.dumps(nb)
+        assert "Warning" not in text and "it/s]" not in text and "site-packages" not in text
+        assert str(root) not in text and str(Path.home()) not in text
+        assert [o.get("name") or o["output_type"] for o in outs] == ["stderr", "stdout", "display_data", "execute_result"]
+        assert outs[0]["text"] == "organism: accuracy 0.1\n", "a message that is not a warning stays"
+        assert outs[1]["text"] == "wrote results/ci/a.json\n"
+        assert "interactive" in outs[2]["data"]["text/plain"], "a widget that is not a bar stays"
+        assert outs[3]["data"]["text/html"] == "<td>~/models</td>"
+        assert nb["metadata"]["papermill"]["input_path"] == "book/a.ipynb"
+        assert runner.clean_outputs(json.loads(json.dumps(nb)), root) == nb, "cleaning is idempotent"
+
+    def test_executed_chapters_are_prepared_for_readers(self, project):
+        _notebook(project / "book" / "first.ipynb",
+                  "import sys, warnings\n"
+                  "warnings.warn('careful', FutureWarning)\n"
+                  "from tqdm.auto import tqdm\n"
+                  "for _ in tqdm(range(3)): pass\n"
+                  "print('root is', __import__('os').environ['ENTITY_TRACKING_ROOT'])\n")
+        out = runner.run_chapters("ci", project, only=["first"])[0]
+        nb = json.loads(out.read_text())
+        text = json.dumps([c.get("outputs", []) for c in nb["cells"]])
+        assert "careful" not in text and "it/s" not in text and str(project) not in text
+        assert "root is ." in text
+        assert ["parameters", "remove-cell"] in [c["metadata"].get("tags") for c in nb["cells"]]
+        assert ["hide-input"] in [c["metadata"].get("tags") for c in nb["cells"]]
+
+
+class TestProgress:
+    def _sections_notebook(self, path: Path) -> None:
+        nb = nbformat.v4.new_notebook()
+        params = nbformat.v4.new_code_cell('profile = "default"')
+        params.metadata["tags"] = ["parameters"]
+        nb.cells = [nbformat.v4.new_markdown_cell("# A chapter"), params,
+                    nbformat.v4.new_markdown_cell("## Building the data\ntext"), nbformat.v4.new_code_cell("x = 1"),
+                    nbformat.v4.new_markdown_cell("### a subsection (not a section)"), nbformat.v4.new_code_cell("y = 2"),
+                    nbformat.v4.new_markdown_cell("## Measuring"), nbformat.v4.new_code_cell("z = 3")]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, path)
+
+    def test_a_line_per_section_when_not_a_terminal(self, project, capsys):
+        self._sections_notebook(project / "book" / "second.ipynb")
+        runner.run_chapters("ci", project)
+        log = capsys.readouterr().out
+        assert "\r" not in log
+        lines = [line for line in log.splitlines() if line.startswith("[2/2] second:") and "cells" in line]
+        # parameters, injected parameters, then one line per section
+        assert [line.split(" · ")[1] for line in lines] == ["A chapter", "Building the data", "Measuring"], lines
+        assert lines[0].startswith("[2/2] second: 0/5 cells") and lines[-1].startswith("[2/2] second: 4/5 cells")
+
+    def test_one_updating_line_on_a_terminal(self):
+        import io
+
+        class Tty(io.StringIO):
+            def isatty(self):
+                return True
+
+        nb = {"cells": [_cell("markdown", "# T"), _cell("code", "a"), _cell("markdown", "## S"), _cell("code", "b")]}
+        stream = Tty()
+        with runner._Progress("[1/1] t", nb, stream=stream) as p:
+            p.cell_start(1)
+            p.cell_complete(1)
+            p.cell_start(3)
+            p.cell_complete(3)
+        text = stream.getvalue()
+        assert "\n" not in text and text.count("\r") >= 4
+        assert "[1/1] t: 2/2 cells · S · 0:00" in text
+
+    def test_summary_names_each_chapter_time_and_page(self, project, capsys):
+        assert runner.main(["--profile", "ci", "--no-book"]) == 0
+        log = capsys.readouterr().out
+        rows = {line.split()[0]: line for line in log.splitlines() if line.startswith("  ")}
+        assert set(rows) == {"first", "second"}
+        assert re.search(r"^  first\s+\d+:\d\d\s", rows["first"])
+        assert "total " in log and str(project / "results" / "ci" / "notebooks" / "second.ipynb") in log
+
+
+class TestProfileAnywhere:
+    def test_a_profile_outside_params_reaches_every_chapter(self, project, tmp_path, monkeypatch):
+        mine = tmp_path / "elsewhere" / "mine.yaml"
+        mine.parent.mkdir()
+        shutil.copy(project / "params" / "ci.yaml", mine)
+        monkeypatch.delenv("ENTITY_TRACKING_PROFILES", raising=False)
+        _notebook(project / "book" / "second.ipynb",
+                  "from entity_tracking.config import load_profile\n"
+                  "prof = load_profile(profile)\n"
+                  "print('chapter got', profile, prof.name)\n")
+        out = runner.run_chapters(str(mine), project)
+        assert out[0] == project / "results" / "mine" / "notebooks" / "first.ipynb"
+        assert (project / "results" / "mine" / "first.txt").read_text() == "from first mine"
+        assert "chapter got mine mine" in out[1].read_text()
+        assert "ENTITY_TRACKING_PROFILES" not in __import__("os").environ, "the runner's own environment is restored"
+
+    def test_a_listed_file_wins_over_params_by_name(self, project, tmp_path, monkeypatch):
+        from entity_tracking.config import profile_path
+
+        mine = tmp_path / "ci.yaml"
+        mine.write_text((project / "params" / "ci.yaml").read_text())
+        assert profile_path("ci", project) == project / "params" / "ci.yaml"
+        monkeypatch.setenv("ENTITY_TRACKING_PROFILES", str(mine))
+        assert profile_path("ci", project) == mine.resolve()
+
+
+class TestRepositoryUrl:
+    def test_the_shipped_notebooks_clone_the_configured_repository(self):
+        assert runner.sync_bootstrap(REPO, check=True) == []
+        url = runner.repository_url(REPO)
+        for ch in runner.chapters_from_toc(REPO):
+            if ch.is_notebook and ch.stem != "index":
+                cells = [c for c in json.loads(ch.source.read_text())["cells"] if runner.is_bootstrap(c)]
+                assert len(cells) == 1 and url in "".join(cells[0]["source"]), ch.name
+
+    def test_sync_rewrites_only_the_bootstrap_cell(self, project):
+        (project / "_config.yml").write_text("title: t\nrepository:\n  url: https://example.org/old\n")
+        nb_path = project / "book" / "first.ipynb"
+        nb = json.loads(nb_path.read_text())
+        nb["cells"].insert(1, nbformat.v4.new_code_cell(runner.bootstrap_source("https://example.org/old")))
+        nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+        before = json.loads(nb_path.read_text())
+        assert runner.sync_bootstrap(project) == []
+        (project / "_config.yml").write_text("title: t\nrepository:\n  url: https://example.org/fork\n")
+        assert runner.sync_bootstrap(project, check=True) == [nb_path]
+        assert runner.sync_bootstrap(project) == [nb_path]
+        after = json.loads(nb_path.read_text())
+        src = "".join(after["cells"][1]["source"])
+        assert "https://example.org/fork" in src and "example.org/old" not in src
+        compile(src, "bootstrap", "exec")
+        after["cells"][1]["source"] = before["cells"][1]["source"]
+        assert after == before, "nothing but the bootstrap cell changed"
+
+
+def test_tables_hide_only_a_row_number_index():
+    import pandas as pd
+
+    from entity_tracking.book import _table_html
+
+    plain = _table_html(pd.DataFrame({"model": ["a", "b"], "acc": [0.5, 0.25]}))
+    assert "<th>model</th>" in plain and "<th>0</th>" not in plain and "<th></th>" not in plain
+    named = _table_html(pd.DataFrame({"acc": [0.5]}, index=pd.Index(["a"], name="model")))
+    assert "<th>a</th>" in named

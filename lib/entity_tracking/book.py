@@ -6,6 +6,11 @@ profile named in the parameters cell, says which device the chapter will use, an
 earlier chapter's artifacts are missing, executes that chapter first through the runner rather
 than failing on a missing file.
 
+It also sets how tables read: a DataFrame whose index is only row numbers (the default
+``0..n-1``) is shown without that index column (:func:`show_tables_without_index`); a table with a
+meaningful index (named, or labels) keeps it. This is one formatter in the kernel, not an option
+passed in every cell.
+
 Each chapter closes with its claims: the paper's evidence, ours, and whether the claim holds
 here. :func:`record_verdicts` writes them to ``results/<profile>/metrics/verdicts/<chapter>.json``
 and the landing page collects every chapter's file into one table, so no verdict is typed by hand.
@@ -21,7 +26,7 @@ from typing import Any, Iterable, Literal, Optional
 from .config import ROOT_ENV, Profile, find_repo_root, load_profile
 from .io import ResultsPaths, read_json, write_json
 
-__all__ = ["ChapterContext", "Verdict", "load_verdicts", "record_verdicts", "setup_chapter"]
+__all__ = ["ChapterContext", "Verdict", "load_verdicts", "record_verdicts", "setup_chapter", "show_tables_without_index"]
 
 Holds = Literal["holds", "does not hold", "partly", "not run", "not testable"]
 VERDICTS: tuple[str, ...] = ("holds", "partly", "does not hold", "not testable", "not run")
@@ -51,8 +56,48 @@ def _toc_root(root: Path) -> str:
     return yaml.safe_load((root / "_toc.yml").read_text(encoding="utf-8"))["root"]
 
 
-def setup_chapter(chapter: str, profile: str, needs: Iterable[str] = ()) -> ChapterContext:
+def _has_row_numbers_only(df) -> bool:
+    import pandas as pd
+
+    idx = df.index
+    return isinstance(idx, pd.RangeIndex) and idx.name is None and idx.start == 0 and idx.step == 1
+
+
+def _table_html(df) -> Optional[str]:
+    """A DataFrame's notebook HTML, without the index column when it only numbers the rows."""
+    import pandas as pd
+
+    if not _has_row_numbers_only(df):
+        return df._repr_html_()
+    opt = pd.get_option
+    if not opt("display.notebook_repr_html"):
+        return None
+    return df.to_html(index=False, notebook=True, max_rows=opt("display.max_rows"), max_cols=opt("display.max_columns"),
+                      show_dimensions=opt("display.show_dimensions"), float_format=opt("display.float_format"))
+
+
+def show_tables_without_index() -> bool:
+    """In an IPython kernel, render DataFrames whose index is the default ``0..n-1`` without it
+    (row numbers are noise in a table a reader reads); return whether a kernel was found."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    if ip is None:
+        return False
+    import pandas as pd
+
+    ip.display_formatter.formatters["text/html"].for_type(pd.DataFrame, _table_html)
+    return True
+
+
+def setup_chapter(chapter: str, profile: str | os.PathLike, needs: Iterable[str] = ()) -> ChapterContext:
     """Validate ``profile``, print the device, and make sure chapters in ``needs`` have run.
+
+    ``profile`` is a profile's name (``params/<name>.yaml``, or a file the runner listed in
+    ``$ENTITY_TRACKING_PROFILES``) or the path of a profile file anywhere; results go to
+    ``results/<its name>/`` either way.
 
     ``needs`` names earlier chapters (toc stems, e.g. ``["data", "circuit"]``) whose artifacts
     this chapter reads; any of them not yet executed for this profile is executed now, together
@@ -64,6 +109,7 @@ def setup_chapter(chapter: str, profile: str, needs: Iterable[str] = ()) -> Chap
     os.environ.setdefault(ROOT_ENV, str(root))
     prof = load_profile(profile, root)
     paths = ResultsPaths.for_profile(prof.name, root)
+    show_tables_without_index()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = f" ({torch.cuda.get_device_name(0)})" if device == "cuda" else ""
     print(f"chapter '{chapter}' on profile '{prof.name}': {len(prof.models)} model(s), device {device}{gpu}")
@@ -75,7 +121,7 @@ def setup_chapter(chapter: str, profile: str, needs: Iterable[str] = ()) -> Chap
         last_needed = max(order.index(n) for n in missing if n in order) if any(n in order for n in missing) else -1
         todo = order[: last_needed + 1]
         print(f"earlier chapters not yet run for '{prof.name}': {missing}; running {todo} first")
-        run_chapters(prof.name, root, only=todo)
+        run_chapters(profile, root, only=todo)
     return ChapterContext(chapter, prof, paths, root, device)
 
 

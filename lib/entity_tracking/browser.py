@@ -2,9 +2,10 @@
 
 :func:`check_site` serves the HTML folder on a loopback port, opens every page in headless
 Chromium (Debian's ``chromium``), and reports every problem a reader would hit: a page that does
-not load, a figure whose image the browser could not fetch, an internal link that leads nowhere.
-:func:`screenshot` saves a picture of a page (the landing page goes beside the build). Nothing
-here reaches beyond ``127.0.0.1``.
+not load, a figure whose image the browser could not fetch, an internal link that leads nowhere,
+and a page that should show a figure but has none. :func:`screenshot` saves a picture of a page
+(the landing page goes beside the build), :func:`screenshot_pages` one of each page. Nothing here
+reaches beyond ``127.0.0.1``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-__all__ = ["BrowserNotFound", "check_site", "find_chromium", "screenshot", "serve"]
+__all__ = ["BrowserNotFound", "check_site", "find_chromium", "screenshot", "screenshot_pages", "serve"]
 
 _FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -116,10 +117,12 @@ def _internal(href: str) -> bool:
     return not href.startswith(("http:", "https:", "mailto:", "javascript:", "data:", "#", "//"))
 
 
-def check_site(html_dir: Path, pages: Iterable[str]) -> list[str]:
+def check_site(html_dir: Path, pages: Iterable[str], need_figure: Iterable[str] = ()) -> list[str]:
     """Open each page (paths relative to ``html_dir``, e.g. ``book/data.html``) in headless
-    Chromium over HTTP; return the problems found (empty when the site is sound)."""
+    Chromium over HTTP; return the problems found (empty when the site is sound). A page listed in
+    ``need_figure`` is a problem when the rendered page holds no image."""
     html_dir = Path(html_dir)
+    need_figure = set(need_figure)
     problems: list[str] = []
     checked_links: dict[str, int] = {}
     with serve(html_dir) as (base, log):
@@ -135,6 +138,8 @@ def check_site(html_dir: Path, pages: Iterable[str]) -> list[str]:
             parser.feed(dom)
             if not parser.title.strip():
                 problems.append(f"{page}: the page has no title")
+            if page in need_figure and not parser.images:
+                problems.append(f"{page}: the page shows no figure")
             for src in parser.images:
                 if src.startswith("data:"):
                     continue
@@ -170,3 +175,20 @@ def screenshot(html_dir: Path, page: str, out: Path, size: tuple[int, int] = (12
     if not out.exists():
         raise RuntimeError(f"chromium wrote no screenshot of {page}")
     return out
+
+
+def screenshot_pages(html_dir: Path, pages: Iterable[str], out_dir: Path,
+                     size: tuple[int, int] = (1280, 1600)) -> list[Path]:
+    """A PNG of each page (``book/data.html`` -> ``<out_dir>/book/data.png``), served once."""
+    out_dir = Path(out_dir)
+    shots = []
+    with serve(Path(html_dir)) as (base, _):
+        for page in pages:
+            out = out_dir / Path(page).with_suffix(".png")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _chromium([f"--window-size={size[0]},{size[1]}", "--virtual-time-budget=5000",
+                       f"--screenshot={out}", f"{base}/{page}"])
+            if not out.exists():
+                raise RuntimeError(f"chromium wrote no screenshot of {page}")
+            shots.append(out)
+    return shots

@@ -6,6 +6,11 @@ keys, so a typo (``num_boxs``) or a wrong type fails at once with the file and t
 named, instead of being silently ignored deep inside a chapter. Local paths named by a profile
 (models, adapters, tokenizers) must exist when the profile is loaded.
 
+A profile may also live anywhere on disk: pass its path. Chapters receive a profile's *name*
+(papermill parameters, results under ``results/<name>/``), so the runner lists a profile file
+outside ``params/`` in ``$ENTITY_TRACKING_PROFILES`` (:data:`PROFILES_ENV`, files separated by
+``os.pathsep``) and :func:`profile_path` resolves a name there before looking in ``params/``.
+
 Secrets (an HF token, an NDIF key) are never profile keys: papermill writes parameters into
 executed notebooks. They are read from the environment by the code that needs them.
 """
@@ -33,10 +38,13 @@ __all__ = [
     "TinySpec",
     "find_repo_root",
     "load_profile",
+    "profile_name",
     "profile_path",
 ]
 
 ROOT_ENV = "ENTITY_TRACKING_ROOT"
+#: Profile files outside ``params/`` that names resolve to (``os.pathsep``-separated paths).
+PROFILES_ENV = "ENTITY_TRACKING_PROFILES"
 
 
 class ProfileError(ValueError):
@@ -334,10 +342,26 @@ class Profile(_Strict):
         raise KeyError(f"profile '{self.name}' has no model '{name}' (models: {[m.name for m in self.models]})")
 
 
+def profile_name(path: str | os.PathLike) -> str:
+    """The name a profile file declares (its ``name`` key), else its file name without suffix."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        raw = None
+    name = raw.get("name") if isinstance(raw, dict) else None
+    return str(name) if name else path.stem
+
+
 def profile_path(name_or_path: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """The file of a profile given by path, or by name: a file listed in ``$ENTITY_TRACKING_PROFILES``
+    that declares this name (the runner lists the file it was given there), else ``params/<name>.yaml``."""
     p = Path(name_or_path)
     if p.suffix in {".yaml", ".yml"} or p.exists():
         return p.resolve()
+    for entry in os.environ.get(PROFILES_ENV, "").split(os.pathsep):
+        if entry and Path(entry).is_file() and profile_name(entry) == str(name_or_path):
+            return Path(entry).resolve()
     base = Path(root) if root is not None else find_repo_root()
     return base / "params" / f"{name_or_path}.yaml"
 

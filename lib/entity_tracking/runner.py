@@ -14,30 +14,89 @@ outputs are kept under a ``.failed.ipynb`` name, never under the name a later ru
 Finally the executed notebooks, the markdown pages and the two config files are staged in
 ``_build/stage/`` and built with ``jupyter-book build -W`` into ``_build/html/``.
 
+**The profile** may be a name (``params/<name>.yaml``) or a YAML file anywhere on disk. Chapters
+always receive the profile's *name* (results live in ``results/<name>/``); a file outside
+``params/`` is listed in ``$ENTITY_TRACKING_PROFILES`` for the kernels, so that every chapter, and
+any earlier chapter it runs on its own, resolves that name to the same file.
+
+**Progress.** While a chapter executes, the console shows one line that updates: cells done out of
+the chapter's code cells, the section being executed (the last ``#``/``##`` heading above the
+running cell) and the time elapsed. When stdout is not a terminal (CI logs) a new line is printed at
+each change of section instead. The run ends with each chapter's time and where its page is.
+
+**What readers see** (:func:`prepare_for_readers`, one rule applied to every executed notebook
+and again when the book is staged; no tag is set by hand):
+
+* the bootstrap cell (``try: import entity_tracking ... except ImportError``, which only installs
+  the library in Colab) and the ``parameters`` / ``injected-parameters`` cells get ``remove-cell``:
+  they are plumbing, and the setup cell already prints the profile and the device;
+* every other code cell longer than :data:`SHORT_CELL_LINES` non-blank lines gets ``hide-input``:
+  a reader comes for the argument and the evidence (the outputs), and the code stays one click away
+  on the page; a short cell stays visible, because a line or two that names what is shown
+  (``pd.DataFrame(...)``, one library call) reads like a caption;
+* any other cell that already carries a display tag is left as its author tagged it; ``show-input``
+  keeps a long cell's code visible.
+
+Saved outputs hold no warnings, no progress bars and no path of the build machine
+(:func:`clean_outputs`): the kernels run with :data:`KERNEL_ENV` (tqdm, hub and transformers
+progress bars off, transformers logging at ``error``, Python warnings ignored), and after execution
+every ``stderr`` line that is a progress bar or a warning (with its source line) is dropped, as
+are tqdm widgets (with their saved widget state) and a cell's bare ``PosixPath(...)`` value (what
+a writer returned), and the repository root, the results folder, the home folder and site-packages prefixes are written as
+relative paths. Tables show no default ``0..n-1`` index: ``setup_chapter`` registers a DataFrame
+HTML formatter in each kernel (:mod:`entity_tracking.book`).
+
+**The repository URL** is one setting, ``repository.url`` in ``_config.yml``: the launch buttons read
+it, and :func:`sync_bootstrap` writes it into the bootstrap cell of every notebook (the only place
+a fresh Colab kernel can find it before the library is installed); ``$ENTITY_TRACKING_REPO``
+overrides it at run time. The runner warns when a notebook's cell and ``_config.yml`` disagree.
+
 Command line (also what ``make book`` runs)::
 
     python -m entity_tracking.runner --profile default [--force] [--only data] [--no-book]
+    python -m entity_tracking.runner --profile path/to/mine.yaml
+    python -m entity_tracking.runner --sync-bootstrap   # after editing repository.url
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Optional, TextIO
 
 import yaml
 
-from .config import ROOT_ENV, ProfileError, find_repo_root, load_profile, profile_path
-from .io import ResultsPaths, atomic_path, read_json, write_json
+from .config import PROFILES_ENV, ROOT_ENV, ProfileError, find_repo_root, load_profile, profile_path
+from .io import RESULTS_ENV, ResultsPaths, atomic_path, atomic_write_text, read_json, write_json
 
-__all__ = ["Chapter", "ChapterFailed", "build_book", "chapters_from_toc", "main", "run_chapters"]
+__all__ = [
+    "Chapter",
+    "ChapterFailed",
+    "ChapterRun",
+    "KERNEL_ENV",
+    "SHORT_CELL_LINES",
+    "bootstrap_source",
+    "build_book",
+    "chapters_from_toc",
+    "clean_outputs",
+    "execute_chapters",
+    "main",
+    "prepare_for_readers",
+    "repository_url",
+    "run_chapters",
+    "sync_bootstrap",
+]
 
 
 class ChapterFailed(RuntimeError):
@@ -94,19 +153,382 @@ def _execution_order(root: Path) -> list[Chapter]:
     return [c for c in chapters if c.name != toc_root] + [c for c in chapters if c.name == toc_root]
 
 
-def _tag_injected_cell(path: Path) -> None:
-    """Give papermill's injected-parameters cell the display tags of the parameters cell
-    (papermill copies none, so a hidden parameters cell would reappear in the book)."""
-    nb = json.loads(path.read_text(encoding="utf-8"))
-    tags = next((c["metadata"].get("tags", []) for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])), [])
-    extra = [t for t in tags if t != "parameters"]
-    if not extra:
+# --- what readers see ------------------------------------------------------------------------
+
+#: A code cell with more non-blank lines than this gets ``hide-input`` (see the module docstring).
+SHORT_CELL_LINES = 4
+#: Jupyter Book display tags; a cell carrying one is left as its author tagged it.
+DISPLAY_TAGS = frozenset({"hide-input", "hide-output", "hide-cell", "remove-input", "remove-output",
+                          "remove-cell", "show-input"})
+
+
+def _source(cell) -> str:
+    src = cell.get("source", "")
+    return "".join(src) if isinstance(src, list) else src
+
+
+def is_bootstrap(cell) -> bool:
+    """The cell that installs the library in a fresh kernel (``try: import entity_tracking``)."""
+    src = _source(cell).lstrip()
+    return cell.get("cell_type") == "code" and src.startswith("try:") and "import entity_tracking" in src \
+        and "except ImportError" in src
+
+
+def reader_tags(cell) -> list[str]:
+    """The display tags the rule adds to one cell (none for markdown or an already tagged cell)."""
+    if cell.get("cell_type") != "code":
+        return []
+    tags = set(cell.get("metadata", {}).get("tags", []))
+    if is_bootstrap(cell) or tags & {"parameters", "injected-parameters"}:
+        return [] if "remove-cell" in tags else ["remove-cell"]
+    if tags & DISPLAY_TAGS:
+        return []
+    if sum(1 for line in _source(cell).splitlines() if line.strip()) > SHORT_CELL_LINES:
+        return ["hide-input"]
+    return []
+
+
+def prepare_for_readers(nb: dict) -> dict:
+    """Apply the display rule to every cell of a notebook (in place; idempotent); return it."""
+    for cell in nb.get("cells", []):
+        extra = reader_tags(cell)
+        if extra:
+            meta = cell.setdefault("metadata", {})
+            meta["tags"] = list(meta.get("tags", [])) + extra
+    return nb
+
+
+_BAR = re.compile(r"\d+%\|.*\||\d+/\d+ \[\d|it/s\]|s/it\]|\[\d\d:\d\d<")
+_PATH_REPR = re.compile(r"^(Posix|Windows)?Path\((['\"]).*\2\)$", re.S)
+_WARNING = re.compile(r"(^|: )\w*Warning: |^\w*Warning: |^warnings\.warn\(")
+
+
+def _is_bar(line: str) -> bool:
+    return bool(_BAR.search(line))
+
+
+def _strip_stream(text: str, stderr: bool) -> str:
+    """Drop progress-bar lines (and, on stderr, warnings with their indented source lines)."""
+    kept: list[str] = []
+    in_warning = False
+    for line in text.split("\n"):
+        line = line.rsplit("\r", 1)[-1] if "\r" in line.rstrip("\r") else line.rstrip("\r")
+        if _is_bar(line):
+            in_warning = False
+            continue
+        if stderr and _WARNING.search(line):
+            in_warning = True
+            continue
+        if in_warning and (line.startswith((" ", "\t")) or not line.strip()):
+            continue
+        in_warning = False
+        kept.append(line)
+    return "\n".join(kept)
+
+
+def _path_scrubber(root: Optional[Path]):
+    """A function that rewrites this machine's absolute paths in a text as relative ones."""
+    pairs: list[tuple[str, str]] = []
+    results = os.environ.get(RESULTS_ENV)
+    if results:
+        pairs.append((str(Path(results).resolve()), "results"))
+    if root is not None:
+        pairs.append((str(Path(root).resolve()), "."))
+    home = str(Path.home())
+    if len(home) > 1:
+        pairs.append((home, "~"))
+    pairs.sort(key=lambda p: -len(p[0]))
+    site = re.compile(r"(?:[A-Za-z]:)?[/\\][^\s'\"<>()]*?[/\\](?:site|dist)-packages[/\\]")
+
+    def scrub(text: str) -> str:
+        text = site.sub("", text)
+        for path, short in pairs:
+            text = text.replace(path + "/", "" if short == "." else short + "/").replace(path, short)
+        return text
+
+    return scrub
+
+
+def _scrub_value(value, scrub):
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, list):
+        return [_scrub_value(v, scrub) for v in value]
+    return value
+
+
+def clean_outputs(nb: dict, root: Optional[Path] = None) -> dict:
+    """Remove warnings and progress bars from a notebook's saved outputs and write this machine's
+    absolute paths as relative ones (in place; idempotent); return the notebook."""
+    scrub = _path_scrubber(root)
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") != "code":
+            continue
+        outputs = []
+        for out in cell.get("outputs", []):
+            kind = out.get("output_type")
+            if kind == "stream":
+                text = _strip_stream("".join(out.get("text", "")), out.get("name") == "stderr")
+                if not text.strip():
+                    continue
+                out["text"] = scrub(text)
+            elif kind in ("display_data", "execute_result"):
+                data = out.get("data", {})
+                plain = "".join(data.get("text/plain", ""))
+                if "application/vnd.jupyter.widget-view+json" in data and _is_bar(plain):
+                    continue  # a tqdm.notebook bar
+                if kind == "execute_result" and set(data) == {"text/plain"} and _PATH_REPR.match(plain):
+                    continue  # the path a writer returned as a cell's last value: plumbing, not evidence
+                for mime, value in list(data.items()):
+                    if mime.startswith("text/"):
+                        data[mime] = _scrub_value(value, scrub)
+            elif kind == "error":
+                out["evalue"] = scrub(out.get("evalue", ""))
+                out["traceback"] = [scrub(t) for t in out.get("traceback", [])]
+            outputs.append(out)
+        cell["outputs"] = outputs
+    _prune_widget_state(nb)
+    meta = nb.get("metadata", {}).get("papermill")
+    if isinstance(meta, dict):
+        for key in ("input_path", "output_path", "cwd"):
+            if isinstance(meta.get(key), str):
+                meta[key] = scrub(meta[key])
+    return nb
+
+
+_WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+_WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def _prune_widget_state(nb: dict) -> None:
+    """Keep in the notebook's saved widget state only the models that a remaining output shows
+    (and those they refer to): the state of a dropped progress bar would still reach the page."""
+    state = nb.get("metadata", {}).get("widgets", {}).get(_WIDGET_STATE, {}).get("state")
+    if not isinstance(state, dict):
         return
-    for c in nb["cells"]:
-        ctags = c["metadata"].get("tags", [])
-        if "injected-parameters" in ctags:
-            c["metadata"]["tags"] = ctags + [t for t in extra if t not in ctags]
-    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False), encoding="utf-8")
+    todo = [out["data"][_WIDGET_VIEW].get("model_id") for cell in nb.get("cells", [])
+            for out in cell.get("outputs", []) if _WIDGET_VIEW in out.get("data", {})]
+    keep: set[str] = set()
+    while todo:
+        mid = todo.pop()
+        if mid in keep or mid not in state:
+            continue
+        keep.add(mid)
+        todo += re.findall(r"IPY_MODEL_([0-9a-f]+)", json.dumps(state[mid]))
+    for mid in [m for m in state if m not in keep]:
+        del state[mid]
+    if not state:
+        del nb["metadata"]["widgets"]
+
+
+def _for_readers(path: Path, root: Path) -> None:
+    """Apply :func:`prepare_for_readers` and :func:`clean_outputs` to a notebook file."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    text = json.dumps(clean_outputs(prepare_for_readers(nb), root), indent=1, ensure_ascii=False) + "\n"
+    atomic_write_text(path, text)
+
+
+#: The environment every chapter's kernel runs in: no progress bars, no warnings in saved outputs.
+KERNEL_ENV: dict[str, str] = {
+    "TQDM_DISABLE": "1",  # every tqdm bar, ours and the libraries'
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub (downloads, "Writing model shards")
+    "TRANSFORMERS_VERBOSITY": "error",  # transformers' logger ("Loading weights", advice)
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",  # the tokenizers fork warning
+    "PYTHONWARNINGS": "ignore",  # FutureWarning and friends, which print the build machine's paths
+}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --- console progress -------------------------------------------------------------------------
+
+
+def _headings(nb: dict) -> list[str]:
+    """For every cell, the last ``#``/``##`` markdown heading at or above it ('' before any)."""
+    current, out = "", []
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") == "markdown":
+            for line in _source(cell).splitlines():
+                m = re.match(r"^\s{0,3}#{1,2}\s+(.+?)\s*#*\s*$", line)
+                if m:
+                    current = m.group(1)
+        out.append(current)
+    return out
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class _Progress:
+    """One chapter's progress on the console: a line updated in place on a terminal (refreshed every
+    second by a thread, so a long cell still shows the time moving), or a new line per section."""
+
+    def __init__(self, tag: str, nb: dict, stream: Optional[TextIO] = None, tty: Optional[bool] = None):
+        self.tag, self.stream = tag, stream or sys.stdout
+        self.tty = self.stream.isatty() if tty is None else tty
+        self.attach(nb)
+        self.done, self.section = 0, ""
+        self.t0 = time.perf_counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._width = 0
+        self._thread: Optional[threading.Thread] = None
+
+    def attach(self, nb: dict) -> None:
+        """Read cells and headings from the notebook being executed (with papermill's injected cell)."""
+        self.headings = _headings(nb)
+        self.code = {i for i, c in enumerate(nb.get("cells", [])) if c.get("cell_type") == "code"}
+        self.total = len(self.code)
+
+    def line(self) -> str:
+        section = self.section if len(self.section) <= 60 else self.section[:59] + "…"
+        return f"{self.tag}: {self.done}/{self.total} cells · {section} · {_clock(time.perf_counter() - self.t0)}"
+
+    def _draw(self) -> None:
+        with self._lock:
+            text = self.line()
+            pad = max(0, self._width - len(text))
+            self._width = len(text)
+            self.stream.write("\r" + text + " " * pad)
+            self.stream.flush()
+
+    def __enter__(self) -> "_Progress":
+        self.t0 = time.perf_counter()
+        if self.tty:
+            self._draw()
+            self._thread = threading.Thread(target=self._tick, daemon=True)
+            self._thread.start()
+        return self
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self._draw()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            with self._lock:
+                self.stream.write("\r" + " " * self._width + "\r")
+                self.stream.flush()
+
+    def cell_start(self, index: Optional[int]) -> None:
+        if index is None or index not in self.code:
+            return
+        section = self.headings[index] if index < len(self.headings) else ""
+        if section != self.section:
+            self.section = section
+            if self.tty:
+                self._draw()
+            else:
+                print(self.line(), file=self.stream, flush=True)
+
+    def cell_complete(self, index: Optional[int]) -> None:
+        if index is not None and index in self.code:
+            self.done += 1
+            if self.tty:
+                self._draw()
+
+
+def _progress_engine():
+    """Papermill's nbclient engine, reporting each cell's start and end to a :class:`_Progress`
+    (passed to ``execute_notebook`` as ``progress=``)."""
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class ProgressEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, progress: Optional[_Progress] = None, **kwargs):
+            if progress is not None:
+                progress.attach(nb_man.nb)
+                start, complete = nb_man.cell_start, nb_man.cell_complete
+
+                def cell_start(cell, cell_index=None, **kw):
+                    progress.cell_start(cell_index)
+                    return start(cell, cell_index, **kw)
+
+                def cell_complete(cell, cell_index=None, **kw):
+                    progress.cell_complete(cell_index)
+                    return complete(cell, cell_index, **kw)
+
+                nb_man.cell_start, nb_man.cell_complete = cell_start, cell_complete
+            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+    papermill_engines.register("entity-tracking", ProgressEngine)
+    return "entity-tracking"
+
+
+# --- the repository URL -----------------------------------------------------------------------
+
+#: The bootstrap cell of every chapter; ``{url}`` is ``repository.url`` of ``_config.yml``.
+BOOTSTRAP = '''try:  # find the library, or fetch and install it (Colab, a fresh kernel)
+    import entity_tracking
+except ImportError:  # a checkout above this notebook, else a clone of _config.yml's repository.url
+    import os, subprocess, sys
+    repo = ".." if os.path.isfile("../_config.yml") and os.path.isdir("../lib/entity_tracking") else "entity-tracking"
+    if not os.path.isdir(repo):
+        url = os.environ.get("ENTITY_TRACKING_REPO", "{url}")
+        subprocess.run(["git", "clone", "--depth=1", url, repo], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{{repo}}[book]"], check=True)
+    os.environ["ENTITY_TRACKING_ROOT"] = os.path.abspath(repo)
+    sys.path.insert(0, os.path.abspath(f"{{repo}}/lib"))'''
+
+
+def repository_url(root: Path) -> str:
+    """``repository.url`` of the book's ``_config.yml``."""
+    cfg = yaml.safe_load((Path(root) / "_config.yml").read_text(encoding="utf-8")) or {}
+    url = (cfg.get("repository") or {}).get("url")
+    if not url:
+        raise ValueError(f"{Path(root) / '_config.yml'}: no repository.url")
+    return str(url)
+
+
+def bootstrap_source(url: str) -> str:
+    """The bootstrap cell's source for a repository URL."""
+    return BOOTSTRAP.format(url=url)
+
+
+def _source_lines(text: str) -> list[str]:
+    lines = text.split("\n")
+    return [line + "\n" for line in lines[:-1]] + [lines[-1]]
+
+
+def sync_bootstrap(root: Path, check: bool = False) -> list[Path]:
+    """Write :func:`bootstrap_source` of ``_config.yml``'s URL into the bootstrap cell of every
+    notebook of the toc, touching nothing else; return the notebooks that differed (with
+    ``check=True``, only report them)."""
+    want = bootstrap_source(repository_url(root))
+    changed = []
+    for ch in chapters_from_toc(Path(root)):
+        if not ch.is_notebook:
+            continue
+        text = ch.source.read_text(encoding="utf-8")
+        nb = json.loads(text)
+        cells = [c for c in nb["cells"] if is_bootstrap(c)]
+        if not cells or all(_source(c) == want for c in cells):
+            continue
+        changed.append(ch.source)
+        if check:
+            continue
+        for c in cells:
+            c["source"] = _source_lines(want)
+        atomic_write_text(ch.source, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")  # as Jupyter writes
+    return changed
 
 
 def _notebook_digest(path: Path) -> str:
@@ -134,17 +556,50 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run_chapters(
-    profile: str,
+@dataclass(frozen=True)
+class ChapterRun:
+    """What happened to one chapter in a run."""
+
+    chapter: Chapter
+    notebook: Path  # the executed notebook
+    status: str  # "ran", "up to date" or "not selected"
+    seconds: Optional[float]  # this run's time, or the last run's for a chapter not run again
+
+
+def _kernel_environment(root: Path, pfile: Path) -> dict[str, str]:
+    env = dict(KERNEL_ENV)
+    env[ROOT_ENV] = str(root)
+    if pfile.parent.resolve() != (root / "params").resolve():
+        listed = [p for p in os.environ.get(PROFILES_ENV, "").split(os.pathsep) if p]
+        env[PROFILES_ENV] = os.pathsep.join([str(pfile), *[p for p in listed if p != str(pfile)]])
+    return env
+
+
+def _check_bootstrap(root: Path) -> None:
+    try:
+        stale = sync_bootstrap(root, check=True)
+    except (OSError, ValueError):
+        return
+    if stale:
+        names = ", ".join(str(p.relative_to(root)) for p in stale)
+        _log(f"warning: the bootstrap cell of {names} does not clone _config.yml's repository.url; "
+             f"run `python -m entity_tracking.runner --sync-bootstrap`")
+
+
+def execute_chapters(
+    profile: str | os.PathLike,
     root: Path | None = None,
     force: bool = False,
     only: list[str] | None = None,
     kernel_name: str = "python3",
-) -> list[Path]:
-    """Execute the toc's notebooks for ``profile`` in order; return the executed notebook paths.
+    progress: Optional[bool] = None,
+) -> list[ChapterRun]:
+    """Execute the toc's notebooks for ``profile`` (a name in ``params/`` or a YAML file anywhere)
+    in order; return what happened to each chapter.
 
     ``only`` restricts execution to chapters whose stem is listed (earlier chapters must then
-    already have run: their artifacts are read from disk).
+    already have run: their artifacts are read from disk). ``progress=False`` prints one line per
+    chapter instead of the running progress line.
     """
     import papermill as pm
 
@@ -155,40 +610,50 @@ def run_chapters(
     stamps = paths.root / ".stamps"
     lib = library_digest()
     upstream = ""
-    executed: list[Path] = []
+    runs: list[ChapterRun] = []
     notebooks = _execution_order(root)
     os.environ[ROOT_ENV] = str(root)
+    env = _kernel_environment(root, pfile)
+    engine = _progress_engine()
+    _check_bootstrap(root)
     for i, ch in enumerate(notebooks, 1):
         fp = _fingerprint(ch, pfile, lib, upstream)
         upstream = fp
         out = paths.notebooks / f"{ch.stem}.ipynb"
         stamp = stamps / f"{ch.stem}.json"
         tag = f"[{i}/{len(notebooks)}] {ch.stem}"
+        last = read_json(stamp).get("seconds") if stamp.exists() else None
         if only and ch.stem not in only:
             _log(f"{tag}: not selected")
             if out.exists():
-                executed.append(out)
+                runs.append(ChapterRun(ch, out, "not selected", last))
             continue
         if not force and out.exists() and stamp.exists() and read_json(stamp).get("fingerprint") == fp:
             _log(f"{tag}: up to date, not run again ({out})")
-            executed.append(out)
+            runs.append(ChapterRun(ch, out, "up to date", last))
             continue
         if stamp.exists():
             stamp.unlink()
         failed = out.with_suffix(".failed.ipynb")
         _log(f"{tag}: running {ch.source.relative_to(root)} on profile '{prof.name}' ...")
         t0 = time.perf_counter()
+        nb = json.loads(ch.source.read_text(encoding="utf-8"))
+        shown = _Progress(tag, nb) if progress is not False else None
         with atomic_path(out, suffix=".ipynb") as tmp:
             try:
-                pm.execute_notebook(
-                    str(ch.source),
-                    str(tmp),
-                    parameters={"profile": prof.name},
-                    kernel_name=kernel_name,
-                    cwd=str(ch.source.parent),
-                    progress_bar=False,
-                    log_output=False,
-                )
+                with _environment(env), (shown or contextlib.nullcontext()):
+                    pm.execute_notebook(
+                        str(ch.source),
+                        str(tmp),
+                        parameters={"profile": prof.name},
+                        kernel_name=kernel_name,
+                        cwd=str(ch.source.parent),
+                        engine_name=engine,
+                        progress=shown,
+                        progress_bar=False,
+                        log_output=False,
+                        extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no TCP warning mid-line
+                    )
             except Exception as e:  # papermill raises PapermillExecutionError with the cell's error
                 if tmp.exists():
                     shutil.copyfile(tmp, failed)
@@ -197,24 +662,39 @@ def run_chapters(
                     f"chapter '{ch.stem}' ({ch.source.relative_to(root)}) failed on profile '{prof.name}': "
                     f"{summary.strip()[:500]}\n  the executed notebook with the traceback: {failed}"
                 ) from None
-            _tag_injected_cell(tmp)
+            _for_readers(tmp, root)
         if failed.exists():
             failed.unlink()
         dt = time.perf_counter() - t0
         write_json(stamp, {"fingerprint": fp, "seconds": round(dt, 2), "chapter": ch.name})
-        _log(f"{tag}: done in {dt:.1f} s -> {out}")
-        executed.append(out)
-    return executed
+        _log(f"{tag}: done in {_clock(dt)} -> {out}")
+        runs.append(ChapterRun(ch, out, "ran", dt))
+    return runs
 
 
-def build_book(profile: str, root: Path | None = None, out_root: Path | None = None, strict: bool = True) -> Path:
+def run_chapters(
+    profile: str | os.PathLike,
+    root: Path | None = None,
+    force: bool = False,
+    only: list[str] | None = None,
+    kernel_name: str = "python3",
+) -> list[Path]:
+    """:func:`execute_chapters`, returning the executed notebooks' paths."""
+    return [r.notebook for r in execute_chapters(profile, root, force=force, only=only, kernel_name=kernel_name)]
+
+
+def build_book(profile: str | os.PathLike, root: Path | None = None, out_root: Path | None = None,
+               strict: bool = True) -> Path:
     """Stage the executed notebooks with the book's pages, build HTML, return its ``index.html``.
 
     The stage is ``<out_root>/_build/stage`` and the HTML ``<out_root>/_build/html``
-    (``out_root`` defaults to the repository root).
+    (``out_root`` defaults to the repository root). Every staged notebook goes through
+    :func:`prepare_for_readers` and :func:`clean_outputs` again, so the display rule of this library
+    applies even to chapters executed before it changed.
     """
     root = Path(root) if root is not None else find_repo_root()
     out_root = Path(out_root) if out_root is not None else root
+    profile = load_profile(profile, root).name
     paths = ResultsPaths.for_profile(profile, root)
     stage = out_root / "_build" / "stage"
     if stage.exists():
@@ -234,6 +714,7 @@ def build_book(profile: str, root: Path | None = None, out_root: Path | None = N
         dest = stage / f"{ch.name}.ipynb"
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(executed, dest)
+        _for_readers(dest, root)
     if missing:
         raise FileNotFoundError(f"chapters not executed for profile '{profile}': {missing}; run them first")
     launcher = "import sys; from jupyter_book.cli.main import main; sys.exit(main())"
@@ -264,24 +745,53 @@ def build_book(profile: str, root: Path | None = None, out_root: Path | None = N
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m entity_tracking.runner", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--profile", default="default", help="name of a file in params/ (default: default)")
+    ap.add_argument("--profile", default="default",
+                    help="a profile: the name of a file in params/, or a YAML file anywhere (default: default)")
     ap.add_argument("--force", action="store_true", help="run every chapter again even if unchanged")
     ap.add_argument("--only", default=None, help="comma-separated chapter names to run (others are reused)")
     ap.add_argument("--no-book", action="store_true", help="execute the chapters but do not build the HTML")
     ap.add_argument("--no-run", action="store_true", help="build the HTML from already executed chapters")
     ap.add_argument("--out-root", default=None, help="folder that receives _build/ (default: the repository)")
+    ap.add_argument("--sync-bootstrap", action="store_true",
+                    help="write _config.yml's repository.url into every notebook's bootstrap cell, and stop")
     args = ap.parse_args(argv)
     root = find_repo_root()
+    if args.sync_bootstrap:
+        changed = sync_bootstrap(root)
+        _log(f"bootstrap cell set to clone {repository_url(root)} in "
+             + (", ".join(str(p.relative_to(root)) for p in changed) if changed else "no notebook (all agreed)"))
+        return 0
+    runs: list[ChapterRun] = []
+    index: Optional[Path] = None
+    t0 = time.perf_counter()
     try:
         if not args.no_run:
             only = [s.strip() for s in args.only.split(",")] if args.only else None
-            run_chapters(args.profile, root, force=args.force, only=only)
+            runs = execute_chapters(args.profile, root, force=args.force, only=only)
         if not args.no_book:
-            build_book(args.profile, root, Path(args.out_root) if args.out_root else None)
+            index = build_book(args.profile, root, Path(args.out_root) if args.out_root else None)
     except (ProfileError, ChapterFailed, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    _summary(runs, index, time.perf_counter() - t0)
     return 0
+
+
+def _summary(runs: list[ChapterRun], index: Optional[Path], seconds: float) -> None:
+    """Each chapter's time and page, and where the book is."""
+    if runs:
+        _log("")
+        width = max(len(r.chapter.stem) for r in runs)
+        rows = []
+        for r in runs:
+            took = _clock(r.seconds) if r.seconds is not None else "?"
+            when = took if r.status == "ran" else f"{r.status} (last run {took})"
+            where = (index.parent / f"{r.chapter.name}.html") if index is not None else r.notebook
+            rows.append((r.chapter.stem, when, where))
+        w2 = max(len(when) for _, when, _ in rows)
+        for stem, when, where in rows:
+            _log(f"  {stem:<{width}}  {when:<{w2}}  {where}")
+    _log(f"total {_clock(seconds)}" + (f"; the book: {index}" if index is not None else ""))
 
 
 if __name__ == "__main__":
