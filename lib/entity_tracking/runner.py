@@ -157,6 +157,11 @@ def _execution_order(root: Path) -> list[Chapter]:
 
 #: A code cell with more non-blank lines than this gets ``hide-input`` (see the module docstring).
 SHORT_CELL_LINES = 4
+
+#: The longest one cell may run before the chapter fails instead of waiting for ever (a kernel
+#: that stops answering, e.g. a widget cell that never replies, once stalled a build); set
+#: ``ENTITY_TRACKING_CELL_TIMEOUT`` (seconds) for slow GPU sweeps on the paper's models.
+CELL_TIMEOUT_S = 3 * 3600
 #: Jupyter Book display tags; a cell carrying one is left as its author tagged it.
 DISPLAY_TAGS = frozenset({"hide-input", "hide-output", "hide-cell", "remove-input", "remove-output",
                           "remove-cell", "show-input"})
@@ -653,6 +658,7 @@ def execute_chapters(
                         progress_bar=False,
                         log_output=False,
                         extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no TCP warning mid-line
+                        execution_timeout=int(os.environ.get("ENTITY_TRACKING_CELL_TIMEOUT", CELL_TIMEOUT_S)),
                     )
             except Exception as e:  # papermill raises PapermillExecutionError with the cell's error
                 if tmp.exists():
