@@ -197,6 +197,29 @@ def test_mask_is_chosen_on_the_eval_split(planted, planted_pairs):
     assert max(h["eval_accuracy"] for h in res.history) == res.eval_accuracy
 
 
+def test_each_rounded_mask_is_evaluated_once(planted, planted_pairs, monkeypatch):
+    """Evaluations are memoised by rounded mask: the eval split is scored once per distinct mask,
+    and every history entry still carries that mask's accuracy."""
+    enc, group, carrier, keep = planted_pairs
+    calls, real = [], dcm._rounded_accuracy
+
+    def spy(lm, pairs, src, heads, position, mask_values, batch_size):
+        acc = real(lm, pairs, src, heads, position, mask_values, batch_size)
+        calls.append((pairs is ev, tuple(int(x >= 0.5) for x in mask_values.tolist()), acc))
+        return acc
+
+    ev = _split(enc, range(64, 96), keep)
+    monkeypatch.setattr(dcm, "_rounded_accuracy", spy)
+    res = train_mask(planted, group, "last", _split(enc, range(0, 64), carrier), ev, _split(enc, range(96, 128), carrier),
+                     lam=0.05, lr=0.1, epochs=4, batch_size=16, eval_every=1, seed=0, progress=False)
+    on_eval = [(m, a) for is_eval, m, a in calls if is_eval]
+    assert len(on_eval) == len({m for m, _ in on_eval}) < len(res.history)
+    acc_of = dict(on_eval)
+    assert [h["n_selected"] for h in res.history if h["eval_accuracy"] == res.eval_accuracy]
+    assert {h["eval_accuracy"] for h in res.history} <= set(acc_of.values())
+    assert acc_of[tuple(res.mask)] == res.eval_accuracy
+
+
 def test_ties_go_to_the_mask_with_more_heads(planted, planted_pairs):
     """An eval split on which the carrier changes nothing: keeping every head (the first rounded
     mask) and patching the carrier score the same, and the mask that selects more heads is kept."""

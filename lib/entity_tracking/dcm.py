@@ -223,6 +223,7 @@ def train_mask(
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
     best = (-1.0, -1, [1] * len(heads), 0)  # (eval acc, n selected, mask, step)
+    scored: dict[tuple[int, ...], float] = {}  # eval accuracy of each rounded mask met so far
     history: list[dict[str, float]] = []
     it = range(total)
     if progress:
@@ -248,8 +249,10 @@ def train_mask(
                 param.clamp_(0.0, 1.0)
         if (step + 1) % eval_every == 0 or step == total - 1:
             mv = current().detach()
-            acc = _rounded_accuracy(lm, eval, src["eval"], heads, position, mv, batch_size)
             hard = [int(x >= 0.5) for x in mv.tolist()]
+            if tuple(hard) not in scored:  # the rounded mask often stays put between evaluations
+                scored[tuple(hard)] = _rounded_accuracy(lm, eval, src["eval"], heads, position, mv, batch_size)
+            acc = scored[tuple(hard)]
             n_sel = hard.count(0)
             history.append({"step": step + 1, "loss": float(loss.detach()), "eval_accuracy": acc, "n_selected": n_sel})
             if better_mask(acc, n_sel, best[0], best[1]):
