@@ -318,7 +318,7 @@ def plot_gain_shares(rows, title: str = "", limits: tuple[float, float] = (-1.0,
         ax.axis("off")
         return fig
     n_sets = max(int((rows["kind"] == "output").groupby(rows["fine-tuned"]).sum().max()), 2)
-    fig, axes = plt.subplots(len(models), 2, figsize=(12, len(models) * (0.42 * n_sets + 1.6) + 0.6), squeeze=False,
+    fig, axes = plt.subplots(len(models), 2, figsize=(12.5, len(models) * (0.42 * n_sets + 1.6) + 0.6), squeeze=False,
                              gridspec_kw={"width_ratios": [1.0, 1.0]})
     sites = [s for s in ("q", "k", "v", "qk", "qkv") if s in set(rows.loc[rows["kind"] == "input", "sites"])]
     site_colors = sns.color_palette("viridis", n_colors=max(len(sites), 1))
@@ -335,7 +335,7 @@ def plot_gain_shares(rows, title: str = "", limits: tuple[float, float] = (-1.0,
             ax.set_title(f"{label}: {what}", fontsize=10)
             ax.axvline(0, color="grey", lw=1, ls="--")
             ax.axvline(1, color="grey", lw=1, ls=":")
-            ax.set_xlabel("share of the fine-tuning gain recovered (0 = base, 1 = fine-tuned)")
+            ax.set_xlabel("share of the gain (0 = base, 1 = fine-tuned)" if m == models[-1] else "")
             if not len(d):
                 _note(ax, "nothing patched here" + (" (DCM selected no heads of these groups)" if hue else ""))
                 ax.set_xlim(limits[0] - 0.08, limits[1] + 0.08)
