@@ -62,7 +62,7 @@ from .circuit import GROUPS, Circuit, Head
 from .patching import HeadPatch, accuracy, as_batch, check_positions, check_unpadded, run, site_heads
 
 __all__ = ["CMAPError", "check_compatible", "head_sets", "head_sets_for", "heads_by_position", "input_cmap",
-           "input_sets", "output_cmap", "row_key", "sweep"]
+           "input_sets", "output_cmap", "paper_share", "row_key", "sweep"]
 
 INPUT_SITES = ("q", "k", "v")
 #: ``input_cmap(kv_positions=...)``: keys/values strictly before the head's position (the paper's
@@ -432,3 +432,27 @@ def gain_shares(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     gain = acc["fine-tuned alone"] - acc["base alone"]
     return {row_key(r): (r["accuracy"] - acc["base alone"]) / gain if abs(gain) > 1e-9 else float("nan")
             for r in rows if r["kind"] != "model"}
+
+
+def paper_share(row: Mapping[str, Any], paper_model: str | None) -> float:
+    """The paper's share of the fine-tuning gain for the head set of a :func:`sweep` row, to draw
+    beside ours: ``(acc_patched - acc_Llama) / (acc_paper_model - acc_Llama)`` from the paper's
+    CMAP accuracies (:data:`entity_tracking.paper.CMAP_OUTPUT`, ``CMAP_INPUT``). NaN where the
+    paper has no number: a model it did not patch from, a set it did not patch (whole groups other
+    than the Structure Readers' -- its choice is :data:`DCM_CHOICE`), input CMAP of any model but
+    Goat-7B, and the rows of the models alone."""
+    from . import paper
+
+    nan = float("nan")
+    if not paper_model or paper_model not in paper.ACCURACY or row["kind"] == "model":
+        return nan
+    base = paper.ACCURACY["Llama-7B"]
+    gain = paper.ACCURACY[paper_model] - base
+    label = row["patched"]
+    paper_sets = {f"{g} (DCM {d})" if d else f"{g} (whole group)": g for g, d in DCM_CHOICE.items()}
+    group = "full circuit" if label == "full circuit" else paper_sets.get(label)
+    if row["kind"] == "input":
+        acc = paper.CMAP_INPUT.get(group, {}).get(str(row["sites"]).upper()) if paper_model == "Goat-7B" else None
+    else:
+        acc = paper.CMAP_OUTPUT.get(paper_model, {}).get(group)
+    return nan if acc is None or abs(gain) < 1e-9 else (acc - base) / gain

@@ -18,7 +18,11 @@ from matplotlib.patches import Patch, Rectangle
 __all__ = [
     "ROLE_COLORS",
     "plot_counts",
+    "plot_faithfulness",
+    "plot_gain_shares",
     "plot_index_pairs",
+    "plot_intervals",
+    "plot_semantics_intervals",
     "plot_token_layout",
     "set_style",
 ]
@@ -196,5 +200,247 @@ def plot_score_maps(scores: Mapping[str, Sequence[Sequence[float]]], labels: Map
         ax.set_ylabel("layer")
     if title:
         fig.suptitle(title, y=1.03)
+    fig.tight_layout()
+    return fig
+
+
+# --- estimates with intervals ----------------------------------------------------------------
+
+#: How the paper's numbers are drawn beside ours: a hollow black diamond (our point shows through), labelled "paper".
+PAPER_MARKER: dict[str, Any] = {"marker": "D", "s": 38, "facecolors": "none", "edgecolors": "black",
+                                "linewidths": 1.2, "zorder": 4}
+
+
+def _finite(x) -> bool:
+    try:
+        return bool(np.isfinite(float(x)))
+    except (TypeError, ValueError):
+        return False
+
+
+def plot_intervals(ax, df, cat: str, value: str = "value", low: str = "low", high: str = "high",
+                   hue: str | None = None, order: Sequence[Any] | None = None,
+                   hue_order: Sequence[Any] | None = None, paper: str = "paper", horizontal: bool = False,
+                   palette: Sequence[Any] | None = None, legend: bool = True,
+                   clip: tuple[float, float] | None = None):
+    """Points with interval bars on ``ax``: one category slot per value of column ``cat`` (in
+    ``order``), the ``hue`` values dodged within it, one colour per hue (one
+    :class:`~matplotlib.container.ErrorbarContainer` in ``ax.containers`` per hue).
+
+    A row whose ``value`` is NaN draws nothing; a row whose interval is NaN draws its point without
+    a bar. Where ``df`` has a column ``paper``, its finite entries are drawn as
+    :data:`PAPER_MARKER` at the same slot, in one collection with ``gid="paper"`` and the legend
+    label "paper" (no collection when no entry is finite). ``horizontal`` puts the categories on
+    the y axis (long labels). With ``clip = (lo, hi)`` a point beyond it is drawn at the edge as a
+    triangle pointing outwards (one collection with ``gid="clipped"``) and interval ends are cut
+    there. Returns the finite ends drawn (after clipping), for axis limits."""
+    order = list(order) if order is not None else list(dict.fromkeys(df[cat]))
+    hues = list(hue_order) if hue_order is not None else (list(dict.fromkeys(df[hue])) if hue else [None])
+    colors = list(palette) if palette is not None else sns.color_palette(n_colors=max(len(hues), 1))
+    step = 0.72 / max(len(hues), 1)
+    ends: list[float] = []
+    clipped: list[tuple[float, float, Any, bool]] = []
+    paper_pts: list[tuple[float, float]] = []
+    for j, h in enumerate(hues):
+        sub = df if hue is None else df[df[hue] == h]
+        pos, val, err_lo, err_hi = [], [], [], []
+        for _, r in sub.iterrows():
+            if r[cat] not in order:
+                continue
+            p = order.index(r[cat]) - 0.36 + step * (j + 0.5)
+            v = float(r[value]) if _finite(r[value]) else float("nan")
+            if clip and np.isfinite(v) and not clip[0] <= v <= clip[1]:
+                v = float(np.clip(v, *clip))
+                clipped.append((p, v, colors[j % len(colors)], v == clip[1]))
+            lo_ok, hi_ok = _finite(r.get(low)), _finite(r.get(high))
+            pos.append(p)
+            val.append(v)
+            lo_v = float(np.clip(float(r[low]), *clip)) if clip and lo_ok else (float(r[low]) if lo_ok else v)
+            hi_v = float(np.clip(float(r[high]), *clip)) if clip and hi_ok else (float(r[high]) if hi_ok else v)
+            err_lo.append(max(v - lo_v, 0.0) if np.isfinite(v) else 0.0)
+            err_hi.append(max(hi_v - v, 0.0) if np.isfinite(v) else 0.0)
+            ends += [x for x, ok in ((lo_v, lo_ok), (hi_v, hi_ok), (v, np.isfinite(v))) if ok]
+            if paper in r and _finite(r[paper]):
+                paper_pts.append((p, float(r[paper])))
+                ends.append(float(r[paper]))
+        xy = (val, pos) if horizontal else (pos, val)
+        err = {"xerr" if horizontal else "yerr": [err_lo, err_hi]}
+        ax.errorbar(*xy, **err, fmt="o", color=colors[j % len(colors)], ms=6, capsize=3, lw=1.5,
+                    label=None if h is None else str(h), zorder=3)
+    if clipped:
+        p, v, c, up = zip(*clipped)
+        marks = [(">" if u else "<") if horizontal else ("^" if u else "v") for u in up]
+        for mk in set(marks):  # one marker per scatter call; all share the gid
+            k = [i for i, x in enumerate(marks) if x == mk]
+            xy = ([v[i] for i in k], [p[i] for i in k])
+            ax.scatter(*(xy if horizontal else xy[::-1]), marker=mk, s=60, c=[c[i] for i in k], gid="clipped",
+                       zorder=3)
+    if paper_pts:
+        p, v = zip(*paper_pts)
+        ax.scatter(*((v, p) if horizontal else (p, v)), label="paper", gid="paper", **PAPER_MARKER)
+    ticks = (ax.set_yticks, ax.set_yticklabels) if horizontal else (ax.set_xticks, ax.set_xticklabels)
+    ticks[0](range(len(order)))
+    ticks[1]([str(c) for c in order])
+    if horizontal:
+        ax.set_ylim(len(order) - 0.5, -0.5)
+        ax.grid(False, axis="y")
+    else:
+        ax.set_xlim(-0.5, len(order) - 0.5)
+        ax.grid(False, axis="x")
+    if legend and (hue or paper_pts):
+        ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ends
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="#555555",
+            wrap=True)
+
+
+def plot_gain_shares(rows, title: str = "", limits: tuple[float, float] = (-1.0, 2.0)):
+    """CMAP at a glance: the share of the fine-tuning gain each patch recovers, with its 95%
+    interval; one row of panels per fine-tuned model, output CMAP (one point per head set) beside
+    input CMAP (the Value Fetchers' and Position Transmitters' DCM heads, one colour per patched
+    input: q, k, v, qk, qkv).
+
+    ``rows``: a DataFrame of :func:`entity_tracking.cmap.sweep` rows with a ``fine-tuned`` column
+    (and optionally ``paper``, the paper's share for the row, e.g. from
+    :func:`entity_tracking.cmap.paper_share`; drawn only where finite). The models' own rows give
+    each panel row its title (the gain itself, fine-tuned minus base accuracy). 0 is the base
+    model, 1 the fine-tuned model; a share is undefined (NaN, not drawn) where there is no gain,
+    and the panel says so when nothing can be drawn. The axis spans at most ``limits``: with a small
+    gain the intervals run far wider: their bars are cut at the axis edge, and a share beyond it is
+    a triangle at the edge."""
+    models = list(dict.fromkeys(rows["fine-tuned"])) if len(rows) else []
+    if not models:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        _note(ax, "no fine-tuned model: nothing was patched")
+        ax.axis("off")
+        return fig
+    n_sets = max(int((rows["kind"] == "output").groupby(rows["fine-tuned"]).sum().max()), 2)
+    fig, axes = plt.subplots(len(models), 2, figsize=(12.5, len(models) * (0.42 * n_sets + 1.6) + 0.6), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.0, 1.0]})
+    sites = [s for s in ("q", "k", "v", "qk", "qkv") if s in set(rows.loc[rows["kind"] == "input", "sites"])]
+    site_colors = sns.color_palette("viridis", n_colors=max(len(sites), 1))
+    for (ax_out, ax_in), m in zip(axes, models):
+        sub = rows[rows["fine-tuned"] == m]
+        gain = sub[sub["patched"] == "fine-tuned alone"]
+        label = str(m)
+        if len(gain) and _finite(gain["share"].iloc[0]):
+            g = gain.iloc[0]
+            label += f" (gain {g['share']:+.3f} [{g['share_low']:+.3f}, {g['share_high']:+.3f}])"
+        panels = ((ax_out, sub[sub["kind"] == "output"], None, "output CMAP"),
+                  (ax_in, sub[sub["kind"] == "input"], "sites", "input CMAP (DCM heads)"))
+        for ax, d, hue, what in panels:
+            ax.set_title(f"{label}: {what}", fontsize=10)
+            ax.axvline(0, color="grey", lw=1, ls="--")
+            ax.axvline(1, color="grey", lw=1, ls=":")
+            ax.set_xlabel("share of the gain (0 = base, 1 = fine-tuned)" if m == models[-1] else "")
+            if not len(d):
+                _note(ax, "nothing patched here" + (" (DCM selected no heads of these groups)" if hue else ""))
+                ax.set_xlim(limits[0] - 0.08, limits[1] + 0.08)
+                ax.set_yticks([])
+                continue
+            d = d.assign(patched=d["patched"].str.replace("_", " "))
+            ends = plot_intervals(ax, d, "patched", "share", "share_low", "share_high", hue=hue, horizontal=True,
+                                  hue_order=sites if hue else None, palette=site_colors if hue else ["#4C72B0"],
+                                  clip=limits)
+            ax.set_ylabel("")
+            lo = max(limits[0] - 0.08, min([-0.1, *ends]) - 0.1)
+            hi = min(limits[1] + 0.08, max([1.1, *ends]) + 0.1)
+            ax.set_xlim(lo, hi)
+            if not d["share"].map(_finite).any():
+                _note(ax, "no fine-tuning gain: the share is undefined")
+    if title:
+        fig.suptitle(title, y=1.0)
+    fig.tight_layout()
+    return fig
+
+
+#: The core desiderata of the DCM chapter, in the order its figure shows them.
+CORE_DESIDERATA = ("positional", "object_value", "box_label_value")
+
+
+def plot_semantics_intervals(df, groups: Sequence[str] | None = None, labels: Mapping[str, str] | None = None,
+                             title: str = ""):
+    """DCM at a glance: for each group (one panel), the % of samples giving each core
+    desideratum's target (:data:`CORE_DESIDERATA`) when its selected heads are patched, one colour
+    per model, with the 95% interval of :func:`entity_tracking.dcm.share_interval`.
+
+    ``df``: :func:`entity_tracking.dcm.semantics` rows (``group``, ``desideratum``, ``model``,
+    ``mean``, ``std``, ``n_runs``, ``pairs``), optionally with ``paper`` (the paper's %; drawn only
+    where finite). A NaN ``std`` draws the point without a bar."""
+    from .dcm import share_interval
+
+    groups = list(groups) if groups is not None else list(dict.fromkeys(df["group"]))
+    if not len(df) or not groups:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        _note(ax, "no group has selected heads: nothing was patched")
+        ax.axis("off")
+        return fig
+    d = df.copy()
+    ivals = [share_interval(r) if _finite(r["std"]) else (np.nan, np.nan) for r in d.to_dict("records")]
+    d["low"] = [lo for lo, _ in ivals]
+    d["high"] = [hi for _, hi in ivals]
+    names = {"positional": "positional", "object_value": "object\nvalue", "box_label_value": "box label\nvalue"}
+    d["desideratum"] = d["desideratum"].map(lambda x: names.get(x, x))
+    order = [names[x] for x in CORE_DESIDERATA if names[x] in set(d["desideratum"])]
+    models = list(dict.fromkeys(d["model"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.1 * len(groups) + 1.6, 3.8), sharey=True, squeeze=False)
+    for i, (ax, g) in enumerate(zip(axes[0], groups)):
+        plot_intervals(ax, d[d["group"] == g], "desideratum", "mean", hue="model", order=order, hue_order=models,
+                       legend=i == len(groups) - 1)
+        if not (d["group"] == g).any():
+            _note(ax, "no heads selected:\nnot patched")
+        ax.set_title((labels or {}).get(g, g.replace("_", " ")), fontsize=10)
+        ax.set_ylim(-2, 102)
+        ax.set_xlabel("")
+    axes[0][0].set_ylabel("% of samples giving the target")
+    if title:
+        fig.suptitle(title, y=1.0)
+    fig.tight_layout()
+    return fig
+
+
+#: The measures of the paper's Table 1: (label, key of a faithfulness summary, key of paper.FAITHFULNESS).
+TABLE1_MEASURES = (("full model", "full_accuracy", "full"), ("circuit", "circuit_accuracy", "circuit"),
+                   ("random circuit", "random_accuracy", "random"), ("faithfulness", "faithfulness", "faithfulness"))
+
+
+def plot_faithfulness(summaries: Mapping[str, Mapping[str, Mapping[str, float]]],
+                      paper: Mapping[str, Mapping[str, float]] | None = None, title: str = ""):
+    """The paper's Table 1 at a glance: per model, the accuracy of the full model, of the circuit
+    and of random circuits (left) and the faithfulness F(C)/F(M) (right), with 95% intervals.
+
+    ``summaries[model]``: the ``summary`` of a faithfulness result (``full_accuracy``,
+    ``circuit_accuracy``, ``random_accuracy``, ``faithfulness``, each ``{value, low, high}``);
+    ``paper[model]``: the paper's row for the model it stands in for
+    (:data:`entity_tracking.paper.FAITHFULNESS`; keys ``full``, ``circuit``, ``random``,
+    ``faithfulness``), drawn as markers labelled "paper"; models without one get none."""
+    import pandas as pd
+
+    models = list(summaries)
+    long = pd.DataFrame([{"model": m, "measure": label,
+                          **{k: s.get(key, {}).get(k, np.nan) for k in ("value", "low", "high")},
+                          "paper": (paper or {}).get(m, {}).get(pkey, np.nan)}
+                         for m, s in summaries.items() for label, key, pkey in TABLE1_MEASURES])
+    fig, (ax_acc, ax_f) = plt.subplots(1, 2, figsize=(max(8.0, 2.2 * len(models) + 5), 3.8),
+                                       gridspec_kw={"width_ratios": [2.2, 1.0]})
+    acc = long[long["measure"] != "faithfulness"]
+    plot_intervals(ax_acc, acc, "model", hue="measure", order=models, hue_order=[m[0] for m in TABLE1_MEASURES[:3]],
+                   palette=["#4C72B0", "#55A868", "#BBBBBB"])
+    ax_acc.set_ylim(-0.02, 1.02)
+    ax_acc.set_ylabel("accuracy")
+    ax_acc.set_title("Accuracy: full model, circuit, random circuits", fontsize=10)
+    ends = plot_intervals(ax_f, long[long["measure"] == "faithfulness"], "model", order=models, palette=["#C44E52"])
+    ax_f.axhline(1, color="grey", lw=1, ls="--")
+    ax_f.set_ylim(min([0.0, *ends]) - 0.05, max([1.0, *ends]) + 0.1)
+    ax_f.set_ylabel("faithfulness F(C)/F(M)")
+    ax_f.set_title("Faithfulness", fontsize=10)
+    for ax in (ax_acc, ax_f):
+        ax.set_xlabel("")
+        plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    if title:
+        fig.suptitle(title, y=1.0)
     fig.tight_layout()
     return fig
