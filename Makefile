@@ -46,8 +46,10 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "no chromium and no root: the browser tests will be skipped (install Debian's chromium)"; fi; }
 
+# The tests execute the ci book, whose slowest cell takes a few minutes: a cell still running
+# after 15 min is a hung kernel, and fails the chapter instead of the whole CI run's time.
 test: $(STAMP) browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 ENTITY_TRACKING_CELL_TIMEOUT=900 $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)

@@ -62,3 +62,20 @@ def test_mass_by_role_partitions_the_pattern(lm):
     onehot = torch.zeros_like(pat)
     onehot[torch.arange(6), batch["object_positions"][torch.arange(6), qi]] = 1
     assert mass_by_role(onehot, batch, qi)["correct object"] == pytest.approx(1.0)
+
+
+def test_explorer_describes_a_head_and_stays_silent_in_batch_runs(lm, monkeypatch):
+    from entity_tracking.attention import BATCH_ENV, ROLES, describe_head, explorer
+    from entity_tracking.circuit import Circuit
+
+    prompts = D.make_eval_prompts(lm.tokenizer, 4, num_boxes=3, seed=0)
+    batch = D.encode_prompts(lm.tokenizer, prompts)
+    qi = torch.tensor([p["query_index"] for p in prompts])
+    scores = {g: [[-0.5 * (l + h) for h in range(lm.arch.n_heads)] for l in range(lm.arch.n_layers)]
+              for g in ("value_fetcher", "position_transmitter", "position_detector", "structure_reader")}
+    c = Circuit("m", {"value_fetcher": [(1, 1)]}, scores=scores)
+    text = describe_head(lm, c, batch, qi, "value_fetcher", 1, 1)
+    assert "head 1.1: score -1.0000 (in the circuit)" in text and all(r in text for r in ROLES)
+    assert "(not in the circuit)" in describe_head(lm, c, batch, qi, "value_fetcher", 0, 1)
+    monkeypatch.setenv(BATCH_ENV, "1")
+    assert explorer(lm, c, batch, qi) is None

@@ -17,7 +17,7 @@ import torch
 from .circuit import Head
 from .patching import as_batch, check_positions
 
-__all__ = ["ROLES", "attention_patterns", "mass_by_role"]
+__all__ = ["BATCH_ENV", "ROLES", "attention_patterns", "describe_head", "explorer", "mass_by_role"]
 
 
 def attention_patterns(lm, batch, heads: Sequence[Head], query_positions: torch.Tensor,
@@ -73,3 +73,42 @@ def mass_by_role(patterns: torch.Tensor, batch, query_index: torch.Tensor) -> di
         role[rows, positions[rows, qi]] = ROLES.index(correct)
     role[rows, b["query_label_position"]] = ROLES.index("query label")
     return {r: float((patterns * (role == i)).sum(1).mean()) for i, r in enumerate(ROLES)}
+
+
+#: Set by the book's runner in every kernel it executes: there is no reader to move a slider.
+BATCH_ENV = "ENTITY_TRACKING_BATCH"
+
+
+def describe_head(lm, circuit, batch, query_index: torch.Tensor, step: str, layer: int, head: int) -> str:
+    """One head in words: its score in ``step``, whether it is in ``circuit``'s group, and where it
+    attends (mass by token role, :func:`mass_by_role`) from the group's position."""
+    import pandas as pd
+
+    from .circuit import GROUP_LABELS
+
+    s = circuit.scores[step][layer][head]
+    pos = as_batch(batch)[f"{circuit.positions[step]}_position"]
+    pat = attention_patterns(lm, batch, [(layer, head)], pos)[0]
+    inside = (layer, head) in circuit.groups[step]
+    return (f"{GROUP_LABELS[step]} step, head {layer}.{head}: score {s:+.4f} "
+            f"({'in' if inside else 'not in'} the circuit)\n"
+            + pd.Series(mass_by_role(pat, batch, query_index)).round(3).to_string())
+
+
+def explorer(lm, circuit, batch, query_index: torch.Tensor):
+    """In JupyterLab or Colab, a step dropdown and layer/head sliders that print
+    :func:`describe_head`. Returns None (and shows nothing) when ``$ENTITY_TRACKING_BATCH`` is
+    set, as the runner sets it: a batch run has no reader, and a widget cell once left papermill
+    waiting for ever for a kernel reply."""
+    import os
+
+    if os.environ.get(BATCH_ENV):
+        return None
+    import ipywidgets as widgets
+
+    from .circuit import GROUPS
+
+    return widgets.interact(lambda step, layer, head: print(describe_head(lm, circuit, batch, query_index, step, layer, head)),
+                            step=widgets.Dropdown(options=list(GROUPS)),
+                            layer=widgets.IntSlider(min=0, max=lm.arch.n_layers - 1),
+                            head=widgets.IntSlider(min=0, max=lm.arch.n_heads - 1))

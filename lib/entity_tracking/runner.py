@@ -341,6 +341,7 @@ KERNEL_ENV: dict[str, str] = {
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "TOKENIZERS_PARALLELISM": "false",  # the tokenizers fork warning
     "PYTHONWARNINGS": "ignore",  # FutureWarning and friends, which print the build machine's paths
+    "ENTITY_TRACKING_BATCH": "1",  # no interactive widgets: nobody moves them (attention.explorer)
 }
 
 
