@@ -425,15 +425,6 @@ def row_key(row: Mapping[str, Any]) -> str:
     return row["patched"] if row["kind"] != "input" else f"{row['patched']} [{row['sites']}]"
 
 
-def gain_shares(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Share of the fine-tuning gain each patched set recovers, by :func:`row_key`:
-    ``(acc_patched - acc_base) / (acc_finetuned - acc_base)`` (NaN when there is no gain)."""
-    acc = {r["patched"]: r["accuracy"] for r in rows if r["kind"] == "model"}
-    gain = acc["fine-tuned alone"] - acc["base alone"]
-    return {row_key(r): (r["accuracy"] - acc["base alone"]) / gain if abs(gain) > 1e-9 else float("nan")
-            for r in rows if r["kind"] != "model"}
-
-
 def paper_share(row: Mapping[str, Any], paper_model: str | None) -> float:
     """The paper's share of the fine-tuning gain for the head set of a :func:`sweep` row, to draw
     beside ours: ``(acc_patched - acc_Llama) / (acc_paper_model - acc_Llama)`` from the paper's

@@ -167,18 +167,6 @@ def plot_masks(masks: Mapping[str, Mapping[str, Sequence[int]]], heads: Mapping[
     return fig
 
 
-def plot_semantics(df, title: str = ""):
-    """Bars of the per-model semantics (mean %): x = group / desideratum, hue = model."""
-    d = df.assign(case=df["group"].str.replace("_", " ") + "\n" + df["desideratum"].str.replace("_", " "))
-    fig, ax = plt.subplots(figsize=(max(7, 1.3 * d["case"].nunique()), 4))
-    sns.barplot(data=d, x="case", y="mean", hue="model", ax=ax, errorbar=None)
-    ax.set_xlabel("")
-    ax.set_ylabel("% of samples giving the target")
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig
-
-
 def plot_score_maps(scores: Mapping[str, Sequence[Sequence[float]]], labels: Mapping[str, str] | None = None,
                     selected: Mapping[str, Sequence[tuple[int, int]]] | None = None, title: str = ""):
     """Path-patching score maps, one ``[layer x head]`` heatmap per step (negative = the head's
