@@ -160,3 +160,59 @@ def test_load_model_loads_the_organism_builds(tmp_path):
         lm = load_model(spec, paths, device="cpu", verbose=False)
         enc = lm.tokenizer("The apple is in Box F . Box F contains the", return_tensors="pt")
         assert lm.nn._module(**enc).logits.shape[-1] == len(lm.tokenizer)
+
+
+def test_replicates_change_only_the_finetune_seed():
+    org = tiny_spec()
+    spec = ModelSpec(name="org-lora", build="organism-lora", role="finetuned", organism=org)
+    reps = O.replicates(spec)
+    assert [r.name for r in reps] == ["org-lora-seed1", "org-lora-seed2"]
+    assert [r.organism.finetune.seed for r in reps] == [1, 2]
+    hashes = {O.recipe_hash(r.organism, "organism-lora") for r in reps} | {O.recipe_hash(org, "organism-lora")}
+    assert len(hashes) == 3  # three different fine-tunes ...
+    assert {O.recipe_hash(r.organism) for r in reps} == {O.recipe_hash(org)}  # ... of one base
+    assert O.replicates(ModelSpec(name="o", build="organism")) == []
+    # the list of replicate seeds is not part of any build's recipe
+    more = org.model_copy(update={"finetune": org.finetune.model_copy(update={"replicate_seeds": [1, 2, 3]})})
+    assert O.recipe_hash(more, "organism-lora") == O.recipe_hash(org, "organism-lora")
+
+
+def test_control_recipe_is_its_own():
+    from entity_tracking.config import ControlSpec
+    from entity_tracking.finetune import control_objects
+    from entity_tracking.vocab import OBJECTS
+
+    org = tiny_spec()
+    other = org.model_copy(update={"control": ControlSpec(steps=7)})
+    assert O.recipe_hash(other, "organism-control") != O.recipe_hash(org, "organism-control")
+    assert O.recipe_hash(other, "organism-lora") == O.recipe_hash(org, "organism-lora")
+    assert O.recipe_hash(other) == O.recipe_hash(org)
+    half = control_objects(ControlSpec())
+    assert len(half) == len(OBJECTS) // 2 and set(half) < set(OBJECTS)
+    with pytest.raises(ValueError, match="min_boxes"):
+        ControlSpec(min_boxes=7, max_boxes=5)
+    with pytest.raises(ValueError, match="role: finetuned"):
+        ModelSpec(name="c", build="organism-control", control=True)
+
+
+def test_build_all_builds_in_parallel_what_one_process_builds(tmp_path):
+    """Fine-tunes built two at a time in child processes equal the same builds made one by one."""
+    from transformers import AutoModelForCausalLM
+
+    org = tiny_spec()
+    specs = [ModelSpec(name="org", build="organism", organism=org),
+             ModelSpec(name="org-full", build="organism-full", role="finetuned", organism=org),
+             ModelSpec(name="org-ctl", build="organism-control", role="finetuned", control=True,
+                       organism=org.model_copy(update={"control": org.control.model_copy(
+                           update={"steps": 3, "batch_size": 4, "checkpoint_every": 2})}))]
+    par = O.build_all(specs, ResultsPaths(tmp_path / "par"), workers=2, progress=False)
+    assert set(par) == {"org", "org-full", "org-ctl"} and not any(v["cached"] for v in par.values())
+    again = O.build_all(specs, ResultsPaths(tmp_path / "par"), workers=2, progress=False)
+    assert all(v["cached"] for v in again.values())
+    seq = ResultsPaths(tmp_path / "seq")
+    for s in specs:
+        O.ensure_built(s, seq, progress=False)
+    for name in ("org-full", "org-ctl"):
+        a = AutoModelForCausalLM.from_pretrained(tmp_path / "par" / "models" / name).state_dict()
+        b = AutoModelForCausalLM.from_pretrained(seq.models / name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name

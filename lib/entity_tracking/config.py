@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = [
     "CMAPSpec",
     "CircuitSpec",
+    "ControlSpec",
     "DCMSpec",
     "DataSpec",
     "FaithfulnessSpec",
@@ -123,6 +124,36 @@ class FinetuneSpec(_Strict):
     problems_per_sequence: int = Field(4, ge=1)
     checkpoint_every: int = Field(25, ge=1)
     seed: int = 0
+    replicate_seeds: list[int] = Field(
+        [1, 2],
+        description="seeds of the replicate fine-tunes the fine-tuning chapter trains beside the profile's "
+                    "own (seed above), for intervals over seeds; not part of any build's recipe hash",
+    )
+
+
+class ControlSpec(_Strict):
+    """The positive control (ours, never the paper's): the organism fine-tuned on entity tracking
+    itself, 5-7-box prompts in the paper's format, every weight trained; see
+    :func:`entity_tracking.finetune.control_finetune`. Its training objects are every second word of
+    :data:`entity_tracking.vocab.OBJECTS` (``objects: half``), so the book can show its gain on
+    answers it never saw in fine-tuning."""
+
+    steps: int = Field(150, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    min_boxes: int = Field(5, ge=2, le=26)
+    max_boxes: int = Field(7, ge=2, le=26)
+    queries_per_context: int = Field(8, ge=1)
+    objects: Literal["half", "all"] = Field("half", description="'half': every second object only")
+    checkpoint_every: int = Field(25, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_boxes > self.max_boxes:
+            raise ValueError(f"control: min_boxes={self.min_boxes} exceeds max_boxes={self.max_boxes}")
+        return self
 
 
 class OrganismSpec(_Strict):
@@ -151,6 +182,7 @@ class OrganismSpec(_Strict):
     target_accuracy: float = Field(0.66, gt=0, le=1, description="stop when 7-box validation accuracy reaches this")
     target_boxes: int = Field(7, ge=2, le=26)
     finetune: FinetuneSpec = FinetuneSpec()
+    control: ControlSpec = ControlSpec()
 
     @model_validator(mode="after")
     def _check(self):
@@ -173,9 +205,14 @@ class ModelSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     label: Optional[str] = None
     role: Literal["base", "finetuned"] = "base"
+    control: bool = Field(
+        False,
+        description="a positive control (ours): a fine-tune trained on the task itself. The chapters run it "
+                    "like any fine-tune and show it beside the paper's models, never inside the paper's claims",
+    )
     hub_id: Optional[str] = None
     local_path: Optional[str] = None
-    build: Optional[Literal["tiny", "organism", "organism-lora", "organism-full"]] = None
+    build: Optional[Literal["tiny", "organism", "organism-lora", "organism-full", "organism-control"]] = None
     tiny: Optional[TinySpec] = None
     organism: Optional[OrganismSpec] = None
     adapter: Optional[str] = None
@@ -201,11 +238,14 @@ class ModelSpec(_Strict):
             object.__setattr__(self, "tiny", TinySpec())
         if self.tiny is not None and self.build != "tiny":
             raise ValueError("'tiny' is only allowed with build: tiny")
+        if self.control and self.role != "finetuned":
+            raise ValueError(f"model '{self.name}': control: true needs role: finetuned")
         is_organism = self.build is not None and self.build.startswith("organism")
         if is_organism and self.organism is None:
             object.__setattr__(self, "organism", OrganismSpec())
         if self.organism is not None and not is_organism:
-            raise ValueError("'organism' is only allowed with build: organism, organism-lora or organism-full")
+            raise ValueError("'organism' is only allowed with build: organism, organism-lora, organism-full "
+                             "or organism-control")
         return self
 
     @property

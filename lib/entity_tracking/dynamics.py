@@ -39,7 +39,7 @@ class Checkpoint:
 
 def checkpoints(spec: ModelSpec, paths: ResultsPaths) -> list[Checkpoint]:
     """The checkpoints of a fine-tuned organism build, in step order (empty for other models)."""
-    if spec.build not in ("organism-lora", "organism-full"):
+    if spec.build not in ("organism-lora", "organism-full", "organism-control"):
         return []
     from .models import model_sources
 

@@ -20,16 +20,19 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from .config import FinetuneSpec, OrganismSpec
+from .config import ControlSpec, FinetuneSpec, OrganismSpec
 from .io import atomic_dir, write_json
+from .vocab import OBJECTS
 
 __all__ = [
     "FINETUNE_VERSION",
     "arithmetic_pairs",
+    "control_finetune",
+    "control_objects",
     "ensure_finetune",
     "finetune",
     "qa_batch",
@@ -103,6 +106,103 @@ def _val_entity_accuracy(model, tokenizer, org: OrganismSpec, num_boxes: int, n:
     return _first_query_accuracy(model, batch)
 
 
+def _train(
+    base: str | Path,
+    kind: Literal["lora", "full"],
+    *,
+    lr: float,
+    steps: int,
+    warmup_steps: int,
+    checkpoint_every: int,
+    seed: int,
+    batch_at: Callable[[Any, int], tuple[torch.Tensor, torch.Tensor]],
+    evaluate: Callable[[Any, Any, int], dict],
+    out_dir: str | Path,
+    desc: str,
+    lora: FinetuneSpec | None = None,
+    progress: bool = True,
+    meta: dict | None = None,
+) -> dict:
+    """The fine-tuning loop every build here shares: AdamW (no weight decay) with a linear warm-up
+    and decay, gradients clipped at 1, ``batch_at(tokenizer, step) -> (input_ids, labels)``, a
+    checkpoint and ``evaluate(model, tokenizer, step)`` every ``checkpoint_every`` steps and at the
+    end, everything saved atomically to ``out_dir`` with ``recipe.json`` (``meta`` + the log)."""
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(str(base))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    if kind == "lora":
+        lora = lora or FinetuneSpec()
+        cfg = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                         target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg)
+    elif kind != "full":
+        raise ValueError(f"kind must be 'lora' or 'full', not {kind!r}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (steps - step) / max(1, steps - warmup_steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    history: list[dict] = []
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        ckdir = tmp / "checkpoints"
+        evals = [{"step": 0, **evaluate(model, tok, 0)}]
+        model.train()
+        bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+        for step in bar:
+            ids, labels = batch_at(tok, step)
+            loss = model(input_ids=ids, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            history.append({"step": step + 1, "loss": round(loss.item(), 4)})
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+                model.save_pretrained(ckdir / f"step-{step + 1:04d}")
+                if kind == "full":
+                    tok.save_pretrained(str(ckdir / f"step-{step + 1:04d}"))
+                evals.append({"step": step + 1, **evaluate(model, tok, step + 1)})
+        model.eval()
+        model.save_pretrained(tmp)
+        tok.save_pretrained(str(tmp))
+        meta = {
+            **(meta or {}),
+            "base_dir": str(Path(base).resolve()),
+            "finetune_version": FINETUNE_VERSION,
+            "evals": evals,
+            "history": history,
+            "train_seconds": round(time.perf_counter() - t0, 2),
+            "torch_threads": torch.get_num_threads(),
+        }
+        write_json(tmp / "recipe.json", meta)
+    return meta
+
+
+def _evaluator(org: OrganismSpec, max_digits: int, ops: Sequence[str], seed: int) -> Callable[[Any, Any, int], dict]:
+    """Arithmetic exact match on 200 held-out problems and 3- and 7-box entity-tracking accuracy
+    on the organism's validation prompts: what every fine-tune logs at its checkpoints."""
+    test_pairs = arithmetic_pairs(200, max_digits, seed=seed * 7919 + 99991, ops=ops)
+
+    def evaluate(model, tok, step: int) -> dict:
+        rec = {"arith_acc": arithmetic_accuracy(model, tok, test_pairs)}
+        for nb in sorted({3, org.target_boxes}):
+            rec[f"val_acc_{nb}"] = _val_entity_accuracy(model, tok, org, nb)
+        return rec
+
+    return evaluate
+
+
 def finetune(
     base: str | Path,
     spec: FinetuneSpec,
@@ -114,99 +214,77 @@ def finetune(
 ) -> dict:
     """Fine-tune the model in ``base`` on arithmetic and save it to ``out_dir`` (atomically),
     with checkpoints; returns the metadata written to ``out_dir/recipe.json``."""
-    from peft import LoraConfig, get_peft_model
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(str(base))
-    torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    if kind == "lora":
-        cfg = LoraConfig(
-            r=spec.lora_r,
-            lora_alpha=spec.lora_alpha,
-            lora_dropout=spec.lora_dropout,
-            target_modules=LORA_TARGETS,
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, cfg)
-        lr = spec.lr_lora
-    elif kind == "full":
-        lr = spec.lr_full
-    else:
-        raise ValueError(f"kind must be 'lora' or 'full', not {kind!r}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-    def lr_at(step: int) -> float:
-        if step < spec.warmup_steps:
-            return (step + 1) / spec.warmup_steps
-        return max(0.0, (spec.steps - step) / max(1, spec.steps - spec.warmup_steps))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    org = org or OrganismSpec()
     per_step = spec.batch_size * spec.problems_per_sequence
     pool = arithmetic_pairs(spec.steps * per_step, spec.max_digits, seed=spec.seed * 7919 + 17, ops=spec.ops)
     random.Random(spec.seed).shuffle(pool)  # make_arithmetic cycles the operations in turn
-    test_pairs = arithmetic_pairs(200, spec.max_digits, seed=spec.seed * 7919 + 99991, ops=spec.ops)
-    history: list[dict] = []
+
+    def batch_at(tok, step: int):
+        chunk = pool[step * per_step : (step + 1) * per_step]
+        return qa_batch(tok, [chunk[i : i + spec.problems_per_sequence]
+                              for i in range(0, per_step, spec.problems_per_sequence)])
+
+    return _train(base, kind, lr=spec.lr_lora if kind == "lora" else spec.lr_full, steps=spec.steps,
+                  warmup_steps=spec.warmup_steps, checkpoint_every=spec.checkpoint_every, seed=spec.seed,
+                  batch_at=batch_at, evaluate=_evaluator(org, spec.max_digits, spec.ops, spec.seed),
+                  out_dir=out_dir, desc=f"finetune-{kind}", lora=spec, progress=progress,
+                  meta={"kind": f"organism-{kind}", "finetune": spec.model_dump(mode="json"), **(extra_meta or {})})
+
+
+def control_objects(spec: ControlSpec) -> tuple[str, ...]:
+    """The objects the positive control is trained on: every second one of
+    :data:`entity_tracking.vocab.OBJECTS` (``objects: half``) or all of them."""
+    return OBJECTS[0::2] if spec.objects == "half" else OBJECTS
+
+
+def control_finetune(
+    base: str | Path,
+    spec: ControlSpec,
+    out_dir: str | Path,
+    org: OrganismSpec | None = None,
+    progress: bool = True,
+    extra_meta: dict | None = None,
+) -> dict:
+    """The positive control (ours): fine-tune every weight of the model in ``base`` on
+    entity tracking itself (the paper's format, ``spec.min_boxes..max_boxes`` boxes, several
+    queries per context, the loss on the answers only, objects from :func:`control_objects`),
+    with checkpoints like the arithmetic fine-tunes. It exists to show what the book's methods
+    report when a fine-tune *does* improve entity tracking; it is never one of the paper's models.
+
+    >>> # meta = control_finetune(base_dir, ControlSpec(steps=20), "models/organism-control")
+    """
+    from .organism import STAGES, make_batch  # the organism's own batch maker (paper format)
+
     org = org or OrganismSpec()
+    objects = control_objects(spec)
+    rng = random.Random(spec.seed * 1_000_003 + 0xC0)
+    fmt = STAGES[-1]
 
-    def evaluate(step: int) -> dict:
-        rec = {"step": step, "arith_acc": arithmetic_accuracy(model, tok, test_pairs)}
-        for nb in sorted({3, org.target_boxes}):
-            rec[f"val_acc_{nb}"] = _val_entity_accuracy(model, tok, org, nb)
-        return rec
+    def batch_at(tok, step: int):
+        b = make_batch(rng, tok.get_vocab(), fmt, spec.batch_size, (spec.min_boxes, spec.max_boxes),
+                       spec.queries_per_context, objects)
+        return b.input_ids, b.labels
 
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        ckdir = tmp / "checkpoints"
-        evals = [evaluate(0)]
-        model.train()
-        bar = tqdm(range(spec.steps), desc=f"finetune-{kind}", disable=not progress, leave=False)
-        for step in bar:
-            chunk = pool[step * per_step : (step + 1) * per_step]
-            rows = [chunk[i : i + spec.problems_per_sequence] for i in range(0, per_step, spec.problems_per_sequence)]
-            ids, labels = qa_batch(tok, rows)
-            loss = model(input_ids=ids, labels=labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            history.append({"step": step + 1, "loss": round(loss.item(), 4)})
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
-                model.save_pretrained(ckdir / f"step-{step + 1:04d}")
-                if kind == "full":
-                    tok.save_pretrained(str(ckdir / f"step-{step + 1:04d}"))
-                evals.append(evaluate(step + 1))
-        model.eval()
-        model.save_pretrained(tmp)
-        tok.save_pretrained(str(tmp))
-        meta = {
-            "kind": f"organism-{kind}",
-            "base_dir": str(Path(base).resolve()),
-            "finetune": spec.model_dump(mode="json"),
-            "finetune_version": FINETUNE_VERSION,
-            "evals": evals,
-            "history": history,
-            "train_seconds": round(time.perf_counter() - t0, 2),
-            "torch_threads": torch.get_num_threads(),
-            **(extra_meta or {}),
-        }
-        write_json(tmp / "recipe.json", meta)
-    return meta
+    ft = org.finetune
+    return _train(base, "full", lr=spec.lr, steps=spec.steps, warmup_steps=spec.warmup_steps,
+                  checkpoint_every=spec.checkpoint_every, seed=spec.seed, batch_at=batch_at,
+                  evaluate=_evaluator(org, ft.max_digits, ft.ops, ft.seed), out_dir=out_dir, desc="finetune-control",
+                  progress=progress, meta={"kind": "organism-control", "control": spec.model_dump(mode="json"),
+                                           **(extra_meta or {})})
 
 
-def ensure_finetune(org: OrganismSpec, kind: Literal["lora", "full"], base: Path, out_dir: Path, progress: bool = True) -> Path:
+def ensure_finetune(org: OrganismSpec, kind: Literal["lora", "full", "control"], base: Path, out_dir: Path,
+                    progress: bool = True) -> Path:
     """The fine-tune of ``kind`` of the organism in ``base``, built in ``out_dir`` on first use and
     reused while its recipe hash (base recipe + fine-tune recipe) matches."""
     from .organism import _cached, recipe_hash, train_threads
 
     h = recipe_hash(org, f"organism-{kind}")
     if not _cached(out_dir, h):
+        meta = {"hash": h, "base_hash": recipe_hash(org)}
         with train_threads():
-            finetune(base, org.finetune, kind, out_dir, org=org, progress=progress,
-                     extra_meta={"hash": h, "base_hash": recipe_hash(org)})
+            if kind == "control":
+                control_finetune(base, org.control, out_dir, org=org, progress=progress, extra_meta=meta)
+            else:
+                finetune(base, org.finetune, kind, out_dir, org=org, progress=progress, extra_meta=meta)
     return out_dir
