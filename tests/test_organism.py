@@ -216,3 +216,33 @@ def test_build_all_builds_in_parallel_what_one_process_builds(tmp_path):
         a = AutoModelForCausalLM.from_pretrained(tmp_path / "par" / "models" / name).state_dict()
         b = AutoModelForCausalLM.from_pretrained(seq.models / name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_seed_bootstrap_holds_the_spread_of_seeds():
+    from entity_tracking.dynamics import seed_bootstrap
+
+    n = 200
+    g = torch.Generator().manual_seed(0)
+    one = (torch.rand(n, generator=g) < 0.6).float()
+    same = torch.stack([one, one, one])[:, None]  # three identical seeds
+    spread = torch.stack([(torch.rand(n, generator=g) < p).float() for p in (0.3, 0.6, 0.9)])[:, None]
+    a, b = seed_bootstrap(same, n_resamples=400), seed_bootstrap(spread, n_resamples=400)
+    assert a.value == pytest.approx(float(one.mean())) and a.low < a.value < a.high
+    assert b.value == pytest.approx(float(spread.mean()))
+    assert (b.high - b.low) > 2 * (a.high - a.low)  # seeds that disagree widen the interval
+    ones = seed_bootstrap(torch.ones(3, 1, 10), n_resamples=50)
+    assert (ones.value, ones.low, ones.high) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="n_seeds, k, n"):
+        seed_bootstrap(torch.ones(3, 10))
+
+
+def test_gain_by_answer_splits_on_the_trained_objects():
+    from entity_tracking.dynamics import gain_by_answer
+
+    recs = [{"answer": a} for a in ("apple", "cup", "apple", "key")]
+    rows = gain_by_answer(torch.tensor([1., 1., 1., 0.]), torch.tensor([0., 1., 0., 0.]), recs, ["apple"],
+                          n_resamples=50)
+    by = {r["prompts"]: r for r in rows}
+    assert by["answer seen in fine-tuning"]["n"] == 2 and by["answer seen in fine-tuning"]["gain"] == 1.0
+    assert by["answer never seen in fine-tuning"]["n"] == 2 and by["answer never seen in fine-tuning"]["gain"] == 0.0
+    assert by["all prompts"]["gain"] == 0.5

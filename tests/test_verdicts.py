@@ -194,3 +194,40 @@ def test_premise_needs_one_model_that_does_the_task():
     assert v.holds == "holds" and v.sample == "100 prompts (paired bootstrap)"
     (v,) = V.premise_verdicts(able, {"ft": (able, {"value": 0.01, "low": -0.02, "high": 0.04})})
     assert v.holds == "does not hold"
+
+
+def test_controls_are_marked_and_kept_out_of_the_paper_claims():
+    able = V.Competence("m", {"value": 0.6, "low": 0.5, "high": 0.7}, 100, 1 / 7)
+    base = Circuit("base", {"value_fetcher": [(1, 0), (1, 1)], "position_transmitter": [(0, 1)]})
+    same, new = Circuit("ft", dict(base.groups)), Circuit("ctl", {"value_fetcher": [(1, 3)], "position_transmitter": [(0, 2)]})
+    rows = V.circuit_verdicts(able, base, None, None, {"ft": (able, same), "ctl": (able, new)}, n_path_patching=0,
+                              controls=["ctl"])
+    paper_row, control_row = rows[1], rows[2]
+    assert "over 1 fine-tuned model" in paper_row.ours and paper_row.holds == "holds"  # the control is not averaged in
+    assert "ctl (positive control, ours)" in control_row.statement and control_row.paper == V.CONTROL_PAPER
+    assert control_row.holds == "does not hold"
+    (p,) = V.premise_verdicts(able, {"ctl": (able, {"value": 0.2, "low": 0.1, "high": 0.3})}, controls=["ctl"])
+    assert "entity tracking (ctl (positive control, ours))" in p.statement and p.paper == V.CONTROL_PAPER
+    (a,) = V.premise_verdicts(able, {"ft": (able, {"value": 0.2, "low": 0.1, "high": 0.3})}, controls=["ctl"])
+    assert a.statement.startswith("Arithmetic fine-tuning (ft)")
+
+
+@pytest.mark.parametrize("em,want", [((0.6, 0.52, 0.68), "holds"), ((0.55, 0.45, 0.65), "partly"),
+                                     ((0.03, 0.01, 0.05), "does not hold")])
+def test_arithmetic_is_learned_at_its_threshold(em, want):
+    (v,) = V.arithmetic_verdicts({"ft": dict(zip(("value", "low", "high"), em))}, samples={"ft": "3 seeds"})
+    assert v.holds == want and v.sample == "3 seeds"
+
+
+def test_finetuning_verdicts_judge_seeded_finetunes_on_their_last_checkpoint():
+    able = V.Competence("m", {"value": 0.6, "low": 0.5, "high": 0.7}, 4, 1 / 7)
+    last = {"step": 800, "seeds": 3, "n_prompts": 4, "n_problems": 200, "gain": -0.3, "gain_low": -0.4,
+            "gain_high": -0.2, "arithmetic": 0.6, "arithmetic_low": 0.55, "arithmetic_high": 0.65}
+    correct = {"base": torch.tensor([1., 1., 0., 0.]), "ft": torch.tensor([0., 0., 0., 0.]),
+               "ctl": torch.tensor([1., 1., 1., 1.])}
+    got = V.finetuning_verdicts({n: able for n in correct}, "base", correct, {"ft": [{"step": 0}, last]},
+                                controls=["ctl"], n_resamples=200)
+    learned, ft, ctl = got
+    assert learned.holds == "holds" and "3 seeds x 200 held-out problems" == learned.sample
+    assert ft.holds == "does not hold" and "3 seeds x 4 prompts at step 800" in ft.sample
+    assert "positive control" in ctl.statement and ctl.ours.startswith("+0.500")

@@ -111,10 +111,13 @@ class FinetuneSpec(_Strict):
     """Arithmetic fine-tuning of the organism (Goat-style LoRA, FLoat-style full); see
     :mod:`entity_tracking.finetune`. Never shown entity-tracking data."""
 
-    steps: int = Field(150, ge=1)
+    # Trained until arithmetic is learned or plateaus (issue 14; organism notes): with every weight
+    # trained at lr 1e-3, exact match passes 0.5 near step 700 of 800; LoRA on q/k/v/o plateaus
+    # below 0.05 at lr 3e-3 and 1e-2 alike (one seed each, measured before choosing).
+    steps: int = Field(800, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr_lora: float = Field(1e-3, gt=0)
-    lr_full: float = Field(1e-4, gt=0)
+    lr_lora: float = Field(3e-3, gt=0)
+    lr_full: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
     lora_r: int = Field(8, ge=1)
     lora_alpha: int = Field(8, ge=1)
@@ -122,7 +125,7 @@ class FinetuneSpec(_Strict):
     max_digits: int = Field(3, ge=1, le=8, description="operands have 1..max_digits digits")
     ops: list[Literal["+", "-", "*", "/"]] = Field(["+", "-"], min_length=1, description="Goat used all four")
     problems_per_sequence: int = Field(4, ge=1)
-    checkpoint_every: int = Field(25, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
     seed: int = 0
     replicate_seeds: list[int] = Field(
         [1, 2],
@@ -138,9 +141,11 @@ class ControlSpec(_Strict):
     :data:`entity_tracking.vocab.OBJECTS` (``objects: half``), so the book can show its gain on
     answers it never saw in fine-tuning."""
 
+    # lr 1e-4 and 3e-4 both reach +0.23 / +0.27 on 7 boxes in 150 steps (one seed each, measured
+    # before choosing); the smaller one lets the gain grow over several checkpoints
     steps: int = Field(150, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(3e-4, gt=0)
+    lr: float = Field(1e-4, gt=0)
     warmup_steps: int = Field(10, ge=0)
     min_boxes: int = Field(5, ge=2, le=26)
     max_boxes: int = Field(7, ge=2, le=26)
@@ -370,6 +375,12 @@ class Profile(_Strict):
         if dup:
             raise ValueError(f"model names must be unique; repeated: {dup}")
         return v
+
+    @property
+    def controls(self) -> list[str]:
+        """Names of the positive controls (``control: true``): marked in every verdict, kept out of
+        the paper's claims."""
+        return [m.name for m in self.models if m.control]
 
     @property
     def base_model(self) -> ModelSpec:

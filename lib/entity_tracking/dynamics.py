@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
@@ -22,7 +22,7 @@ from .circuit import GROUPS, Circuit, Head
 from .config import ModelSpec
 from .io import ResultsPaths
 
-__all__ = ["Checkpoint", "checkpoints", "checkpoint_row"]
+__all__ = ["Checkpoint", "checkpoints", "checkpoint_row", "gain_by_answer", "replicate_curve", "seed_bootstrap"]
 
 _STEP = re.compile(r"step-(\d+)$")
 
@@ -86,3 +86,103 @@ def checkpoint_row(base, model, eval_records: Sequence[Mapping[str, Any]], refer
         patched = float((logits.argmax(-1) == target).float().mean())
         row[f"CMAP share: {g}"] = (patched - base_acc) / gain if abs(gain) > 1e-9 else float("nan")
     return row
+
+
+def seed_bootstrap(vectors: torch.Tensor, statistic: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, *,
+                   n_resamples: int = 1000, seed: int = 0, level: float = 0.95):
+    """Two-level percentile bootstrap over training seeds and examples.
+
+    ``vectors [n_seeds, k, n]``: per-example correctness of ``k`` models for each training seed,
+    on the same ``n`` examples. Each resample draws the seeds with replacement and, independently,
+    the examples with replacement (paired across models and seeds), applies ``statistic``
+    (accuracies ``[k, R] -> [R]``; default the first model's accuracy) per drawn seed and averages
+    over the drawn seeds. The interval thus holds both the seed-to-seed spread of fine-tuning and
+    the sampling error of the prompts; with one seed it is :func:`~entity_tracking.ablation.bootstrap`.
+
+    >>> v = torch.tensor([[[1., 1., 0., 1.]], [[1., 0., 0., 1.]], [[1., 1., 1., 1.]]])
+    >>> round(seed_bootstrap(v).value, 3)
+    0.75
+    """
+    from .ablation import Estimate
+
+    v = torch.as_tensor(vectors).float()
+    if v.dim() != 3:
+        raise ValueError(f"seed_bootstrap needs vectors [n_seeds, k, n], got shape {tuple(v.shape)}")
+    S, k, n = v.shape
+    stat = statistic or (lambda acc: acc[0])
+    point = float(torch.stack([stat(v[s].mean(-1, keepdim=True))[0] for s in range(S)]).mean())
+    gen = torch.Generator().manual_seed(seed)
+    seeds = torch.randint(S, (n_resamples, S), generator=gen)
+    idx = torch.randint(n, (n_resamples, n), generator=gen)
+    acc = torch.stack([v[:, :, idx[r]].mean(-1) for r in range(n_resamples)], -1)  # [S, k, R]
+    per_seed = torch.stack([stat(acc[s]) for s in range(S)])  # [S, R]
+    stats = per_seed.gather(0, seeds.T).mean(0)
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2])
+    lo, hi = (float(x) for x in torch.nanquantile(stats, q))
+    return Estimate(point, lo, hi, level, n)
+
+
+def replicate_curve(base, specs: Sequence[ModelSpec], paths: ResultsPaths, eval_records: Sequence[Mapping[str, Any]],
+                    problems: Sequence[tuple[str, str]], *, batch_size: int = 32, n_resamples: int = 1000) -> list[dict]:
+    """Entity-tracking accuracy and arithmetic exact match at every checkpoint of every seed of one
+    fine-tune (``specs``: the profile's model and its :func:`~entity_tracking.organism.replicates`),
+    each with a :func:`seed_bootstrap` interval; step 0 is the loaded ``base`` model, and
+    ``gain`` is the paired change of accuracy over it. ``problems``: held-out arithmetic
+    ``(question, answer)`` pairs, the same for every seed. One row per step."""
+    from . import data as D
+    from .finetune import arithmetic_correct
+    from .models import load_model
+    from .patching import last_logits
+
+    batch = D.encode_prompts(base.tokenizer, eval_records)
+    target = batch["target"]
+
+    def measure(lm) -> tuple[torch.Tensor, torch.Tensor]:
+        et = (last_logits(lm, batch, batch_size=batch_size).argmax(-1) == target).float()
+        return et, arithmetic_correct(lm.nn._module, lm.tokenizer, problems).float()
+
+    base_et, base_ar = measure(base)
+    per_step: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for spec in specs:
+        for ck in checkpoints(spec, paths):
+            lm = load_model(ck.spec, paths, verbose=False)
+            per_step.setdefault(ck.step, []).append(measure(lm))
+            del lm
+    rows = [{"step": 0, "seeds": len(specs), "n_prompts": len(eval_records), "n_problems": len(problems),
+             "accuracy": base_et.mean().item(), "accuracy_low": float("nan"),
+             "accuracy_high": float("nan"), "gain": 0.0, "gain_low": 0.0, "gain_high": 0.0,
+             "arithmetic": base_ar.mean().item(), "arithmetic_low": float("nan"), "arithmetic_high": float("nan")}]
+    for step in sorted(per_step):
+        got = per_step[step]
+        et = torch.stack([torch.stack([e, base_et]) for e, _ in got])  # [S, 2, n]
+        ar = torch.stack([a[None] for _, a in got])  # [S, 1, m]
+        acc = seed_bootstrap(et, n_resamples=n_resamples)
+        gain = seed_bootstrap(et, lambda a: a[0] - a[1], n_resamples=n_resamples)
+        arith = seed_bootstrap(ar, n_resamples=n_resamples)
+        rows.append({"step": step, "seeds": len(got), "n_prompts": len(eval_records), "n_problems": len(problems),
+                     **{f"accuracy{x}": getattr(acc, y) for x, y in (("", "value"), ("_low", "low"), ("_high", "high"))},
+                     **{f"gain{x}": getattr(gain, y) for x, y in (("", "value"), ("_low", "low"), ("_high", "high"))},
+                     **{f"arithmetic{x}": getattr(arith, y) for x, y in (("", "value"), ("_low", "low"), ("_high", "high"))}})
+    return rows
+
+
+def gain_by_answer(finetuned: torch.Tensor, base: torch.Tensor, records: Sequence[Mapping[str, Any]],
+                   trained_objects: Iterable[str], *, n_resamples: int = 1000) -> list[dict]:
+    """A fine-tune's accuracy gain over the base (``finetuned``, ``base``: per-prompt correctness
+    ``[n]`` on ``records``), split by whether the prompt's answer is one of the objects the
+    fine-tune was trained on: a gain on answers it never saw is a gain in tracking, not in
+    knowing those words. Paired bootstrap intervals; one row per split (and all prompts)."""
+    from .ablation import bootstrap
+
+    seen = torch.tensor([r["answer"] in set(trained_objects) for r in records])
+    rows = []
+    for label, mask in (("answer seen in fine-tuning", seen), ("answer never seen in fine-tuning", ~seen),
+                        ("all prompts", torch.ones_like(seen))):
+        if not bool(mask.any()):
+            continue
+        pair = torch.stack([finetuned[mask].float(), base[mask].float()])
+        acc = bootstrap(pair, n_resamples=n_resamples)
+        gain = bootstrap(pair, lambda a: a[0] - a[1], n_resamples=n_resamples)
+        rows.append({"prompts": label, "n": int(mask.sum()), "fine-tuned": acc.value,
+                     "base": float(pair[1].mean()), "gain": gain.value, "gain_low": gain.low, "gain_high": gain.high})
+    return rows

@@ -12,7 +12,7 @@ loads over the base directory; the full build saves a complete model. Each build
 ``recipe.json`` with the recipe hash and, at every checkpoint, the arithmetic exact-match accuracy
 and the 7-box entity-tracking accuracy on the organism's validation prompts: the training log of
 the question "does arithmetic fine-tuning improve entity tracking?". Whether it does is measured,
-not forced; see :data:`entity_tracking.organism.RESULTS_NOTE`.
+not forced; the runs behind the recipe are in ``notes/organism.md``.
 """
 
 from __future__ import annotations
@@ -30,11 +30,13 @@ from .vocab import OBJECTS
 
 __all__ = [
     "FINETUNE_VERSION",
+    "arithmetic_correct",
     "arithmetic_pairs",
     "control_finetune",
     "control_objects",
     "ensure_finetune",
     "finetune",
+    "heldout_problems",
     "qa_batch",
 ]
 
@@ -83,9 +85,9 @@ def qa_batch(tokenizer, rows: Sequence[Sequence[tuple[str, str]]], end: str = ".
 
 
 @torch.no_grad()
-def arithmetic_accuracy(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> float:
-    """Exact match of the answer under greedy decoding (computed by teacher forcing: greedy
-    decoding reproduces the answer iff every answer token is the argmax)."""
+def arithmetic_correct(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
+    """``[len(pairs)]`` booleans: exact match of each answer under greedy decoding (computed by
+    teacher forcing: greedy decoding reproduces the answer iff every answer token is the argmax)."""
     was = model.training
     model.eval()
     ids, labels = qa_batch(tokenizer, [[p] for p in pairs])
@@ -94,7 +96,12 @@ def arithmetic_accuracy(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> f
     tgt = labels[:, 1:]
     ok = ((pred == tgt) | (tgt == -100)).all(dim=1)
     model.train(was)
-    return float(ok.float().mean())
+    return ok
+
+
+def arithmetic_accuracy(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> float:
+    """Exact-match accuracy of :func:`arithmetic_correct`."""
+    return float(arithmetic_correct(model, tokenizer, pairs).float().mean())
 
 
 def _val_entity_accuracy(model, tokenizer, org: OrganismSpec, num_boxes: int, n: int = 504) -> float:
@@ -187,6 +194,12 @@ def _train(
         }
         write_json(tmp / "recipe.json", meta)
     return meta
+
+
+def heldout_problems(spec: FinetuneSpec, n: int = 200) -> list[tuple[str, str]]:
+    """The held-out arithmetic problems of ``spec``'s recipe (those its seed-0 training log scores),
+    the same for every seed: the axis on which the fine-tuning chapter compares seeds."""
+    return arithmetic_pairs(n, spec.max_digits, seed=99991, ops=spec.ops)
 
 
 def _evaluator(org: OrganismSpec, max_digits: int, ops: Sequence[str], seed: int) -> Callable[[Any, Any, int], dict]:

@@ -35,7 +35,7 @@ The result is saved with ``save_pretrained`` beside the project's word-level tok
 ``AutoModelForCausalLM``/``AutoTokenizer`` load it like any hub model, with ``recipe.json`` holding
 the recipe, its hash (config + seed + recipe version) and the training log. :func:`ensure_built`
 reuses a build whose hash matches and otherwise trains one (deterministic given the seed and the
-thread count). Measured results and what was tried are in ``RESULTS_NOTE`` below.
+thread count). Measured results and what was tried are in the lab notebook ``notes/organism.md``.
 """
 
 from __future__ import annotations
@@ -612,44 +612,3 @@ def build_all(specs: Iterable[ModelSpec], paths: ResultsPaths, workers: int | No
                 out[name] = {"seconds": sec, "cached": False}
     return out
 
-
-RESULTS_NOTE = """
-Measured on the project's CPU machine (2 cores shared with other jobs, load 4-7, so times are
-upper bounds), default recipe, seed 0, 4 layers x 8 heads, d=128, MLP 512, 1.09M parameters.
-
-Base organism
-  * Usual initialisation, 4x8 or 4x4, lr 3e-4 or 1e-3, warm-up 0/50/100, with or without
-    arithmetic: stage 1 (kv) still at chance (0.22-0.30 on 4 boxes) after 300-750 steps.
-    2 layers x 4 heads, lr 1e-3: whole curriculum in 356 steps (7-box 0.83 held out: it overshoots).
-  * residual_init=0 (blocks start as identity), lr 1e-3: stages end at 575 / 800 / 900 (kv / vk /
-    filler); the paper-format stage climbs 0.28 -> 0.67 (7-box validation) in 13 steps, checked
-    every step; stop at step 913. Held-out (data.make_eval_prompts, seed 0, 500 prompts):
-    7 boxes 0.664, 3 boxes 0.948. Without arithmetic mixing: 863 steps, 0.690 / 0.938.
-    Same seed and thread count -> identical stage steps (checked across two runs).
-
-Arithmetic fine-tuning (no entity-tracking data); 7-box / 3-box validation accuracy on 504
-prompts each (standard error ~0.021 at 0.66), exact-match arithmetic on 200 held-out problems:
-  * 4-digit +/-, 4 problems per sequence, batch 32, 200 steps:
-      LoRA r=8 lr 1e-3   0.671 -> 0.641 (50) -> 0.639 (200); 3-box 0.942 -> 0.919; arith 0.00 -> 0.01
-      full lr 1e-4       0.671 -> 0.639 (50) -> 0.623 (200); 3-box 0.942 -> 0.929; arith 0.00 -> 0.00
-      full lr 3e-4       0.671 -> 0.613 (50) -> 0.550 (200); 3-box 0.942 -> 0.871; arith 0.00 -> 0.01
-      LoRA r=8 lr 3e-3   0.671 -> 0.575 (50) -> 0.550 (200); 3-box 0.942 -> 0.891; arith 0.00 -> 0.02
-  * Reading: on this organism arithmetic fine-tuning did NOT improve entity tracking; it lowered
-    it slightly at small learning rates (about 1.5 standard errors) and clearly at larger ones,
-    i.e. interference, the opposite of the paper's 0.66 -> 0.82. Caveat: in 200 steps the
-    organism barely learned the Goat question format (exact match <= 0.02), so the fine-tunes
-    were short and mostly "unlearned" rather than "learned arithmetic". One base seed.
-  * Not tried for lack of time (next steps): many more fine-tuning steps until arithmetic is
-    learned; fine-tuning data closer to the base's arithmetic (``a + b =``); arithmetic that binds
-    values to names (the notes saw interference with shared letter tokens); several seeds.
-  * Defaults (3-digit +/-, 150 steps, checkpoints every 25; bench/bench_training.py):
-      LoRA r=8 lr 1e-3   7-box 0.67 -> 0.65 (25) -> 0.63 (50) -> 0.61 (100) -> 0.62 (150); arith <= 0.02
-      full lr 1e-4       7-box 0.67 -> 0.66 (25) -> 0.65 (50) -> 0.64 (100) -> 0.64 (150); arith <= 0.01
-    (per-checkpoint numbers are in each build's recipe.json, "evals").
-
-Training time (wall clock, shared machine): base 597 s with 1 thread at load ~5, 1086 s with 2
-threads at load ~5 (2 threads ran 1.5 s/step against 0.33 s/step for 1 thread); each fine-tune
-27 s (2 threads, load ~2). Hence training uses one thread by default (train_threads). With it,
-bench/bench_training.py measured base 446 s + LoRA 53 s + full 43 s = 543 s (budget 600 s), while
-another training job shared the 2 cores; the build was identical to the 2-thread one.
-"""

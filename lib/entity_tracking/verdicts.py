@@ -36,7 +36,9 @@ from .cmap import row_key
 from .io import read_json, write_json
 
 __all__ = [
+    "ARITHMETIC_LEARNED",
     "BEYOND_RANDOM_MARGIN",
+    "CONTROL_PAPER",
     "CMAP_RECOVERY",
     "CONFIDENTLY_WRONG",
     "CIRCUIT_OVERLAP",
@@ -68,7 +70,10 @@ __all__ = [
     "groups_standing_out",
     "minimality_measurable",
     "necessity_grade",
+    "arithmetic_verdicts",
+    "finetuning_verdicts",
     "premise_verdicts",
+    "who",
 ]
 
 Holds = Literal["holds", "does not hold", "partly", "not run", "not testable"]
@@ -138,6 +143,13 @@ GROUP_COUNT = Grade(4, 1, "the paper's circuit has four groups; fewer is part of
 
 #: A fine-tune must gain at least this much accuracy for CMAP to have a gain to attribute.
 MIN_GAIN = Threshold(0.02, "a gain under 2 points is within a few prompts of the base model on 500 prompts")
+
+#: Arithmetic exact match at which a fine-tune has learned arithmetic (the premise of the premise).
+ARITHMETIC_LEARNED = Threshold(0.5, "issue 14: a fine-tune that answers half of held-out problems exactly has "
+                                    "learned the task it was trained on (Goat-7B is near-perfect on 3-digit +/-)")
+
+#: What a positive control's rows print in the paper's column.
+CONTROL_PAPER = "none: a positive control of ours, not in the paper"
 
 #: A group's ablation must cost ``NECESSITY_FACTOR x`` the drop of as many random heads outside
 #: the circuit, plus ``NECESSITY_MARGIN``, to be "necessary" (:meth:`ablation.NecessityResult.far_more`).
@@ -286,6 +298,11 @@ def groups_standing_out(circuit: Circuit, null: Circuit) -> dict[str, dict[str, 
 # The chapters' verdicts: measured results in, Verdict rows out (each chapter's last cell)
 
 
+def who(model: str, controls: Iterable[str] = ()) -> str:
+    """A model's name in a claim, marked when it is a positive control (ours)."""
+    return f"{model} (positive control, ours)" if model in set(controls) else model
+
+
 def _fmt(est: Mapping[str, float]) -> str:
     return f"{est['value']:.2f} [{est['low']:.2f}, {est['high']:.2f}]"
 
@@ -330,11 +347,13 @@ CIRCUIT_RULE = ("holds: all four groups stand out from the null sweep (a head lo
 
 def circuit_verdicts(base: Competence, circuit: Circuit, necessity: Any, null: Circuit | None,
                      finetuned: Mapping[str, tuple[Competence, Circuit]], *, n_path_patching: int,
-                     n_resamples: int = 1000) -> list:
+                     n_resamples: int = 1000, controls: Iterable[str] = ()) -> list:
     """The circuit chapter's verdicts. ``necessity``: the base circuit's Value Fetchers'
     :class:`~entity_tracking.ablation.NecessityResult` (None when it has none); ``null``: the
     :func:`~entity_tracking.path_patching.null_circuit` of the base model (None: groups count
-    when a head scores below zero); ``finetuned``: each fine-tune's competence and circuit."""
+    when a head scores below zero); ``finetuned``: each fine-tune's competence and circuit.
+    Fine-tunes named in ``controls`` (positive controls, ours) get a row of their own and stay out
+    of the paper's claim about the fine-tuned models."""
     s1 = "The base model has a four-group circuit whose Value Fetchers are necessary"
     p1 = "72 heads in 4 groups (Llama-7B)"
     out = []
@@ -362,32 +381,38 @@ def circuit_verdicts(base: Competence, circuit: Circuit, necessity: Any, null: C
                       f"{len(necessity.random_any)} of the whole model; " + sample)
         out.append(Verdict(1, s1, p1, ours, circuit_claim(len(found), necessary, beyond),
                            rule=f"{COMPETENCE_RULE}; then {CIRCUIT_RULE}", sample=sample))
-    if finetuned:
-        s2 = "The fine-tuned models' circuits contain the base circuit's heads"
-        p2 = "0.68-1.00 of Llama's heads per group found in Goat's / FLoat's circuits"
-        skip = _not_testable(1, s2, p2, [base, *(c for c, _ in finetuned.values())])
+    controls = set(controls)
+    paper_fts = {n: v for n, v in finetuned.items() if n not in controls}
+    sets = ([("The fine-tuned models' circuits contain the base circuit's heads",
+              "0.68-1.00 of Llama's heads per group found in Goat's / FLoat's circuits", paper_fts)] if paper_fts else [])
+    sets += [(f"{who(n, controls)}'s circuit contains the base circuit's heads", CONTROL_PAPER, {n: v})
+             for n, v in finetuned.items() if n in controls]
+    for s2, p2, fts in sets:
+        skip = _not_testable(1, s2, p2, [base, *(c for c, _ in fts.values())])
         if skip is not None:
             out.append(skip)
-        else:
-            shares = [o["precision"] for _, c in finetuned.values() for o in circuit.overlap(c).values() if o["self"]]
-            mean_p = sum(shares) / len(shares) if shares else float("nan")
-            out.append(Verdict(1, s2, p2, f"mean share per group {mean_p:.2f} over {len(finetuned)} fine-tuned model(s)",
-                               CIRCUIT_OVERLAP(mean_p), rule=f"{COMPETENCE_RULE}; then {CIRCUIT_OVERLAP.rule}",
-                               sample=f"{len(shares)} groups in {len(finetuned)} fine-tuned model(s)"))
+            continue
+        shares = [o["precision"] for _, c in fts.values() for o in circuit.overlap(c).values() if o["self"]]
+        mean_p = sum(shares) / len(shares) if shares else float("nan")
+        out.append(Verdict(1, s2, p2, f"mean share per group {mean_p:.2f} over {len(fts)} fine-tuned model(s)",
+                           CIRCUIT_OVERLAP(mean_p), rule=f"{COMPETENCE_RULE}; then {CIRCUIT_OVERLAP.rule}",
+                           sample=f"{len(shares)} groups in {len(fts)} fine-tuned model(s)"))
     return out
 
 
 def faithfulness_verdicts(competences: Mapping[str, Competence], faith: Mapping[tuple[str, str], Mapping[str, Any]],
-                          base: str, finetuned: Iterable[str], *, n_random: int) -> list:
+                          base: str, finetuned: Iterable[str], *, n_random: int, controls: Iterable[str] = ()) -> list:
     """The faithfulness chapter's verdicts from ``faith[(circuit of, evaluated in)]``, the
     :meth:`~entity_tracking.ablation.FaithfulnessResult.summary` dicts (``faithfulness``,
-    ``circuit_accuracy``, ``full_accuracy``: ``{"value", "low", "high"}``)."""
+    ``circuit_accuracy``, ``full_accuracy``: ``{"value", "low", "high"}``); fine-tunes named in
+    ``controls`` are marked as positive controls (ours), with no paper number beside them."""
+    controls = set(controls)
     rule = f"{COMPETENCE_RULE}; then {FAITHFUL.interval_rule}"
     beats_rule = (f"{COMPETENCE_RULE}; then holds when the circuit's 95% interval lies above the full base "
                   "model's, partly when only its point estimate is higher")
 
     def faithful(model: str, paper: str) -> Any:
-        statement = f"The base circuit is faithful in {'the base model' if model == base else model}"
+        statement = f"The base circuit is faithful in {'the base model' if model == base else who(model, controls)}"
         s = faith[(base, model)]
         n = int(s["full_accuracy"].get("n", 0))
         sample = f"{n} prompts; {n_random} random circuits"
@@ -399,10 +424,10 @@ def faithfulness_verdicts(competences: Mapping[str, Competence], faith: Mapping[
     out = [faithful(base, "1.00 (Llama-7B)")]
     base_full = faith[(base, base)]["full_accuracy"]
     for m in finetuned:
-        out.append(faithful(m, "0.97 / 0.89 / 0.88 (Vicuna / Goat / FLoat)"))
+        out.append(faithful(m, CONTROL_PAPER if m in controls else "0.97 / 0.89 / 0.88 (Vicuna / Goat / FLoat)"))
         s = faith[(base, m)]
-        statement = f"The base circuit in {m} beats the full base model"
-        paper = "0.73 (Goat) and 0.72 (FLoat) vs 0.66"
+        statement = f"The base circuit in {who(m, controls)} beats the full base model"
+        paper = CONTROL_PAPER if m in controls else "0.73 (Goat) and 0.72 (FLoat) vs 0.66"
         sample = f"{int(s['circuit_accuracy'].get('n', 0))} prompts"
         out.append(_not_testable(1, statement, paper, [competences[base], competences[m]], sample)
                    or Verdict(1, statement, paper, f"{_fmt(s['circuit_accuracy'])} vs {_fmt(base_full)}",
@@ -414,10 +439,13 @@ CMAP_GAIN_RULE = (f"a gain to attribute: the fine-tune's gain over the base is a
                   "95% interval (paired over prompts) is above 0")
 
 
-def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], num_boxes: int, base: str = "base") -> list:
+def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], num_boxes: int, base: str = "base",
+                  controls: Iterable[str] = ()) -> list:
     """The CMAP chapter's verdicts from each fine-tune's :func:`entity_tracking.cmap.sweep` rows
-    (with their ``share`` intervals); competence comes from the rows of the models alone."""
+    (with their ``share`` intervals); competence comes from the rows of the models alone.
+    Fine-tunes named in ``controls`` are marked as positive controls (ours)."""
     out = []
+    controls = set(controls)
     for ft, rows in rows_by_finetune.items():
         rows = list(rows)
         by = {row_key(r): r for r in rows}
@@ -428,7 +456,8 @@ def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], n
                 "high": alone["fine-tuned alone"]["share_high"]}
         n = int(alone["base alone"]["n_prompts"])
         sample = f"{n} prompts (paired bootstrap)"
-        s1, p1 = f"Patching {ft}'s circuit recovers its gain", "full circuit recovers 100% of the gain (0.66 → 0.82)"
+        s1, p1 = f"Patching {who(ft, controls)}'s circuit recovers its gain", "full circuit recovers 100% of the gain (0.66 → 0.82)"
+        p1 = CONTROL_PAPER if ft in controls else p1
         skip = _not_testable(3, s1, p1, comps, sample)
         if skip is not None:
             out.append(skip)
@@ -458,8 +487,8 @@ def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], n
             holds = "holds"
         else:
             holds = "partly" if q["value"] > max(k["value"], v["value"]) else "does not hold"
-        out.append(Verdict(3, f"The Value Fetchers' query carries most of {ft}'s gain",
-                           "VF query 0.77 vs key 0.63, value 0.69 (Goat → Llama)",
+        out.append(Verdict(3, f"The Value Fetchers' query carries most of {who(ft, controls)}'s gain",
+                           CONTROL_PAPER if ft in controls else "VF query 0.77 vs key 0.63, value 0.69 (Goat → Llama)",
                            f"shares of the gain: Q {_fmt(q)}, K {_fmt(k)}, V {_fmt(v)}", holds,
                            rule=(f"{COMPETENCE_RULE}; then holds when the query's 95% interval lies above both the "
                                  "key's and the value's, partly when only its point estimate is highest"),
@@ -525,14 +554,22 @@ PREMISE_RULE = ("first: the base or the fine-tune does the task (accuracy above 
                 "95% interval of the fine-tune's gain over the base lies above 0")
 
 
-def premise_verdicts(base: Competence, finetuned: Mapping[str, tuple[Competence, Mapping[str, float]]]) -> list:
+def premise_verdicts(base: Competence, finetuned: Mapping[str, tuple[Competence, Mapping[str, float]]], *,
+                     controls: Iterable[str] = (), samples: Mapping[str, str] | None = None) -> list:
     """The fine-tuning chapter's premise: each fine-tune's accuracy gain over the base
-    (``{"value", "low", "high"}``, a paired interval over prompts) is above zero."""
+    (``{"value", "low", "high"}``, a paired interval over prompts, or over seeds and prompts as
+    ``samples[name]`` says) is above zero. A positive control (``controls``) is a fine-tune on
+    entity tracking itself, marked as ours."""
     out = []
+    controls = set(controls)
     for name, (comp, gain) in finetuned.items():
-        statement = f"Arithmetic fine-tuning ({name}) improves entity tracking"
-        paper = "+0.16 (Goat-7B and FLoat-7B vs Llama-7B: 0.82 vs 0.66)"
-        sample = f"{comp.n} prompts (paired bootstrap)"
+        if name in controls:
+            statement = f"Fine-tuning on entity tracking ({who(name, controls)}) improves entity tracking"
+            paper = CONTROL_PAPER
+        else:
+            statement = f"Arithmetic fine-tuning ({name}) improves entity tracking"
+            paper = "+0.16 (Goat-7B and FLoat-7B vs Llama-7B: 0.82 vs 0.66)"
+        sample = (samples or {}).get(name) or f"{comp.n} prompts (paired bootstrap)"
         if not (base.ok or comp.ok):
             out.append(Verdict(0, statement, paper, untestable([base, comp]), NOT_TESTABLE, rule=PREMISE_RULE,
                                sample=sample))
@@ -540,3 +577,55 @@ def premise_verdicts(base: Competence, finetuned: Mapping[str, tuple[Competence,
         out.append(Verdict(0, statement, paper, f"{gain['value']:+.3f} [{gain['low']:+.3f}, {gain['high']:+.3f}]",
                            "holds" if gain["low"] > 0 else "does not hold", rule=PREMISE_RULE, sample=sample))
     return out
+
+
+ARITHMETIC_RULE = (f"holds when the 95% interval of exact match on held-out problems lies at or above "
+                   f"{ARITHMETIC_LEARNED.value:g}, partly when only its point estimate does")
+
+
+def arithmetic_verdicts(exact_match: Mapping[str, Mapping[str, float]], *, samples: Mapping[str, str]) -> list:
+    """Whether each arithmetic fine-tune learned arithmetic: its final exact match
+    (``{"value", "low", "high"}``) against :data:`ARITHMETIC_LEARNED`. The paper's premise is about
+    models that did (Goat-7B beats GPT-4 on arithmetic); one that did not cannot test it."""
+    out = []
+    for name, em in exact_match.items():
+        holds: Holds = ("holds" if em["low"] >= ARITHMETIC_LEARNED.value
+                        else "partly" if em["value"] >= ARITHMETIC_LEARNED.value else "does not hold")
+        out.append(Verdict(0, f"Arithmetic fine-tuning ({name}) teaches arithmetic",
+                           "Goat-7B: near-perfect multi-digit addition and subtraction",
+                           f"exact match {_fmt(em)}", holds, rule=ARITHMETIC_RULE, sample=samples.get(name, "")))
+    return out
+
+
+def finetuning_verdicts(competences: Mapping[str, Competence], base: str, correct: Mapping[str, Any],
+                        seed_curves: Mapping[str, Any], *, controls: Iterable[str] = (),
+                        n_resamples: int = 1000) -> list:
+    """The fine-tuning chapter's verdicts: whether each arithmetic fine-tune learned arithmetic,
+    and whether each fine-tune improves entity tracking. A fine-tune with replicate seeds
+    (``seed_curves[name]``: :func:`entity_tracking.dynamics.replicate_curve` rows) is judged on
+    its last checkpoint over all seeds; any other (a hub model, the positive control) on its own
+    per-prompt correctness ``correct[name]`` against ``correct[base]`` (paired bootstrap)."""
+    import torch
+
+    from .ablation import bootstrap
+
+    def est(row, key):
+        return {"value": row[key], "low": row[f"{key}_low"], "high": row[f"{key}_high"]}
+
+    gains, samples, learned, learned_samples = {}, {}, {}, {}
+    for name, c in correct.items():
+        if name == base:
+            continue
+        rows = seed_curves.get(name)
+        if rows:
+            last = rows[-1]
+            gains[name] = (competences[name], est(last, "gain"))
+            samples[name] = (f"{last['seeds']} seeds x {last['n_prompts']} prompts at step {last['step']} "
+                             "(bootstrap over seeds and prompts)")
+            learned[name] = est(last, "arithmetic")
+            learned_samples[name] = f"{last['seeds']} seeds x {last['n_problems']} held-out problems"
+        else:
+            pair = torch.stack([torch.as_tensor(c).float(), torch.as_tensor(correct[base]).float()])
+            gains[name] = (competences[name], bootstrap(pair, lambda a: a[0] - a[1], n_resamples=n_resamples).as_dict())
+    return (arithmetic_verdicts(learned, samples=learned_samples)
+            + premise_verdicts(competences[base], gains, controls=controls, samples=samples))

@@ -432,3 +432,47 @@ def plot_faithfulness(summaries: Mapping[str, Mapping[str, Mapping[str, float]]]
         fig.suptitle(title, y=1.0)
     fig.tight_layout()
     return fig
+
+
+def plot_seed_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], chance: float | None = None,
+                     learned: float | None = None, title: str = ""):
+    """Entity tracking against arithmetic over fine-tuning: one line per fine-tune through its
+    checkpoints (``curves[name]``: :func:`entity_tracking.dynamics.replicate_curve` rows), with
+    95% intervals over seeds and prompts on both axes, each point labelled by its step (left);
+    both measures against the step (right). ``chance`` and ``learned`` draw reference lines
+    (1/boxes on the accuracy axis, the exact match that counts as learned). Returns the figure."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
+    colors = sns.color_palette(n_colors=max(len(curves), 1))
+    for (name, rows), c in zip(curves.items(), colors):
+        x = np.array([r["arithmetic"] for r in rows])
+        y = np.array([r["accuracy"] for r in rows])
+
+        def err(key, v):
+            lo = np.array([r.get(f"{key}_low", np.nan) for r in rows], dtype=float)
+            hi = np.array([r.get(f"{key}_high", np.nan) for r in rows], dtype=float)
+            return np.vstack([np.where(np.isfinite(lo), v - lo, 0), np.where(np.isfinite(hi), hi - v, 0)]).clip(0)
+
+        axes[0].errorbar(x, y, xerr=err("arithmetic", x), yerr=err("accuracy", y), color=c, marker="o", capsize=2,
+                         label=name)
+        for r in rows:
+            axes[0].annotate(str(r["step"]), (r["arithmetic"], r["accuracy"]), textcoords="offset points",
+                             xytext=(4, 4), fontsize=7, color=c)
+        steps = [r["step"] for r in rows]
+        axes[1].errorbar(steps, y, yerr=err("accuracy", y), color=c, marker="o", capsize=2,
+                         label=f"{name}: 7-box accuracy")
+        axes[1].errorbar(steps, x, yerr=err("arithmetic", x), color=c, marker="s", ls="--", capsize=2,
+                         label=f"{name}: arithmetic exact match")
+    for ax in axes:
+        if chance is not None:
+            ax.axhline(chance, color="grey", ls=":", lw=1, label="chance (1 / boxes)" if ax is axes[0] else None)
+    if learned is not None:
+        axes[0].axvline(learned, color="grey", ls="--", lw=1, label="arithmetic learned")
+    axes[0].set(xlabel="arithmetic exact match (held-out problems)", ylabel="7-box entity-tracking accuracy",
+                xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), title="entity tracking against arithmetic (labels: step)")
+    axes[1].set(xlabel="fine-tuning step", ylabel="accuracy", ylim=(-0.03, 1.03), title="over fine-tuning")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
