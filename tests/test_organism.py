@@ -126,19 +126,47 @@ def test_lora_and_full_finetunes(tmp_path):
     assert any(not torch.equal(ft[k], b[k]) for k in b)
 
 
+@pytest.fixture(scope="module")
+def default_base(tmp_path_factory):
+    """The real default organism, trained once for this module's slow tests (minutes)."""
+    paths = ResultsPaths(tmp_path_factory.mktemp("default"))
+    d, _ = O.ensure_built(ModelSpec(name="organism", build="organism"), paths, progress=False)
+    return d
+
+
 @pytest.mark.slow
-def test_default_organism_tracks_entities_like_llama(tmp_path):
+def test_default_organism_tracks_entities_like_llama(default_base):
     """Trains the real default organism (minutes) and checks 7-box accuracy on 500 held-out
     prompts, seeded apart from its validation prompts, is in [0.5, 0.85] (Llama-7B: 0.66)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    paths = ResultsPaths(tmp_path)
-    d, _ = O.ensure_built(ModelSpec(name="organism", build="organism"), paths, progress=False)
+    d = default_base
     model = AutoModelForCausalLM.from_pretrained(d)
     tok = AutoTokenizer.from_pretrained(d)
     prompts, answers = _heldout_prompts(tok)
     acc = O.prompt_accuracy(model, tok, prompts, answers)
     assert 0.5 <= acc <= 0.85, acc
+
+
+@pytest.mark.slow
+def test_short_positive_control_raises_seven_box_accuracy(default_base, tmp_path):
+    """A short run of the positive-control fine-tune (40 of its 150 steps, objects it trains on
+    being half of the vocabulary) raises the organism's 7-box validation accuracy by at least
+    0.05 (0.67 -> 0.90 after the whole run, notes/organism.md), and leaves 3 boxes solved.
+
+    On the default organism, not a tiny one: models of 2 layers and d <= 128 do not learn the
+    lookup within minutes (they stay at 1/7 on 7 boxes with or without the control; the runs are
+    in notes/organism.md), so a tiny model could not show a gain. The ci profile builds the
+    control (``tiny-control``) through the same code in every test run."""
+    from entity_tracking.config import ControlSpec
+    from entity_tracking.finetune import control_finetune
+
+    meta = control_finetune(default_base, ControlSpec(steps=40, checkpoint_every=40), tmp_path / "ctl",
+                            progress=False)
+    before, after = meta["evals"][0], meta["evals"][-1]
+    assert after["step"] == 40
+    assert after["val_acc_7"] >= before["val_acc_7"] + 0.05, (before, after)
+    assert after["val_acc_3"] >= before["val_acc_3"] - 0.05, (before, after)
 
 
 def _heldout_prompts(tok, n: int = 500):
