@@ -142,6 +142,9 @@ class TestContextAblation:
         assert s["clean"].value == 1.0
         assert s["context_ablated"].value < 1.0
         assert s["retention_context_ablated"].value == pytest.approx(s["context_ablated"].value)
+        assert all(r["paper"] != r["paper"] for r in rows)  # no paper model: NaN
+        theirs = {r["key"]: r["paper"] for r in res.rows("Llama-7B", n_resamples=50)}
+        assert theirs["paper"] == 1.0 and theirs["random_paper"] == 0.0 and theirs["extended"] != theirs["extended"]
         js = res.to_json(n_resamples=50)
         assert set(B.SETTINGS) <= set(js) and {"value", "low", "high"} <= set(js["context_ablated"])
 
@@ -265,6 +268,9 @@ class TestExtendedCircuit:
         assert [r["key"] for r in rows] == [k for k, _ in B.EXTENDED_SETTINGS]
         assert [r["heads"] for r in rows] == [c.n_heads, c.n_heads + 1, c.n_heads + N_LAYERS * N_HEADS,
                                               c.n_heads, c.n_heads + 1]
+        assert all(r["paper"] != r["paper"] for r in rows)  # no paper model: NaN
+        theirs = {r["key"]: r["paper"] for r in res.rows("Llama-7B", n_resamples=50)}
+        assert theirs["paper"] == 1.0 and theirs["random_paper"] == 0.0 and theirs["extended"] != theirs["extended"]
         js = res.to_json(n_resamples=50)
         assert js["extension_groups"] == ["object_writer"] and js["groups"]["object_writer"] == [[0, 0]]
         assert js["n_examples"] == len(batch["target"]) and len(js["random_accuracies"]["random_extended"]) == 2

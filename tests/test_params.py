@@ -74,6 +74,9 @@ class TestErrors:
         ci_dict["circuit"]["extension_candidates"] = {"object_writer": "four"}
         with pytest.raises(ProfileError, match=r"key 'circuit\.extension_candidates\.object_writer'"):
             load_profile(_write(tmp_path, ci_dict), REPO)
+        ci_dict["circuit"]["extension_candidates"] = {}
+        with pytest.raises(ProfileError, match=r"key 'circuit\.extension_candidates': .*name at least one extension group"):
+            load_profile(_write(tmp_path, ci_dict), REPO)
         del ci_dict["circuit"]["extension_candidates"]
         assert load_profile(_write(tmp_path, ci_dict), REPO).circuit.extension_candidates == {"object_writer": 4}
 

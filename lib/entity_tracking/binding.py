@@ -641,15 +641,20 @@ class ExtendedFaithfulness:
         return {"paper": self.circuit.n_heads, "extended": self.extended.n_heads, "label_kept": self.label_kept.n_heads,
                 "random_paper": self.circuit.n_heads, "random_extended": self.extended.n_heads}
 
-    def rows(self, **kw) -> list[dict[str, Any]]:
+    def rows(self, paper_model: Optional[str] = None, **kw) -> list[dict[str, Any]]:
         """One row per setting with its estimates (``value``/``low``/``high`` of faithfulness)
-        and their display strings: a table and a figure's data."""
+        and their display strings: a table and a figure's data. With ``paper_model`` (a model of
+        the paper's Table 1, e.g. ``"Llama-7B"``), column ``paper`` holds the paper's faithfulness
+        of its circuit and of its random circuits beside ours (NaN where the paper has none)."""
         s = self.summary(**kw)
         sizes = self.sizes()
+        t1 = paper.FAITHFULNESS.get(paper_model or "", {})
+        theirs = {"paper": t1.get("faithfulness"), "random_paper": t1["random"] / t1["full"] if t1 else None}
         return [{"model": self.model, "key": k, "circuit": label, "heads": sizes[k],
                  "F(C)": _fmt(s[f"{k}_accuracy"]), "faithfulness": _fmt(s[f"{k}_faithfulness"]),
                  "value": s[f"{k}_faithfulness"].value, "low": s[f"{k}_faithfulness"].low,
-                 "high": s[f"{k}_faithfulness"].high}
+                 "high": s[f"{k}_faithfulness"].high,
+                 "paper": float("nan") if theirs.get(k) is None else float(theirs[k])}
                 for k, label in EXTENDED_SETTINGS if f"{k}_faithfulness" in s]
 
     def to_json(self, **kw) -> dict[str, Any]:

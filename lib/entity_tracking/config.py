@@ -315,6 +315,9 @@ class CircuitSpec(_Strict):
     def _extension_groups(cls, v: dict[str, int]):
         from .circuit import EXTENSION_GROUPS
 
+        if not v:
+            raise ValueError(f"name at least one extension group (the binding chapter extends the circuit with it); "
+                             f"extension groups are {list(EXTENSION_GROUPS)}")
         unknown = sorted(set(v) - set(EXTENSION_GROUPS))
         if unknown:
             raise ValueError(f"unknown extension group(s) {unknown}; extension groups are {list(EXTENSION_GROUPS)} "
