@@ -583,11 +583,11 @@ def _fmt(e: Estimate) -> str:
 
 #: The settings of :class:`ExtendedFaithfulness` in display order: (key, label).
 EXTENDED_SETTINGS: tuple[tuple[str, str], ...] = (
-    ("paper", "the paper's circuit (four groups)"),
-    ("extended", "extended: + Object Writers (ours)"),
-    ("label_kept", "the paper's circuit + every head at the queried label's context occurrence"),
-    ("random_paper", "random circuits of the paper circuit's sizes"),
-    ("random_extended", "random circuits of the extended circuit's sizes"),
+    ("paper", "the paper's circuit"),
+    ("extended", "+ Object Writers (ours)"),
+    ("label_kept", "+ every head at the context label"),
+    ("random_paper", "random, the paper's sizes"),
+    ("random_extended", "random, the extended sizes"),
 )
 
 
