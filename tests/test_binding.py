@@ -289,6 +289,7 @@ class TestExtendedCircuit:
         assert [r["setting"] for r in short.by_position] == [r["setting"] for r in rows]
         assert [r["accuracy"].value for r in short.by_position] == [r["evaluation"].accuracy for r in rows]
         assert f"{short.faithfulness.value:.2f}" in short.text and "costs most at" in short.text
+        assert "More Object Writers (the best-scoring heads first): 2 heads" in short.text
         assert short.to_json()["missing"] and len(short.to_json()["ladder"]) == 3
 
     def test_errors(self, lm, batch, means):

@@ -89,6 +89,7 @@ from .ablation import (Ablation, Estimate, Evaluation, MeanActivations, _every_h
 from .circuit import GROUP_LABELS, GROUPS, Circuit, Head
 from .data import QUERY_FORM, DataError, encode_prompts, locate_spans, render_prompt, word_token_ids
 from .patching import ResidPatch, cache_activations, run
+from .path_patching import top_heads
 
 __all__ = [
     "CONTEXT",
@@ -736,7 +737,7 @@ class ExtensionShortfall:
     @property
     def text(self) -> str:
         """What is missing, in words and numbers (markdown)."""
-        name = GROUP_LABELS.get(self.group, self.group)
+        name = GROUP_LABELS.get(self.group, self.group).removesuffix(" (ours)")
         head = (f"`{self.model}`: the extended circuit's faithfulness is {_fmt(self.faithfulness)}")
         if not self.missing:
             return head + f", at or above {self.threshold:g} with its whole interval: nothing is missing by this rule."
@@ -802,8 +803,7 @@ def extension_shortfall(lm, prompts, means: MeanActivations, result: ExtendedFai
     ext = result.extended
     scores = torch.as_tensor(ext.scores[group]) if ext.scores.get(group) else torch.zeros(lm.arch.n_layers,
                                                                                            lm.arch.n_heads)
-    order = torch.sort(scores.flatten(), stable=True).indices
-    ranked = [(int(i) // lm.arch.n_heads, int(i) % lm.arch.n_heads) for i in order]
+    ranked = top_heads(scores, scores.numel())  # every head, the lowest score first
     sizes = _ladder(len(ext.groups[group]), len(ranked))
     grown = [ext.with_group(group, ranked[:j], ext.positions[group]) for j in sizes]
     evs = evaluate(lm, prompts, means, [Ablation(label="F(M)")] + [Ablation(keep=c, label=f"{j} heads")
