@@ -116,7 +116,7 @@ def _hooked_logits(model, batch, means, circuit=None, removed=None):
 
     def sites(c):
         out = set()
-        for g in GROUPS:
+        for g in c.group_names:
             for layer, head in c.groups[g]:
                 for b in range(B):
                     if c.positions[g] == ALL_POSITIONS:
@@ -387,6 +387,43 @@ class TestRandomCircuits:
             random_circuit(lm.arch, {"value_fetcher": 13}, exclude=out)
         with pytest.raises(IndexError, match="head 7 out of range"):
             random_circuit(lm.arch, {"value_fetcher": 1}, exclude=[(0, 7)])
+
+
+class TestExtendedCircuits:
+    """A circuit with an extension group of ours is ablated by the same rule as the paper's."""
+
+    def test_an_object_writer_group_keeps_its_heads_at_its_position(self, lm, batch, means):
+        c = _circuit()
+        e = c.with_group("object_writer", [(0, 2), (1, 4)])
+        want = _hooked_logits(lm, batch, means, e)
+        got = mean_ablated_logits(lm, batch, means, Ablation(keep=e))
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        keep, plain = keep_mask(lm.arch, batch, Ablation(keep=e)), keep_mask(lm.arch, batch, Ablation(keep=c))
+        B = batch["input_ids"].shape[0]
+        added = keep & ~plain
+        assert int(added.sum()) == 2 * B and bool(added[0, torch.arange(B), batch["prev_query_label_position"], 2].all())
+        # the paper's circuit evaluated beside the extended one gives its own number
+        ev_c, ev_e = evaluate(lm, batch, means, [Ablation(keep=c), Ablation(keep=e)], progress=False)
+        assert torch.equal(ev_c.predicted, circuit_performance(lm, batch, means, c, progress=False).predicted)
+        assert faithfulness(lm, batch, means, e, n_random=2, progress=False).to_json(n_resamples=20)[
+            "group_sizes"]["object_writer"] == 2
+
+    def test_random_circuits_like_an_extended_circuit_extend_the_paper_draws(self, lm):
+        c = _circuit()
+        e = c.with_group("object_writer", [(0, 2), (1, 4)], position="query_label")
+        for rc, re in zip(random_circuits(lm.arch, c, n=4, seed=3), random_circuits(lm.arch, e, n=4, seed=3)):
+            assert {g: re.groups[g] for g in GROUPS} == rc.groups
+            assert len(re.groups["object_writer"]) == 2 and re.positions["object_writer"] == "query_label"
+        assert len(random_circuit(lm.arch, {"object_writer": 3}).groups["object_writer"]) == 3
+
+    def test_minimality_and_outside_heads_cover_extension_groups(self, lm, batch, means):
+        e = _circuit().with_group("object_writer", [(0, 2), (1, 4)], position="query_label")
+        res = minimality(lm, batch, means, e, groups=["object_writer"], progress=False)
+        assert {h.group for h in res.heads} == {"object_writer"}
+        assert res.pruned.group_names == e.group_names
+        out = outside_at_positions(lm.arch, e, ["query_label"])
+        inside = set(e.groups["position_detector"]) | set(e.groups["object_writer"])
+        assert out.n_heads == N_LAYERS * N_HEADS - len(inside)
 
 
 class TestOutsideAtPositions:

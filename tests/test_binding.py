@@ -16,7 +16,9 @@ import torch
 
 from entity_tracking import binding as B
 from entity_tracking import data as D
-from entity_tracking.ablation import Ablation, AblationError, Evaluation, compute_means, evaluate, keep_mask
+from entity_tracking.ablation import (ALL_POSITIONS, Ablation, AblationError, Evaluation, compute_means, evaluate,
+                                     faithfulness, keep_mask, shortfall_by_position)
+from entity_tracking.circuit import Circuit
 from entity_tracking.config import ModelSpec, TinySpec
 from entity_tracking.models import build_tiny_model, load_model
 from entity_tracking.patching import last_logits
@@ -55,6 +57,14 @@ def own(lm, prompts):
 @pytest.fixture(scope="module")
 def pairs(lm):
     return D.make_desiderata(lm.tokenizer, "object_value", 8, num_boxes=BOXES, seed=2)
+
+
+@pytest.fixture(scope="module")
+def batch(lm, prompts, own):
+    """The prompts encoded, scored against the model's own predictions (F(M) = 1)."""
+    b = D.encode_prompts(lm.tokenizer, prompts)
+    b["target"] = own
+    return b
 
 
 def _bases_sources(pairs):
@@ -201,6 +211,98 @@ class TestInterchange:
         assert B.spread_layers(4) == [0, 1, 2, 3]
         assert B.spread_layers(32, 8) == [0, 4, 9, 13, 18, 22, 27, 31]
         assert B.spread_layers(32, 1) == [31]
+
+
+class TestExtendedCircuit:
+    """The paper's circuit beside its extension by groups of ours, under the paper's ablation rule."""
+
+    @staticmethod
+    def paper_circuit():
+        return Circuit("m", {"value_fetcher": [(2, 0), (2, 1)], "position_transmitter": [(1, 1)],
+                             "position_detector": [(1, 0)], "structure_reader": [(0, 1)]})
+
+    def every(self):
+        return [(l, h) for l in range(N_LAYERS) for h in range(N_HEADS)]
+
+    def test_an_extension_of_every_head_everywhere_is_the_full_model(self, lm, batch, means):
+        empty = Circuit("m", {})
+        ext = empty.with_group("object_writer", self.every(), ALL_POSITIONS)
+        res = B.extended_faithfulness(lm, batch, means, empty, ext, n_random=2, progress=False)
+        s = res.summary(n_resamples=50)
+        assert s["full_accuracy"].value == 1.0
+        assert (s["extended_faithfulness"].value, s["extended_faithfulness"].low, s["extended_faithfulness"].high) == (1, 1, 1)
+        (nothing,) = evaluate(lm, batch, means, [Ablation(keep=empty)], progress=False)
+        assert s["paper_faithfulness"].value == pytest.approx(nothing.accuracy) and nothing.accuracy < 1
+        assert s["gain"].value == pytest.approx(1 - nothing.accuracy)
+        short = B.extension_shortfall(lm, batch, means, res, n_resamples=50, progress=False)
+        assert not short.missing and short.ladder == [] and short.by_position == []
+        assert "nothing is missing" in short.text
+
+    def test_adding_a_group_never_changes_the_paper_circuits_own_number(self, lm, batch, means):
+        c = self.paper_circuit()
+        plain = faithfulness(lm, batch, means, c, n_random=3, seed=4, progress=False)
+        ps = plain.summary(n_resamples=100)
+        for writers in ([(0, 0)], [(0, 0), (1, 1)], self.every()):
+            res = B.extended_faithfulness(lm, batch, means, c, c.with_group("object_writer", writers), n_random=3,
+                                          seed=4, progress=False)
+            assert torch.equal(res.evaluations["paper"].correct, plain.circuit_eval.correct)
+            assert torch.equal(res.full.correct, plain.full.correct)
+            assert [e.accuracy for e in res.random["random_paper"]] == [e.accuracy for e in plain.random]
+            s = res.summary(n_resamples=100)
+            assert s["paper_faithfulness"] == ps["faithfulness"]
+            assert s["random_paper_faithfulness"] == ps["random_faithfulness"]
+            assert s["gain"].value == pytest.approx(s["extended_faithfulness"].value - s["paper_faithfulness"].value)
+
+    def test_label_kept_is_every_head_at_the_extension_position(self, lm, batch, means):
+        c = self.paper_circuit()
+        e = c.with_group("object_writer", [(0, 0)])
+        res = B.extended_faithfulness(lm, batch, means, c, e, n_random=2, progress=False)
+        assert res.label_kept.groups["object_writer"] == self.every()
+        assert res.label_kept.positions["object_writer"] == "prev_query_label"
+        (direct,) = evaluate(lm, batch, means, [Ablation(keep=res.label_kept)], progress=False)
+        assert torch.equal(res.evaluations["label_kept"].correct, direct.correct)
+        rows = res.rows(n_resamples=50)
+        assert [r["key"] for r in rows] == [k for k, _ in B.EXTENDED_SETTINGS]
+        assert [r["heads"] for r in rows] == [c.n_heads, c.n_heads + 1, c.n_heads + N_LAYERS * N_HEADS,
+                                              c.n_heads, c.n_heads + 1]
+        assert all(r["paper"] != r["paper"] for r in rows)  # no paper model: NaN
+        theirs = {r["key"]: r["paper"] for r in res.rows("Llama-7B", n_resamples=50)}
+        assert theirs["paper"] == 1.0 and theirs["random_paper"] == 0.0 and theirs["extended"] != theirs["extended"]
+        js = res.to_json(n_resamples=50)
+        assert js["extension_groups"] == ["object_writer"] and js["groups"]["object_writer"] == [[0, 0]]
+        assert js["n_examples"] == len(batch["target"]) and len(js["random_accuracies"]["random_extended"]) == 2
+
+    def test_shortfall_grows_the_group_to_every_head_and_locates_the_gap(self, lm, batch, means):
+        c = self.paper_circuit()
+        scores = [[0.3, -0.2], [-0.5, 0.1], [0.0, 0.2]]
+        e = c.with_group("object_writer", [(1, 0)], scores=scores)
+        res = B.extended_faithfulness(lm, batch, means, c, e, n_random=2, progress=False)
+        short = B.extension_shortfall(lm, batch, means, res, n_resamples=50, progress=False)
+        assert short.missing, "the tiny model's extended circuit should not be faithful"
+        assert [r["heads"] for r in short.ladder] == [2, 4, N_LAYERS * N_HEADS]
+        # every head at the label is the label-kept circuit
+        assert short.ladder[-1]["faithfulness"].value == pytest.approx(short.label_kept.value)
+        (two,) = evaluate(lm, batch, means, [Ablation(keep=e.with_group("object_writer", [(1, 0), (0, 1)]))],
+                          progress=False)
+        assert short.ladder[0]["faithfulness"].value == pytest.approx(two.accuracy)
+        rows = shortfall_by_position(lm, batch, means, e, progress=False)
+        assert [r["setting"] for r in short.by_position] == [r["setting"] for r in rows]
+        assert [r["accuracy"].value for r in short.by_position] == [r["evaluation"].accuracy for r in rows]
+        assert f"{short.faithfulness.value:.2f}" in short.text and "costs most at" in short.text
+        assert "More Object Writers (the best-scoring heads first): 2 heads" in short.text
+        assert short.to_json()["missing"] and len(short.to_json()["ladder"]) == 3
+
+    def test_errors(self, lm, batch, means):
+        c = self.paper_circuit()
+        with pytest.raises(B.BindingError, match="holds no group beyond the paper's"):
+            B.extended_faithfulness(lm, batch, means, c, c, progress=False)
+        moved = c.without([("value_fetcher", (2, 0))]).with_group("object_writer", [(0, 0)])
+        with pytest.raises(B.BindingError, match="does not hold the paper circuit's groups unchanged"):
+            B.extended_faithfulness(lm, batch, means, c, moved, progress=False)
+        res = B.extended_faithfulness(lm, batch, means, c, c.with_group("object_writer", [(0, 0)]), n_random=1,
+                                      progress=False)
+        with pytest.raises(B.BindingError, match="'value_fetcher' is not an extension group"):
+            B.extension_shortfall(lm, batch, means, res, "value_fetcher", progress=False)
 
 
 class TestErrors:

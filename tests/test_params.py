@@ -63,6 +63,23 @@ class TestErrors:
         with pytest.raises(ProfileError, match="exactly one of hub_id, local_path, build"):
             load_profile(_write(tmp_path, ci_dict), REPO)
 
+    def test_extension_candidates_name_only_extension_groups(self, tmp_path, ci_dict):
+        ci_dict["circuit"]["extension_candidates"] = {"value_fetcher": 3}
+        with pytest.raises(ProfileError, match=r"key 'circuit\.extension_candidates': .*unknown extension group\(s\) "
+                                               r"\['value_fetcher'\]; extension groups are \['object_writer'\]"):
+            load_profile(_write(tmp_path, ci_dict), REPO)
+        ci_dict["circuit"]["extension_candidates"] = {"object_writer": 0}
+        with pytest.raises(ProfileError, match=r"key 'circuit\.extension_candidates': .*at least 1 head"):
+            load_profile(_write(tmp_path, ci_dict), REPO)
+        ci_dict["circuit"]["extension_candidates"] = {"object_writer": "four"}
+        with pytest.raises(ProfileError, match=r"key 'circuit\.extension_candidates\.object_writer'"):
+            load_profile(_write(tmp_path, ci_dict), REPO)
+        ci_dict["circuit"]["extension_candidates"] = {}
+        with pytest.raises(ProfileError, match=r"key 'circuit\.extension_candidates': .*name at least one extension group"):
+            load_profile(_write(tmp_path, ci_dict), REPO)
+        del ci_dict["circuit"]["extension_candidates"]
+        assert load_profile(_write(tmp_path, ci_dict), REPO).circuit.extension_candidates == {"object_writer": 4}
+
     def test_missing_profile_lists_available(self):
         with pytest.raises(ProfileError, match="no such profile.*ci"):
             load_profile("no-such-profile", REPO)

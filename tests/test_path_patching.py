@@ -111,6 +111,73 @@ class TestFastEqualsNaive:
                 assert naive.abs().max() > 1e-3
 
 
+class TestKeyAndValueReceivers:
+    """The receiver site of our Object Writer step: receivers' keys and values patched together."""
+
+    @pytest.mark.parametrize("name", list(SPECS))
+    def test_fast_equals_naive(self, dirs, name):
+        lm = model(dirs, name)
+        pp = patcher(lm, encode(lm))
+        recv = [(1, 0), (1, 3), (0, 2)]
+        fast = PP.step_scores(lm, pp, "object_writer", recv, method="fast")
+        naive = PP.step_scores(lm, pp, "object_writer", recv, method="naive")
+        assert (fast - naive).abs().max() < TOL, (fast, naive)
+        assert naive.abs().max() > 1e-3
+        assert torch.equal(fast[1], torch.zeros(lm.arch.n_heads))  # no receiver above the last layer
+        # both projections patched: not the key alone, not the value alone
+        step = PP.EXTENSION_STEPS["object_writer"]
+        for site in ("k", "v"):
+            alone = pp.scores(step.sender_position, step.corrupt_position, recv, site)
+            assert (alone - fast).abs().max() > 1e-4, site
+
+    def test_gqa_equals_the_mha_twin(self, dirs):
+        gqa, twin = model(dirs, "llama-gqa"), model(dirs, "llama-gqa-twin")
+        a = gqa.arch
+        enc = encode(gqa)
+        recv = [(1, 1), (0, 3)]
+        twin_recv = sorted({(l, q) for l, h in recv for q in a.query_heads(a.kv_head(h))})
+        sg = PP.step_scores(gqa, patcher(gqa, enc), "object_writer", recv)
+        st = PP.step_scores(twin, patcher(twin, enc), "object_writer", twin_recv)
+        assert (sg - st).abs().max() < TOL
+
+    def test_extend_circuit_adds_the_lowest_scoring_heads_and_keeps_the_paper_groups(self, dirs, tmp_path):
+        lm = model(dirs, "llama-mha")
+        enc = encode(lm)
+        kw = dict(progress=False, verbose=False, batch_size=4)
+        c = PP.discover_circuit(lm, enc, receivers_k={"value_fetcher": 2, "position_transmitter": 2,
+                                                      "position_detector": 2},
+                                circuit_k={"value_fetcher": 2, "position_transmitter": 1, "position_detector": 1,
+                                           "structure_reader": 1}, metric="pooled", **kw)
+        e = PP.extend_circuit(lm, enc, c, k=3, **kw)
+        assert {g: e.groups[g] for g in GROUPS} == c.groups and c.group_names == GROUPS
+        assert e.group_names == GROUPS + ("object_writer",) and e.positions["object_writer"] == "prev_query_label"
+        want = PP.step_scores(lm, patcher(lm, enc, metric="pooled"), "object_writer", c.groups["value_fetcher"])
+        assert torch.allclose(torch.tensor(e.scores["object_writer"]), want, atol=1e-6)
+        assert e.groups["object_writer"] == PP.top_heads(want, 3, "paper")
+        ext = e.meta["extension"]["object_writer"]
+        assert ext["metric"] == "pooled" and ext["selection"] == "paper" and ext["k"] == 3
+        assert ext["receivers"] == [list(h) for h in c.groups["value_fetcher"]] and ext["step"]["receiver_site"] == "kv"
+        assert Circuit.load(e.save(tmp_path / "e.json")) == e
+        # without Value Fetchers there is nothing to score through: zeros, and an empty group
+        none = PP.extend_circuit(lm, enc, c.without([("value_fetcher", h) for h in c.groups["value_fetcher"]]),
+                                 k=3, selection="negative", **kw)
+        assert none.groups["object_writer"] == [] and not any(x for row in none.scores["object_writer"] for x in row)
+        with pytest.raises(ValueError, match="unknown extension step 'name_mover'"):
+            PP.extend_circuit(lm, enc, c, "name_mover", k=1, **kw)
+
+    def test_cost_of_the_extension_step(self):
+        from transformers import LlamaConfig
+
+        cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                          vocab_size=1000)
+        ow = PP.estimate_cost(cfg, 50, 40, "float32", "fast", steps=["object_writer"], n_receivers={"object_writer": 4})
+        sr = PP.estimate_cost(cfg, 50, 40, "float32", "fast", steps=["structure_reader"],
+                              n_receivers={"structure_reader": 4})
+        assert ow.per_part["object_writer"] > sr.per_part["structure_reader"]  # two projections per receiver
+        naive = PP.estimate_cost(cfg, 50, 40, "float32", "naive", steps=["object_writer"])
+        assert naive.per_part["object_writer"] == pytest.approx(2 * 4 * 8)
+
+
 class TestScoresByConstruction:
     def test_senders_at_or_above_every_receiver_score_zero(self, dirs):
         lm = model(dirs, "llama-mha")
@@ -330,6 +397,8 @@ class TestErrors:
             PP.step_scores(lm, pp, "name_mover")
         with pytest.raises(ValueError, match="no receiver heads"):
             pp.scores("last_position", "last_position", [], "q")
+        with pytest.raises(ValueError, match=r"receiver site must be None \(logits\) or one of"):
+            pp.scores("last_position", "last_position", [(1, 0)], "o")
         with pytest.raises(ValueError, match="method must be one of"):
             PP.step_scores(lm, pp, "value_fetcher", method="approximate")
 

@@ -231,3 +231,33 @@ def test_finetuning_verdicts_judge_seeded_finetunes_on_their_last_checkpoint():
     assert learned.holds == "holds" and "3 seeds x 200 held-out problems" == learned.sample
     assert ft.holds == "does not hold" and "3 seeds x 4 prompts at step 800" in ft.sample
     assert "positive control" in ctl.statement and ctl.ours.startswith("+0.500")
+
+
+def _extended(full, paper, extended, gain, n=100):
+    est = lambda v: dict(zip(("value", "low", "high"), v))  # noqa: E731
+    return {"n_examples": n, "n_random": 10, "extension_groups": ["object_writer"],
+            "group_sizes": {"paper": 21, "extended": 25, "label_kept": 53, "random_paper": 21, "random_extended": 25},
+            "summary": {"full_accuracy": est(full), "paper_faithfulness": est(paper),
+                        "extended_faithfulness": est(extended), "gain": est(gain),
+                        "random_extended_faithfulness": est((0.04, 0.02, 0.06))}}
+
+
+def test_extended_circuit_rows_are_ours_and_graded_on_intervals():
+    got = V.extended_circuit_verdicts({
+        "base": _extended((0.66, 0.62, 0.70), (0.45, 0.39, 0.51), (1.15, 1.10, 1.21), (0.70, 0.62, 0.78)),
+        "ctl": _extended((0.8, 0.75, 0.85), (0.5, 0.4, 0.6), (0.7, 0.6, 0.85), (0.02, -0.03, 0.07)),
+        "chance": _extended((0.15, 0.10, 0.20), (1.0, 0.5, 1.5), (1.0, 0.5, 1.5), (0.0, -0.1, 0.1)),
+    }, 7, controls=["ctl"])
+    assert len(got) == 6
+    assert all(v.statement.startswith("Ours: ") and v.paper == V.EXTENSION_PAPER and v.claim == 1 for v in got)
+    faithful, gain, ctl_faithful, ctl_gain, untestable, _ = got
+    assert "paper's circuit + Object Writers is faithful in base" in faithful.statement
+    assert faithful.holds == "holds" and faithful.ours.startswith("1.15 [1.10, 1.21] with 25 heads")
+    assert "the paper's circuit 0.45 [0.39, 0.51] with 21" in faithful.ours and "0.04 [0.02, 0.06]" in faithful.ours
+    assert gain.holds == "holds" and gain.ours == "faithfulness +0.70 [+0.62, +0.78]"
+    assert "ctl (positive control, ours)" in ctl_faithful.statement
+    assert ctl_faithful.holds == "partly" and ctl_gain.holds == "partly"
+    assert untestable.holds == V.NOT_TESTABLE and "chance 0.14" in untestable.ours
+    assert faithful.sample == "100 prompts (paired bootstrap); 10 random circuits of each size"
+    assert V.extended_circuit_verdicts({"m": _extended((0.6, 0.5, 0.7), (0.5, 0.4, 0.6), (0.3, 0.2, 0.45),
+                                                       (-0.2, -0.3, -0.1))}, 7)[1].holds == "does not hold"

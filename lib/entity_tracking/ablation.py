@@ -39,10 +39,12 @@ its own sites. ``C\\K`` is therefore "C's sites minus K's sites" (:class:`Ablati
 ``keep=C, ablate=K``), which matches ``M\\K`` exactly even where a head sits in two groups at one
 position -- unlike :meth:`Circuit.without`, which removes group entries. A group at the special
 position :data:`ALL_POSITIONS` acts at every token, which is how :func:`full_circuit` spells the
-full model: its F(C) *is* F(M), its faithfulness exactly 1. A position key may also name *several*
-positions per prompt: a batch entry ``<key>_position`` of shape ``[batch, n]`` (``-1``-padded)
-puts the group's heads at all of them, which is how :mod:`entity_tracking.binding` ablates every
-context position at once.
+full model: its F(C) *is* F(M), its faithfulness exactly 1. Every function here reads the groups a
+circuit holds (:attr:`Circuit.group_names`), so a circuit extended with groups of ours
+(:data:`~entity_tracking.circuit.EXTENSION_GROUPS`) is ablated by the same rule as the paper's.
+A position key may also name *several* positions per prompt: a batch entry ``<key>_position`` of
+shape ``[batch, n]`` (``-1``-padded) puts the group's heads at all of them, which is how
+:mod:`entity_tracking.binding` ablates every context position at once.
 
 **Uncertainty.** Every evaluation keeps its per-example correctness vector
 (:class:`Evaluation`), so every number gets a percentile bootstrap interval by resampling the
@@ -68,7 +70,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from .circuit import GROUPS, Circuit, Head
+from .circuit import EXTENSION_GROUPS, GROUPS, Circuit, Head
 from .data import encode_prompts
 from .verdicts import BEYOND_RANDOM_MARGIN, NECESSITY_FACTOR, NECESSITY_MARGIN, chance, minimality_measurable
 
@@ -269,7 +271,7 @@ def outside_at_positions(arch, circuit: Circuit, positions: Optional[Iterable[st
     every non-vital position. Evaluated one position at a time, it says at which vital position a
     circuit misses heads the model needs. Each position's heads go into the first group acting
     there; groups at :data:`ALL_POSITIONS` have no outside."""
-    keys = [p for p in dict.fromkeys(circuit.positions[g] for g in GROUPS) if p != ALL_POSITIONS]
+    keys = [p for p in dict.fromkeys(circuit.positions[g] for g in circuit.group_names) if p != ALL_POSITIONS]
     if positions is not None:
         wanted = list(positions)
         unknown = [p for p in wanted if p not in keys]
@@ -277,10 +279,10 @@ def outside_at_positions(arch, circuit: Circuit, positions: Optional[Iterable[st
             raise AblationError(f"positions {unknown} are not positions of circuit '{circuit.model}' ({keys})")
         keys = [p for p in keys if p in wanted]
     heads = _every_head(arch)
-    groups: dict[str, list[Head]] = {g: [] for g in GROUPS}
+    groups: dict[str, list[Head]] = {g: [] for g in circuit.group_names}
     for pos in keys:
-        inside = {tuple(h) for g in GROUPS if circuit.positions[g] == pos for h in circuit.groups[g]}
-        first = next(g for g in GROUPS if circuit.positions[g] == pos)
+        inside = {tuple(h) for g in circuit.group_names if circuit.positions[g] == pos for h in circuit.groups[g]}
+        first = next(g for g in circuit.group_names if circuit.positions[g] == pos)
         groups[first] = [h for h in heads if h not in inside]
     return Circuit(circuit.model, groups, dict(circuit.positions), meta={"kind": "outside", "positions": keys})
 
@@ -291,7 +293,7 @@ def shortfall_by_position(lm, prompts, means: MeanActivations, circuit: Circuit,
     for F(M), the paper's F(C), the heads outside the circuit ablated at each of its positions
     alone (``setting`` = the position key; everything else intact), and at all of them
     (``"all vital positions"``). ``heads_ablated`` is ``None`` for F(M) and F(C)."""
-    keys = [p for p in dict.fromkeys(circuit.positions[g] for g in GROUPS) if p != ALL_POSITIONS]
+    keys = [p for p in dict.fromkeys(circuit.positions[g] for g in circuit.group_names) if p != ALL_POSITIONS]
     outside = {k: outside_at_positions(lm.arch, circuit, [k]) for k in keys}
     outside["all vital positions"] = outside_at_positions(lm.arch, circuit)
     settings = [("F(M)", None, Ablation(label="F(M)")), ("F(C)", None, Ablation(keep=circuit, label="F(C)"))]
@@ -303,7 +305,7 @@ def shortfall_by_position(lm, prompts, means: MeanActivations, circuit: Circuit,
 def _sites(circuit: Circuit) -> list[tuple[str, Head]]:
     """Unique ``(position, (layer, head))`` sites of ``circuit``, in group order."""
     seen: dict[tuple[str, Head], None] = {}
-    for g in GROUPS:
+    for g in circuit.group_names:
         for h in circuit.groups[g]:
             seen.setdefault((circuit.positions[g], tuple(h)), None)
     return list(seen)
@@ -312,9 +314,9 @@ def _sites(circuit: Circuit) -> list[tuple[str, Head]]:
 def _circuit_of_sites(template: Circuit, sites: Iterable[tuple[str, Head]], model: str = "") -> Circuit:
     """A circuit with ``template``'s positions holding ``sites``, each in the first group of
     ``template`` that has it (so K drawn from C reads like C)."""
-    groups: dict[str, list[Head]] = {g: [] for g in GROUPS}
+    groups: dict[str, list[Head]] = {g: [] for g in template.group_names}
     for pos, head in sites:
-        for g in GROUPS:
+        for g in template.group_names:
             if template.positions[g] == pos and head in template.groups[g]:
                 groups[g].append(head)
                 break
@@ -342,14 +344,15 @@ class Ablation:
             return False
         if self.keep is None:
             return True
-        everywhere = {tuple(h) for g in GROUPS if self.keep.positions[g] == ALL_POSITIONS for h in self.keep.groups[g]}
+        everywhere = {tuple(h) for g in self.keep.group_names if self.keep.positions[g] == ALL_POSITIONS
+                      for h in self.keep.groups[g]}
         return len(everywhere) == arch.n_layers * arch.n_heads and all(
             0 <= layer < arch.n_layers and 0 <= h < arch.n_heads for layer, h in everywhere)
 
 
 def _check_circuit(arch, circuit: Circuit, batch: Mapping[str, torch.Tensor], what: str) -> None:
     seq = int(batch["input_ids"].shape[1])
-    for g in GROUPS:
+    for g in circuit.group_names:
         for layer, head in circuit.groups[g]:
             if not (0 <= layer < arch.n_layers and 0 <= head < arch.n_heads):
                 raise AblationError(
@@ -380,7 +383,7 @@ def _position_keys(ablations: Sequence[Ablation]) -> list[str]:
         for c in (ab.keep, ab.ablate):
             if c is None:
                 continue
-            for g in GROUPS:
+            for g in c.group_names:
                 p = c.positions[g]
                 if c.groups[g] and p not in keys:
                     keys.append(p)
@@ -398,7 +401,7 @@ def _site_table(arch, ablations: Sequence[Ablation], keys: list[str]) -> tuple[t
         for table, c in ((keep, ab.keep), (abl, ab.ablate)):
             if c is None:
                 continue
-            for g in GROUPS:
+            for g in c.group_names:
                 if c.groups[g]:
                     idx = torch.tensor(c.groups[g], dtype=torch.long)
                     table[i, keys.index(c.positions[g]), idx[:, 0], idx[:, 1]] = True
@@ -701,7 +704,8 @@ def random_circuit(arch, like: Circuit | Mapping[str, int], seed: int = 0, model
     """A circuit with the group sizes of ``like``, heads drawn uniformly without replacement
     (within a group) from all ``n_layers x n_heads`` heads but ``exclude`` (e.g. a found
     circuit's, for a baseline of heads *outside* it); positions as ``like``'s."""
-    sizes = {g: len(like.groups[g]) for g in GROUPS} if isinstance(like, Circuit) else {g: int(like.get(g, 0)) for g in GROUPS}
+    names = like.group_names if isinstance(like, Circuit) else GROUPS + tuple(g for g in EXTENSION_GROUPS if g in like)
+    sizes = {g: len(like.groups[g]) if isinstance(like, Circuit) else int(like.get(g, 0)) for g in names}
     positions = dict(like.positions) if isinstance(like, Circuit) else None
     excluded = set()
     for layer, head in exclude:
@@ -710,7 +714,7 @@ def random_circuit(arch, like: Circuit | Mapping[str, int], seed: int = 0, model
     pool = torch.tensor([i for i in range(arch.n_layers * arch.n_heads) if i not in excluded], dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     groups = {}
-    for g in GROUPS:
+    for g in names:  # the paper's groups first: an extended circuit's draws share theirs with the paper's
         if not 0 <= sizes[g] <= len(pool):
             raise AblationError(f"group {g}: cannot draw {sizes[g]} distinct heads from {len(pool)}"
                                 f"{f' ({len(excluded)} excluded)' if excluded else ''}")
@@ -777,7 +781,7 @@ class FaithfulnessResult:
         return {
             "model": self.model,
             "circuit_model": self.circuit.model,
-            "group_sizes": {g: len(self.circuit.groups[g]) for g in GROUPS},
+            "group_sizes": {g: len(self.circuit.groups[g]) for g in self.circuit.group_names},
             "n_examples": self.full.n,
             "n_random": len(self.random),
             "summary": {k: e.as_dict() for k, e in self.summary(**kw).items()},
@@ -897,15 +901,15 @@ def necessity(lm, prompts, means: MeanActivations, circuit: Circuit, group: str 
               n_random: int = 10, seed: int = 0, batch_size: int = 32, progress: bool = True) -> NecessityResult:
     """Mean-ablate ``circuit``'s ``group`` at every position and, as baselines, ``n_random``
     draws of as many heads from the whole model and from the heads outside ``circuit``."""
-    if group not in GROUPS:
-        raise AblationError(f"unknown group {group!r}; groups are {list(GROUPS)}")
+    if group not in circuit.group_names:
+        raise AblationError(f"unknown group {group!r}; groups are {list(circuit.group_names)}")
     heads = list(circuit.groups[group])
     if not heads:
         raise AblationError(f"circuit of {circuit.model!r} has no {group} heads to ablate")
     if n_random < 1:
         raise AblationError("n_random must be >= 1")
     target = Circuit(circuit.model, {group: heads}, positions={group: ALL_POSITIONS})
-    inside = {tuple(h) for g in GROUPS for h in circuit.groups[g]}
+    inside = {tuple(h) for g in circuit.group_names for h in circuit.groups[g]}
     rand_any = random_circuits(lm.arch, target, n_random, seed)
     outside_pool = lm.arch.n_layers * lm.arch.n_heads - len(inside)
     rand_out = random_circuits(lm.arch, target, n_random, seed, exclude=inside) if outside_pool >= len(heads) else []
@@ -986,7 +990,7 @@ class CompletenessResult:
             "n_draws": len(self.draws),
             "summary": {k: e.as_dict() for k, e in self.summary(**kw).items()},
             "draw_std": self.draw_std(),
-            "draws": [{"removed": {g: [list(h) for h in d.removed.groups[g]] for g in GROUPS},
+            "draws": [{"removed": {g: [list(h) for h in d.removed.groups[g]] for g in d.removed.group_names},
                        "circuit_minus": d.circuit_minus.accuracy, "model_minus": d.model_minus.accuracy}
                       for d in self.draws],
         }
@@ -1012,7 +1016,7 @@ def completeness(lm, prompts, means: MeanActivations, circuit: Circuit, *, n_dra
                                          model=f"K{i}"))
     group_sets = {}
     if by_group:
-        for g in GROUPS:
+        for g in circuit.group_names:
             if circuit.groups[g]:
                 group_sets[g] = Circuit(f"K={g}", {g: list(circuit.groups[g])}, dict(circuit.positions))
     settings = []
@@ -1091,7 +1095,7 @@ class MinimalityResult:
         meta["minimality"] = {**meta.get("minimality", {}), "measurable": ok, "circuit_accuracy": est.as_dict(),
                               "chance": chance(num_boxes),
                               "decision": "pruned" if ok else "kept the candidates: F(C) is not above chance"}
-        return Circuit(kept.model, {g: list(kept.groups[g]) for g in GROUPS}, dict(kept.positions),
+        return Circuit(kept.model, {g: list(kept.groups[g]) for g in kept.group_names}, dict(kept.positions),
                        dict(kept.scores), meta)
 
     def summary(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[tuple[str, Head], Estimate]:
@@ -1130,10 +1134,10 @@ def minimality(lm, prompts, means: MeanActivations, circuit: Circuit, *, top_fra
     """
     if not 0 <= top_fraction <= 1:
         raise AblationError(f"top_fraction must be in [0, 1], got {top_fraction}")
-    unknown = set(groups or ()) - set(GROUPS)
+    unknown = set(groups or ()) - set(circuit.group_names)
     if unknown:
-        raise AblationError(f"unknown groups {sorted(unknown)}; expected some of {GROUPS}")
-    todo = [g for g in (groups or GROUPS) if circuit.groups[g]]
+        raise AblationError(f"unknown groups {sorted(unknown)}; expected some of {circuit.group_names}")
+    todo = [g for g in (groups or circuit.group_names) if circuit.groups[g]]
     kw = dict(batch_size=batch_size, progress=progress, check_model=check_model)
 
     def minus(g: str, heads: Iterable[Head], label: str) -> Ablation:
@@ -1168,7 +1172,7 @@ def minimality(lm, prompts, means: MeanActivations, circuit: Circuit, *, top_fra
     heads = [HeadMinimality(g, v, K, evs[2 * i], evs[2 * i + 1], threshold) for i, (g, v, K) in enumerate(plan)]
 
     kept = {(h.group, h.head) for h in heads if h.kept}
-    new_groups = {g: [h for h in circuit.groups[g] if g not in todo or (g, h) in kept] for g in GROUPS}
+    new_groups = {g: [h for h in circuit.groups[g] if g not in todo or (g, h) in kept] for g in circuit.group_names}
     meta = dict(circuit.meta)
     meta["minimality"] = {"top_fraction": top_fraction, "threshold": threshold, "groups": todo,
                           "n_examples": f_c.n}

@@ -36,6 +36,18 @@ binding as "positional" cells.
 :func:`accuracy_by_box` splits accuracy by the queried box index (1..num_boxes): a model trained
 on few boxes may fail on boxes at positions it never saw.
 
+**The organism's own circuit (ours).** A content binder stores the object on the queried label's
+context occurrence, a position where the paper's circuit keeps only its Structure Readers, so the
+paper's F(C) mean-ablates the heads that wrote it. :func:`entity_tracking.path_patching.extend_circuit`
+adds them as a group of ours (the Object Writers); :func:`extended_faithfulness` evaluates the
+paper's circuit and the extended one under the paper's ablation rule unchanged, side by side on the
+same prompts (paired bootstrap), each against random circuits of its own group sizes, and, for
+context, the paper's circuit with *every* head kept at the queried label's context occurrence (what
+the largest Object Writer group could recover). When the extended circuit is not faithful
+(:data:`entity_tracking.verdicts.FAITHFUL`), :func:`extension_shortfall` says what is still missing,
+with numbers: how many Object Writers it would take, and at which of the circuit's positions the
+heads outside it cost most.
+
 Shapes: head outputs ``[batch, pos, n_heads, d_head]`` (mean ablation, :mod:`.ablation`),
 residual stream ``[batch, pos, d_model]`` (interchange, :mod:`.patching`). Positions of the
 regions are added to the batches of :func:`entity_tracking.data.encode_prompts` as
@@ -72,10 +84,12 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import torch
 
 from . import paper
-from .ablation import Ablation, Estimate, Evaluation, MeanActivations, bootstrap, evaluate, keep_mask
-from .circuit import Circuit, Head
+from .ablation import (Ablation, Estimate, Evaluation, MeanActivations, _every_head, _ratio, bootstrap, evaluate,
+                       keep_mask, random_circuits, shortfall_by_position)
+from .circuit import GROUP_LABELS, GROUPS, Circuit, Head
 from .data import QUERY_FORM, DataError, encode_prompts, locate_spans, render_prompt, word_token_ids
 from .patching import ResidPatch, cache_activations, run
+from .path_patching import top_heads
 
 __all__ = [
     "CONTEXT",
@@ -86,10 +100,14 @@ __all__ = [
     "BindingError",
     "BoxAccuracy",
     "ContextAblation",
+    "ExtendedFaithfulness",
+    "ExtensionShortfall",
     "InterchangeMap",
     "accuracy_by_box",
     "context_ablation",
     "context_settings",
+    "extended_faithfulness",
+    "extension_shortfall",
     "spread_layers",
     "encode_regions",
     "interchange_map",
@@ -251,9 +269,7 @@ class ContextAblation:
         clean = self.evaluations["clean"].correct
         for k in SETTINGS[1:]:
             vec = torch.stack([self.evaluations[k].correct, clean])
-            out[f"retention_{k}"] = bootstrap(
-                vec, lambda a: torch.where(a[1] > 0, a[0] / a[1].clamp_min(1e-30), torch.full_like(a[0], float("nan"))),
-                **kw)
+            out[f"retention_{k}"] = bootstrap(vec, lambda a: _ratio(a[0], a[1]), **kw)
         return out
 
     def to_json(self, **kw) -> dict[str, Any]:
@@ -544,3 +560,259 @@ def interchange_map(lm, base_prompts: Sequence[Mapping[str, Any]], source_prompt
         predicted[i] = logits.argmax(-1).view(P, n)
     labels = position_labels(tok, base)
     return InterchangeMap(getattr(lm, "name", ""), site, lays, pos, [labels[p] for p in pos], predicted, answers, clean)
+
+
+# --------------------------------------------------------------------------------------------
+# The organism's own circuit (ours): the paper's circuit extended, under the paper's ablation
+# --------------------------------------------------------------------------------------------
+
+
+def _extensions(circuit: Circuit, extended: Circuit) -> list[str]:
+    """The groups ``extended`` adds to ``circuit``; the paper's groups must be the same in both."""
+    if {g: extended.groups[g] for g in GROUPS} != {g: circuit.groups[g] for g in GROUPS}:
+        raise BindingError(f"the extended circuit of '{extended.model}' does not hold the paper circuit's groups "
+                           "unchanged; extend it with path_patching.extend_circuit")
+    added = [g for g in extended.group_names if g not in circuit.group_names]
+    if not added:
+        raise BindingError(f"the extended circuit of '{extended.model}' holds no group beyond the paper's")
+    return added
+
+
+def _fmt(e: Estimate) -> str:
+    return f"{e.value:.2f} [{e.low:.2f}, {e.high:.2f}]"
+
+
+#: The settings of :class:`ExtendedFaithfulness` in display order: (key, label).
+EXTENDED_SETTINGS: tuple[tuple[str, str], ...] = (
+    ("paper", "the paper's circuit"),
+    ("extended", "+ Object Writers (ours)"),
+    ("label_kept", "+ every head at the context label"),
+    ("random_paper", "random, the paper's sizes"),
+    ("random_extended", "random, the extended sizes"),
+)
+
+
+@dataclass
+class ExtendedFaithfulness:
+    """Faithfulness of the paper's circuit and of its extension in one model, on the same prompts.
+
+    Attributes:
+        model: ``lm.name``.
+        circuit, extended: the paper's circuit and the extended one (same paper groups).
+        label_kept: the paper's circuit with every head kept at each extension group's position.
+        full: F(M); evaluations: per key of :data:`EXTENDED_SETTINGS` but the random ones, F(C);
+        random: per ``"random_paper"`` / ``"random_extended"`` the random circuits' F(C).
+    """
+
+    model: str
+    circuit: Circuit
+    extended: Circuit
+    label_kept: Circuit
+    full: Evaluation
+    evaluations: dict[str, Evaluation]
+    random: dict[str, list[Evaluation]]
+
+    @property
+    def n(self) -> int:
+        return self.full.n
+
+    def summary(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Estimate]:
+        """``full_accuracy``; per setting ``<key>_accuracy`` and ``<key>_faithfulness`` (F(C)/F(M); for the
+        random ones, of the mean over draws); ``gain``: extended minus paper faithfulness. Every
+        number is a paired percentile bootstrap over the same prompts."""
+        kw = dict(n_resamples=n_resamples, seed=seed, level=level)
+        fixed = [k for k, _ in EXTENDED_SETTINGS if k in self.evaluations]
+        rows = [self.full.correct] + [self.evaluations[k].correct for k in fixed]
+        spans: dict[str, slice] = {k: slice(1 + i, 2 + i) for i, k in enumerate(fixed)}
+        for k, evs in self.random.items():
+            if evs:
+                spans[k] = slice(len(rows), len(rows) + len(evs))
+                rows += [e.correct for e in evs]
+        vec = torch.stack(rows)
+        out = {"full_accuracy": bootstrap(vec, lambda a: a[0], **kw)}
+        for k, sl in spans.items():
+            out[f"{k}_accuracy"] = bootstrap(vec, lambda a, sl=sl: a[sl].mean(0), **kw)
+            out[f"{k}_faithfulness"] = bootstrap(vec, lambda a, sl=sl: _ratio(a[sl].mean(0), a[0]), **kw)
+        p, e = spans["paper"], spans["extended"]
+        out["gain"] = bootstrap(vec, lambda a: _ratio(a[e].mean(0), a[0]) - _ratio(a[p].mean(0), a[0]), **kw)
+        return out
+
+    def sizes(self) -> dict[str, int]:
+        """Heads in each circuit evaluated (per key of :data:`EXTENDED_SETTINGS`)."""
+        return {"paper": self.circuit.n_heads, "extended": self.extended.n_heads, "label_kept": self.label_kept.n_heads,
+                "random_paper": self.circuit.n_heads, "random_extended": self.extended.n_heads}
+
+    def rows(self, paper_model: Optional[str] = None, **kw) -> list[dict[str, Any]]:
+        """One row per setting with its estimates (``value``/``low``/``high`` of faithfulness)
+        and their display strings: a table and a figure's data. With ``paper_model`` (a model of
+        the paper's Table 1, e.g. ``"Llama-7B"``), column ``paper`` holds the paper's faithfulness
+        of its circuit and of its random circuits beside ours (NaN where the paper has none)."""
+        s = self.summary(**kw)
+        sizes = self.sizes()
+        t1 = paper.FAITHFULNESS.get(paper_model or "", {})
+        theirs = {"paper": t1.get("faithfulness"), "random_paper": t1["random"] / t1["full"] if t1 else None}
+        return [{"model": self.model, "key": k, "circuit": label, "heads": sizes[k],
+                 "F(C)": _fmt(s[f"{k}_accuracy"]), "faithfulness": _fmt(s[f"{k}_faithfulness"]),
+                 "value": s[f"{k}_faithfulness"].value, "low": s[f"{k}_faithfulness"].low,
+                 "high": s[f"{k}_faithfulness"].high,
+                 "paper": float("nan") if theirs.get(k) is None else float(theirs[k])}
+                for k, label in EXTENDED_SETTINGS if f"{k}_faithfulness" in s]
+
+    def to_json(self, **kw) -> dict[str, Any]:
+        added = [g for g in self.extended.group_names if g not in GROUPS]
+        return {"model": self.model, "n_examples": self.n, "n_random": len(self.random.get("random_paper", [])),
+                "groups": {g: [list(h) for h in self.extended.groups[g]] for g in self.extended.group_names},
+                "extension_groups": added, "positions": {g: self.extended.positions[g] for g in added},
+                "group_sizes": self.sizes(),
+                "summary": {k: e.as_dict() for k, e in self.summary(**kw).items()},
+                "random_accuracies": {k: [e.accuracy for e in evs] for k, evs in self.random.items()}}
+
+
+def extended_faithfulness(lm, prompts, means: MeanActivations, circuit: Circuit, extended: Circuit, *,
+                          n_random: int = 10, seed: int = 0, batch_size: int = 32, progress: bool = True,
+                          check_model: bool = True) -> ExtendedFaithfulness:
+    """F(C)/F(M) of ``circuit`` (the paper's) and of ``extended`` (it plus groups of ours) in ``lm``,
+    under the paper's mean ablation (:mod:`entity_tracking.ablation`), in one batched evaluation.
+
+    Args:
+        prompts: evaluation prompt records, or an encoded batch (its ``target`` is scored).
+        means: ``lm``'s own :class:`MeanActivations`.
+        n_random, seed: random circuits of each circuit's group sizes, drawn as the faithfulness
+            chapter draws them (the paper circuit's baseline is the same draws; the extended
+            circuit's draws add its extension groups to those).
+
+    Returns:
+        :class:`ExtendedFaithfulness`. The paper circuit's numbers are exactly those of
+        :func:`entity_tracking.ablation.faithfulness` on the same prompts, means and seed.
+    """
+    label_kept = extended
+    for g in _extensions(circuit, extended):
+        label_kept = label_kept.with_group(g, _every_head(lm.arch), extended.positions[g], meta={"kind": "label kept"})
+    circuits = {"paper": circuit, "extended": extended, "label_kept": label_kept}
+    rand = {"random_paper": random_circuits(lm.arch, circuit, n_random, seed) if n_random else [],
+            "random_extended": random_circuits(lm.arch, extended, n_random, seed) if n_random else []}
+    settings = [Ablation(label="F(M)")] + [Ablation(keep=c, label=f"F({k})") for k, c in circuits.items()]
+    settings += [Ablation(keep=r, label=f"F({k} {i})") for k, rs in rand.items() for i, r in enumerate(rs)]
+    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress, check_model=check_model)
+    fixed = dict(zip(circuits, evs[1:1 + len(circuits)]))
+    rest, random = evs[1 + len(circuits):], {}
+    for k, rs in rand.items():
+        random[k], rest = rest[:len(rs)], rest[len(rs):]
+    return ExtendedFaithfulness(getattr(lm, "name", circuit.model), circuit, extended, label_kept, evs[0], fixed, random)
+
+
+@dataclass
+class ExtensionShortfall:
+    """What the extended circuit still misses, when it is not faithful.
+
+    Attributes:
+        model, group: the model and the extension group examined.
+        faithfulness: the extended circuit's faithfulness (with its interval).
+        threshold: :data:`entity_tracking.verdicts.FAITHFUL` ``.holds``; ``missing`` is True when
+            the faithfulness interval does not lie wholly at or above it.
+        label_kept: faithfulness with every head kept at the group's position.
+        ladder: ``{"heads", "faithfulness"}`` rows: the group grown to its ``heads`` best-scoring
+            heads (path-patching order), doubling up to every head (empty when not ``missing``).
+        by_position: rows of :func:`entity_tracking.ablation.shortfall_by_position` for the
+            extended circuit (``setting``, ``heads_ablated``, ``accuracy``; empty when not ``missing``).
+    """
+
+    model: str
+    group: str
+    faithfulness: Estimate
+    threshold: float
+    label_kept: Estimate
+    ladder: list[dict[str, Any]]
+    by_position: list[dict[str, Any]]
+
+    @property
+    def missing(self) -> bool:
+        return not self.faithfulness.low >= self.threshold
+
+    @property
+    def heads_needed(self) -> Optional[int]:
+        """The smallest group size tried whose faithfulness reaches the threshold (None: none does)."""
+        return next((r["heads"] for r in self.ladder if r["faithfulness"].value >= self.threshold), None)
+
+    @property
+    def text(self) -> str:
+        """What is missing, in words and numbers (markdown)."""
+        name = GROUP_LABELS.get(self.group, self.group).removesuffix(" (ours)")
+        head = (f"`{self.model}`: the extended circuit's faithfulness is {_fmt(self.faithfulness)}")
+        if not self.missing:
+            return head + f", at or above {self.threshold:g} with its whole interval: nothing is missing by this rule."
+        out = [head + f", not at or above {self.threshold:g} with its whole interval."]
+        need = self.heads_needed
+        steps = ", ".join(f"{r['heads']} heads {r['faithfulness'].value:.2f}" for r in self.ladder)
+        out.append(f"- More {name}s (the best-scoring heads first): {steps}; "
+                   + (f"{need} heads reach {self.threshold:g}." if need is not None else
+                      f"none reaches {self.threshold:g}, not even every head ({self.label_kept.value:.2f}): "
+                      "what is missing lies at other positions."))
+        rows = {r["setting"]: r for r in self.by_position}
+        fm = rows.get("F(M)")
+        vital = [r for r in self.by_position if r["heads_ablated"] is not None and r["setting"] != "all vital positions"]
+        if fm and vital:
+            worst = min(vital, key=lambda r: r["accuracy"].value)
+            out.append(f"- With everything else intact, ablating the heads outside the circuit at one of its positions "
+                       f"costs most at `{worst['setting']}` ({worst['heads_ablated']} heads): accuracy "
+                       f"{_fmt(worst['accuracy'])} against {_fmt(fm['accuracy'])} unablated; "
+                       + "; ".join(f"`{r['setting']}` {r['accuracy'].value:.2f}" for r in vital) + ".")
+        if "F(C)" in rows and "all vital positions" in rows:
+            out.append(f"- The heads outside the circuit ablated at all its positions at once, everything else intact: "
+                       f"accuracy {_fmt(rows['all vital positions']['accuracy'])}; with every other position ablated "
+                       f"too (F(C), the paper's rule): {_fmt(rows['F(C)']['accuracy'])}.")
+        return "\n".join(out)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "group": self.group, "threshold": self.threshold, "missing": self.missing,
+                "faithfulness": self.faithfulness.as_dict(), "label_kept_faithfulness": self.label_kept.as_dict(),
+                "heads_needed": self.heads_needed,
+                "ladder": [{"heads": r["heads"], "faithfulness": r["faithfulness"].as_dict()} for r in self.ladder],
+                "by_position": [{"setting": r["setting"], "heads_ablated": r["heads_ablated"],
+                                 "accuracy": r["accuracy"].as_dict()} for r in self.by_position]}
+
+
+def _ladder(k: int, n: int) -> list[int]:
+    """Group sizes above ``k``, doubling, ending at ``n`` (every head)."""
+    out, j = [], max(1, k)
+    while j < n:
+        j = min(2 * j, n)
+        out.append(j)
+    return out
+
+
+def extension_shortfall(lm, prompts, means: MeanActivations, result: ExtendedFaithfulness, group: str = "object_writer",
+                        *, n_resamples: int = 1000, seed: int = 0, batch_size: int = 32,
+                        progress: bool = True) -> ExtensionShortfall:
+    """What ``result``'s extended circuit misses, with numbers, when its faithfulness is not at or
+    above :data:`entity_tracking.verdicts.FAITHFUL` with its whole interval (nothing is run
+    otherwise): ``group`` grown to its best-scoring heads by doubling (its score map's order,
+    every head last), and :func:`~entity_tracking.ablation.shortfall_by_position` of the extended
+    circuit (where, with everything else intact, the heads outside it cost most)."""
+    from .verdicts import FAITHFUL
+
+    if group not in result.extended.group_names or group in GROUPS:
+        raise BindingError(f"'{group}' is not an extension group of the extended circuit "
+                           f"({[g for g in result.extended.group_names if g not in GROUPS]})")
+    kw = dict(n_resamples=n_resamples, seed=seed)
+    s = result.summary(**kw)
+    out = ExtensionShortfall(result.model, group, s["extended_faithfulness"], float(FAITHFUL.holds),
+                             s["label_kept_faithfulness"], [], [])
+    if not out.missing:
+        return out
+    ext = result.extended
+    scores = torch.as_tensor(ext.scores[group]) if ext.scores.get(group) else torch.zeros(lm.arch.n_layers,
+                                                                                           lm.arch.n_heads)
+    ranked = top_heads(scores, scores.numel())  # every head, the lowest score first
+    sizes = _ladder(len(ext.groups[group]), len(ranked))
+    grown = [ext.with_group(group, ranked[:j], ext.positions[group]) for j in sizes]
+    evs = evaluate(lm, prompts, means, [Ablation(label="F(M)")] + [Ablation(keep=c, label=f"{j} heads")
+                                                                   for j, c in zip(sizes, grown)],
+                   batch_size=batch_size, progress=progress)
+    for j, ev in zip(sizes, evs[1:]):
+        vec = torch.stack([evs[0].correct, ev.correct])
+        out.ladder.append({"heads": j, "faithfulness": bootstrap(vec, lambda a: _ratio(a[1], a[0]), **kw)})
+    rows = shortfall_by_position(lm, prompts, means, ext, batch_size=batch_size, progress=progress)
+    out.by_position.extend({"setting": r["setting"], "heads_ablated": r["heads_ablated"],
+                            "accuracy": r["evaluation"].estimate(**kw)} for r in rows)
+    return out

@@ -9,6 +9,15 @@ object and write it to the logits. A :class:`Circuit` records the heads of each 
 :func:`entity_tracking.data.encode_prompts`), the path-patching scores they were selected by,
 and the parameters and data they came from. The circuit chapter writes one JSON file per model
 (``results/<profile>/circuits/<model>.json``); the faithfulness, DCM and CMAP chapters read them.
+
+**Extension groups (ours).** A circuit may also hold groups the paper's four steps cannot reach
+(:data:`EXTENSION_GROUPS`): the **Object Writers**, heads that write the bound object onto the
+queried label's occurrence in the context, where a model that binds by content stores it and its
+Value Fetchers read it (found by :func:`entity_tracking.path_patching.extend_circuit`).
+:meth:`Circuit.with_group` adds one; :attr:`Circuit.group_names` lists the groups a circuit holds
+(the paper's four first). A circuit without extension groups is exactly the paper's, in memory and
+in its JSON file, and everything written for the paper's four groups (:data:`GROUPS`) reads it
+as before.
 """
 
 from __future__ import annotations
@@ -20,19 +29,25 @@ from typing import Any, Iterable
 
 from .io import read_json, write_json
 
-__all__ = ["GROUPS", "GROUP_LABELS", "GROUP_POSITIONS", "Circuit", "Head"]
+__all__ = ["ALL_GROUPS", "EXTENSION_GROUPS", "GROUPS", "GROUP_LABELS", "GROUP_POSITIONS", "Circuit", "Head"]
 
 Head = tuple[int, int]
 
 #: Groups in the order path patching discovers them (from the logits backwards).
 GROUPS: tuple[str, ...] = ("value_fetcher", "position_transmitter", "position_detector", "structure_reader")
 
-#: Display names with the paper's letters.
+#: Groups of ours beyond the paper's four (module docstring); a circuit holds them only when added.
+EXTENSION_GROUPS: tuple[str, ...] = ("object_writer",)
+#: Every group a circuit may hold, the paper's first.
+ALL_GROUPS: tuple[str, ...] = GROUPS + EXTENSION_GROUPS
+
+#: Display names with the paper's letters (ours marked as ours).
 GROUP_LABELS: dict[str, str] = {
     "value_fetcher": "Value Fetcher (A)",
     "position_transmitter": "Position Transmitter (B)",
     "position_detector": "Position Detector (C)",
     "structure_reader": "Structure Reader (D)",
+    "object_writer": "Object Writer (ours)",
 }
 
 #: Where each group acts: a position key of ``data.encode_prompts`` (without ``_position``).
@@ -41,6 +56,7 @@ GROUP_POSITIONS: dict[str, str] = {
     "position_transmitter": "last",
     "position_detector": "query_label",
     "structure_reader": "prev_query_label",
+    "object_writer": "prev_query_label",  # the queried label's occurrence in the context
 }
 
 SCHEMA_VERSION = 1
@@ -56,7 +72,10 @@ def _heads(items: Iterable) -> list[Head]:
 
 @dataclass
 class Circuit:
-    """Heads per group for one model. ``groups[g]`` is a list of ``(layer, head)``."""
+    """Heads per group for one model. ``groups[g]`` is a list of ``(layer, head)``.
+
+    ``groups`` always holds the paper's four groups (missing ones are empty) and any of
+    :data:`EXTENSION_GROUPS` given; ``positions`` holds a position key per group held."""
 
     model: str
     groups: dict[str, list[Head]]
@@ -65,12 +84,20 @@ class Circuit:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = set(self.groups) - set(GROUPS)
+        unknown = set(self.groups) - set(ALL_GROUPS)
         if unknown:
-            raise ValueError(f"unknown circuit groups {sorted(unknown)}; expected a subset of {GROUPS}")
-        self.groups = {g: _heads(self.groups.get(g, [])) for g in GROUPS}
-        for g in GROUPS:
+            raise ValueError(f"unknown circuit groups {sorted(unknown)}; expected a subset of {ALL_GROUPS}")
+        held = GROUPS + tuple(g for g in EXTENSION_GROUPS if g in self.groups)
+        self.groups = {g: _heads(self.groups.get(g, [])) for g in held}
+        # positions of extension groups this circuit does not hold are dropped (a template's)
+        self.positions = {g: p for g, p in self.positions.items() if g in held or g not in EXTENSION_GROUPS}
+        for g in held:
             self.positions.setdefault(g, GROUP_POSITIONS[g])
+
+    @property
+    def group_names(self) -> tuple[str, ...]:
+        """The groups this circuit holds: the paper's four, then any extension groups (ours)."""
+        return tuple(self.groups)
 
     @property
     def n_heads(self) -> int:
@@ -78,7 +105,21 @@ class Circuit:
 
     def heads_at(self, position: str) -> set[Head]:
         """All circuit heads acting at ``position`` (e.g. ``"last"``: Value Fetchers and Transmitters)."""
-        return {h for g in GROUPS if self.positions[g] == position for h in self.groups[g]}
+        return {h for g in self.group_names if self.positions[g] == position for h in self.groups[g]}
+
+    def with_group(self, name: str, heads: Iterable, position: str | None = None,
+                   scores: Any = None, meta: dict[str, Any] | None = None) -> "Circuit":
+        """A copy holding extension group ``name`` (one of :data:`EXTENSION_GROUPS`) with ``heads``
+        at ``position`` (a batch position key; default :data:`GROUP_POSITIONS`), replacing that
+        group if already held. ``scores`` (its score map) and ``meta`` (merged into the copy's
+        meta) record how it was found. The paper's four groups cannot be replaced this way."""
+        if name not in EXTENSION_GROUPS:
+            raise ValueError(f"'{name}' is not an extension group; extension groups are {EXTENSION_GROUPS} "
+                             f"(the paper's groups {GROUPS} come from path patching's four steps)")
+        groups = {**{g: list(hs) for g, hs in self.groups.items()}, name: _heads(heads)}
+        positions = {**self.positions, name: position or GROUP_POSITIONS[name]}
+        new_scores = dict(self.scores) if scores is None else {**self.scores, name: scores}
+        return Circuit(self.model, groups, positions, new_scores, {**self.meta, **(meta or {})})
 
     def without(self, removed: Iterable[tuple[str, Head]]) -> "Circuit":
         """A copy with the given ``(group, head)`` entries removed."""
@@ -90,7 +131,7 @@ class Circuit:
         """Per group: sizes, shared heads, ``precision`` = shared / |self| (the share of this
         circuit found in ``other``) and ``recall`` = shared / |other|, as the paper reports them."""
         out = {}
-        for g in GROUPS:
+        for g in GROUPS + tuple(g for g in EXTENSION_GROUPS if g in self.groups and g in other.groups):
             a, b = set(self.groups[g]), set(other.groups[g])
             k = len(a & b)
             out[g] = {"self": len(a), "other": len(b), "shared": k,
@@ -101,7 +142,7 @@ class Circuit:
         return {
             "schema_version": SCHEMA_VERSION,
             "model": self.model,
-            "groups": {g: [list(h) for h in self.groups[g]] for g in GROUPS},
+            "groups": {g: [list(h) for h in self.groups[g]] for g in self.group_names},
             "positions": self.positions,
             "scores": self.scores,
             "meta": self.meta,

@@ -298,9 +298,34 @@ class CircuitSpec(_Strict):
         default_factory=lambda: {"value_fetcher": 58, "position_transmitter": 10, "position_detector": 25, "structure_reader": 5},
         description="top-k heads per group handed to the minimality pruning",
     )
+    extension_candidates: dict[str, int] = Field(
+        default_factory=lambda: {"object_writer": 4},
+        description="ours, beside the paper's circuit: top-k heads of each extension group "
+                    "(entity_tracking.circuit.EXTENSION_GROUPS), found through the circuit's own groups by "
+                    "entity_tracking.path_patching.extend_circuit with the same selection rule; the binding "
+                    "chapter evaluates the extended circuit",
+    )
     minimality_threshold: float = Field(0.01, ge=0)
     minimality_examples: int = Field(100, ge=1)
     batch_size: int = Field(32, ge=1)
+
+
+    @field_validator("extension_candidates")
+    @classmethod
+    def _extension_groups(cls, v: dict[str, int]):
+        from .circuit import EXTENSION_GROUPS
+
+        if not v:
+            raise ValueError(f"name at least one extension group (the binding chapter extends the circuit with it); "
+                             f"extension groups are {list(EXTENSION_GROUPS)}")
+        unknown = sorted(set(v) - set(EXTENSION_GROUPS))
+        if unknown:
+            raise ValueError(f"unknown extension group(s) {unknown}; extension groups are {list(EXTENSION_GROUPS)} "
+                             "(the paper's groups take their sizes from 'candidates')")
+        bad = {g: k for g, k in v.items() if k < 1}
+        if bad:
+            raise ValueError(f"every extension group needs at least 1 head, got {bad}")
+        return v
 
 
 class FaithfulnessSpec(_Strict):

@@ -44,6 +44,22 @@ The receiver position is the sender position in every step. Under grouped-query 
 receiver's *value* is its kv head (``arch.kv_head(h)``), so patching it changes the value of
 every query head of its group (see :mod:`entity_tracking.patching`).
 
+**A step of ours beyond the four** (:data:`EXTENSION_STEPS`, :func:`extend_circuit`). A model
+that binds by content stores the object on its box label in the context, and its Value Fetchers
+read it from the queried label's occurrence there: through their **keys** (what makes them look
+there) and **values** (what they read). The four steps never score a head at that position through
+the Value Fetchers, so the heads that write the object there are out of their reach. The
+**Object Writer** step (ours) scores every head at the queried label's context occurrence
+(corrupted from a random box label of the corrupt prompt, as in the Structure Reader step) through
+the Value Fetchers' keys and values together (receiver site ``"kv"``: both projections' outputs
+patched at that position), and takes the ``k`` lowest scores by the same rule as the other groups:
+
+==========================  =====================  ============================  ==============
+step (group, ours)          sender position        corrupt position              receivers
+==========================  =====================  ============================  ==============
+Object Writer               previous query label   a random box label            K and V of A
+==========================  =====================  ============================  ==============
+
 **Two implementations of the same scores.** :func:`path_patching_scores` with
 ``method="naive"`` does exactly the above, two full forward passes per sender (the test
 oracle). ``method="fast"`` (the default) computes the same numbers much more cheaply, from
@@ -96,6 +112,7 @@ from .patching import (
     HeadPatch,
     _chunks,
     _lm_parts,
+    _n_site_heads,
     as_batch,
     check_positions,
     check_unpadded,
@@ -105,6 +122,7 @@ from .patching import (
 )
 
 __all__ = [
+    "EXTENSION_STEPS",
     "METHODS",
     "METRICS",
     "PAPER_CIRCUIT_K",
@@ -116,6 +134,7 @@ __all__ = [
     "Step",
     "discover_circuit",
     "estimate_cost",
+    "extend_circuit",
     "null_circuit",
     "shuffled_attention",
     "path_patching_scores",
@@ -128,14 +147,19 @@ METHODS = ("fast", "naive")
 METRICS = ("relative", "pooled")
 #: Group selection: the paper's k lowest scores whatever their sign, or only negative scores (ours).
 SELECTIONS = ("paper", "negative")
+#: Receiver sites: a receiver's query, key or value, or its key and value together ("kv").
+RECEIVER_SITES = ("q", "k", "v", "kv")
+#: The head sites (:mod:`entity_tracking.patching`) each receiver site patches.
+_SITE_PARTS: dict[str, tuple[str, ...]] = {"q": ("q",), "k": ("k",), "v": ("v",), "kv": ("k", "v")}
 Head = tuple[int, int]
 
 
 @dataclass(frozen=True)
 class Step:
     """One path-patching step: the group it finds, where senders are patched, and what they
-    are scored through (``receiver_site`` ``None`` = the logits, else ``"q"`` or ``"v"`` of the
-    previous step's top heads). Positions are keys of :func:`data.encode_prompts` batches."""
+    are scored through (``receiver_site`` ``None`` = the logits, else ``"q"``, ``"v"`` or
+    ``"kv"`` of the top heads of group ``receivers_from``). Positions are keys of
+    :func:`data.encode_prompts` batches."""
 
     group: str
     sender_position: str
@@ -153,6 +177,14 @@ STEPS: dict[str, Step] = {
     "structure_reader": Step("structure_reader", "prev_query_label_position", "corrupt_label_position", "v",
                              "position_detector"),
 }
+
+#: Steps of ours beyond the paper's four (module docstring), run on a found circuit by
+#: :func:`extend_circuit`; the sender position is the group's position in the circuit.
+EXTENSION_STEPS: dict[str, Step] = {
+    "object_writer": Step("object_writer", "prev_query_label_position", "corrupt_label_position", "kv",
+                          "value_fetcher"),
+}
+_ALL_STEPS: dict[str, Step] = {**STEPS, **EXTENSION_STEPS}
 
 #: How many top heads of a step become the next step's receivers (paper, Llama-7B).
 PAPER_RECEIVERS_K: dict[str, int] = {"value_fetcher": 20, "position_transmitter": 5, "position_detector": 10}
@@ -235,7 +267,7 @@ def estimate_cost(
     Args:
         n_examples, seq_len: dataset size and prompt length (tokens, BOS included).
         method: ``"fast"`` or ``"naive"``.
-        steps: which of :data:`STEPS` the sweep runs (default all four).
+        steps: which of :data:`STEPS` (or :data:`EXTENSION_STEPS`) the sweep runs (default the paper's four).
         n_receivers: receivers per step (default :data:`PAPER_RECEIVERS_K` of the previous group).
         suffix_lengths: mean suffix length (tokens from the receiver position to the end) per
             step; defaults: 1 at the last token, 3 at the query label, ``seq_len / 2`` at the
@@ -264,12 +296,12 @@ def estimate_cost(
     V = a.vocab_size
     S, N = int(seq_len), int(n_examples)
     for s in steps:
-        if s not in STEPS:
-            raise ValueError(f"unknown step {s!r}; steps are {list(STEPS)}")
-    recv = {**{g: PAPER_RECEIVERS_K.get(STEPS[g].receivers_from, 0) for g in STEPS if STEPS[g].receivers_from},
+        if s not in _ALL_STEPS:
+            raise ValueError(f"unknown step {s!r}; steps are {list(_ALL_STEPS)}")
+    recv = {**{g: PAPER_RECEIVERS_K.get(st.receivers_from, 0) for g, st in _ALL_STEPS.items() if st.receivers_from},
             **(n_receivers or {})}
     suf = {"value_fetcher": 1.0, "position_transmitter": 1.0, "position_detector": 3.0,
-           "structure_reader": S / 2, **(suffix_lengths or {})}
+           "structure_reader": S / 2, "object_writer": S / 2, **(suffix_lengths or {})}
 
     proj = 2 * d * (H + 2 * Hkv) * dh + 2 * H * dh * d  # q, k, v, o per token
     mlp = 2 * 3 * d * dm  # gated MLP per token
@@ -287,7 +319,7 @@ def estimate_cost(
     if method == "naive":
         senders = L * H
         for g in steps:
-            passes = 1 if STEPS[g].receiver_site is None else 2
+            passes = 1 if _ALL_STEPS[g].receiver_site is None else 2
             parts[g] = senders * passes * N * fwd
         caches = 2 * N * S * L * H * dh * nb  # clean and corrupt head outputs, every position
         frozen = bs * S * L * H * dh * nb  # one chunk's frozen-head patches
@@ -296,19 +328,20 @@ def estimate_cost(
     else:
         state = N * L * S * (2 * Hkv * dh + 3 * d + H * dh) * nb  # PathPatcher._state
         kept = state <= cache_budget
-        if not kept and any(STEPS[g].receiver_site for g in steps):
+        if not kept and any(_ALL_STEPS[g].receiver_site for g in steps):
             parts["caches"] += N * fwd  # a second clean pass: prefixes' key/value caches per group
         rows = min(max_rows or _default_max_rows(a, S, dt), H * N)  # pass 2 runs one sender layer at a time
         senders = L * H
         pass1_layer = 2 * H * dh * d + mlp  # o_proj of the patched vector + MLP, per layer and sender
         for g in steps:
-            step = STEPS[g]
+            step = _ALL_STEPS[g]
             p1 = N * H * sum(pass1_layer + (L - 1 - l) * (mlp + 0) for l in range(L))
             if step.receiver_site is None:
                 p1 += N * senders * unembed
                 parts[g] = p1
             else:
-                p1 += N * senders * L * 2 * d * (H * dh)  # receivers' projections (upper bound)
+                parts_n = len(_SITE_PARTS[step.receiver_site])  # projections per receiver ("kv": two)
+                p1 += N * senders * L * 2 * d * (H * dh) * parts_n  # receivers' projections (upper bound)
                 start = int(round(S - suf[g]))
                 rl = sorted(set((receiver_layers or {}).get(g, range(1, L))))
                 # pass 2 per sender layer l: the suffix through the blocks from the first receiver above l
@@ -318,7 +351,7 @@ def estimate_cost(
         caches = 2 * N * 3 * L * (2 * d + H * dh) * nb + (state if kept else 0)
         pass1 = H * bs * (4 * d + 3 * dm + V) * nb
         kv_row = L * 2 * Hkv * S * dh * nb
-        t = max((suf[g] for g in steps if STEPS[g].receiver_site), default=1)
+        t = max((suf[g] for g in steps if _ALL_STEPS[g].receiver_site), default=1)
         pass2 = rows * (kv_row + t * (act_per_token + V * nb))
         peak = caches + max(pass1, pass2)
     flops = sum(parts.values())
@@ -342,12 +375,12 @@ def _default_max_rows(arch: Arch, seq_len: int, dtype: torch.dtype, budget: int 
 
 
 def _receivers_by_layer(arch: Arch, receivers: Sequence[Head], site: str) -> dict[int, list[int]]:
-    """``{layer: indices on the site's head axis}`` (kv heads for ``v``), layers ascending."""
+    """``{layer: indices on the site's head axis}`` (kv heads for ``k``, ``v`` and ``kv``), layers ascending."""
     out: dict[int, list[int]] = {}
     for layer, head in receivers:
         layer = arch._layer_index(int(layer))
         out.setdefault(layer, []).append(int(head))
-    return {l: site_heads(arch, site, hs) for l, hs in sorted(out.items())}
+    return {l: site_heads(arch, _SITE_PARTS[site][-1], hs) for l, hs in sorted(out.items())}
 
 
 class PathPatcher:
@@ -475,9 +508,10 @@ class PathPatcher:
                 if site is None:
                     logits = run(self.lm, chunk, frozen, batch_size=n).logits
                 else:
-                    rec = run(self.lm, chunk, frozen, [(site, l2) for l2 in recv], record_positions=ps,
+                    parts = _SITE_PARTS[site]
+                    rec = run(self.lm, chunk, frozen, [(s, l2) for l2 in recv for s in parts], record_positions=ps,
                               logits=False, batch_size=n).cache
-                    patches = [HeadPatch(site, l2, hs, rec[site, l2][:, :, hs], ps) for l2, hs in recv.items()]
+                    patches = [HeadPatch(s, l2, hs, rec[s, l2][:, :, hs], ps) for l2, hs in recv.items() for s in parts]
                     logits = run(self.lm, chunk, patches, batch_size=n).logits
                 total += float(self._score(target_probs(logits, self.target[sl]), p_clean[sl]).sum())
             scores[l, h] = total / self.n
@@ -522,7 +556,7 @@ class PathPatcher:
         cols = {"base": {}, "source": {}}
         self._state()  # the base's positions come from the whole-dataset clean pass when it fits
         for g in steps:
-            st = STEPS[g]
+            st = _ALL_STEPS[g]
             for which, key in (("base", st.sender_position), ("source", st.corrupt_position)):
                 pos = self.positions(which, key)
                 k = (which, tuple(pos.tolist()))
@@ -580,7 +614,8 @@ class PathPatcher:
                site: Optional[str], logits: bool = False):
         """Fast pass 1 for all ``H`` senders of layer ``l`` and examples ``e``, at the sender position.
 
-        Returns ``({receiver layer: [sender, n_e, n_sel, d_head]}, logits [sender, n_e, vocab] or None)``.
+        Returns ``({receiver layer: {head site: [sender, n_e, n_sel, d_head]}}, logits [sender, n_e, vocab]
+        or None)``; the head sites are those of ``site`` (``"kv"``: ``"k"`` and ``"v"``).
         """
         a = self.arch
         hf = a._torch(self.lm)
@@ -591,12 +626,12 @@ class PathPatcher:
         attn = a.o_proj(hf, l)(a.merge_heads(zp))  # o_proj of the whole patched vector [sender, n_e, d]
         resid = a.add_mlp(hf, l, a.add_attn(hf, l, clean["resid_pre", l][e, 0], attn))
         stop = a.n_layers if logits else (max(active) if active else l)
-        values: dict[int, torch.Tensor] = {}
+        values: dict[int, dict[str, torch.Tensor]] = {}
         for l2 in range(l + 1, stop + 1 if not logits else stop):
             if l2 in active:
-                x = a.module(hf, f"{site}_proj", l2)(a.attn_input(hf, l2, resid))
-                n_site = a.n_heads if site == "q" else a.n_kv_heads
-                values[l2] = a.split_heads(x, n_site)[:, :, active[l2]]
+                x = a.attn_input(hf, l2, resid)
+                values[l2] = {p: a.split_heads(a.module(hf, f"{p}_proj", l2)(x), _n_site_heads(a, p))[:, :, active[l2]]
+                              for p in _SITE_PARTS[site]}
             if l2 < stop:  # frozen heads: the clean attention output at this position
                 resid = a.add_mlp(hf, l2, a.add_attn(hf, l2, resid, clean["attn_out", l2][e, 0]))
         return values, (a.unembed(hf, resid) if logits else None)
@@ -678,7 +713,7 @@ class PathPatcher:
         return got
 
     def _pass2(self, P: int, e: torch.Tensor, prefix_kv, active: dict[int, list[int]],
-               values: dict[int, torch.Tensor], site: str) -> torch.Tensor:
+               values: dict[int, dict[str, torch.Tensor]], site: str) -> torch.Tensor:
         """Fast pass 2: summed scores ``[sender]`` over examples ``e`` (all with receiver position
         ``P``): the clean prefix's key/value cache tiled over the senders, and only the suffix run,
         with the active receivers' ``site`` patched at its first token."""
@@ -699,9 +734,10 @@ class PathPatcher:
                                   "logits_to_keep": 1}
             if prefix_kv is not None:
                 kw["past_key_values"] = self._tiled_cache(prefix_kv, k, first)
-            patches = [HeadPatch(site, l2, active[l2],
+            patches = [HeadPatch(p, l2, active[l2],
                                  v[ssl].transpose(0, 1).reshape(rows, 1, len(active[l2]), a.d_head),
-                                 torch.zeros(rows, 1, dtype=torch.long)) for l2, v in values.items()]
+                                 torch.zeros(rows, 1, dtype=torch.long))
+                       for l2, by_site in values.items() for p, v in by_site.items()]
             skip = clean_resid[first - 1].repeat_interleave(k, 0) if first > 0 else None
             logits = run(self.lm, suffix.repeat_interleave(k, 0), patches, trace_kwargs=kw, out_device=dev,
                          skip_layers=range(first) if first > 0 else (), skip_value=skip).logits
@@ -730,13 +766,14 @@ class PathPatcher:
         """Scores ``[n_layers, n_heads]`` of every sender head (see module docstring).
 
         ``sender_position``/``corrupt_position``: base/source batch keys or ``[batch]`` tensors.
-        ``receivers``: ``(layer, head)`` query heads, read through ``site`` (``"q"`` or ``"v"``)
-        at the sender position; ``site=None`` scores the direct effect on the logits.
+        ``receivers``: ``(layer, head)`` query heads, read through ``site`` (``"q"``, ``"k"``,
+        ``"v"``, or ``"kv"``: key and value together) at the sender position; ``site=None`` scores
+        the direct effect on the logits.
         """
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if site not in (None, "q", "v", "k"):
-            raise ValueError(f"receiver site must be None (logits), 'q', 'k' or 'v'; got {site!r}")
+        if site is not None and site not in RECEIVER_SITES:
+            raise ValueError(f"receiver site must be None (logits) or one of {RECEIVER_SITES}; got {site!r}")
         if site is not None and not receivers:
             raise ValueError(f"receiver site '{site}' given but no receiver heads")
         if site is None and receivers:
@@ -747,7 +784,7 @@ class PathPatcher:
         ps = self.positions("base", sender_position)
         pc = self.positions("source", corrupt_position)
         if self.verbose:
-            like = label if label in STEPS and STEPS[label].receiver_site == site else _step_like(site)
+            like = label if label in _ALL_STEPS and _ALL_STEPS[label].receiver_site == site else _step_like(site)
             est = estimate_cost(self.arch, self.n, self.seq_len, self.dtype, method,
                                 steps=[like], n_receivers={like: len(receivers)},
                                 suffix_lengths={like: float((self.seq_len - ps).float().mean())},
@@ -760,7 +797,7 @@ class PathPatcher:
 
 def _step_like(site: Optional[str]) -> str:
     return {None: "value_fetcher", "q": "position_transmitter", "v": "position_detector",
-            "k": "position_detector"}[site]
+            "k": "position_detector", "kv": "object_writer"}[site]
 
 
 # --------------------------------------------------------------------------------------------
@@ -792,12 +829,12 @@ def _patcher_for(lm: Any, pairs: Any, **kw) -> PathPatcher:
 def step_scores(lm: Any, pairs: Any, step: str, receivers: Sequence[Head] = (), *, method: str = "fast",
                 **kw) -> torch.Tensor:
     """Scores ``[n_layers, n_heads]`` of one of the paper's :data:`STEPS` (``"value_fetcher"``,
-    ...). ``pairs``: an :func:`data.encode_pairs` result, path-patching records, or a
-    :class:`PathPatcher` (to share caches between steps). ``receivers``: the previous step's
-    top heads (none for ``value_fetcher``)."""
-    if step not in STEPS:
-        raise ValueError(f"unknown step {step!r}; steps are {list(STEPS)}")
-    s = STEPS[step]
+    ...) or of ours (:data:`EXTENSION_STEPS`). ``pairs``: an :func:`data.encode_pairs` result,
+    path-patching records, or a :class:`PathPatcher` (to share caches between steps).
+    ``receivers``: the top heads of the step's ``receivers_from`` group (none for ``value_fetcher``)."""
+    if step not in _ALL_STEPS:
+        raise ValueError(f"unknown step {step!r}; steps are {list(_ALL_STEPS)}")
+    s = _ALL_STEPS[step]
     pp = _patcher_for(lm, pairs, **kw)
     return pp.scores(s.sender_position, s.corrupt_position, receivers if s.receiver_site else (),
                      s.receiver_site, method, label=step)
@@ -919,6 +956,60 @@ def discover_circuit(
         circuit = prune(circuit)
         circuit.meta = {**circuit.meta, "pruned": True}
     return circuit
+
+
+def extend_circuit(
+    lm: Any,
+    pairs: Any,
+    circuit: Circuit,
+    group: str = "object_writer",
+    *,
+    k: int,
+    method: str = "fast",
+    metric: Optional[str] = None,
+    selection: Optional[str] = None,
+    batch_size: int = 32,
+    max_rows: Optional[int] = None,
+    progress: bool = True,
+    verbose: bool = True,
+) -> Circuit:
+    """``circuit`` with one group of ours added (:data:`EXTENSION_STEPS`, module docstring): the
+    ``k`` lowest-scoring heads of the group's step, through ``circuit``'s own receivers (for the
+    Object Writers, its Value Fetchers' keys and values at the queried label's context occurrence).
+
+    Args:
+        pairs: as for :func:`discover_circuit` (a :class:`PathPatcher` shares its caches).
+        metric, selection: default to the ones ``circuit`` was found with (its ``meta``), else the
+            paper's (``"relative"``, ``"paper"``): the new group is chosen by the same rule as the others.
+
+    Returns:
+        a copy of ``circuit`` whose paper groups are unchanged, holding ``group`` at the step's
+        sender position, its score map in ``scores[group]`` and ``meta["extension"][group]``
+        (step, receivers, k, metric, selection, kernel, examples). When ``circuit`` has no
+        receivers the scores are zeros and the group is empty.
+    """
+    if group not in EXTENSION_STEPS:
+        raise ValueError(f"unknown extension step {group!r}; extension steps are {list(EXTENSION_STEPS)}")
+    if int(k) < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    metric = metric or circuit.meta.get("metric", "relative")
+    selection = selection or circuit.meta.get("selection", "paper")
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection rule {selection!r}; rules are {list(SELECTIONS)}")
+    step = EXTENSION_STEPS[group]
+    position = step.sender_position.removesuffix("_position")  # the circuit's key for the batch's position
+    pp = _patcher_for(lm, pairs, batch_size=batch_size, max_rows=max_rows, progress=progress, verbose=verbose,
+                      metric=metric)
+    receivers = list(circuit.groups[step.receivers_from])
+    if receivers:
+        scores = step_scores(lm, pp, group, receivers, method=method)
+    else:
+        scores = torch.zeros(pp.arch.n_layers, pp.arch.n_heads)
+    heads = top_heads(scores, k, selection)
+    meta = {"step": asdict(step), "receivers": [list(h) for h in receivers], "k": int(k), "metric": pp.metric,
+            "selection": selection, "kernel": method, "n_examples": pp.n, "mean_p_clean": float(pp.p_clean.mean())}
+    return circuit.with_group(group, heads, position, scores=scores.tolist(),
+                              meta={"extension": {**circuit.meta.get("extension", {}), group: meta}})
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping
 
 from .book import Verdict
-from .circuit import GROUPS, Circuit
+from .circuit import GROUP_LABELS, GROUPS, Circuit
 from .cmap import row_key
 from .io import read_json, write_json
 
@@ -63,6 +63,7 @@ __all__ = [
     "untestable",
     "exceeds",
     "dcm_verdicts",
+    "extended_circuit_verdicts",
     "faithfulness_verdicts",
     "read_competence",
     "write_competence",
@@ -432,6 +433,50 @@ def faithfulness_verdicts(competences: Mapping[str, Competence], faith: Mapping[
         out.append(_not_testable(1, statement, paper, [competences[base], competences[m]], sample)
                    or Verdict(1, statement, paper, f"{_fmt(s['circuit_accuracy'])} vs {_fmt(base_full)}",
                               exceeds(s["circuit_accuracy"], base_full), rule=beats_rule, sample=sample))
+    return out
+
+
+#: What an extended circuit's rows (ours) print in the paper's column.
+EXTENSION_PAPER = ("none: an extension of ours, not in the paper (the paper's four-group circuit: faithfulness "
+                   "1.00 in Llama-7B)")
+EXTENSION_GAIN_RULE = ("holds when the paired 95% interval (over prompts) of the extended circuit's faithfulness "
+                       "minus the paper circuit's lies above 0, partly when only its point estimate does")
+
+
+def extended_circuit_verdicts(results: Mapping[str, Mapping[str, Any]], num_boxes: int, *,
+                              controls: Iterable[str] = ()) -> list:
+    """Our rows beside the paper's (binding chapter): for each model, whether the paper's circuit
+    extended by groups of ours (:func:`entity_tracking.path_patching.extend_circuit`) is faithful
+    (:data:`FAITHFUL` on its interval), and whether the extension makes it more faithful than the
+    paper's circuit (:data:`EXTENSION_GAIN_RULE`). ``results[model]`` is
+    :meth:`entity_tracking.binding.ExtendedFaithfulness.to_json`; competence is read from its F(M).
+    Models named in ``controls`` are marked as positive controls (ours). The paper's own verdicts
+    (circuit and faithfulness chapters) are not touched."""
+    out = []
+    for name, r in results.items():
+        s = r["summary"]
+        label = who(name, controls)
+        added = " + ".join(GROUP_LABELS.get(g, g).replace(" (ours)", "") + "s" for g in r["extension_groups"])
+        sample = f"{r['n_examples']} prompts (paired bootstrap); {r['n_random']} random circuits of each size"
+        comp = Competence.of(name, s["full_accuracy"], num_boxes, r["n_examples"])
+        s1 = f"Ours: the paper's circuit + {added} is faithful in {label}"
+        s2 = f"Ours: adding the {added} makes the paper's circuit more faithful in {label}"
+        ext, base, gain = s["extended_faithfulness"], s["paper_faithfulness"], s["gain"]
+        skip = [_not_testable(1, st, EXTENSION_PAPER, [comp], sample) for st in (s1, s2)]
+        if skip[0] is not None:
+            out += skip
+            continue
+        rand = s.get("random_extended_faithfulness")
+        sizes = r["group_sizes"]
+        out.append(Verdict(1, s1, EXTENSION_PAPER,
+                           f"{_fmt(ext)} with {sizes['extended']} heads; the paper's circuit {_fmt(base)} with "
+                           f"{sizes['paper']}" + (f"; random circuits of its size {_fmt(rand)}" if rand else ""),
+                           FAITHFUL.interval(ext), rule=f"{COMPETENCE_RULE}; then {FAITHFUL.interval_rule}",
+                           sample=sample))
+        out.append(Verdict(1, s2, EXTENSION_PAPER,
+                           f"faithfulness {gain['value']:+.2f} [{gain['low']:+.2f}, {gain['high']:+.2f}]",
+                           "holds" if gain["low"] > 0 else "partly" if gain["value"] > 0 else "does not hold",
+                           rule=f"{COMPETENCE_RULE}; then {EXTENSION_GAIN_RULE}", sample=sample))
     return out
 
 
