@@ -392,7 +392,8 @@ def run(
         record: ``(site, layer)`` pairs (sites of :data:`SITES`) to cache, *after* patching.
         record_positions: ``[batch]`` / ``[batch, n_pos]``: cache only these positions.
         all_logits: return ``[batch, seq, vocab]`` instead of the last position's ``[batch, vocab]``.
-        logits: return no logits at all when False (the run still goes through the whole model).
+        logits: return no logits at all when False; the forward pass then stops after the last
+            recorded site (the blocks above it would change nothing that is returned).
         batch_size: examples per forward pass.
         trace_kwargs: extra keyword arguments for the model's forward (e.g. ``past_key_values``,
             ``position_ids``, ``logits_to_keep``); with them the batch runs as one chunk.
@@ -442,7 +443,7 @@ def run(
             crpos = None if rpos is None else rpos[sl].to(device)
             saved: dict[tuple[str, int], Any] = {}
             out_box: list[Any] = []
-            with nn.trace(inputs, **kw):
+            with nn.trace(inputs, **kw) as tracer:
                 for layer in skip_layers:
                     arch.layer(nn, layer).skip(skip_value[sl].to(device))
                 for (layer, site) in steps:
@@ -473,6 +474,8 @@ def run(
                     if not all_logits:  # logits_to_keep=n leaves only the last n positions
                         lg = lg[bi, clast - (S - lg.shape[1])]
                     out_box.append(lg.detach().to(out_device).save())
+                elif steps:
+                    tracer.stop()  # nothing above the last recorded site is returned
             for k, v in saved.items():
                 pieces[k].append(v)
             if logits:
