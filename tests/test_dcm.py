@@ -364,6 +364,39 @@ def test_semantics_shares_one_source_run_and_gives_each_selection_its_own_number
     assert rows[2]["mean"] == rows[3]["mean"] and rows[2]["std"] == rows[3]["std"]
 
 
+def test_sweep_runs_each_source_once_and_learns_the_masks_of_per_mask_source_runs(tiny, data_dir, monkeypatch):
+    """Fast path: the sweep runs each (desideratum, position, split) source once, for the union of
+    the heads acting there, and hands every lambda, seed and group its own heads' slice; the masks
+    are those of train_mask running its own source runs."""
+    from entity_tracking.circuit import Circuit
+
+    circuit = Circuit("t", {"value_fetcher": [(1, 0), (1, 2)], "position_transmitter": [(0, 2), (1, 0)],
+                            "position_detector": [(0, 1), (1, 3)], "structure_reader": []})
+    spec = DCMSpec(lambdas=[0.01, 0.2], seeds=[0, 1], epochs=2, batch_size=4, eval_every=1)
+    calls, real = [], dcm.source_head_outputs
+
+    def spy(lm, source, heads, position, **kw):
+        calls.append((position, list(heads)))
+        return real(lm, source, heads, position, **kw)
+
+    monkeypatch.setattr(dcm, "source_head_outputs", spy)
+    fast = dcm.sweep(tiny, circuit, data_dir, spec, desiderata=("positional", "object_value"))
+    monkeypatch.setattr(dcm, "source_head_outputs", real)
+    assert len(calls) == 2 * 2 * 3, "one source run per desideratum, position and split"
+    assert all(h == [(0, 2), (1, 0), (1, 2)] for p, h in calls if p == "last")
+    for (g, d), got in fast.items():
+        splits = {s: dcm.encode_desideratum(tiny.tokenizer, data_dir, d, s) for s in ("train", "eval", "test")}
+        slow = [train_mask(tiny, circuit.groups[g], circuit.positions[g], splits["train"], splits["eval"], splits["test"],
+                           lam=lam, lr=spec.lr, epochs=spec.epochs, batch_size=spec.batch_size,
+                           eval_every=spec.eval_every, seed=seed, progress=False)
+                for lam in spec.lambdas for seed in spec.seeds]
+        best = slow[0]
+        for r in slow[1:]:
+            if better_mask(r.eval_accuracy, len(r.selected), best.eval_accuracy, len(best.selected)):
+                best = r
+        assert got.to_json() == best.to_json(), (g, d)
+
+
 # --------------------------------------------------------------------------------------------
 # Masks of several models in one file
 

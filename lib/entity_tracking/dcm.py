@@ -53,7 +53,7 @@ from .verdicts import DCM_MARGIN, DCM_SHARE_FLOOR
 __all__ = [
     "CORE_DESIDERATA", "DCMError", "DCMResult", "better_mask", "desideratum_accuracy", "encode_desideratum",
     "fresh_pairs", "fresh_seed", "functionality", "manifest_vocabulary", "masked_logits", "read_selections",
-    "semantics", "source_head_outputs", "sweep", "take_rows", "train_mask", "write_masks",
+    "select_heads", "semantics", "source_head_outputs", "sweep", "take_rows", "train_mask", "write_masks",
 ]
 
 
@@ -91,6 +91,17 @@ def source_head_outputs(lm, source: Mapping[str, torch.Tensor], heads: Sequence[
     cache = run(lm, src, (), [("z", l) for l in layers], record_positions=pos, logits=False,
                 batch_size=batch_size, desc="caching source heads").cache
     return {l: cache["z", l][:, 0, hs] for l, hs in layers.items()}
+
+
+def select_heads(source_z: Mapping[int, torch.Tensor], of: Sequence[Head], heads: Sequence[Head]) -> dict[int, torch.Tensor]:
+    """The outputs of ``heads`` taken out of ``source_z``, the :func:`source_head_outputs` of the
+    heads ``of`` (a superset recorded in one source run): ``{layer: [batch, n_heads_in_layer,
+    d_head]}`` in :func:`_by_layer` order, as :func:`source_head_outputs` of ``heads`` returns them."""
+    index = {(l, h): i for l, hs in _by_layer(of).items() for i, h in enumerate(hs)}
+    missing = [tuple(h) for h in heads if (int(h[0]), int(h[1])) not in index]
+    if missing:
+        raise DCMError(f"heads {missing} are not among the source run's heads")
+    return {l: source_z[l][:, [index[(l, h)] for h in hs]] for l, hs in _by_layer(heads).items()}
 
 
 def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, torch.Tensor],
@@ -193,6 +204,7 @@ def train_mask(
     seed: int = 0,
     relaxation: Literal["clamp", "sigmoid"] = "clamp",
     progress: bool = True,
+    source_z: Optional[Mapping[str, Mapping[int, torch.Tensor]]] = None,
 ) -> DCMResult:
     """Learn a DCM mask over ``heads`` (all acting at ``position``) for one desideratum.
 
@@ -200,7 +212,10 @@ def train_mask(
     (``{"base", "source", "target"}``). The mask is trained on ``train``; every ``eval_every``
     steps (and at the last) its rounding is scored on ``eval`` and kept if :func:`better_mask`
     (higher eval accuracy, ties to more selected heads). Returns that mask, its eval accuracy and
-    its accuracy on ``test`` (``test`` plays no part in the choice).
+    its accuracy on ``test`` (``test`` plays no part in the choice). ``source_z``: per split
+    (``"train"``, ``"eval"``, ``"test"``) the source run's outputs of ``heads`` as
+    :func:`source_head_outputs` returns them, when already computed (:func:`sweep` runs each
+    source once for every lambda, seed and group at one position).
     """
     heads = [h for l, hs in _by_layer(heads).items() for h in [(l, x) for x in hs]]
     if not heads:
@@ -208,7 +223,8 @@ def train_mask(
     if relaxation not in ("clamp", "sigmoid"):
         raise DCMError(f"relaxation must be 'clamp' or 'sigmoid', got {relaxation!r}")
     splits = {"train": train, "eval": eval, "test": test}
-    src = {k: source_head_outputs(lm, v["source"], heads, position, batch_size=batch_size) for k, v in splits.items()}
+    src = dict(source_z) if source_z is not None else \
+        {k: source_head_outputs(lm, v["source"], heads, position, batch_size=batch_size) for k, v in splits.items()}
     gen = torch.Generator().manual_seed(seed)
     if relaxation == "clamp":
         param = torch.ones(len(heads), requires_grad=True)
@@ -430,6 +446,14 @@ def encode_desideratum(tokenizer, where, name: str, split: Optional[str] = None)
     return D.encode_pairs(tokenizer, recs, padding_side="right")
 
 
+def _heads_at(circuit, groups: Iterable[str]) -> dict[str, list[Head]]:
+    """Every head of ``groups`` by the position its group acts at, each once, in :func:`_by_layer` order."""
+    out: dict[str, list[Head]] = defaultdict(list)
+    for g in groups:
+        out[circuit.positions[g]] += [(int(l), int(h)) for l, h in circuit.groups[g]]
+    return {p: _ordered(list(dict.fromkeys(hs))) for p, hs in out.items()}
+
+
 def sweep(lm, circuit, where, spec, groups: Sequence[str] | None = None,
           desiderata: Sequence[str] = CORE_DESIDERATA) -> dict[tuple[str, str], DCMResult]:
     """Learn a mask for every (group, desideratum) on ``lm``, trying every lambda and seed of
@@ -442,14 +466,22 @@ def sweep(lm, circuit, where, spec, groups: Sequence[str] | None = None,
     out: dict[tuple[str, str], DCMResult] = {}
     splits = {d: {s: encode_desideratum(lm.tokenizer, where, d, s) for s in ("train", "eval", "test")} for d in desiderata}
     jobs = [(g, d) for g in (groups or GROUPS) for d in desiderata if circuit.groups[g]]
+    # one source run per (desideratum, position, split) serves every lambda, seed and group there
+    union = _heads_at(circuit, [g for g, _ in jobs])
+    sources: dict[tuple[str, str], dict[str, dict[int, torch.Tensor]]] = {}
     for g, d in tqdm(jobs, desc="DCM masks"):
+        pos = circuit.positions[g]
+        if (d, pos) not in sources:
+            sources[d, pos] = {s: source_head_outputs(lm, b["source"], union[pos], pos, batch_size=spec.batch_size)
+                               for s, b in splits[d].items()}
+        own = {s: select_heads(z, union[pos], circuit.groups[g]) for s, z in sources[d, pos].items()}
         best: Optional[DCMResult] = None
         for lam in spec.lambdas:
             for seed in spec.seeds:
-                res = train_mask(lm, circuit.groups[g], circuit.positions[g], splits[d]["train"], splits[d]["eval"],
+                res = train_mask(lm, circuit.groups[g], pos, splits[d]["train"], splits[d]["eval"],
                                  splits[d]["test"], lam=lam, lr=spec.lr, epochs=spec.epochs,
                                  batch_size=spec.batch_size, eval_every=spec.eval_every, seed=seed,
-                                 relaxation=spec.relaxation, progress=False)
+                                 relaxation=spec.relaxation, progress=False, source_z=own)
                 if best is None or better_mask(res.eval_accuracy, len(res.selected), best.eval_accuracy,
                                                len(best.selected)):
                     best = res
@@ -498,13 +530,13 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
             for eval_desid in (desiderata or {}).get(key, [key[1]])]
     union: dict[tuple[str, str], list[Head]] = defaultdict(list)
     for (group, _), heads, eval_desid in jobs:
-        u = union[eval_desid, positions[group]]
-        u += [tuple(h) for h in heads if tuple(h) not in u]
+        union[eval_desid, positions[group]] += [(int(l), int(h)) for l, h in heads]
+    union = {k: _ordered(list(dict.fromkeys(hs))) for k, hs in union.items()}
 
     rows = []
     for name, lm in models:
         pairs_of: dict[str, dict[str, Any]] = {}
-        sources: dict[tuple[str, str], dict[Head, torch.Tensor]] = {}
+        sources: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
         unpatched: dict[str, dict[str, Any]] = {}
         for key, heads, eval_desid in tqdm(jobs, desc=f"semantics ({name})", leave=False):
             group, desid = key
@@ -516,12 +548,9 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
                     pairs_of[eval_desid] = encode_desideratum(lm.tokenizer, where, eval_desid, "test")
             where_key = (eval_desid, positions[group])
             if heads and where_key not in sources:
-                allh = _ordered(union[where_key])
-                z = source_head_outputs(lm, pairs_of[eval_desid]["source"], allh, positions[group],
-                                        batch_size=spec.batch_size)
-                sources[where_key] = {(l, h): z[l][:, i] for l, hs in _by_layer(allh).items() for i, h in enumerate(hs)}
-            src = ({l: torch.stack([sources[where_key][(l, h)] for h in hs], 1) for l, hs in _by_layer(heads).items()}
-                   if heads else None)
+                sources[where_key] = source_head_outputs(lm, pairs_of[eval_desid]["source"], union[where_key],
+                                                         positions[group], batch_size=spec.batch_size)
+            src = select_heads(sources[where_key], union[where_key], heads) if heads else None
             if heads or eval_desid not in unpatched:  # nothing to patch: the model as it is, run once
                 r = desideratum_accuracy(lm, list(heads), positions[group], pairs_of[eval_desid], mode=mode,
                                          n_resamples=spec.n_resamples, sample_size=spec.sample_size, seed=0,
