@@ -59,6 +59,7 @@ candidates to fold into it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections import Counter
@@ -102,6 +103,7 @@ __all__ = [
     "pruner",
     "random_circuit",
     "random_circuits",
+    "setting_key",
     "shortfall_by_position",
 ]
 
@@ -286,17 +288,18 @@ def outside_at_positions(arch, circuit: Circuit, positions: Optional[Iterable[st
 
 
 def shortfall_by_position(lm, prompts, means: MeanActivations, circuit: Circuit, *, batch_size: int = 32,
-                          progress: bool = True) -> list[dict[str, Any]]:
+                          progress: bool = True, memo: Optional[dict] = None) -> list[dict[str, Any]]:
     """Where ``circuit`` falls short in ``lm``: rows ``{"setting", "heads_ablated", "evaluation"}``
     for F(M), the paper's F(C), the heads outside the circuit ablated at each of its positions
     alone (``setting`` = the position key; everything else intact), and at all of them
-    (``"all vital positions"``). ``heads_ablated`` is ``None`` for F(M) and F(C)."""
+    (``"all vital positions"``). ``heads_ablated`` is ``None`` for F(M) and F(C). ``memo``: see
+    :func:`evaluate` (F(M) and F(C) are usually known from :func:`faithfulness`)."""
     keys = [p for p in dict.fromkeys(circuit.positions[g] for g in GROUPS) if p != ALL_POSITIONS]
     outside = {k: outside_at_positions(lm.arch, circuit, [k]) for k in keys}
     outside["all vital positions"] = outside_at_positions(lm.arch, circuit)
     settings = [("F(M)", None, Ablation(label="F(M)")), ("F(C)", None, Ablation(keep=circuit, label="F(C)"))]
     settings += [(k, o.n_heads, Ablation(ablate=o, label=f"outside at {k}")) for k, o in outside.items()]
-    evs = evaluate(lm, prompts, means, [a for _, _, a in settings], batch_size=batch_size, progress=progress)
+    evs = evaluate(lm, prompts, means, [a for _, _, a in settings], batch_size=batch_size, progress=progress, memo=memo)
     return [{"setting": k, "heads_ablated": n, "evaluation": e} for (k, n, _), e in zip(settings, evs)]
 
 
@@ -539,18 +542,51 @@ class Evaluation:
         return f"Evaluation({self.label!r}, accuracy={self.accuracy:.3f}, n={self.n})"
 
 
+def setting_key(arch, ablation: Ablation) -> tuple:
+    """What ``ablation`` does, whatever its label and group names: the sites it keeps (``None``:
+    every site) and those it ablates, as sorted ``(position key, layer, head)``; every setting that
+    ablates nothing has one key. Settings with equal keys give equal evaluations."""
+    if ablation.ablates_nothing(arch):
+        return ("nothing ablated",)
+
+    def sites(c: Optional[Circuit]) -> Optional[tuple]:
+        if c is None:
+            return None
+        return tuple(sorted({(c.positions[g], int(layer), int(h)) for g in GROUPS for layer, h in c.groups[g]}))
+
+    return sites(ablation.keep), sites(ablation.ablate) or ()
+
+
+def _digest(tensors: Mapping[str, Any]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k]
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu().contiguous()
+            h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+            h.update(v.numpy().tobytes())
+    return h.hexdigest()
+
+
 def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[Ablation], *,
-             batch_size: int = 32, progress: bool = True, check_model: bool = True) -> list[Evaluation]:
+             batch_size: int = 32, progress: bool = True, check_model: bool = True,
+             memo: Optional[dict] = None) -> list[Evaluation]:
     """Accuracy of ``lm`` on ``prompts`` under each of ``ablations``, batched across settings.
 
     Rows ``(setting, prompt)`` are run ``batch_size`` at a time, each row with its own keep-mask,
-    so many small settings (random circuits, pairwise ablations) share traces.
+    so many small settings (random circuits, pairwise ablations) share traces. Settings that
+    ablate the same sites (:func:`setting_key`; e.g. F(M) asked twice, or two pairwise ablations
+    naming one head twice) are run once.
 
     Args:
         lm: the model evaluated (a circuit may come from another model of the same architecture).
         prompts: evaluation prompt records or an encoded batch (its ``target`` is the label).
         means: ``lm``'s own :class:`MeanActivations` (may be None if nothing is ablated).
         ablations: the settings.
+        memo: a dict that keeps every evaluation made with it, keyed by the model's name, a digest
+            of the encoded prompts and of the means, and the setting; a later call given the same
+            dict reuses them (e.g. F(M) for faithfulness, then necessity, then the shortfall).
+            Share one dict only while the models' weights stay as they are.
 
     Returns:
         One :class:`Evaluation` per setting, in order.
@@ -569,14 +605,36 @@ def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[
         for c, what in ((ab.keep, "circuit"), (ab.ablate, "ablated set")):
             if c is not None:
                 _check_circuit(lm.arch, c, batch, what)
-    need = [not ab.ablates_nothing(lm.arch) for ab in ablations]
-    mean_t = None
-    if any(need):
+    if any(not ab.ablates_nothing(lm.arch) for ab in ablations):
         if means is None:
             raise AblationError("these settings remove heads: pass the model's MeanActivations (compute_means)")
         means.check_fits(lm, check_model=check_model)
         _check_lengths(batch, means)
-        mean_t = means.means.to(device=lm.device, dtype=lm.dtype)
+    data = _digest(batch)
+    of_means = None if means is None else _digest({means.model: means.means})
+    ids = []
+    for ab in ablations:
+        key = setting_key(lm.arch, ab)
+        ids.append((lm.name, data, None if key == ("nothing ablated",) else of_means, key))
+    memo = {} if memo is None else memo
+    todo = list(dict.fromkeys(i for i in ids if i not in memo))
+    for i, (c, p) in zip(todo, _evaluate_rows(lm, batch, means, [ablations[ids.index(i)] for i in todo],
+                                              batch_size=batch_size, progress=progress)):
+        memo[i] = (c, p)
+    return [Evaluation(ab.label or f"setting {k}", memo[i][0].clone(), memo[i][1].clone())
+            for k, (ab, i) in enumerate(zip(ablations, ids))]
+
+
+def _evaluate_rows(lm, batch: Mapping[str, torch.Tensor], means: Optional[MeanActivations],
+                   ablations: list[Ablation], *, batch_size: int, progress: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per setting, ``(correct [n] bool, predicted [n] long)``: the checked settings' rows
+    ``(setting, prompt)`` run ``batch_size`` at a time (see :func:`evaluate`)."""
+    if not ablations:
+        return []
+    n = _n_examples(batch)
+    target = batch["target"]
+    need = [not ab.ablates_nothing(lm.arch) for ab in ablations]
+    mean_t = means.means.to(device=lm.device, dtype=lm.dtype) if any(need) else None
     keys = _position_keys(ablations)
     tables = _site_table(lm.arch, ablations, keys)
     seq = int(batch["input_ids"].shape[1])
@@ -596,10 +654,7 @@ def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[
         pred = logits.argmax(-1).cpu()
         predicted[s: s + len(ex)] = pred
         correct[s: s + len(ex)] = pred == target[ex]
-    return [
-        Evaluation(ab.label or f"setting {i}", correct[i * n:(i + 1) * n].clone(), predicted[i * n:(i + 1) * n].clone())
-        for i, ab in enumerate(ablations)
-    ]
+    return [(correct[i * n:(i + 1) * n].clone(), predicted[i * n:(i + 1) * n].clone()) for i in range(len(ablations))]
 
 
 def model_accuracy(lm, prompts, **kw) -> Evaluation:
@@ -786,17 +841,19 @@ class FaithfulnessResult:
 
 
 def faithfulness(lm, prompts, means: MeanActivations, circuit: Circuit, *, n_random: int = 10, seed: int = 0,
-                 batch_size: int = 32, progress: bool = True, check_model: bool = True) -> FaithfulnessResult:
+                 batch_size: int = 32, progress: bool = True, check_model: bool = True,
+                 memo: Optional[dict] = None) -> FaithfulnessResult:
     """Faithfulness of ``circuit`` in ``lm``, with ``n_random`` random circuits of the same
     group sizes as the baseline (paper §3 used 10). ``circuit`` may come from another model of
-    the same architecture; ``means`` must be ``lm``'s own."""
+    the same architecture; ``means`` must be ``lm``'s own. ``memo``: see :func:`evaluate`."""
     if n_random < 0:
         raise AblationError("n_random must be >= 0")
     rand = random_circuits(lm.arch, circuit, n_random, seed) if n_random else []
     settings = [Ablation(label="F(M)"), Ablation(keep=circuit, label="F(C)"),
                 Ablation(keep=empty_circuit(), label="F(empty)")]
     settings += [Ablation(keep=r, label=f"F(random {i})") for i, r in enumerate(rand)]
-    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress, check_model=check_model)
+    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress, check_model=check_model,
+                   memo=memo)
     return FaithfulnessResult(lm.name, circuit, evs[0], evs[1], evs[2], evs[3:], rand)
 
 
@@ -894,9 +951,11 @@ class NecessityResult:
 
 
 def necessity(lm, prompts, means: MeanActivations, circuit: Circuit, group: str = "value_fetcher", *,
-              n_random: int = 10, seed: int = 0, batch_size: int = 32, progress: bool = True) -> NecessityResult:
+              n_random: int = 10, seed: int = 0, batch_size: int = 32, progress: bool = True,
+              memo: Optional[dict] = None) -> NecessityResult:
     """Mean-ablate ``circuit``'s ``group`` at every position and, as baselines, ``n_random``
-    draws of as many heads from the whole model and from the heads outside ``circuit``."""
+    draws of as many heads from the whole model and from the heads outside ``circuit``.
+    ``memo``: see :func:`evaluate`."""
     if group not in GROUPS:
         raise AblationError(f"unknown group {group!r}; groups are {list(GROUPS)}")
     heads = list(circuit.groups[group])
@@ -912,7 +971,7 @@ def necessity(lm, prompts, means: MeanActivations, circuit: Circuit, group: str 
     settings = [Ablation(label="F(M)"), Ablation(ablate=target, label=f"{group} ablated")]
     settings += [Ablation(ablate=r, label="random (any)") for r in rand_any]
     settings += [Ablation(ablate=r, label="random (outside)") for r in rand_out]
-    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress)
+    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress, memo=memo)
     k = 2 + len(rand_any)
     return NecessityResult(getattr(lm, "name", circuit.model), group, heads, evs[0], evs[1], evs[2:k], evs[k:])
 
@@ -994,12 +1053,12 @@ class CompletenessResult:
 
 def completeness(lm, prompts, means: MeanActivations, circuit: Circuit, *, n_draws: int = 10, p: float = 0.5,
                  seed: int = 0, by_group: bool = True, batch_size: int = 32, progress: bool = True,
-                 check_model: bool = True) -> CompletenessResult:
+                 check_model: bool = True, memo: Optional[dict] = None) -> CompletenessResult:
     """|F(C\\K) - F(M\\K)| for ``n_draws`` random K (each circuit site in K with probability
     ``p``, seeded) and, with ``by_group``, K = each non-empty group.
 
     F(C\\K) keeps C's sites minus K's; F(M\\K) ablates only K's sites (each head at its group's
-    position), everything else running as in the full model.
+    position), everything else running as in the full model. ``memo``: see :func:`evaluate`.
     """
     if not 0 <= p <= 1:
         raise AblationError(f"p must be in [0, 1], got {p}")
@@ -1019,7 +1078,8 @@ def completeness(lm, prompts, means: MeanActivations, circuit: Circuit, *, n_dra
     for k in list(removed) + list(group_sets.values()):
         settings += [Ablation(keep=circuit, ablate=k, label=f"F(C\\{k.model})"),
                      Ablation(ablate=k, label=f"F(M\\{k.model})")]
-    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress, check_model=check_model)
+    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress, check_model=check_model,
+                   memo=memo)
     pairs = [CompletenessDraw(k, evs[2 * i], evs[2 * i + 1]) for i, k in enumerate(list(removed) + list(group_sets.values()))]
     return CompletenessResult(lm.name, circuit, pairs[: len(removed)],
                               dict(zip(group_sets, pairs[len(removed):])), p)
@@ -1112,7 +1172,7 @@ class MinimalityResult:
 
 def minimality(lm, prompts, means: MeanActivations, circuit: Circuit, *, top_fraction: float = 0.3,
                threshold: float = 0.01, groups: Optional[Sequence[str]] = None, batch_size: int = 32,
-               progress: bool = True, check_model: bool = True) -> MinimalityResult:
+               progress: bool = True, check_model: bool = True, memo: Optional[dict] = None) -> MinimalityResult:
     """Score every head of ``circuit`` (paper §2) and prune the ones below ``threshold``.
 
     For each group g (default: all non-empty) with heads ``H``:
@@ -1124,6 +1184,8 @@ def minimality(lm, prompts, means: MeanActivations, circuit: Circuit, *, top_fra
        ``ceil(top_fraction * |H|)`` with a positive drop;
     3. ``score(v) = F(C\\K) / F(C\\(K∪{v})) - 1``; ``v`` is kept if ``score >= threshold``.
 
+    Equal K (and F(C) itself, when K is empty) are evaluated once; ``memo``: see :func:`evaluate`.
+
     Returns:
         :class:`MinimalityResult`: per-head :class:`HeadMinimality` (scores, K, evaluations),
         ``pair_accuracy[g]`` ``[|H|, |H|]`` and ``pruned`` (groups not scored stay as they were).
@@ -1134,7 +1196,7 @@ def minimality(lm, prompts, means: MeanActivations, circuit: Circuit, *, top_fra
     if unknown:
         raise AblationError(f"unknown groups {sorted(unknown)}; expected some of {GROUPS}")
     todo = [g for g in (groups or GROUPS) if circuit.groups[g]]
-    kw = dict(batch_size=batch_size, progress=progress, check_model=check_model)
+    kw = dict(batch_size=batch_size, progress=progress, check_model=check_model, memo=memo)
 
     def minus(g: str, heads: Iterable[Head], label: str) -> Ablation:
         return Ablation(keep=circuit, ablate=Circuit("K", {g: list(heads)}, dict(circuit.positions)), label=label)
