@@ -766,13 +766,16 @@ def execute_chapters(
             continue
         todo.append((ch, fp, tag))
 
-    def execute(ch: Chapter, fp: str, tag: str) -> ChapterRun:
-        out = paths.notebooks / f"{ch.stem}.ipynb"
+    def start(ch: Chapter, fp: str, tag: str) -> None:
         stamp = stamps / f"{ch.stem}.json"
         if stamp.exists():
             stamp.unlink()
-        failed = out.with_suffix(".failed.ipynb")
         board.say(f"{tag}: running {ch.source.relative_to(root)} on profile '{prof.name}' ...")
+
+    def execute(ch: Chapter, fp: str, tag: str) -> ChapterRun:
+        out = paths.notebooks / f"{ch.stem}.ipynb"
+        stamp = stamps / f"{ch.stem}.json"
+        failed = out.with_suffix(".failed.ipynb")
         t0 = time.perf_counter()
         nb = json.loads(ch.source.read_text(encoding="utf-8"))
         shown = _Progress(tag, nb, board=board) if progress is not False else None
@@ -810,15 +813,16 @@ def execute_chapters(
 
     needs = chapter_needs(notebooks)
     with _environment(env):
-        for run in _schedule(todo, needs, jobs or default_jobs(), execute, board):
+        for run in _schedule(todo, needs, jobs or default_jobs(), start, execute, board):
             runs[run.chapter.stem] = run
     return [runs[ch.stem] for ch in notebooks if ch.stem in runs]
 
 
-def _schedule(todo: list[tuple[Chapter, str, str]], needs: dict[str, set[str]], jobs: int, execute,
+def _schedule(todo: list[tuple[Chapter, str, str]], needs: dict[str, set[str]], jobs: int, start, execute,
               board: _Board) -> list[ChapterRun]:
     """Run ``execute(*item)`` for every item of ``todo``, ``jobs`` at a time, in toc order as
-    soon as every chapter an item needs and that is still to run has finished; return the runs.
+    soon as every chapter an item needs and that is still to run has finished (``start(*item)``
+    first, in this thread, so chapters are announced in order); return the runs.
     After a failure nothing new starts, the running ones finish, and the first failure is raised."""
     pending = list(todo)
     running: dict[str, threading.Thread] = {}
@@ -845,6 +849,7 @@ def _schedule(todo: list[tuple[Chapter, str, str]], needs: dict[str, set[str]], 
             blocked = {ch.stem for ch, _, _ in pending} | set(running)
             for item in [it for it in pending if not needs.get(it[0].stem, set()) & blocked][: jobs - len(running)]:
                 pending.remove(item)
+                start(*item)
                 # a daemon: an interrupted run does not wait for its kernels (they exit with it)
                 running[item[0].stem] = t = threading.Thread(target=work, args=(item,), daemon=True)
                 t.start()
