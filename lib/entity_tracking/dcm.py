@@ -42,7 +42,7 @@ import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence
 
 import torch
 
@@ -51,7 +51,7 @@ from .patching import HeadPatch, accuracy, as_batch, check_positions, run
 from .verdicts import DCM_MARGIN, DCM_SHARE_FLOOR
 
 __all__ = [
-    "CORE_DESIDERATA", "DCMError", "DCMResult", "better_mask", "desideratum_accuracy", "encode_desideratum",
+    "BasePrefix", "CORE_DESIDERATA", "DCMError", "DCMResult", "better_mask", "desideratum_accuracy", "encode_desideratum",
     "fresh_pairs", "fresh_seed", "functionality", "manifest_vocabulary", "masked_logits", "read_selections",
     "select_heads", "semantics", "source_head_outputs", "sweep", "take_rows", "train_mask", "write_masks",
 ]
@@ -104,11 +104,89 @@ def select_heads(source_z: Mapping[int, torch.Tensor], of: Sequence[Head], heads
     return {l: source_z[l][:, [index[(l, h)] for h in hs]] for l, hs in _by_layer(heads).items()}
 
 
+#: A run over the suffix alone keeps at least this many rows x tokens: below it the CPU's matrix
+#: kernels (MKL's sgemm, measured from d_model 32 to 11008) switch code path and its rows stop
+#: matching the full run's bit for bit; at or above it they match exactly.
+MIN_SUFFIX_ROWS = 16
+#: Bytes one :class:`BasePrefix` may hold; a larger one is not made and DCM runs every position.
+PREFIX_BUDGET = 1 << 30
+
+
+@dataclass
+class BasePrefix:
+    """The keys and values of base prompts at the positions no DCM patch at ``position`` changes.
+
+    A patch at position ``p`` changes nothing before ``p`` (attention is causal), so every forward
+    pass of DCM on the same base prompts -- each training step, each rounded mask scored, each
+    selection of the semantics -- repeats the same work on that prefix. :meth:`of` runs the base
+    prompts once, whole (so every number equals the full run's), and keeps each layer's keys and
+    values ``[batch, n_kv_heads, start, d_head]`` before ``start``, the earliest patch position
+    (at most the last two tokens are left: a single query token takes another attention kernel).
+    A run then feeds only the tokens from ``start`` on, with this cache, and gets the full run's
+    last-position logits, and gradients, bit for bit on the CPU (:data:`MIN_SUFFIX_ROWS`).
+    """
+
+    start: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    config: Any = None
+
+    @classmethod
+    def of(cls, lm, base: Mapping[str, torch.Tensor], position: str, *, batch_size: int = 32,
+           budget: int = PREFIX_BUDGET) -> Optional["BasePrefix"]:
+        """The prefix of ``base`` before its earliest ``position``; None where it cannot serve:
+        padded prompts, an empty prefix, more than ``budget`` bytes, a sliding-window layer."""
+        b = as_batch(base)
+        ids, mask = b["input_ids"], b["attention_mask"]
+        n, seq = ids.shape
+        if n == 0 or not bool((mask == 1).all()):
+            return None
+        start = min(int(_pos(b, position, "base").min()), seq - 2)
+        a, hf = lm.arch, lm.arch._torch(lm.nn)
+        size = n * a.n_layers * 2 * a.n_kv_heads * start * a.d_head * torch.finfo(lm.dtype).bits // 8
+        if start < 1 or size > budget:
+            return None
+        keys: list[list[torch.Tensor]] = [[] for _ in range(a.n_layers)]
+        values: list[list[torch.Tensor]] = [[] for _ in range(a.n_layers)]
+        for s in range(0, n, batch_size):
+            with torch.no_grad():
+                out = hf(input_ids=ids[s: s + batch_size].to(lm.device),
+                         attention_mask=mask[s: s + batch_size].to(lm.device), use_cache=True)
+            for l, layer in enumerate(out.past_key_values.layers):
+                if layer.keys.shape[-2] != seq:  # a sliding window dropped early keys
+                    return None
+                keys[l].append(layer.keys[:, :, :start])
+                values[l].append(layer.values[:, :, :start])
+        return cls(start, [torch.cat(k) for k in keys], [torch.cat(v) for v in values], hf.config)
+
+    def take(self, idx) -> "BasePrefix":
+        """The prefix of the rows ``idx`` (indices or a slice)."""
+        return BasePrefix(self.start, [k[idx] for k in self.keys], [v[idx] for v in self.values], self.config)
+
+    def suffix(self, batch: Mapping[str, torch.Tensor]) -> tuple[int, dict[str, Any]]:
+        """``(start, forward keyword arguments)`` to run ``batch`` (the rows of this prefix) from
+        ``start`` on (its tokens from there): this cache and their position ids. ``start`` leaves
+        at least :data:`MIN_SUFFIX_ROWS` rows x tokens to run; 0 means run the rows whole."""
+        from transformers import DynamicCache
+
+        n, seq = batch["input_ids"].shape
+        start = min(self.start, seq - max(2, math.ceil(MIN_SUFFIX_ROWS / max(n, 1))))
+        if start < 1:
+            return 0, {}
+        device = self.keys[0].device
+        cache = DynamicCache([(k[:, :, :start], v[:, :, :start]) for k, v in zip(self.keys, self.values)],
+                             config=self.config)
+        return start, {"past_key_values": cache,
+                       "position_ids": torch.arange(start, seq, device=device).expand(n, seq - start)}
+
+
 def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, torch.Tensor],
-                  heads: Sequence[Head], position: str, mask: torch.Tensor) -> torch.Tensor:
+                  heads: Sequence[Head], position: str, mask: torch.Tensor,
+                  prefix: Optional[BasePrefix] = None) -> torch.Tensor:
     """Last-position logits ``[batch, vocab]`` of the base run with each of ``heads`` (in
     :func:`_by_layer` order, matching ``mask [n_heads]``) set to ``m*base + (1-m)*source`` at
-    the base's ``position``. Differentiable in ``mask``; one forward pass, no chunking."""
+    the base's ``position``. Differentiable in ``mask``; one forward pass, no chunking.
+    ``prefix``: the :class:`BasePrefix` of these rows, to run only the positions from its start."""
     b = as_batch(base)
     layers = _by_layer(heads)
     n = sum(len(v) for v in layers.values())
@@ -116,12 +194,14 @@ def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, t
         raise DCMError(f"mask must have one entry per head ({n}), got shape {tuple(mask.shape)}")
     nn, arch = lm.nn, lm.arch
     device = lm.device
-    pos = _pos(b, position, "base").to(device)
-    last = _pos(b, "last", "base").to(device)
+    start, kw = (0, {}) if prefix is None else prefix.suffix(b)
+    inputs = {"input_ids": b["input_ids"][:, start:].to(device)} if start else \
+        {"input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device)}
+    pos = _pos(b, position, "base").to(device) - start
+    last = _pos(b, "last", "base").to(device) - start
     bi = torch.arange(b["input_ids"].shape[0], device=device)
-    inputs = {"input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device)}
     offset = 0
-    with nn.trace(inputs, **getattr(lm, "trace_kwargs", {})):
+    with nn.trace(inputs, **getattr(lm, "trace_kwargs", {}), **kw):
         for layer, hs in layers.items():
             m = mask[offset: offset + len(hs)].to(device)[None, :, None]
             offset += len(hs)
@@ -169,14 +249,16 @@ def take_rows(batch: Mapping[str, torch.Tensor], idx) -> dict[str, torch.Tensor]
     return {k: (v[idx] if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else v) for k, v in batch.items()}
 
 
-def _rounded_accuracy(lm, pairs, src_z, heads, position, mask_values, batch_size) -> float:
+def _rounded_accuracy(lm, pairs, src_z, heads, position, mask_values, batch_size,
+                      prefix: Optional[BasePrefix] = None) -> float:
     with torch.no_grad():
         hard = (mask_values >= 0.5).float()
         n = pairs["base"]["input_ids"].shape[0]
         correct = 0
         for s in range(0, n, batch_size):
             idx = torch.arange(s, min(n, s + batch_size))
-            lg = masked_logits(lm, take_rows(pairs["base"], idx), {l: v[idx] for l, v in src_z.items()}, heads, position, hard)
+            lg = masked_logits(lm, take_rows(pairs["base"], idx), {l: v[idx] for l, v in src_z.items()}, heads, position,
+                               hard, None if prefix is None else prefix.take(idx))
             correct += int((lg.argmax(-1).cpu() == pairs["target"][idx]).sum())
         return correct / max(n, 1)
 
@@ -205,6 +287,8 @@ def train_mask(
     relaxation: Literal["clamp", "sigmoid"] = "clamp",
     progress: bool = True,
     source_z: Optional[Mapping[str, Mapping[int, torch.Tensor]]] = None,
+    prefixes: Optional[Mapping[str, Optional[BasePrefix]]] = None,
+    prefix_cache: bool = True,
 ) -> DCMResult:
     """Learn a DCM mask over ``heads`` (all acting at ``position``) for one desideratum.
 
@@ -216,6 +300,11 @@ def train_mask(
     (``"train"``, ``"eval"``, ``"test"``) the source run's outputs of ``heads`` as
     :func:`source_head_outputs` returns them, when already computed (:func:`sweep` runs each
     source once for every lambda, seed and group at one position).
+
+    Every forward pass runs only the tokens from the earliest patch position on, from the base
+    prompts' cached keys and values (:class:`BasePrefix`, the same numbers as the full run);
+    ``prefixes`` gives them per split when already made, ``prefix_cache=False`` runs every
+    position (the oracle).
     """
     heads = [h for l, hs in _by_layer(heads).items() for h in [(l, x) for x in hs]]
     if not heads:
@@ -225,6 +314,9 @@ def train_mask(
     splits = {"train": train, "eval": eval, "test": test}
     src = dict(source_z) if source_z is not None else \
         {k: source_head_outputs(lm, v["source"], heads, position, batch_size=batch_size) for k, v in splits.items()}
+    if prefixes is None:
+        prefixes = {k: BasePrefix.of(lm, v["base"], position, batch_size=batch_size) if prefix_cache else None
+                    for k, v in splits.items()}
     gen = torch.Generator().manual_seed(seed)
     if relaxation == "clamp":
         param = torch.ones(len(heads), requires_grad=True)
@@ -254,7 +346,7 @@ def train_mask(
         idx = order[(step % steps_per_epoch) * batch_size: (step % steps_per_epoch + 1) * batch_size]
         m = current()
         logits = masked_logits(lm, take_rows(train["base"], idx), {l: v[idx] for l, v in src["train"].items()},
-                               heads, position, m)
+                               heads, position, m, None if prefixes["train"] is None else prefixes["train"].take(idx))
         target = train["target"][idx].to(logits.device)
         loss = -logits.gather(1, target[:, None]).mean() + lam * (1 - m).sum()
         opt.zero_grad()
@@ -267,14 +359,15 @@ def train_mask(
             mv = current().detach()
             hard = [int(x >= 0.5) for x in mv.tolist()]
             if tuple(hard) not in scored:  # the rounded mask often stays put between evaluations
-                scored[tuple(hard)] = _rounded_accuracy(lm, eval, src["eval"], heads, position, mv, batch_size)
+                scored[tuple(hard)] = _rounded_accuracy(lm, eval, src["eval"], heads, position, mv, batch_size,
+                                                        prefix=prefixes["eval"])
             acc = scored[tuple(hard)]
             n_sel = hard.count(0)
             history.append({"step": step + 1, "loss": float(loss.detach()), "eval_accuracy": acc, "n_selected": n_sel})
             if better_mask(acc, n_sel, best[0], best[1]):
                 best = (acc, n_sel, hard, step + 1)
     mask = torch.tensor(best[2], dtype=torch.float32)
-    test_acc = _rounded_accuracy(lm, test, src["test"], heads, position, mask, batch_size)
+    test_acc = _rounded_accuracy(lm, test, src["test"], heads, position, mask, batch_size, prefix=prefixes["test"])
     return DCMResult(heads, best[2], position, lam, seed, relaxation, best[0], test_acc, best[3], history)
 
 
@@ -290,11 +383,13 @@ def desideratum_accuracy(
     seed: int = 0,
     batch_size: int = 32,
     source_z: Optional[Mapping[int, torch.Tensor]] = None,
+    prefix: Optional[BasePrefix] = None,
 ) -> dict[str, Any]:
     """Patch ``heads`` from source to base (each at its group ``position``, the source read at its
     own position) and report the share of samples whose answer is the target. ``source_z``: the
     source run's outputs of ``heads`` as :func:`source_head_outputs` returns them, when already
-    computed (:func:`semantics` shares one source run between selections).
+    computed (:func:`semantics` shares one source run between selections). ``prefix``: the base
+    prompts' :class:`BasePrefix` at ``position``, to run only the tokens from its start.
 
     Returns ``{"mean", "std", "runs": [...], "correct": [n] (0/1 per sample), "accuracy"}``
     (``accuracy``: over all samples). The ``n_resamples`` ``runs`` are
@@ -326,7 +421,8 @@ def desideratum_accuracy(
         pos = _pos(base, position, "base")
         for layer, hs in _by_layer(heads).items():
             patches.append(HeadPatch("z", layer, hs, src_z[layer][:, None], pos))
-    logits = run(lm, base, patches, batch_size=batch_size, desc="desideratum patching").logits
+    logits = run(lm, base, patches, batch_size=batch_size, desc="desideratum patching").logits if prefix is None \
+        else _run_from_prefix(lm, base, patches, prefix, batch_size)
     correct = (logits.argmax(-1) == target).float()
     if mode == "fresh":
         runs = [float(correct[i * k:(i + 1) * k].mean()) for i in range(n_resamples)]
@@ -337,6 +433,23 @@ def desideratum_accuracy(
     mean = sum(runs) / len(runs)
     std = (sum((r - mean) ** 2 for r in runs) / max(len(runs) - 1, 1)) ** 0.5
     return {"mean": mean, "std": std, "runs": runs, "correct": correct.tolist(), "accuracy": accuracy(logits, target)}
+
+
+def _run_from_prefix(lm, base: Mapping[str, torch.Tensor], patches: Sequence[HeadPatch], prefix: BasePrefix,
+                     batch_size: int) -> torch.Tensor:
+    """Last-position logits ``[batch, vocab]`` of ``base`` with ``patches`` (one position per
+    row), as :func:`~entity_tracking.patching.run` gives them, each chunk of ``batch_size`` rows
+    run from the start of its ``prefix``."""
+    n = base["input_ids"].shape[0]
+    out = []
+    for s in range(0, n, batch_size):
+        sl = slice(s, min(n, s + batch_size))
+        rows = take_rows(base, sl)
+        start, kw = prefix.take(sl).suffix(rows)
+        part = [HeadPatch(p.site, p.layer, p.heads, p.values[sl], p.positions[sl] - start) for p in patches]
+        feed = {"input_ids": rows["input_ids"][:, start:]} if start else rows
+        out.append(run(lm, feed, part, batch_size=batch_size, trace_kwargs=kw or None).logits)
+    return torch.cat(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,11 +567,21 @@ def _heads_at(circuit, groups: Iterable[str]) -> dict[str, list[Head]]:
     return {p: _ordered(list(dict.fromkeys(hs))) for p, hs in out.items()}
 
 
+def _grouped(items: Sequence[Any], key: Callable[[Any], Any]) -> list[tuple[Any, list[Any]]]:
+    """``items`` grouped by ``key``, groups in the order their first item comes (items in order)."""
+    out: dict[Any, list[Any]] = {}
+    for it in items:
+        out.setdefault(key(it), []).append(it)
+    return list(out.items())
+
+
 def sweep(lm, circuit, where, spec, groups: Sequence[str] | None = None,
-          desiderata: Sequence[str] = CORE_DESIDERATA) -> dict[tuple[str, str], DCMResult]:
+          desiderata: Sequence[str] = CORE_DESIDERATA, *, prefix_cache: bool = True) -> dict[tuple[str, str], DCMResult]:
     """Learn a mask for every (group, desideratum) on ``lm``, trying every lambda and seed of
     ``spec`` (:class:`~entity_tracking.config.DCMSpec`) and keeping the best on the eval split.
-    Groups without heads are skipped."""
+    Groups without heads are skipped. The source runs and the base prompts' :class:`BasePrefix`
+    of each (desideratum, position, split) are made once for every group, lambda and seed there
+    (``prefix_cache=False``: every forward pass runs every position, the oracle)."""
     from tqdm.auto import tqdm
 
     from .circuit import GROUPS
@@ -466,32 +589,38 @@ def sweep(lm, circuit, where, spec, groups: Sequence[str] | None = None,
     out: dict[tuple[str, str], DCMResult] = {}
     splits = {d: {s: encode_desideratum(lm.tokenizer, where, d, s) for s in ("train", "eval", "test")} for d in desiderata}
     jobs = [(g, d) for g in (groups or GROUPS) for d in desiderata if circuit.groups[g]]
-    # one source run per (desideratum, position, split) serves every lambda, seed and group there
     union = _heads_at(circuit, [g for g, _ in jobs])
-    sources: dict[tuple[str, str], dict[str, dict[int, torch.Tensor]]] = {}
-    for g, d in tqdm(jobs, desc="DCM masks"):
-        pos = circuit.positions[g]
-        if (d, pos) not in sources:
-            sources[d, pos] = {s: source_head_outputs(lm, b["source"], union[pos], pos, batch_size=spec.batch_size)
-                               for s, b in splits[d].items()}
-        own = {s: select_heads(z, union[pos], circuit.groups[g]) for s, z in sources[d, pos].items()}
-        best: Optional[DCMResult] = None
-        for lam in spec.lambdas:
-            for seed in spec.seeds:
-                res = train_mask(lm, circuit.groups[g], pos, splits[d]["train"], splits[d]["eval"],
-                                 splits[d]["test"], lam=lam, lr=spec.lr, epochs=spec.epochs,
-                                 batch_size=spec.batch_size, eval_every=spec.eval_every, seed=seed,
-                                 relaxation=spec.relaxation, progress=False, source_z=own)
-                if best is None or better_mask(res.eval_accuracy, len(res.selected), best.eval_accuracy,
-                                               len(best.selected)):
-                    best = res
-        out[(g, d)] = best
-    return out
+
+    bar = tqdm(total=len(jobs), desc="DCM masks")
+    # the jobs of one (desideratum, position) together: its source runs and prefixes are made once
+    # and dropped before the next's; the masks come out in the jobs' order all the same
+    for (d, pos), same in _grouped(jobs, lambda job: (job[1], circuit.positions[job[0]])):
+        sources = {s: source_head_outputs(lm, b["source"], union[pos], pos, batch_size=spec.batch_size)
+                   for s, b in splits[d].items()}
+        prefixes = {s: BasePrefix.of(lm, b["base"], pos, batch_size=spec.batch_size) if prefix_cache else None
+                    for s, b in splits[d].items()}
+        for g, _ in same:
+            own = {s: select_heads(z, union[pos], circuit.groups[g]) for s, z in sources.items()}
+            best: Optional[DCMResult] = None
+            for lam in spec.lambdas:
+                for seed in spec.seeds:
+                    res = train_mask(lm, circuit.groups[g], pos, splits[d]["train"], splits[d]["eval"],
+                                     splits[d]["test"], lam=lam, lr=spec.lr, epochs=spec.epochs,
+                                     batch_size=spec.batch_size, eval_every=spec.eval_every, seed=seed,
+                                     relaxation=spec.relaxation, progress=False, source_z=own, prefixes=prefixes)
+                    if best is None or better_mask(res.eval_accuracy, len(res.selected), best.eval_accuracy,
+                                                   len(best.selected)):
+                        best = res
+            out[(g, d)] = best
+            bar.update()
+    bar.close()
+    return {job: out[job] for job in jobs}
 
 
 def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, str], Sequence[Head]],
               positions: Mapping[str, str], where, spec,
-              desiderata: Mapping[tuple[str, str], Sequence[str]] | None = None) -> list[dict[str, Any]]:
+              desiderata: Mapping[tuple[str, str], Sequence[str]] | None = None, *,
+              prefix_cache: bool = True) -> list[dict[str, Any]]:
     """Per-model semantics: for every (group, desideratum) selection, patch those heads from source
     to base in every model and report the share of samples giving the target (percent, mean and
     std over ``spec.n_resamples`` runs of ``spec.sample_size`` pairs).
@@ -504,6 +633,10 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
     ``models`` yields ``(name, LoadedModel)`` pairs (a generator may load one model at a time).
     ``desiderata`` optionally maps a selection key to the desiderata whose pairs evaluate it
     (default: the key's own), e.g. the Transmitters' positional heads on the extra variants.
+
+    The selections evaluated on one desideratum at one position share one source run and one
+    :class:`BasePrefix` of the base prompts (``prefix_cache=False``: every position is run, the
+    oracle); they are run together, and the rows come out in the order of ``selections``.
     """
     from tqdm.auto import tqdm
 
@@ -536,28 +669,36 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
     rows = []
     for name, lm in models:
         pairs_of: dict[str, dict[str, Any]] = {}
-        sources: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
         unpatched: dict[str, dict[str, Any]] = {}
-        for key, heads, eval_desid in tqdm(jobs, desc=f"semantics ({name})", leave=False):
-            group, desid = key
+        done: dict[int, dict[str, Any]] = {}
+        bar = tqdm(total=len(jobs), desc=f"semantics ({name})", leave=False)
+        for (eval_desid, pos), same in _grouped(list(enumerate(jobs)), lambda job: (job[1][2], positions[job[1][0][0]])):
             if eval_desid not in pairs_of:
                 if mode == "fresh":
                     pairs_of[eval_desid] = D.encode_pairs(lm.tokenizer, fresh_records(lm.tokenizer, eval_desid),
                                                           padding_side="right")
                 else:
                     pairs_of[eval_desid] = encode_desideratum(lm.tokenizer, where, eval_desid, "test")
-            where_key = (eval_desid, positions[group])
-            if heads and where_key not in sources:
-                sources[where_key] = source_head_outputs(lm, pairs_of[eval_desid]["source"], union[where_key],
-                                                         positions[group], batch_size=spec.batch_size)
-            src = select_heads(sources[where_key], union[where_key], heads) if heads else None
-            if heads or eval_desid not in unpatched:  # nothing to patch: the model as it is, run once
-                r = desideratum_accuracy(lm, list(heads), positions[group], pairs_of[eval_desid], mode=mode,
-                                         n_resamples=spec.n_resamples, sample_size=spec.sample_size, seed=0,
-                                         batch_size=spec.batch_size, source_z=src)
-                if not heads:
-                    unpatched[eval_desid] = r
-            r = r if heads else unpatched[eval_desid]
+            pairs = pairs_of[eval_desid]
+            todo = [(i, heads) for i, (_, heads, _) in same if heads or eval_desid not in unpatched]
+            z = (source_head_outputs(lm, pairs["source"], union[eval_desid, pos], pos, batch_size=spec.batch_size)
+                 if any(heads for _, heads in todo) else None)
+            prefix = (BasePrefix.of(lm, pairs["base"], pos, batch_size=spec.batch_size)  # pays off from two runs on
+                      if prefix_cache and len(todo) > 1 else None)
+            for i, (_, heads, _) in same:
+                if heads or eval_desid not in unpatched:  # nothing to patch: the model as it is, run once
+                    src = select_heads(z, union[eval_desid, pos], heads) if heads else None
+                    r = desideratum_accuracy(lm, list(heads), pos, pairs, mode=mode, n_resamples=spec.n_resamples,
+                                             sample_size=spec.sample_size, seed=0, batch_size=spec.batch_size,
+                                             source_z=src, prefix=prefix)
+                    if not heads:
+                        unpatched[eval_desid] = r
+                done[i] = r if heads else unpatched[eval_desid]
+                bar.update()
+            del prefix, z
+        bar.close()
+        for i, ((group, desid), heads, eval_desid) in enumerate(jobs):
+            r = done[i]
             rows.append({"group": group, "desideratum": eval_desid, "selected_for": desid, "model": name,
                          "n_heads": len(heads), "mean": 100 * r["mean"], "std": 100 * r["std"],
                          "pairs": mode, "n_runs": len(r["runs"])})
