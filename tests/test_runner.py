@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -189,6 +190,13 @@ class TestAtomicWrites:
         assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
+class _Tty(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
 def _cell(kind: str, source: str, tags=(), outputs=None) -> dict:
     cell = {"cell_type": kind, "metadata": {"tags": list(tags)} if tags else {}, "source": source}
     if kind == "code":
@@ -297,14 +305,8 @@ class TestProgress:
         assert lines[0].startswith("[2/2] second: 0/5 cells") and lines[-1].startswith("[2/2] second: 4/5 cells")
 
     def test_one_updating_line_on_a_terminal(self):
-        import io
-
-        class Tty(io.StringIO):
-            def isatty(self):
-                return True
-
         nb = {"cells": [_cell("markdown", "# T"), _cell("code", "a"), _cell("markdown", "## S"), _cell("code", "b")]}
-        stream = Tty()
+        stream = _Tty()
         with runner._Progress("[1/1] t", nb, stream=stream) as p:
             p.cell_start(1)
             p.cell_complete(1)
@@ -315,14 +317,8 @@ class TestProgress:
         assert "[1/1] t: 2/2 cells · S · 0:00" in text
 
     def test_chapters_at_once_share_one_line_and_messages_go_above_it(self):
-        import io
-
-        class Tty(io.StringIO):
-            def isatty(self):
-                return True
-
         nb = {"cells": [_cell("markdown", "# T"), _cell("code", "a"), _cell("markdown", "## S"), _cell("code", "b")]}
-        stream = Tty()
+        stream = _Tty()
         board = runner._Board(stream)
         with runner._Progress("[2/3] left", nb, board=board) as a, runner._Progress("[3/3] right", nb, board=board):
             a.cell_start(3)
