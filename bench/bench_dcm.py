@@ -7,7 +7,7 @@ group of heads at the last token and one at the query label, learns a mask
 4 steps) and scores three head selections on fresh-style pairs
 (:func:`~entity_tracking.dcm.desideratum_accuracy`, as the semantics do), each twice: running
 every position (``prefix_cache=False``) and only the tokens from the earliest patch position on
-(:class:`~entity_tracking.dcm.BasePrefix`). Prints the CPU time of each (this process's: robust on a
+(:func:`~entity_tracking.dcm.base_prefix`). Prints the CPU time of each (this process's: robust on a
 machine shared with other jobs), the speed ratios full/prefix, and checks that masks, accuracies
 and per-pair answers are the same::
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                                 batch_size=32, eval_every=4, progress=False, prefix_cache=fast).to_json()
                  for pos, heads in groups.items()]
         c1 = time.process_time()
-        prefixes = {pos: dcm.BasePrefix.of(lm, enc["base"], pos) if fast else None for pos in groups}
+        prefixes = {pos: dcm.base_prefix(lm, enc["base"], pos) if fast else None for pos in groups}
         scored = [dcm.desideratum_accuracy(lm, heads, pos, enc, prefix=prefixes[pos]) for pos, heads in selections]
         c2 = time.process_time()
         times[fast] = (c1 - c0, c2 - c1)

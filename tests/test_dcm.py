@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from entity_tracking import data as D
 from entity_tracking import dcm
 from entity_tracking.config import DataSpec, DCMSpec, ModelSpec, TinySpec
-from entity_tracking.dcm import (BasePrefix, DCMError, DCMResult, better_mask, desideratum_accuracy, fresh_pairs,
+from entity_tracking.dcm import (DCMError, DCMResult, base_prefix, better_mask, desideratum_accuracy, fresh_pairs,
                                  masked_logits, read_selections, source_head_outputs, take_rows, train_mask, write_masks)
 from entity_tracking.io import read_json, write_json
 from entity_tracking.models import build_tiny_model, load_model
@@ -84,7 +84,7 @@ def test_a_run_from_the_base_prefix_is_the_full_run(tiny, pairs, position, rows)
     """Fast path: only the tokens from the earliest patch position are run, from the base prompts'
     cached keys and values; logits and the mask's gradient are the full run's, bit for bit (with
     few rows the suffix grows to keep MIN_SUFFIX_ROWS rows x tokens)."""
-    prefix = BasePrefix.of(tiny, pairs["base"], position, batch_size=7)
+    prefix = base_prefix(tiny, pairs["base"], position, batch_size=7)
     assert prefix is not None and 0 < prefix.start < pairs["base"]["input_ids"].shape[1] - 1
     idx = torch.arange(rows)
     base = take_rows(pairs["base"], idx)
@@ -106,7 +106,7 @@ def test_no_prefix_for_padded_prompts(tiny):
     recs = D.make_desiderata(tiny.tokenizer, "positional", 6, num_boxes=3, seed=2)
     longer = D.make_desiderata(tiny.tokenizer, "positional", 6, num_boxes=4, seed=2)
     enc = D.encode_pairs(tiny.tokenizer, recs + longer, padding_side="right")
-    assert BasePrefix.of(tiny, enc["base"], "last") is None
+    assert base_prefix(tiny, enc["base"], "last") is None
 
 
 @pytest.fixture(scope="module")

@@ -47,13 +47,13 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence
 import torch
 
 from .circuit import Head
-from .patching import HeadPatch, accuracy, as_batch, check_positions, run
+from .patching import HeadPatch, KVPrefix, accuracy, as_batch, check_positions, run
 from .verdicts import DCM_MARGIN, DCM_SHARE_FLOOR
 
 __all__ = [
-    "BasePrefix", "CORE_DESIDERATA", "DCMError", "DCMResult", "better_mask", "desideratum_accuracy", "encode_desideratum",
-    "fresh_pairs", "fresh_seed", "functionality", "manifest_vocabulary", "masked_logits", "read_selections",
-    "select_heads", "semantics", "source_head_outputs", "sweep", "take_rows", "train_mask", "write_masks",
+    "CORE_DESIDERATA", "DCMError", "DCMResult", "base_prefix", "better_mask", "desideratum_accuracy",
+    "encode_desideratum", "fresh_pairs", "fresh_seed", "functionality", "manifest_vocabulary", "masked_logits",
+    "read_selections", "select_heads", "semantics", "source_head_outputs", "sweep", "take_rows", "train_mask", "write_masks",
 ]
 
 
@@ -104,89 +104,37 @@ def select_heads(source_z: Mapping[int, torch.Tensor], of: Sequence[Head], heads
     return {l: source_z[l][:, [index[(l, h)] for h in hs]] for l, hs in _by_layer(heads).items()}
 
 
-#: A run over the suffix alone keeps at least this many rows x tokens: below it the CPU's matrix
-#: kernels (MKL's sgemm, measured from d_model 32 to 11008) switch code path and its rows stop
-#: matching the full run's bit for bit; at or above it they match exactly.
-MIN_SUFFIX_ROWS = 16
-#: Bytes one :class:`BasePrefix` may hold; a larger one is not made and DCM runs every position.
+#: Bytes the base prompts' prefix (:func:`base_prefix`) may take; beyond it DCM runs every position.
 PREFIX_BUDGET = 1 << 30
 
 
-@dataclass
-class BasePrefix:
-    """The keys and values of base prompts at the positions no DCM patch at ``position`` changes.
+def base_prefix(lm, base: Mapping[str, torch.Tensor], position: str, *, batch_size: int = 32,
+                budget: int = PREFIX_BUDGET) -> Optional[KVPrefix]:
+    """The keys and values of the base prompts before the earliest ``position`` of any of them
+    (at most all but the last two tokens): the :class:`~entity_tracking.patching.KVPrefix` that
+    every forward pass of DCM on these prompts shares.
 
-    A patch at position ``p`` changes nothing before ``p`` (attention is causal), so every forward
-    pass of DCM on the same base prompts -- each training step, each rounded mask scored, each
-    selection of the semantics -- repeats the same work on that prefix. :meth:`of` runs the base
-    prompts once, whole (so every number equals the full run's), and keeps each layer's keys and
-    values ``[batch, n_kv_heads, start, d_head]`` before ``start``, the earliest patch position
-    (at most the last two tokens are left: a single query token takes another attention kernel).
-    A run then feeds only the tokens from ``start`` on, with this cache, and gets the full run's
-    last-position logits, and gradients, bit for bit on the CPU (:data:`MIN_SUFFIX_ROWS`).
-    """
-
-    start: int
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    config: Any = None
-
-    @classmethod
-    def of(cls, lm, base: Mapping[str, torch.Tensor], position: str, *, batch_size: int = 32,
-           budget: int = PREFIX_BUDGET) -> Optional["BasePrefix"]:
-        """The prefix of ``base`` before its earliest ``position``; None where it cannot serve:
-        padded prompts, an empty prefix, more than ``budget`` bytes, a sliding-window layer."""
-        b = as_batch(base)
-        ids, mask = b["input_ids"], b["attention_mask"]
-        n, seq = ids.shape
-        if n == 0 or not bool((mask == 1).all()):
-            return None
-        start = min(int(_pos(b, position, "base").min()), seq - 2)
-        a, hf = lm.arch, lm.arch._torch(lm.nn)
-        size = n * a.n_layers * 2 * a.n_kv_heads * start * a.d_head * torch.finfo(lm.dtype).bits // 8
-        if start < 1 or size > budget:
-            return None
-        keys: list[list[torch.Tensor]] = [[] for _ in range(a.n_layers)]
-        values: list[list[torch.Tensor]] = [[] for _ in range(a.n_layers)]
-        for s in range(0, n, batch_size):
-            with torch.no_grad():
-                out = hf(input_ids=ids[s: s + batch_size].to(lm.device),
-                         attention_mask=mask[s: s + batch_size].to(lm.device), use_cache=True)
-            for l, layer in enumerate(out.past_key_values.layers):
-                if layer.keys.shape[-2] != seq:  # a sliding window dropped early keys
-                    return None
-                keys[l].append(layer.keys[:, :, :start])
-                values[l].append(layer.values[:, :, :start])
-        return cls(start, [torch.cat(k) for k in keys], [torch.cat(v) for v in values], hf.config)
-
-    def take(self, idx) -> "BasePrefix":
-        """The prefix of the rows ``idx`` (indices or a slice)."""
-        return BasePrefix(self.start, [k[idx] for k in self.keys], [v[idx] for v in self.values], self.config)
-
-    def suffix(self, batch: Mapping[str, torch.Tensor]) -> tuple[int, dict[str, Any]]:
-        """``(start, forward keyword arguments)`` to run ``batch`` (the rows of this prefix) from
-        ``start`` on (its tokens from there): this cache and their position ids. ``start`` leaves
-        at least :data:`MIN_SUFFIX_ROWS` rows x tokens to run; 0 means run the rows whole."""
-        from transformers import DynamicCache
-
-        n, seq = batch["input_ids"].shape
-        start = min(self.start, seq - max(2, math.ceil(MIN_SUFFIX_ROWS / max(n, 1))))
-        if start < 1:
-            return 0, {}
-        device = self.keys[0].device
-        cache = DynamicCache([(k[:, :, :start], v[:, :, :start]) for k, v in zip(self.keys, self.values)],
-                             config=self.config)
-        return start, {"past_key_values": cache,
-                       "position_ids": torch.arange(start, seq, device=device).expand(n, seq - start)}
+    A patch at position ``p`` changes nothing before ``p``, so each training step, each rounded
+    mask scored and each selection of the semantics repeats the same work on that prefix: with it
+    they run only the tokens from its start, with the same logits and gradients. None where it
+    cannot serve: padded prompts, an empty prefix, more than ``budget`` bytes, a sliding window."""
+    b = as_batch(base)
+    n, seq = b["input_ids"].shape
+    if n == 0 or not bool((b["attention_mask"] == 1).all()):
+        return None
+    start = min(int(_pos(b, position, "base").min()), seq - 2)
+    if start < 1 or not KVPrefix.fits(lm, n, start, budget):
+        return None
+    return KVPrefix.clean(lm, b, start, batch_size=batch_size)
 
 
 def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, torch.Tensor],
                   heads: Sequence[Head], position: str, mask: torch.Tensor,
-                  prefix: Optional[BasePrefix] = None) -> torch.Tensor:
+                  prefix: Optional[KVPrefix] = None) -> torch.Tensor:
     """Last-position logits ``[batch, vocab]`` of the base run with each of ``heads`` (in
     :func:`_by_layer` order, matching ``mask [n_heads]``) set to ``m*base + (1-m)*source`` at
     the base's ``position``. Differentiable in ``mask``; one forward pass, no chunking.
-    ``prefix``: the :class:`BasePrefix` of these rows, to run only the positions from its start."""
+    ``prefix``: the :func:`base_prefix` of these rows, to run only the positions from its start."""
     b = as_batch(base)
     layers = _by_layer(heads)
     n = sum(len(v) for v in layers.values())
@@ -194,7 +142,7 @@ def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, t
         raise DCMError(f"mask must have one entry per head ({n}), got shape {tuple(mask.shape)}")
     nn, arch = lm.nn, lm.arch
     device = lm.device
-    start, kw = (0, {}) if prefix is None else prefix.suffix(b)
+    start, kw = (0, {}) if prefix is None else prefix.suffix(*b["input_ids"].shape)
     inputs = {"input_ids": b["input_ids"][:, start:].to(device)} if start else \
         {"input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device)}
     pos = _pos(b, position, "base").to(device) - start
@@ -250,7 +198,7 @@ def take_rows(batch: Mapping[str, torch.Tensor], idx) -> dict[str, torch.Tensor]
 
 
 def _rounded_accuracy(lm, pairs, src_z, heads, position, mask_values, batch_size,
-                      prefix: Optional[BasePrefix] = None) -> float:
+                      prefix: Optional[KVPrefix] = None) -> float:
     with torch.no_grad():
         hard = (mask_values >= 0.5).float()
         n = pairs["base"]["input_ids"].shape[0]
@@ -287,7 +235,7 @@ def train_mask(
     relaxation: Literal["clamp", "sigmoid"] = "clamp",
     progress: bool = True,
     source_z: Optional[Mapping[str, Mapping[int, torch.Tensor]]] = None,
-    prefixes: Optional[Mapping[str, Optional[BasePrefix]]] = None,
+    prefixes: Optional[Mapping[str, Optional[KVPrefix]]] = None,
     prefix_cache: bool = True,
 ) -> DCMResult:
     """Learn a DCM mask over ``heads`` (all acting at ``position``) for one desideratum.
@@ -302,7 +250,7 @@ def train_mask(
     source once for every lambda, seed and group at one position).
 
     Every forward pass runs only the tokens from the earliest patch position on, from the base
-    prompts' cached keys and values (:class:`BasePrefix`, the same numbers as the full run);
+    prompts' cached keys and values (:func:`base_prefix`, the same numbers as the full run);
     ``prefixes`` gives them per split when already made, ``prefix_cache=False`` runs every
     position (the oracle).
     """
@@ -315,7 +263,7 @@ def train_mask(
     src = dict(source_z) if source_z is not None else \
         {k: source_head_outputs(lm, v["source"], heads, position, batch_size=batch_size) for k, v in splits.items()}
     if prefixes is None:
-        prefixes = {k: BasePrefix.of(lm, v["base"], position, batch_size=batch_size) if prefix_cache else None
+        prefixes = {k: base_prefix(lm, v["base"], position, batch_size=batch_size) if prefix_cache else None
                     for k, v in splits.items()}
     gen = torch.Generator().manual_seed(seed)
     if relaxation == "clamp":
@@ -383,13 +331,13 @@ def desideratum_accuracy(
     seed: int = 0,
     batch_size: int = 32,
     source_z: Optional[Mapping[int, torch.Tensor]] = None,
-    prefix: Optional[BasePrefix] = None,
+    prefix: Optional[KVPrefix] = None,
 ) -> dict[str, Any]:
     """Patch ``heads`` from source to base (each at its group ``position``, the source read at its
     own position) and report the share of samples whose answer is the target. ``source_z``: the
     source run's outputs of ``heads`` as :func:`source_head_outputs` returns them, when already
     computed (:func:`semantics` shares one source run between selections). ``prefix``: the base
-    prompts' :class:`BasePrefix` at ``position``, to run only the tokens from its start.
+    prompts' :func:`base_prefix` at ``position``, to run only the tokens from its start.
 
     Returns ``{"mean", "std", "runs": [...], "correct": [n] (0/1 per sample), "accuracy"}``
     (``accuracy``: over all samples). The ``n_resamples`` ``runs`` are
@@ -435,7 +383,7 @@ def desideratum_accuracy(
     return {"mean": mean, "std": std, "runs": runs, "correct": correct.tolist(), "accuracy": accuracy(logits, target)}
 
 
-def _run_from_prefix(lm, base: Mapping[str, torch.Tensor], patches: Sequence[HeadPatch], prefix: BasePrefix,
+def _run_from_prefix(lm, base: Mapping[str, torch.Tensor], patches: Sequence[HeadPatch], prefix: KVPrefix,
                      batch_size: int) -> torch.Tensor:
     """Last-position logits ``[batch, vocab]`` of ``base`` with ``patches`` (one position per
     row), as :func:`~entity_tracking.patching.run` gives them, each chunk of ``batch_size`` rows
@@ -445,7 +393,7 @@ def _run_from_prefix(lm, base: Mapping[str, torch.Tensor], patches: Sequence[Hea
     for s in range(0, n, batch_size):
         sl = slice(s, min(n, s + batch_size))
         rows = take_rows(base, sl)
-        start, kw = prefix.take(sl).suffix(rows)
+        start, kw = prefix.take(sl).suffix(*rows["input_ids"].shape)
         part = [HeadPatch(p.site, p.layer, p.heads, p.values[sl], p.positions[sl] - start) for p in patches]
         feed = {"input_ids": rows["input_ids"][:, start:]} if start else rows
         out.append(run(lm, feed, part, batch_size=batch_size, trace_kwargs=kw or None).logits)
@@ -579,7 +527,7 @@ def sweep(lm, circuit, where, spec, groups: Sequence[str] | None = None,
           desiderata: Sequence[str] = CORE_DESIDERATA, *, prefix_cache: bool = True) -> dict[tuple[str, str], DCMResult]:
     """Learn a mask for every (group, desideratum) on ``lm``, trying every lambda and seed of
     ``spec`` (:class:`~entity_tracking.config.DCMSpec`) and keeping the best on the eval split.
-    Groups without heads are skipped. The source runs and the base prompts' :class:`BasePrefix`
+    Groups without heads are skipped. The source runs and the base prompts' :func:`base_prefix`
     of each (desideratum, position, split) are made once for every group, lambda and seed there
     (``prefix_cache=False``: every forward pass runs every position, the oracle)."""
     from tqdm.auto import tqdm
@@ -597,7 +545,7 @@ def sweep(lm, circuit, where, spec, groups: Sequence[str] | None = None,
     for (d, pos), same in _grouped(jobs, lambda job: (job[1], circuit.positions[job[0]])):
         sources = {s: source_head_outputs(lm, b["source"], union[pos], pos, batch_size=spec.batch_size)
                    for s, b in splits[d].items()}
-        prefixes = {s: BasePrefix.of(lm, b["base"], pos, batch_size=spec.batch_size) if prefix_cache else None
+        prefixes = {s: base_prefix(lm, b["base"], pos, batch_size=spec.batch_size) if prefix_cache else None
                     for s, b in splits[d].items()}
         for g, _ in same:
             own = {s: select_heads(z, union[pos], circuit.groups[g]) for s, z in sources.items()}
@@ -635,7 +583,7 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
     (default: the key's own), e.g. the Transmitters' positional heads on the extra variants.
 
     The selections evaluated on one desideratum at one position share one source run and one
-    :class:`BasePrefix` of the base prompts (``prefix_cache=False``: every position is run, the
+    :func:`base_prefix` of the base prompts (``prefix_cache=False``: every position is run, the
     oracle); they are run together, and the rows come out in the order of ``selections``.
     """
     from tqdm.auto import tqdm
@@ -683,7 +631,7 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
             todo = [(i, heads) for i, (_, heads, _) in same if heads or eval_desid not in unpatched]
             z = (source_head_outputs(lm, pairs["source"], union[eval_desid, pos], pos, batch_size=spec.batch_size)
                  if any(heads for _, heads in todo) else None)
-            prefix = (BasePrefix.of(lm, pairs["base"], pos, batch_size=spec.batch_size)  # pays off from two runs on
+            prefix = (base_prefix(lm, pairs["base"], pos, batch_size=spec.batch_size)  # pays off from two runs on
                       if prefix_cache and len(todo) > 1 else None)
             for i, (_, heads, _) in same:
                 if heads or eval_desid not in unpatched:  # nothing to patch: the model as it is, run once
