@@ -150,6 +150,16 @@ def _hooked_logits(model, batch, means, circuit=None, removed=None):
     return logits[torch.arange(B), batch["last_position"]]
 
 
+def _counting(run, rows: list):
+    """``ablation._run`` that records how many rows of settings each trace runs (not the rows of
+    the reference runs whose keys and values prefixes are cut from)."""
+    def counted(lm, ids, *a, **k):
+        if not k.get("cache"):
+            rows.append(len(ids))
+        return run(lm, ids, *a, **k)
+    return counted
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -255,7 +265,7 @@ class TestWhatIsAblated:
                     Ablation(ablate=renamed, label="K, other group"), Ablation(ablate=Circuit("none", {}))]
         assert A.setting_key(lm.arch, settings[3]) == A.setting_key(lm.arch, settings[4])
         rows, real = [], A._run
-        monkeypatch.setattr(A, "_run", lambda lm_, ids, *a, **k: rows.append(len(ids)) or real(lm_, ids, *a, **k))
+        monkeypatch.setattr(A, "_run", _counting(real, rows))
         memo: dict = {}
         together = evaluate(lm, batch, means, settings, batch_size=5, progress=False, memo=memo)
         n = len(batch["input_ids"])
@@ -274,6 +284,28 @@ class TestWhatIsAblated:
         for ab, ev in zip(settings, together):
             (alone,) = evaluate(lm, batch, means, [ab], batch_size=64, progress=False)
             assert torch.equal(ev.predicted, alone.predicted) and torch.equal(ev.correct, alone.correct)
+
+    def test_rows_run_from_a_shared_prefix_give_the_whole_runs(self, lm, batch, means, monkeypatch):
+        """Fast path: rows that begin as the run with nothing or every head ablated run only
+        their suffix, from that run's cached keys and values; every prediction is the whole
+        run's, for settings of every kind (and the reference runs are made)."""
+        import entity_tracking.ablation as A
+
+        c = _circuit()
+        k = Circuit("K", {"value_fetcher": [(2, 4), (1, 3)], "position_detector": [(0, 4)]})
+        settings = [Ablation(), Ablation(keep=c), Ablation(keep=empty_circuit()), Ablation(keep=c, ablate=k),
+                    Ablation(ablate=k), Ablation(ablate=Circuit("all", {"value_fetcher": [(1, 1)]},
+                                                                positions={"value_fetcher": ALL_POSITIONS})),
+                    Ablation(ablate=outside_at_positions(lm.arch, c, ["query_label"]))]
+        settings += [Ablation(keep=r) for r in random_circuits(lm.arch, c, 4, seed=3)]
+        calls, real = [], A._run
+        monkeypatch.setattr(A, "_run", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+        fast = evaluate(lm, batch, means, settings, batch_size=6, progress=False)
+        assert any(kw.get("cache") for kw in calls) and any("past_key_values" in kw for kw in calls)
+        monkeypatch.setattr(A, "_run", real)
+        slow = evaluate(lm, batch, means, settings, batch_size=6, progress=False, prefix_cache=False)
+        for a, b in zip(fast, slow):
+            assert torch.equal(a.predicted, b.predicted), a.label
 
     def test_a_key_naming_several_positions_is_the_union_of_single_positions(self, lm, batch, means):
         B = batch["input_ids"].shape[0]
@@ -474,7 +506,7 @@ class TestOutsideAtPositions:
         c, memo = _circuit(), {}
         faithfulness(lm, batch, means, c, n_random=2, progress=False, memo=memo)
         rows, real = [], A._run
-        monkeypatch.setattr(A, "_run", lambda lm_, ids, *a, **k: rows.append(len(ids)) or real(lm_, ids, *a, **k))
+        monkeypatch.setattr(A, "_run", _counting(real, rows))
         got = shortfall_by_position(lm, batch, means, c, progress=False, memo=memo)
         assert sum(rows) == (len(got) - 2) * len(batch["input_ids"]), "F(M) and F(C) came from the memo"
         monkeypatch.setattr(A, "_run", real)

@@ -52,7 +52,11 @@ prompts for both sides.
 **Cost.** All settings to evaluate are flattened into ``(setting, prompt)`` rows and run in
 batches: one nnsight trace per batch writes each layer's ``o_proj`` input once, with a boolean
 keep-mask ``[batch, pos, n_heads]`` built by tensor ops (no per-head Python inside the trace).
-Layers where nothing is ablated in the batch are not touched. ``patching.py`` did not exist when
+Layers where nothing is ablated in the batch are not touched. A setting is run once however often
+it is asked for (and a ``memo`` carries results between calls), and a row runs only from where it
+leaves the run with every head ablated (F(C) and its random baselines, before the circuit's first
+position) or with none (F(M\\K), before K's), from that run's cached keys and values: the same
+logits, a fraction of the tokens. ``patching.py`` did not exist when
 this was written: the batched evaluation helpers here (:func:`evaluate`, :func:`encode_for`) are
 candidates to fold into it.
 """
@@ -71,6 +75,7 @@ import torch
 
 from .circuit import GROUPS, Circuit, Head
 from .data import encode_prompts
+from .patching import KVPrefix
 from .verdicts import BEYOND_RANDOM_MARGIN, NECESSITY_FACTOR, NECESSITY_MARGIN, chance, minimality_measurable
 
 __all__ = [
@@ -466,22 +471,26 @@ def _check_lengths(batch: Mapping[str, torch.Tensor], means: MeanActivations) ->
         )
 
 
-def _run(lm, ids: torch.Tensor, attn: torch.Tensor, last: torch.Tensor, keep: Optional[torch.Tensor],
-         means: Optional[torch.Tensor], all_positions: bool = False) -> torch.Tensor:
+def _run(lm, ids: torch.Tensor, attn: Optional[torch.Tensor], last: torch.Tensor, keep: Optional[torch.Tensor],
+         means: Optional[torch.Tensor], all_positions: bool = False, cache: bool = False, **forward: Any):
     """One trace. ``keep`` ``[n_layers, R, S, n_heads]`` (None: nothing ablated), ``means``
     ``[n_layers, S, n_heads, d_head]`` on the model's device and dtype. Returns the last-token
-    logits ``[R, vocab]`` (``[R, S, vocab]`` with ``all_positions``)."""
+    logits ``[R, vocab]`` (``[R, S, vocab]`` with ``all_positions``), and with ``cache`` the
+    run's ``past_key_values`` too. ``forward``: more arguments of the forward pass (a suffix run's
+    cache and position ids, ``ids`` being the suffix and ``attn`` None)."""
     a = lm.arch
     write = [] if keep is None else [layer for layer in range(a.n_layers) if not bool(keep[layer].all())]
     rows = torch.arange(ids.shape[0], device=ids.device)
-    with torch.no_grad(), lm.trace(input_ids=ids, attention_mask=attn):
+    inputs = {"input_ids": ids} if attn is None else {"input_ids": ids, "attention_mask": attn}
+    with torch.no_grad(), lm.trace(**inputs, **forward):
         for layer in write:
             z = a.heads(lm.nn, layer)
             k, m = keep[layer].to(z.device), means[layer].to(device=z.device, dtype=z.dtype)  # sharded models
             a.set_heads(lm.nn, layer, torch.where(k.unsqueeze(-1), z, m.unsqueeze(0)))
         logits = lm.nn.output.logits
         out = (logits if all_positions else logits[rows, last]).save()
-    return out
+        kv = lm.nn.output.past_key_values.save() if cache else None
+    return (out, kv) if cache else out
 
 
 def mean_ablated_logits(lm, prompts, means: Optional[MeanActivations], ablation: Ablation = Ablation(), *,
@@ -570,7 +579,7 @@ def _digest(tensors: Mapping[str, Any]) -> str:
 
 def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[Ablation], *,
              batch_size: int = 32, progress: bool = True, check_model: bool = True,
-             memo: Optional[dict] = None) -> list[Evaluation]:
+             memo: Optional[dict] = None, prefix_cache: bool = True) -> list[Evaluation]:
     """Accuracy of ``lm`` on ``prompts`` under each of ``ablations``, batched across settings.
 
     Rows ``(setting, prompt)`` are run ``batch_size`` at a time, each row with its own keep-mask,
@@ -587,6 +596,9 @@ def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[
             of the encoded prompts and of the means, and the setting; a later call given the same
             dict reuses them (e.g. F(M) for faithfulness, then necessity, then the shortfall).
             Share one dict only while the models' weights stay as they are.
+        prefix_cache: run each row only from where it leaves the run with nothing or every head
+            ablated, from that run's cached keys and values (the same logits; False runs every
+            position of every row, the oracle; see :func:`_evaluate_rows`).
 
     Returns:
         One :class:`Evaluation` per setting, in order.
@@ -619,16 +631,68 @@ def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[
     memo = {} if memo is None else memo
     todo = list(dict.fromkeys(i for i in ids if i not in memo))
     for i, (c, p) in zip(todo, _evaluate_rows(lm, batch, means, [ablations[ids.index(i)] for i in todo],
-                                              batch_size=batch_size, progress=progress)):
+                                              batch_size=batch_size, progress=progress, prefix_cache=prefix_cache)):
         memo[i] = (c, p)
     return [Evaluation(ab.label or f"setting {k}", memo[i][0].clone(), memo[i][1].clone())
             for k, (ab, i) in enumerate(zip(ablations, ids))]
 
 
+#: Bytes the two reference prefixes of one evaluation (:func:`_prefix_plan`) may take; beyond it
+#: every row runs every position.
+PREFIX_BUDGET = 1 << 30
+
+
+def _prefix_plan(lm, batch, ablations, keys, tables, need, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row ``(setting, prompt)``, in row order, how many leading positions it runs exactly as
+    a reference run does, and which: ``kind`` 1, the run with nothing ablated (its keep-mask is all
+    True there, e.g. F(M\\K) before K's positions); ``kind`` 0, the run with every head ablated
+    (all False, e.g. F(C) before the circuit's first position). ``(length [rows], kind [rows])``."""
+    n = _n_examples(batch)
+    ex = torch.arange(n)
+    lengths, kinds = [], []
+    for i in range(len(ablations)):
+        if not need[i]:
+            lengths.append(torch.full((n,), seq))
+            kinds.append(torch.ones(n, dtype=torch.long))
+            continue
+        keep = _row_masks(lm.arch, batch, ablations, keys, tables, torch.full((n,), i), ex, seq)
+        some = keep.any(0).any(-1)  # [n, seq]: some head kept at the position
+        not_all = ~keep.all(0).all(-1)  # some head ablated
+        ablated = torch.where(some.any(1), some.float().argmax(1), seq)
+        clean = torch.where(not_all.any(1), not_all.float().argmax(1), seq)
+        lengths.append(torch.maximum(clean, ablated))
+        kinds.append((clean >= ablated).long())
+    return torch.cat(lengths), torch.cat(kinds)
+
+
+def _reference_prefix(lm, batch, mean_t: Optional[torch.Tensor], ablated: bool, start: int,
+                      batch_size: int) -> Optional[KVPrefix]:
+    """The prompts' :class:`~entity_tracking.patching.KVPrefix` before ``start`` from whole runs
+    with nothing ablated, or (``ablated``) with every head ablated."""
+    n, seq = batch["input_ids"].shape
+    caches = []
+    for s in range(0, n, batch_size):
+        ids = batch["input_ids"][s: s + batch_size].to(lm.device)
+        keep = torch.zeros(lm.arch.n_layers, len(ids), seq, lm.arch.n_heads, dtype=torch.bool, device=lm.device) \
+            if ablated else None
+        caches.append(_run(lm, ids, batch["attention_mask"][s: s + batch_size].to(lm.device),
+                           batch["last_position"][s: s + batch_size].to(lm.device), keep, mean_t, cache=True)[1])
+    return KVPrefix.of_runs(caches, start, seq, lm.arch._torch(lm.nn).config)
+
+
 def _evaluate_rows(lm, batch: Mapping[str, torch.Tensor], means: Optional[MeanActivations],
-                   ablations: list[Ablation], *, batch_size: int, progress: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                   ablations: list[Ablation], *, batch_size: int, progress: bool,
+                   prefix_cache: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per setting, ``(correct [n] bool, predicted [n] long)``: the checked settings' rows
-    ``(setting, prompt)`` run ``batch_size`` at a time (see :func:`evaluate`)."""
+    ``(setting, prompt)`` run ``batch_size`` at a time (see :func:`evaluate`).
+
+    Most rows run their first positions exactly as the model does with nothing or with every
+    head ablated (:func:`_prefix_plan`): F(C) and its random baselines ablate every head before
+    the circuit's first position, F(M\\K) none before K's. With ``prefix_cache``, where that
+    saves more than the reference run costs, the reference's keys and values are cached for every
+    prompt (:func:`_reference_prefix`), rows are grouped by how long a prefix they share, and each
+    chunk runs only its suffix: the logits are the whole runs' (see
+    :class:`~entity_tracking.patching.KVPrefix`)."""
     if not ablations:
         return []
     n = _n_examples(batch)
@@ -640,20 +704,46 @@ def _evaluate_rows(lm, batch: Mapping[str, torch.Tensor], means: Optional[MeanAc
     seq = int(batch["input_ids"].shape[1])
     cfg_all = torch.arange(len(ablations)).repeat_interleave(n)
     ex_all = torch.arange(n).repeat(len(ablations))
+    chunks = [torch.arange(s, min(len(cfg_all), s + batch_size)) for s in range(0, len(cfg_all), batch_size)]
+    length = kind = None
+    prefixes: dict[int, KVPrefix] = {}
+    if prefix_cache and bool((batch["attention_mask"] == 1).all()):
+        length, kind = _prefix_plan(lm, batch, ablations, keys, tables, need, seq)
+        length = length.clamp(max=seq - 2)
+        for k in (1, 0):  # a reference pays off when its rows skip more tokens than it runs
+            start = int(length[kind == k].max()) if bool((kind == k).any()) else 0
+            if int(length[kind == k].sum()) > n * seq and KVPrefix.fits(lm, n, start, PREFIX_BUDGET // 2):
+                ref = _reference_prefix(lm, batch, mean_t, k == 0, start, batch_size)
+                if ref is not None:
+                    prefixes[k] = ref
+        # rows of one reference run together, longest shared prefixes first; the rest as before
+        group = torch.tensor([k if k in prefixes and int(l) > 0 else -1 for k, l in zip(kind.tolist(), length)])
+        length = torch.where(group >= 0, length, torch.zeros_like(length))
+        chunks = []
+        for g in (0, 1, -1):
+            rows = (group == g).nonzero()[:, 0]
+            rows = rows[torch.sort(-length[rows], stable=True).indices]
+            chunks += [rows[s: s + batch_size] for s in range(0, len(rows), batch_size)]
     correct = torch.zeros(len(ablations) * n, dtype=torch.bool)
     predicted = torch.zeros(len(ablations) * n, dtype=torch.long)
-    starts = range(0, len(cfg_all), batch_size)
-    for s in _progress(starts, progress, desc=f"evaluate ({lm.name}, {len(ablations)} settings)", total=len(starts)):
-        cfg, ex = cfg_all[s: s + batch_size], ex_all[s: s + batch_size]
+    for rows in _progress(chunks, progress, desc=f"evaluate ({lm.name}, {len(ablations)} settings)", total=len(chunks)):
+        cfg, ex = cfg_all[rows], ex_all[rows]
         keep = None
         if any(need[int(c)] for c in cfg.unique()):
             keep = _row_masks(lm.arch, batch, ablations, keys, tables, cfg, ex, seq)
+        start, forward = 0, {}
+        if length is not None and int(length[rows].min()) > 0:
+            start, forward = prefixes[int(kind[rows[0]])].take(ex).suffix(len(rows), seq, int(length[rows].min()))
+        if keep is not None:
+            keep = keep[:, :, start:]
             keep = None if bool(keep.all()) else keep.to(lm.device)
-        logits = _run(lm, batch["input_ids"][ex].to(lm.device), batch["attention_mask"][ex].to(lm.device),
-                      batch["last_position"][ex].to(lm.device), keep, mean_t)
+        ids = batch["input_ids"][ex, start:].to(lm.device)
+        attn = None if start else batch["attention_mask"][ex].to(lm.device)
+        logits = _run(lm, ids, attn, (batch["last_position"][ex] - start).to(lm.device), keep,
+                      None if mean_t is None else mean_t[:, start:], **forward)
         pred = logits.argmax(-1).cpu()
-        predicted[s: s + len(ex)] = pred
-        correct[s: s + len(ex)] = pred == target[ex]
+        predicted[rows] = pred
+        correct[rows] = pred == target[ex]
     return [(correct[i * n:(i + 1) * n].clone(), predicted[i * n:(i + 1) * n].clone()) for i in range(len(ablations))]
 
 
