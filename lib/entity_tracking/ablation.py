@@ -676,7 +676,8 @@ def _reference_prefix(lm, batch, mean_t: Optional[torch.Tensor], ablated: bool, 
         keep = torch.zeros(lm.arch.n_layers, len(ids), seq, lm.arch.n_heads, dtype=torch.bool, device=lm.device) \
             if ablated else None
         caches.append(_run(lm, ids, batch["attention_mask"][s: s + batch_size].to(lm.device),
-                           batch["last_position"][s: s + batch_size].to(lm.device), keep, mean_t, cache=True)[1])
+                           batch["last_position"][s: s + batch_size].to(lm.device), keep, mean_t, cache=True,
+                           use_cache=True)[1])
     return KVPrefix.of_runs(caches, start, seq, lm.arch._torch(lm.nn).config)
 
 
