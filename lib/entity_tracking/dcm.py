@@ -37,6 +37,7 @@ loss is differentiated after the trace from the saved logits.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -53,7 +54,8 @@ from .verdicts import DCM_MARGIN, DCM_SHARE_FLOOR
 __all__ = [
     "CORE_DESIDERATA", "DCMError", "DCMResult", "base_prefix", "better_mask", "desideratum_accuracy",
     "encode_desideratum", "fresh_pairs", "fresh_seed", "functionality", "manifest_vocabulary", "masked_logits",
-    "read_selections", "select_heads", "semantics", "source_head_outputs", "sweep", "take_rows", "train_mask", "write_masks",
+    "prefix_at", "read_selections", "select_heads", "semantics", "source_head_outputs", "sweep", "take_rows",
+    "train_mask", "write_masks",
 ]
 
 
@@ -108,24 +110,36 @@ def select_heads(source_z: Mapping[int, torch.Tensor], of: Sequence[Head], heads
 PREFIX_BUDGET = 1 << 30
 
 
-def base_prefix(lm, base: Mapping[str, torch.Tensor], position: str, *, batch_size: int = 32,
+def base_prefix(lm, base: Mapping[str, torch.Tensor], position: Optional[str] = None, *, batch_size: int = 32,
                 budget: int = PREFIX_BUDGET) -> Optional[KVPrefix]:
     """The keys and values of the base prompts before the earliest ``position`` of any of them
-    (at most all but the last two tokens): the :class:`~entity_tracking.patching.KVPrefix` that
-    every forward pass of DCM on these prompts shares.
+    (at most all but the last two tokens; ``position=None``: those two only): the
+    :class:`~entity_tracking.patching.KVPrefix` that every forward pass of DCM on these prompts
+    shares.
 
     A patch at position ``p`` changes nothing before ``p``, so each training step, each rounded
     mask scored and each selection of the semantics repeats the same work on that prefix: with it
-    they run only the tokens from its start, with the same logits and gradients. None where it
-    cannot serve: padded prompts, an empty prefix, more than ``budget`` bytes, a sliding window."""
+    they run only the tokens from its start, with the same logits and gradients. The prefix of
+    another position is cut from one made for none (:func:`prefix_at`). None where it cannot
+    serve: padded prompts, an empty prefix, more than ``budget`` bytes, a sliding window."""
     b = as_batch(base)
     n, seq = b["input_ids"].shape
     if n == 0 or not bool((b["attention_mask"] == 1).all()):
         return None
-    start = min(int(_pos(b, position, "base").min()), seq - 2)
+    start = seq - 2 if position is None else min(int(_pos(b, position, "base").min()), seq - 2)
     if start < 1 or not KVPrefix.fits(lm, n, start, budget):
         return None
     return KVPrefix.clean(lm, b, start, batch_size=batch_size)
+
+
+def prefix_at(prefix: Optional[KVPrefix], base: Mapping[str, torch.Tensor], position: str) -> Optional[KVPrefix]:
+    """``prefix`` (a :func:`base_prefix` of ``base``) cut before the earliest ``position``; None
+    when nothing is left."""
+    if prefix is None:
+        return None
+    b = as_batch(base)
+    start = min(prefix.start, int(_pos(b, position, "base").min()))
+    return dataclasses.replace(prefix, start=start) if start >= 1 else None
 
 
 def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, torch.Tensor],
@@ -527,9 +541,10 @@ def sweep(lm, circuit, where, spec, groups: Sequence[str] | None = None,
           desiderata: Sequence[str] = CORE_DESIDERATA, *, prefix_cache: bool = True) -> dict[tuple[str, str], DCMResult]:
     """Learn a mask for every (group, desideratum) on ``lm``, trying every lambda and seed of
     ``spec`` (:class:`~entity_tracking.config.DCMSpec`) and keeping the best on the eval split.
-    Groups without heads are skipped. The source runs and the base prompts' :func:`base_prefix`
-    of each (desideratum, position, split) are made once for every group, lambda and seed there
-    (``prefix_cache=False``: every forward pass runs every position, the oracle)."""
+    Groups without heads are skipped. The base prompts' :func:`base_prefix` of each
+    (desideratum, split), and the source runs of each position there, are made once for every
+    group, lambda and seed (``prefix_cache=False``: every forward pass runs every position, the
+    oracle)."""
     from tqdm.auto import tqdm
 
     from .circuit import GROUPS
@@ -540,15 +555,19 @@ def sweep(lm, circuit, where, spec, groups: Sequence[str] | None = None,
     union = _heads_at(circuit, [g for g, _ in jobs])
 
     bar = tqdm(total=len(jobs), desc="DCM masks")
-    # the jobs of one (desideratum, position) together: its source runs and prefixes are made once
-    # and dropped before the next's; the masks come out in the jobs' order all the same
-    for (d, pos), same in _grouped(jobs, lambda job: (job[1], circuit.positions[job[0]])):
-        sources = {s: source_head_outputs(lm, b["source"], union[pos], pos, batch_size=spec.batch_size)
-                   for s, b in splits[d].items()}
-        prefixes = {s: base_prefix(lm, b["base"], pos, batch_size=spec.batch_size) if prefix_cache else None
-                    for s, b in splits[d].items()}
+    # the jobs of one desideratum together: its base prompts' prefixes, and the source runs of each
+    # position, are made once and dropped before the next's; the masks come out in the jobs' order
+    for d, same in _grouped(jobs, lambda job: job[1]):
+        whole = {s: base_prefix(lm, b["base"], batch_size=spec.batch_size) if prefix_cache else None
+                 for s, b in splits[d].items()}
+        sources: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
         for g, _ in same:
-            own = {s: select_heads(z, union[pos], circuit.groups[g]) for s, z in sources.items()}
+            pos = circuit.positions[g]
+            if pos not in sources:
+                sources[pos] = {s: source_head_outputs(lm, b["source"], union[pos], pos, batch_size=spec.batch_size)
+                                for s, b in splits[d].items()}
+            own = {s: select_heads(z, union[pos], circuit.groups[g]) for s, z in sources[pos].items()}
+            prefixes = {s: prefix_at(whole[s], b["base"], pos) for s, b in splits[d].items()}
             best: Optional[DCMResult] = None
             for lam in spec.lambdas:
                 for seed in spec.seeds:
@@ -582,8 +601,8 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
     ``desiderata`` optionally maps a selection key to the desiderata whose pairs evaluate it
     (default: the key's own), e.g. the Transmitters' positional heads on the extra variants.
 
-    The selections evaluated on one desideratum at one position share one source run and one
-    :func:`base_prefix` of the base prompts (``prefix_cache=False``: every position is run, the
+    The selections evaluated on one desideratum share one :func:`base_prefix` of its base prompts,
+    and those at one position one source run (``prefix_cache=False``: every position is run, the
     oracle); they are run together, and the rows come out in the order of ``selections``.
     """
     from tqdm.auto import tqdm
@@ -616,34 +635,32 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
 
     rows = []
     for name, lm in models:
-        pairs_of: dict[str, dict[str, Any]] = {}
-        unpatched: dict[str, dict[str, Any]] = {}
         done: dict[int, dict[str, Any]] = {}
         bar = tqdm(total=len(jobs), desc=f"semantics ({name})", leave=False)
-        for (eval_desid, pos), same in _grouped(list(enumerate(jobs)), lambda job: (job[1][2], positions[job[1][0][0]])):
-            if eval_desid not in pairs_of:
-                if mode == "fresh":
-                    pairs_of[eval_desid] = D.encode_pairs(lm.tokenizer, fresh_records(lm.tokenizer, eval_desid),
-                                                          padding_side="right")
-                else:
-                    pairs_of[eval_desid] = encode_desideratum(lm.tokenizer, where, eval_desid, "test")
-            pairs = pairs_of[eval_desid]
-            todo = [(i, heads) for i, (_, heads, _) in same if heads or eval_desid not in unpatched]
-            z = (source_head_outputs(lm, pairs["source"], union[eval_desid, pos], pos, batch_size=spec.batch_size)
-                 if any(heads for _, heads in todo) else None)
-            prefix = (base_prefix(lm, pairs["base"], pos, batch_size=spec.batch_size)  # pays off from two runs on
-                      if prefix_cache and len(todo) > 1 else None)
-            for i, (_, heads, _) in same:
-                if heads or eval_desid not in unpatched:  # nothing to patch: the model as it is, run once
-                    src = select_heads(z, union[eval_desid, pos], heads) if heads else None
+        for eval_desid, same in _grouped(list(enumerate(jobs)), lambda job: job[1][2]):
+            if mode == "fresh":
+                pairs = D.encode_pairs(lm.tokenizer, fresh_records(lm.tokenizer, eval_desid), padding_side="right")
+            else:
+                pairs = encode_desideratum(lm.tokenizer, where, eval_desid, "test")
+            runs = sum(1 for _, (_, heads, _) in same if heads) + any(not heads for _, (_, heads, _) in same)
+            whole = base_prefix(lm, pairs["base"], batch_size=spec.batch_size) if prefix_cache and runs > 1 else None
+            sources: dict[str, dict[int, torch.Tensor]] = {}
+            unpatched = None
+            for i, ((group, _), heads, _) in same:
+                pos = positions[group]
+                if heads and pos not in sources:
+                    sources[pos] = source_head_outputs(lm, pairs["source"], union[eval_desid, pos], pos,
+                                                       batch_size=spec.batch_size)
+                if heads or unpatched is None:  # nothing to patch: the model as it is, run once
+                    src = select_heads(sources[pos], union[eval_desid, pos], heads) if heads else None
                     r = desideratum_accuracy(lm, list(heads), pos, pairs, mode=mode, n_resamples=spec.n_resamples,
                                              sample_size=spec.sample_size, seed=0, batch_size=spec.batch_size,
-                                             source_z=src, prefix=prefix)
+                                             source_z=src, prefix=prefix_at(whole, pairs["base"], pos))
                     if not heads:
-                        unpatched[eval_desid] = r
-                done[i] = r if heads else unpatched[eval_desid]
+                        unpatched = r
+                done[i] = r if heads else unpatched
                 bar.update()
-            del prefix, z
+            del whole, sources
         bar.close()
         for i, ((group, desid), heads, eval_desid) in enumerate(jobs):
             r = done[i]
