@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                                 batch_size=32, eval_every=4, progress=False, prefix_cache=fast).to_json()
                  for pos, heads in groups.items()]
         c1 = time.process_time()
-        prefixes = {pos: dcm.base_prefix(lm, enc["base"], pos) if fast else None for pos in groups}
-        scored = [dcm.desideratum_accuracy(lm, heads, pos, enc, prefix=prefixes[pos]) for pos, heads in selections]
+        prefix = dcm.base_prefix(lm, enc["base"]) if fast else None
+        scored = [dcm.desideratum_accuracy(lm, heads, pos, enc, prefix=prefix) for pos, heads in selections]
         c2 = time.process_time()
         times[fast] = (c1 - c0, c2 - c1)
         got[fast] = (masks, scored)

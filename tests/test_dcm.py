@@ -84,8 +84,8 @@ def test_a_run_from_the_base_prefix_is_the_full_run(tiny, pairs, position, rows)
     """Fast path: only the tokens from the earliest patch position are run, from the base prompts'
     cached keys and values; logits and the mask's gradient are the full run's, bit for bit (with
     few rows the suffix grows to keep MIN_SUFFIX_ROWS rows x tokens)."""
-    prefix = base_prefix(tiny, pairs["base"], position, batch_size=7)
-    assert prefix is not None and 0 < prefix.start < pairs["base"]["input_ids"].shape[1] - 1
+    prefix = base_prefix(tiny, pairs["base"], batch_size=7)
+    assert prefix is not None and prefix.start == pairs["base"]["input_ids"].shape[1] - 2
     idx = torch.arange(rows)
     base = take_rows(pairs["base"], idx)
     src = {l: v[idx] for l, v in source_head_outputs(tiny, pairs["source"], GROUP, position).items()}
@@ -106,7 +106,7 @@ def test_no_prefix_for_padded_prompts(tiny):
     recs = D.make_desiderata(tiny.tokenizer, "positional", 6, num_boxes=3, seed=2)
     longer = D.make_desiderata(tiny.tokenizer, "positional", 6, num_boxes=4, seed=2)
     enc = D.encode_pairs(tiny.tokenizer, recs + longer, padding_side="right")
-    assert base_prefix(tiny, enc["base"], "last") is None
+    assert base_prefix(tiny, enc["base"]) is None
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ from .verdicts import DCM_MARGIN, DCM_SHARE_FLOOR
 __all__ = [
     "CORE_DESIDERATA", "DCMError", "DCMResult", "base_prefix", "better_mask", "desideratum_accuracy",
     "encode_desideratum", "fresh_pairs", "fresh_seed", "functionality", "manifest_vocabulary", "masked_logits",
-    "prefix_at", "read_selections", "select_heads", "semantics", "source_head_outputs", "sweep", "take_rows",
+    "read_selections", "select_heads", "semantics", "source_head_outputs", "sweep", "take_rows",
     "train_mask", "write_masks",
 ]
 
@@ -110,36 +110,30 @@ def select_heads(source_z: Mapping[int, torch.Tensor], of: Sequence[Head], heads
 PREFIX_BUDGET = 1 << 30
 
 
-def base_prefix(lm, base: Mapping[str, torch.Tensor], position: Optional[str] = None, *, batch_size: int = 32,
+def base_prefix(lm, base: Mapping[str, torch.Tensor], *, batch_size: int = 32,
                 budget: int = PREFIX_BUDGET) -> Optional[KVPrefix]:
-    """The keys and values of the base prompts before the earliest ``position`` of any of them
-    (at most all but the last two tokens; ``position=None``: those two only): the
+    """The keys and values of the base prompts before their last two tokens: the
     :class:`~entity_tracking.patching.KVPrefix` that every forward pass of DCM on these prompts
-    shares.
+    shares, whatever the position patched.
 
     A patch at position ``p`` changes nothing before ``p``, so each training step, each rounded
-    mask scored and each selection of the semantics repeats the same work on that prefix: with it
-    they run only the tokens from its start, with the same logits and gradients. The prefix of
-    another position is cut from one made for none (:func:`prefix_at`). None where it cannot
-    serve: padded prompts, an empty prefix, more than ``budget`` bytes, a sliding window."""
+    mask scored and each selection of the semantics repeats the same work before its rows'
+    earliest patch position: from this prefix they run only the tokens from there, with the same
+    logits and gradients. None where it cannot serve: padded prompts, more than ``budget``
+    bytes, a sliding attention window."""
     b = as_batch(base)
     n, seq = b["input_ids"].shape
-    if n == 0 or not bool((b["attention_mask"] == 1).all()):
+    if n == 0 or seq < 3 or not bool((b["attention_mask"] == 1).all()) or not KVPrefix.fits(lm, n, seq - 2, budget):
         return None
-    start = seq - 2 if position is None else min(int(_pos(b, position, "base").min()), seq - 2)
-    if start < 1 or not KVPrefix.fits(lm, n, start, budget):
-        return None
-    return KVPrefix.clean(lm, b, start, batch_size=batch_size)
+    return KVPrefix.clean(lm, b, seq - 2, batch_size=batch_size)
 
 
-def prefix_at(prefix: Optional[KVPrefix], base: Mapping[str, torch.Tensor], position: str) -> Optional[KVPrefix]:
-    """``prefix`` (a :func:`base_prefix` of ``base``) cut before the earliest ``position``; None
-    when nothing is left."""
-    if prefix is None:
-        return None
-    b = as_batch(base)
-    start = min(prefix.start, int(_pos(b, position, "base").min()))
-    return dataclasses.replace(prefix, start=start) if start >= 1 else None
+def _by_position(positions: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Chunks of ``batch_size`` row indices, latest positions first: each chunk then shares a
+    longer prefix. Only for sums over rows that do not depend on the order (counts, per-row
+    answers), never for a training step's batch."""
+    order = torch.sort(-positions, stable=True).indices
+    return [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, torch.Tensor],
@@ -148,7 +142,8 @@ def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, t
     """Last-position logits ``[batch, vocab]`` of the base run with each of ``heads`` (in
     :func:`_by_layer` order, matching ``mask [n_heads]``) set to ``m*base + (1-m)*source`` at
     the base's ``position``. Differentiable in ``mask``; one forward pass, no chunking.
-    ``prefix``: the :func:`base_prefix` of these rows, to run only the positions from its start."""
+    ``prefix``: the :func:`base_prefix` of these rows, to run only the tokens from their
+    earliest patch position."""
     b = as_batch(base)
     layers = _by_layer(heads)
     n = sum(len(v) for v in layers.values())
@@ -156,10 +151,11 @@ def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, t
         raise DCMError(f"mask must have one entry per head ({n}), got shape {tuple(mask.shape)}")
     nn, arch = lm.nn, lm.arch
     device = lm.device
-    start, kw = (0, {}) if prefix is None else prefix.suffix(*b["input_ids"].shape)
+    pos = _pos(b, position, "base")
+    start, kw = (0, {}) if prefix is None else prefix.suffix(*b["input_ids"].shape, int(pos.min()))
     inputs = {"input_ids": b["input_ids"][:, start:].to(device)} if start else \
         {"input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device)}
-    pos = _pos(b, position, "base").to(device) - start
+    pos = pos.to(device) - start
     last = _pos(b, "last", "base").to(device) - start
     bi = torch.arange(b["input_ids"].shape[0], device=device)
     offset = 0
@@ -217,8 +213,9 @@ def _rounded_accuracy(lm, pairs, src_z, heads, position, mask_values, batch_size
         hard = (mask_values >= 0.5).float()
         n = pairs["base"]["input_ids"].shape[0]
         correct = 0
-        for s in range(0, n, batch_size):
-            idx = torch.arange(s, min(n, s + batch_size))
+        chunks = [torch.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)] if prefix is None \
+            else _by_position(_pos(as_batch(pairs["base"]), position, "base"), batch_size)
+        for idx in chunks:
             lg = masked_logits(lm, take_rows(pairs["base"], idx), {l: v[idx] for l, v in src_z.items()}, heads, position,
                                hard, None if prefix is None else prefix.take(idx))
             correct += int((lg.argmax(-1).cpu() == pairs["target"][idx]).sum())
@@ -277,7 +274,7 @@ def train_mask(
     src = dict(source_z) if source_z is not None else \
         {k: source_head_outputs(lm, v["source"], heads, position, batch_size=batch_size) for k, v in splits.items()}
     if prefixes is None:
-        prefixes = {k: base_prefix(lm, v["base"], position, batch_size=batch_size) if prefix_cache else None
+        prefixes = {k: base_prefix(lm, v["base"], batch_size=batch_size) if prefix_cache else None
                     for k, v in splits.items()}
     gen = torch.Generator().manual_seed(seed)
     if relaxation == "clamp":
@@ -400,18 +397,22 @@ def desideratum_accuracy(
 def _run_from_prefix(lm, base: Mapping[str, torch.Tensor], patches: Sequence[HeadPatch], prefix: KVPrefix,
                      batch_size: int) -> torch.Tensor:
     """Last-position logits ``[batch, vocab]`` of ``base`` with ``patches`` (one position per
-    row), as :func:`~entity_tracking.patching.run` gives them, each chunk of ``batch_size`` rows
-    run from the start of its ``prefix``."""
-    n = base["input_ids"].shape[0]
-    out = []
-    for s in range(0, n, batch_size):
-        sl = slice(s, min(n, s + batch_size))
-        rows = take_rows(base, sl)
-        start, kw = prefix.take(sl).suffix(*rows["input_ids"].shape)
-        part = [HeadPatch(p.site, p.layer, p.heads, p.values[sl], p.positions[sl] - start) for p in patches]
-        feed = {"input_ids": rows["input_ids"][:, start:]} if start else rows
-        out.append(run(lm, feed, part, batch_size=batch_size, trace_kwargs=kw or None).logits)
-    return torch.cat(out)
+    row), as :func:`~entity_tracking.patching.run` gives them: chunks of ``batch_size`` rows,
+    latest patch positions first, each run from its earliest patch position with ``prefix``."""
+    n, seq = base["input_ids"].shape
+    first = torch.stack([torch.as_tensor(p.positions).reshape(n, -1).min(1).values for p in patches]).min(0).values \
+        if patches else torch.full((n,), seq)
+    out = torch.empty(0)
+    for rows in _by_position(first, batch_size):
+        part_base = take_rows(base, rows)
+        start, kw = prefix.take(rows).suffix(len(rows), seq, int(first[rows].min()))
+        part = [HeadPatch(p.site, p.layer, p.heads, p.values[rows], p.positions[rows] - start) for p in patches]
+        feed = {"input_ids": part_base["input_ids"][:, start:]} if start else part_base
+        logits = run(lm, feed, part, batch_size=batch_size, trace_kwargs=kw or None).logits
+        if not len(out):
+            out = logits.new_empty(n, logits.shape[-1])
+        out[rows.to(out.device)] = logits
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,14 +568,14 @@ def sweep(lm, circuit, where, spec, groups: Sequence[str] | None = None,
                 sources[pos] = {s: source_head_outputs(lm, b["source"], union[pos], pos, batch_size=spec.batch_size)
                                 for s, b in splits[d].items()}
             own = {s: select_heads(z, union[pos], circuit.groups[g]) for s, z in sources[pos].items()}
-            prefixes = {s: prefix_at(whole[s], b["base"], pos) for s, b in splits[d].items()}
+
             best: Optional[DCMResult] = None
             for lam in spec.lambdas:
                 for seed in spec.seeds:
                     res = train_mask(lm, circuit.groups[g], pos, splits[d]["train"], splits[d]["eval"],
                                      splits[d]["test"], lam=lam, lr=spec.lr, epochs=spec.epochs,
                                      batch_size=spec.batch_size, eval_every=spec.eval_every, seed=seed,
-                                     relaxation=spec.relaxation, progress=False, source_z=own, prefixes=prefixes)
+                                     relaxation=spec.relaxation, progress=False, source_z=own, prefixes=whole)
                     if best is None or better_mask(res.eval_accuracy, len(res.selected), best.eval_accuracy,
                                                    len(best.selected)):
                         best = res
@@ -655,7 +656,7 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
                     src = select_heads(sources[pos], union[eval_desid, pos], heads) if heads else None
                     r = desideratum_accuracy(lm, list(heads), pos, pairs, mode=mode, n_resamples=spec.n_resamples,
                                              sample_size=spec.sample_size, seed=0, batch_size=spec.batch_size,
-                                             source_z=src, prefix=prefix_at(whole, pairs["base"], pos))
+                                             source_z=src, prefix=whole)
                     if not heads:
                         unpatched = r
                 done[i] = r if heads else unpatched
