@@ -24,12 +24,12 @@ import gc
 import os
 import resource
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import torch
+
+from organism_sized import add_options, organism_sized
 
 TOLERANCE = 1e-4
 GOAL = 20.0
@@ -67,30 +67,15 @@ class PeakRSS:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=64)
-    ap.add_argument("--boxes", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: on a shared machine, idle threads spin and "
-                         "inflate both times unevenly)")
+    add_options(ap)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--scale", type=float, default=4.0)
     ap.add_argument("--receivers", default="8,4,6", help="top heads passed on by steps 1-3 (default 8,4,6)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    lm = organism_sized(args)
 
     from entity_tracking import data as D
     from entity_tracking import path_patching as PP
-    from entity_tracking.config import ModelSpec, TinySpec
-    from entity_tracking.models import build_tiny_model, load_model
 
-    spec = TinySpec(family="llama", n_layers=4, n_heads=8, d_model=128, d_mlp=512, seed=0)
-    with tempfile.TemporaryDirectory(prefix="bench-pp-") as root:
-        lm = load_model(ModelSpec(name="organism-sized", local_path=str(build_tiny_model(spec, Path(root) / "m"))),
-                        verbose=False)
-    with torch.no_grad():
-        for p in lm.hf.parameters():
-            if p.dim() == 2:
-                p.mul_(args.scale)
     pairs = D.make_path_patching_pairs(lm.tokenizer, args.examples, args.boxes, seed=0)
     enc = D.encode_pairs(lm.tokenizer, pairs, padding_side="right")
     n, seq = enc["base"]["input_ids"].shape

@@ -150,6 +150,16 @@ def _hooked_logits(model, batch, means, circuit=None, removed=None):
     return logits[torch.arange(B), batch["last_position"]]
 
 
+def _counting(run, rows: list):
+    """``ablation._run`` that records how many rows of settings each trace runs (not the rows of
+    the reference runs whose keys and values prefixes are cut from)."""
+    def counted(lm, ids, *a, **k):
+        if not k.get("cache"):
+            rows.append(len(ids))
+        return run(lm, ids, *a, **k)
+    return counted
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -241,6 +251,61 @@ class TestWhatIsAblated:
             assert torch.equal(ev.predicted, alone.predicted)
             want = mean_ablated_logits(lm, batch, means, ab).argmax(-1)
             assert torch.equal(ev.predicted, want)
+
+    def test_equal_settings_run_once_and_a_memo_serves_later_calls(self, lm, batch, means, monkeypatch):
+        """Fast path: settings that ablate the same sites (whatever their labels and group names)
+        are run once, and a memo hands a later call what an earlier one evaluated; the
+        evaluations equal those of each setting run alone."""
+        import entity_tracking.ablation as A
+
+        renamed = Circuit("other name", {"position_transmitter": [(2, 4)]},
+                          positions={"position_transmitter": GROUP_POSITIONS["value_fetcher"]})
+        settings = [Ablation(label="F(M)"), Ablation(keep=_circuit(), label="F(C)"), Ablation(label="F(M) again"),
+                    Ablation(ablate=Circuit("K", {"value_fetcher": [(2, 4)]}), label="K"),
+                    Ablation(ablate=renamed, label="K, other group"), Ablation(ablate=Circuit("none", {}))]
+        assert A.setting_key(lm.arch, settings[3]) == A.setting_key(lm.arch, settings[4])
+        rows, real = [], A._run
+        monkeypatch.setattr(A, "_run", _counting(real, rows))
+        memo: dict = {}
+        together = evaluate(lm, batch, means, settings, batch_size=5, progress=False, memo=memo)
+        n = len(batch["input_ids"])
+        assert sum(rows) == 3 * n, "F(M) (three times), F(C) and K (twice): three settings run"
+        assert [e.label for e in together] == [a.label or f"setting {i}" for i, a in enumerate(settings)]
+        rows.clear()
+        again = evaluate(lm, batch, means, [Ablation(keep=_circuit()), Ablation(keep=empty_circuit())],
+                         batch_size=5, progress=False, memo=memo)
+        assert sum(rows) == n, "F(C) came from the memo, only F(empty) ran"
+        assert torch.equal(again[0].predicted, together[1].predicted)
+        other = {**batch, "target": torch.zeros_like(batch["target"])}
+        rows.clear()
+        evaluate(lm, other, means, [Ablation()], batch_size=5, progress=False, memo=memo)
+        assert sum(rows) == n, "other prompts or targets are not served from the memo"
+        monkeypatch.setattr(A, "_run", real)
+        for ab, ev in zip(settings, together):
+            (alone,) = evaluate(lm, batch, means, [ab], batch_size=64, progress=False)
+            assert torch.equal(ev.predicted, alone.predicted) and torch.equal(ev.correct, alone.correct)
+
+    def test_rows_run_from_a_shared_prefix_give_the_whole_runs(self, lm, batch, means, monkeypatch):
+        """Fast path: rows that begin as the run with nothing or every head ablated run only
+        their suffix, from that run's cached keys and values; every prediction is the whole
+        run's, for settings of every kind (and the reference runs are made)."""
+        import entity_tracking.ablation as A
+
+        c = _circuit()
+        k = Circuit("K", {"value_fetcher": [(2, 4), (1, 3)], "position_detector": [(0, 4)]})
+        settings = [Ablation(), Ablation(keep=c), Ablation(keep=empty_circuit()), Ablation(keep=c, ablate=k),
+                    Ablation(ablate=k), Ablation(ablate=Circuit("all", {"value_fetcher": [(1, 1)]},
+                                                                positions={"value_fetcher": ALL_POSITIONS})),
+                    Ablation(ablate=outside_at_positions(lm.arch, c, ["query_label"]))]
+        settings += [Ablation(keep=r) for r in random_circuits(lm.arch, c, 4, seed=3)]
+        calls, real = [], A._run
+        monkeypatch.setattr(A, "_run", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+        fast = evaluate(lm, batch, means, settings, batch_size=6, progress=False)
+        assert any(kw.get("cache") for kw in calls) and any("past_key_values" in kw for kw in calls)
+        monkeypatch.setattr(A, "_run", real)
+        slow = evaluate(lm, batch, means, settings, batch_size=6, progress=False, prefix_cache=False)
+        for a, b in zip(fast, slow):
+            assert torch.equal(a.predicted, b.predicted), a.label
 
     def test_a_key_naming_several_positions_is_the_union_of_single_positions(self, lm, batch, means):
         B = batch["input_ids"].shape[0]
@@ -471,6 +536,19 @@ class TestOutsideAtPositions:
         assert [r["heads_ablated"] for r in rows[2:]] == [o.n_heads for o in outs]
         assert rows[-1]["heads_ablated"] == sum(r["heads_ablated"] for r in rows[2:5])
 
+
+    def test_a_memo_carries_f_m_and_f_c_from_faithfulness_to_the_shortfall(self, lm, batch, means, monkeypatch):
+        import entity_tracking.ablation as A
+
+        c, memo = _circuit(), {}
+        faithfulness(lm, batch, means, c, n_random=2, progress=False, memo=memo)
+        rows, real = [], A._run
+        monkeypatch.setattr(A, "_run", _counting(real, rows))
+        got = shortfall_by_position(lm, batch, means, c, progress=False, memo=memo)
+        assert sum(rows) == (len(got) - 2) * len(batch["input_ids"]), "F(M) and F(C) came from the memo"
+        monkeypatch.setattr(A, "_run", real)
+        plain = shortfall_by_position(lm, batch, means, c, progress=False)
+        assert all(torch.equal(a["evaluation"].predicted, b["evaluation"].predicted) for a, b in zip(got, plain))
 
 class TestNecessity:
     def test_group_ablated_everywhere_against_random_heads(self, lm, batch, means):

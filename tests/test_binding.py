@@ -207,6 +207,14 @@ class TestInterchange:
         assert len(sub.rows()) == len(B.OUTCOMES) * 2
 
 
+    @pytest.mark.parametrize("site", ["resid_post", "resid_pre"])
+    def test_reusing_the_base_run_below_the_patch_changes_no_prediction(self, lm, pairs, site):
+        """Fast path: each patched run starts at the patched layer from the cached base residual."""
+        bases, sources = _bases_sources(pairs)
+        fast = B.interchange_map(lm, bases, sources, site=site, batch_size=5, progress=False)
+        slow = B.interchange_map(lm, bases, sources, site=site, batch_size=5, progress=False, reuse_base=False)
+        assert torch.equal(fast.predicted, slow.predicted) and torch.equal(fast.clean_predicted, slow.clean_predicted)
+
     def test_spread_layers(self):
         assert B.spread_layers(4) == [0, 1, 2, 3]
         assert B.spread_layers(32, 8) == [0, 4, 9, 13, 18, 22, 27, 31]

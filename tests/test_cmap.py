@@ -305,3 +305,17 @@ def test_sweep_shares_of_the_gain_with_paired_intervals(models):
     assert rows["edited"]["share"] == pytest.approx(1.0) and rows["edited"]["share_low"] == pytest.approx(1.0)
     assert rows["far"]["share"] == pytest.approx(0.0) and rows["far"]["share_high"] == pytest.approx(0.0)
     assert all(r["n_prompts"] == len(b["target"]) for r in rows.values())
+
+
+def test_checkpoint_row_with_the_base_accuracy_given_is_the_same_row(models):
+    """Fast path of the dynamics loop: the base model's accuracy computed once and passed in."""
+    from entity_tracking.dynamics import checkpoint_row, eval_accuracy
+
+    base, ft, _ = models
+    prompts = D.make_eval_prompts(base.tokenizer, 12, num_boxes=3, seed=1)
+    reference = D.make_mean_reference_prompts(base.tokenizer, 12, num_boxes=3, n_tokens=prompts[0]["n_tokens"], seed=2)
+    circuit = Circuit("base", {"value_fetcher": [(1, 1), (2, 0)], "position_detector": [(0, 2)]})
+    slow = checkpoint_row(base, ft, prompts, reference, circuit, batch_size=5)
+    fast = checkpoint_row(base, ft, prompts, reference, circuit, batch_size=5,
+                          base_accuracy=eval_accuracy(base, prompts, batch_size=5))
+    assert fast == pytest.approx(slow, rel=0, abs=0, nan_ok=True)

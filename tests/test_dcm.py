@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from entity_tracking import data as D
 from entity_tracking import dcm
 from entity_tracking.config import DataSpec, DCMSpec, ModelSpec, TinySpec
-from entity_tracking.dcm import (DCMError, DCMResult, better_mask, desideratum_accuracy, fresh_pairs, masked_logits,
-                                 read_selections, source_head_outputs, take_rows, train_mask, write_masks)
+from entity_tracking.dcm import (DCMError, DCMResult, base_prefix, better_mask, desideratum_accuracy, fresh_pairs,
+                                 masked_logits, read_selections, source_head_outputs, take_rows, train_mask, write_masks)
 from entity_tracking.io import read_json, write_json
 from entity_tracking.models import build_tiny_model, load_model
 from entity_tracking.patching import HeadPatch, last_logits, run
@@ -76,6 +76,37 @@ def test_bad_mask_shape_is_named(tiny, pairs):
     src = source_head_outputs(tiny, pairs["source"], GROUP, "last")
     with pytest.raises(DCMError, match=r"one entry per head \(5\)"):
         masked_logits(tiny, pairs["base"], src, GROUP, "last", torch.ones(3))
+
+
+@pytest.mark.parametrize("position", ["last", "query_label", "prev_query_label"])
+@pytest.mark.parametrize("rows", [24, 5, 1])
+def test_a_run_from_the_base_prefix_is_the_full_run(tiny, pairs, position, rows):
+    """Fast path: only the tokens from the earliest patch position are run, from the base prompts'
+    cached keys and values; logits and the mask's gradient are the full run's, bit for bit (with
+    few rows the suffix grows to keep MIN_SUFFIX_ROWS rows x tokens)."""
+    prefix = base_prefix(tiny, pairs["base"], batch_size=7)
+    assert prefix is not None and prefix.start == pairs["base"]["input_ids"].shape[1] - 2
+    idx = torch.arange(rows)
+    base = take_rows(pairs["base"], idx)
+    src = {l: v[idx] for l, v in source_head_outputs(tiny, pairs["source"], GROUP, position).items()}
+    got = []
+    for pre in (None, prefix.take(idx)):
+        mask = torch.tensor([0.2, 0.9, 0.5, 0.0, 0.7], requires_grad=True)
+        logits = masked_logits(tiny, base, src, GROUP, position, mask, pre)
+        (grad,) = torch.autograd.grad(logits[:, 3].sum() + logits.logsumexp(-1).sum(), mask)
+        got.append((logits.detach(), grad))
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    heads = [(1, 0), (0, 2)]
+    plain = desideratum_accuracy(tiny, heads, position, pairs, batch_size=5)
+    fast = desideratum_accuracy(tiny, heads, position, pairs, batch_size=5, prefix=prefix)
+    assert fast == plain
+
+
+def test_no_prefix_for_padded_prompts(tiny):
+    recs = D.make_desiderata(tiny.tokenizer, "positional", 6, num_boxes=3, seed=2)
+    longer = D.make_desiderata(tiny.tokenizer, "positional", 6, num_boxes=4, seed=2)
+    enc = D.encode_pairs(tiny.tokenizer, recs + longer, padding_side="right")
+    assert base_prefix(tiny, enc["base"]) is None
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +234,8 @@ def test_each_rounded_mask_is_evaluated_once(planted, planted_pairs, monkeypatch
     enc, group, carrier, keep = planted_pairs
     calls, real = [], dcm._rounded_accuracy
 
-    def spy(lm, pairs, src, heads, position, mask_values, batch_size):
-        acc = real(lm, pairs, src, heads, position, mask_values, batch_size)
+    def spy(lm, pairs, src, heads, position, mask_values, batch_size, **kw):
+        acc = real(lm, pairs, src, heads, position, mask_values, batch_size, **kw)
         calls.append((pairs is ev, tuple(int(x >= 0.5) for x in mask_values.tolist()), acc))
         return acc
 
@@ -362,6 +393,51 @@ def test_semantics_shares_one_source_run_and_gives_each_selection_its_own_number
         want = dcm.source_head_outputs(tiny, pairs["source"], heads, position, batch_size=8)
         assert src.keys() == want.keys() and all(torch.equal(src[l], want[l]) for l in want)
     assert rows[2]["mean"] == rows[3]["mean"] and rows[2]["std"] == rows[3]["std"]
+
+
+def test_sweep_runs_each_source_once_and_learns_the_masks_of_per_mask_source_runs(tiny, data_dir, monkeypatch):
+    """Fast paths: the sweep runs each (desideratum, position, split) source once, for the union of
+    the heads acting there, and hands every lambda, seed and group its own heads' slice, and every
+    step runs from the base prompts' cached prefix; the masks are those of train_mask running its
+    own source runs over every position."""
+    from entity_tracking.circuit import Circuit
+
+    circuit = Circuit("t", {"value_fetcher": [(1, 0), (1, 2)], "position_transmitter": [(0, 2), (1, 0)],
+                            "position_detector": [(0, 1), (1, 3)], "structure_reader": []})
+    spec = DCMSpec(lambdas=[0.01, 0.2], seeds=[0, 1], epochs=2, batch_size=4, eval_every=1)
+    calls, real = [], dcm.source_head_outputs
+
+    def spy(lm, source, heads, position, **kw):
+        calls.append((position, list(heads)))
+        return real(lm, source, heads, position, **kw)
+
+    monkeypatch.setattr(dcm, "source_head_outputs", spy)
+    fast = dcm.sweep(tiny, circuit, data_dir, spec, desiderata=("positional", "object_value"))
+    monkeypatch.setattr(dcm, "source_head_outputs", real)
+    assert len(calls) == 2 * 2 * 3, "one source run per desideratum, position and split"
+    assert all(h == [(0, 2), (1, 0), (1, 2)] for p, h in calls if p == "last")
+    for (g, d), got in fast.items():
+        splits = {s: dcm.encode_desideratum(tiny.tokenizer, data_dir, d, s) for s in ("train", "eval", "test")}
+        slow = [train_mask(tiny, circuit.groups[g], circuit.positions[g], splits["train"], splits["eval"], splits["test"],
+                           lam=lam, lr=spec.lr, epochs=spec.epochs, batch_size=spec.batch_size,
+                           eval_every=spec.eval_every, seed=seed, progress=False, prefix_cache=False)
+                for lam in spec.lambdas for seed in spec.seeds]
+        best = slow[0]
+        for r in slow[1:]:
+            if better_mask(r.eval_accuracy, len(r.selected), best.eval_accuracy, len(best.selected)):
+                best = r
+        assert got.to_json() == best.to_json(), (g, d)
+
+
+def test_semantics_from_the_base_prefix_are_those_of_full_runs(tiny, data_dir):
+    spec = DCMSpec(n_resamples=3, sample_size=6, batch_size=8, semantics_pairs="fresh")
+    sel = {("value_fetcher", "positional"): [(1, 0), (0, 2)], ("position_transmitter", "positional"): [(1, 1)],
+           ("position_detector", "object_value"): [(0, 1)], ("structure_reader", "positional"): []}
+    positions = {"value_fetcher": "last", "position_transmitter": "last", "structure_reader": "prev_query_label",
+                 "position_detector": "query_label"}
+    args = ([("a", tiny)], sel, positions, data_dir, spec, {("position_transmitter", "positional"): ["positional",
+                                                                                                 "object_value"]})
+    assert dcm.semantics(*args) == dcm.semantics(*args, prefix_cache=False)
 
 
 # --------------------------------------------------------------------------------------------

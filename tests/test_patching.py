@@ -82,6 +82,27 @@ class TestCleanRuns:
         torch.testing.assert_close(c["resid_post", 0], c["resid_pre", 1])
 
 
+    def test_a_run_without_logits_stops_early_and_records_the_same(self, lm, enc):
+        """Fast path: with ``logits=False`` the forward pass stops after the last recorded site;
+        the records equal those of a run through the whole model, with and without patches."""
+        b = enc["base"]
+        rec = [("z", 0), ("resid_post", 0), ("q", 1)]
+        patch = P.HeadPatch("z", 0, [1], torch.zeros(len(b["input_ids"]), 1, 1, lm.arch.d_head), b["last_position"])
+        calls = []
+        hook = lm.hf.model.norm.register_forward_hook(lambda *a: calls.append(1))  # the final norm
+        try:
+            for patches in ((), (patch,)):
+                full = P.run(lm, b, patches, rec, batch_size=4)
+                n = len(calls)
+                early = P.run(lm, b, patches, rec, logits=False, batch_size=4)
+                assert len(calls) == n, "the run without logits went through the final norm"
+                assert early.logits is None
+                for key in full.cache.keys():
+                    assert torch.equal(early.cache[key], full.cache[key]), key
+        finally:
+            hook.remove()
+
+
 class TestIdentityPatches:
     @pytest.mark.parametrize("site", ["z", "q", "k", "v"])
     def test_patching_own_clean_activation_changes_nothing(self, lm, enc, site):

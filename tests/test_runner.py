@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -119,6 +120,58 @@ class TestRun:
         assert not (project / "runs.log").exists()
 
 
+def _chapter(root: Path, stem: str, needs: list[str], body: str = "") -> None:
+    """A chapter that declares ``needs`` like the book's, then runs ``body``."""
+    _notebook(root / "book" / f"{stem}.ipynb",
+              "from pathlib import Path\nfrom entity_tracking.book import setup_chapter\n"
+              f"ctx = setup_chapter({stem!r}, profile, needs={needs!r})\n" + body)
+
+
+def _meets(me: str, other: str) -> str:
+    """Chapter code that passes only while ``other`` runs at the same time: each leaves a mark and
+    waits (a minute at most) for the other's."""
+    return (f"(ctx.paths.root / {me + '.started'!r}).write_text('')\n"
+            "import time\nt0 = time.time()\n"
+            f"while not (ctx.paths.root / {other + '.started'!r}).exists():\n"
+            "    assert time.time() - t0 < 60, 'ran alone'\n    time.sleep(0.1)\n")
+
+
+@pytest.fixture
+def diamond(project) -> Path:
+    """``first``; ``left`` and ``right`` need only ``first`` and must meet; ``last`` needs both."""
+    (project / "_toc.yml").write_text("format: jb-book\nroot: book/index\nchapters:\n" + "".join(
+        f"  - file: book/{c}\n" for c in ("first", "left", "right", "last")))
+    _chapter(project, "left", ["first"], _meets("left", "right"))
+    _chapter(project, "right", ["first"], _meets("right", "left"))
+    _chapter(project, "last", ["left", "right"],
+             "assert (ctx.paths.root / 'left.started').exists() and (ctx.paths.root / 'right.started').exists()\n")
+    return project
+
+
+class TestChaptersAtOnce:
+    def test_needs_come_from_each_setup_call(self, diamond):
+        needs = runner.chapter_needs(runner._execution_order(diamond))
+        assert needs == {"first": set(), "left": {"first"}, "right": {"first"}, "last": {"left", "right"}}
+        toc = [c for c in runner.chapters_from_toc(REPO) if c.is_notebook]
+        shipped = runner.chapter_needs([c for c in toc if c.stem != "index"] + [c for c in toc if c.stem == "index"])
+        assert shipped["data"] == set() and shipped["cmap"] >= {"circuit", "dcm"}
+        assert shipped["index"] == set(shipped) - {"index"}, "the landing page waits for every chapter"
+
+    def test_independent_chapters_run_together_and_dependents_wait(self, diamond):
+        runs = runner.execute_chapters("ci", diamond, jobs=2, progress=False)
+        assert [r.chapter.stem for r in runs] == ["first", "left", "right", "last"]
+        assert {r.status for r in runs} == {"ran"}
+
+    def test_a_failure_starts_nothing_else_and_names_the_chapter(self, diamond):
+        _chapter(diamond, "right", ["first"], _meets("right", "left") + "raise ValueError('boom in right')\n")
+        with pytest.raises(runner.ChapterFailed, match="'right'.*boom in right"):
+            runner.execute_chapters("ci", diamond, jobs=2, progress=False)
+        stamps = diamond / "results" / "ci" / ".stamps"
+        assert (stamps / "left.json").exists(), "the chapter running beside the failure finished"
+        assert not (stamps / "right.json").exists() and not (stamps / "last.json").exists()
+        assert (diamond / "results" / "ci" / "notebooks" / "right.failed.ipynb").exists()
+
+
 class TestAtomicWrites:
     def test_interrupted_write_keeps_the_old_file(self, tmp_path):
         target = tmp_path / "a.json"
@@ -135,6 +188,13 @@ class TestAtomicWrites:
                 raise Interrupt
         assert json.loads(target.read_text()) == {"v": 1}
         assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+class _Tty(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self):
+        return True
 
 
 def _cell(kind: str, source: str, tags=(), outputs=None) -> dict:
@@ -245,14 +305,8 @@ class TestProgress:
         assert lines[0].startswith("[2/2] second: 0/5 cells") and lines[-1].startswith("[2/2] second: 4/5 cells")
 
     def test_one_updating_line_on_a_terminal(self):
-        import io
-
-        class Tty(io.StringIO):
-            def isatty(self):
-                return True
-
         nb = {"cells": [_cell("markdown", "# T"), _cell("code", "a"), _cell("markdown", "## S"), _cell("code", "b")]}
-        stream = Tty()
+        stream = _Tty()
         with runner._Progress("[1/1] t", nb, stream=stream) as p:
             p.cell_start(1)
             p.cell_complete(1)
@@ -261,6 +315,17 @@ class TestProgress:
         text = stream.getvalue()
         assert "\n" not in text and text.count("\r") >= 4
         assert "[1/1] t: 2/2 cells · S · 0:00" in text
+
+    def test_chapters_at_once_share_one_line_and_messages_go_above_it(self):
+        nb = {"cells": [_cell("markdown", "# T"), _cell("code", "a"), _cell("markdown", "## S"), _cell("code", "b")]}
+        stream = _Tty()
+        board = runner._Board(stream)
+        with runner._Progress("[2/3] left", nb, board=board) as a, runner._Progress("[3/3] right", nb, board=board):
+            a.cell_start(3)
+            board.say("[2/3] left: done")
+            shown = stream.getvalue().rsplit("\r", 1)[-1]
+        assert "[2/3] left: 0/2 cells · S · 0:00  |  [3/3] right: 0/2 cells" in shown
+        assert stream.getvalue().count("\n") == 1 and "\r[2/3] left: done\n" in stream.getvalue()
 
     def test_summary_names_each_chapter_time_and_page(self, project, capsys):
         assert runner.main(["--profile", "ci", "--no-book"]) == 0

@@ -54,13 +54,18 @@ prompts for both sides.
 **Cost.** All settings to evaluate are flattened into ``(setting, prompt)`` rows and run in
 batches: one nnsight trace per batch writes each layer's ``o_proj`` input once, with a boolean
 keep-mask ``[batch, pos, n_heads]`` built by tensor ops (no per-head Python inside the trace).
-Layers where nothing is ablated in the batch are not touched. ``patching.py`` did not exist when
+Layers where nothing is ablated in the batch are not touched. A setting is run once however often
+it is asked for (and a ``memo`` carries results between calls), and a row runs only from where it
+leaves the run with every head ablated (F(C) and its random baselines, before the circuit's first
+position) or with none (F(M\\K), before K's), from that run's cached keys and values: the same
+logits, a fraction of the tokens. ``patching.py`` did not exist when
 this was written: the batched evaluation helpers here (:func:`evaluate`, :func:`encode_for`) are
 candidates to fold into it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections import Counter
@@ -72,6 +77,7 @@ import torch
 
 from .circuit import EXTENSION_GROUPS, GROUPS, Circuit, Head
 from .data import encode_prompts
+from .patching import KVPrefix
 from .verdicts import BEYOND_RANDOM_MARGIN, NECESSITY_FACTOR, NECESSITY_MARGIN, chance, minimality_measurable
 
 __all__ = [
@@ -104,6 +110,7 @@ __all__ = [
     "pruner",
     "random_circuit",
     "random_circuits",
+    "setting_key",
     "shortfall_by_position",
 ]
 
@@ -288,17 +295,18 @@ def outside_at_positions(arch, circuit: Circuit, positions: Optional[Iterable[st
 
 
 def shortfall_by_position(lm, prompts, means: MeanActivations, circuit: Circuit, *, batch_size: int = 32,
-                          progress: bool = True) -> list[dict[str, Any]]:
+                          progress: bool = True, memo: Optional[dict] = None) -> list[dict[str, Any]]:
     """Where ``circuit`` falls short in ``lm``: rows ``{"setting", "heads_ablated", "evaluation"}``
     for F(M), the paper's F(C), the heads outside the circuit ablated at each of its positions
     alone (``setting`` = the position key; everything else intact), and at all of them
-    (``"all vital positions"``). ``heads_ablated`` is ``None`` for F(M) and F(C)."""
+    (``"all vital positions"``). ``heads_ablated`` is ``None`` for F(M) and F(C). ``memo``: see
+    :func:`evaluate` (F(M) and F(C) are usually known from :func:`faithfulness`)."""
     keys = [p for p in dict.fromkeys(circuit.positions[g] for g in circuit.group_names) if p != ALL_POSITIONS]
     outside = {k: outside_at_positions(lm.arch, circuit, [k]) for k in keys}
     outside["all vital positions"] = outside_at_positions(lm.arch, circuit)
     settings = [("F(M)", None, Ablation(label="F(M)")), ("F(C)", None, Ablation(keep=circuit, label="F(C)"))]
     settings += [(k, o.n_heads, Ablation(ablate=o, label=f"outside at {k}")) for k, o in outside.items()]
-    evs = evaluate(lm, prompts, means, [a for _, _, a in settings], batch_size=batch_size, progress=progress)
+    evs = evaluate(lm, prompts, means, [a for _, _, a in settings], batch_size=batch_size, progress=progress, memo=memo)
     return [{"setting": k, "heads_ablated": n, "evaluation": e} for (k, n, _), e in zip(settings, evs)]
 
 
@@ -466,22 +474,26 @@ def _check_lengths(batch: Mapping[str, torch.Tensor], means: MeanActivations) ->
         )
 
 
-def _run(lm, ids: torch.Tensor, attn: torch.Tensor, last: torch.Tensor, keep: Optional[torch.Tensor],
-         means: Optional[torch.Tensor], all_positions: bool = False) -> torch.Tensor:
+def _run(lm, ids: torch.Tensor, attn: Optional[torch.Tensor], last: torch.Tensor, keep: Optional[torch.Tensor],
+         means: Optional[torch.Tensor], all_positions: bool = False, cache: bool = False, **forward: Any):
     """One trace. ``keep`` ``[n_layers, R, S, n_heads]`` (None: nothing ablated), ``means``
     ``[n_layers, S, n_heads, d_head]`` on the model's device and dtype. Returns the last-token
-    logits ``[R, vocab]`` (``[R, S, vocab]`` with ``all_positions``)."""
+    logits ``[R, vocab]`` (``[R, S, vocab]`` with ``all_positions``), and with ``cache`` the
+    run's ``past_key_values`` too. ``forward``: more arguments of the forward pass (a suffix run's
+    cache and position ids, ``ids`` being the suffix and ``attn`` None)."""
     a = lm.arch
     write = [] if keep is None else [layer for layer in range(a.n_layers) if not bool(keep[layer].all())]
     rows = torch.arange(ids.shape[0], device=ids.device)
-    with torch.no_grad(), lm.trace(input_ids=ids, attention_mask=attn):
+    inputs = {"input_ids": ids} if attn is None else {"input_ids": ids, "attention_mask": attn}
+    with torch.no_grad(), lm.trace(**inputs, **forward):
         for layer in write:
             z = a.heads(lm.nn, layer)
             k, m = keep[layer].to(z.device), means[layer].to(device=z.device, dtype=z.dtype)  # sharded models
             a.set_heads(lm.nn, layer, torch.where(k.unsqueeze(-1), z, m.unsqueeze(0)))
         logits = lm.nn.output.logits
         out = (logits if all_positions else logits[rows, last]).save()
-    return out
+        kv = lm.nn.output.past_key_values.save() if cache else None
+    return (out, kv) if cache else out
 
 
 def mean_ablated_logits(lm, prompts, means: Optional[MeanActivations], ablation: Ablation = Ablation(), *,
@@ -542,18 +554,54 @@ class Evaluation:
         return f"Evaluation({self.label!r}, accuracy={self.accuracy:.3f}, n={self.n})"
 
 
+def setting_key(arch, ablation: Ablation) -> tuple:
+    """What ``ablation`` does, whatever its label and group names: the sites it keeps (``None``:
+    every site) and those it ablates, as sorted ``(position key, layer, head)``; every setting that
+    ablates nothing has one key. Settings with equal keys give equal evaluations."""
+    if ablation.ablates_nothing(arch):
+        return ("nothing ablated",)
+
+    def sites(c: Optional[Circuit]) -> Optional[tuple]:
+        if c is None:
+            return None
+        return tuple(sorted({(c.positions[g], int(layer), int(h)) for g in c.group_names for layer, h in c.groups[g]}))
+
+    return sites(ablation.keep), sites(ablation.ablate) or ()
+
+
+def _digest(tensors: Mapping[str, Any]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k]
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu().contiguous()
+            h.update(f"{k}:{v.dtype}:{tuple(v.shape)}".encode())
+            h.update(v.numpy().tobytes())
+    return h.hexdigest()
+
+
 def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[Ablation], *,
-             batch_size: int = 32, progress: bool = True, check_model: bool = True) -> list[Evaluation]:
+             batch_size: int = 32, progress: bool = True, check_model: bool = True,
+             memo: Optional[dict] = None, prefix_cache: bool = True) -> list[Evaluation]:
     """Accuracy of ``lm`` on ``prompts`` under each of ``ablations``, batched across settings.
 
     Rows ``(setting, prompt)`` are run ``batch_size`` at a time, each row with its own keep-mask,
-    so many small settings (random circuits, pairwise ablations) share traces.
+    so many small settings (random circuits, pairwise ablations) share traces. Settings that
+    ablate the same sites (:func:`setting_key`; e.g. F(M) asked twice, or two pairwise ablations
+    naming one head twice) are run once.
 
     Args:
         lm: the model evaluated (a circuit may come from another model of the same architecture).
         prompts: evaluation prompt records or an encoded batch (its ``target`` is the label).
         means: ``lm``'s own :class:`MeanActivations` (may be None if nothing is ablated).
         ablations: the settings.
+        memo: a dict that keeps every evaluation made with it, keyed by the model's name, a digest
+            of the encoded prompts and of the means, and the setting; a later call given the same
+            dict reuses them (e.g. F(M) for faithfulness, then necessity, then the shortfall).
+            Share one dict only while the models' weights stay as they are.
+        prefix_cache: run each row only from where it leaves the run with nothing or every head
+            ablated, from that run's cached keys and values (the same logits; False runs every
+            position of every row, the oracle; see :func:`_evaluate_rows`).
 
     Returns:
         One :class:`Evaluation` per setting, in order.
@@ -572,37 +620,135 @@ def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[
         for c, what in ((ab.keep, "circuit"), (ab.ablate, "ablated set")):
             if c is not None:
                 _check_circuit(lm.arch, c, batch, what)
-    need = [not ab.ablates_nothing(lm.arch) for ab in ablations]
-    mean_t = None
-    if any(need):
+    if any(not ab.ablates_nothing(lm.arch) for ab in ablations):
         if means is None:
             raise AblationError("these settings remove heads: pass the model's MeanActivations (compute_means)")
         means.check_fits(lm, check_model=check_model)
         _check_lengths(batch, means)
-        mean_t = means.means.to(device=lm.device, dtype=lm.dtype)
+    data = _digest(batch)
+    of_means = None if means is None else _digest({means.model: means.means})
+    ids = []
+    for ab in ablations:
+        key = setting_key(lm.arch, ab)
+        ids.append((lm.name, data, None if key == ("nothing ablated",) else of_means, key))
+    memo = {} if memo is None else memo
+    todo = list(dict.fromkeys(i for i in ids if i not in memo))
+    for i, (c, p) in zip(todo, _evaluate_rows(lm, batch, means, [ablations[ids.index(i)] for i in todo],
+                                              batch_size=batch_size, progress=progress, prefix_cache=prefix_cache)):
+        memo[i] = (c, p)
+    return [Evaluation(ab.label or f"setting {k}", memo[i][0].clone(), memo[i][1].clone())
+            for k, (ab, i) in enumerate(zip(ablations, ids))]
+
+
+#: Bytes the two reference prefixes of one evaluation (:func:`_prefix_plan`) may take; beyond it
+#: every row runs every position.
+PREFIX_BUDGET = 1 << 30
+
+
+def _prefix_plan(lm, batch, ablations, keys, tables, need, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row ``(setting, prompt)``, in row order, how many leading positions it runs exactly as
+    a reference run does, and which: ``kind`` 1, the run with nothing ablated (its keep-mask is all
+    True there, e.g. F(M\\K) before K's positions); ``kind`` 0, the run with every head ablated
+    (all False, e.g. F(C) before the circuit's first position). ``(length [rows], kind [rows])``."""
+    n = _n_examples(batch)
+    ex = torch.arange(n)
+    lengths, kinds = [], []
+    for i in range(len(ablations)):
+        if not need[i]:
+            lengths.append(torch.full((n,), seq))
+            kinds.append(torch.ones(n, dtype=torch.long))
+            continue
+        keep = _row_masks(lm.arch, batch, ablations, keys, tables, torch.full((n,), i), ex, seq)
+        some = keep.any(0).any(-1)  # [n, seq]: some head kept at the position
+        not_all = ~keep.all(0).all(-1)  # some head ablated
+        ablated = torch.where(some.any(1), some.float().argmax(1), seq)
+        clean = torch.where(not_all.any(1), not_all.float().argmax(1), seq)
+        lengths.append(torch.maximum(clean, ablated))
+        kinds.append((clean >= ablated).long())
+    return torch.cat(lengths), torch.cat(kinds)
+
+
+def _reference_prefix(lm, batch, mean_t: Optional[torch.Tensor], ablated: bool, start: int,
+                      batch_size: int) -> Optional[KVPrefix]:
+    """The prompts' :class:`~entity_tracking.patching.KVPrefix` before ``start`` from whole runs
+    with nothing ablated, or (``ablated``) with every head ablated."""
+    n, seq = batch["input_ids"].shape
+    caches = []
+    for s in range(0, n, batch_size):
+        ids = batch["input_ids"][s: s + batch_size].to(lm.device)
+        keep = torch.zeros(lm.arch.n_layers, len(ids), seq, lm.arch.n_heads, dtype=torch.bool, device=lm.device) \
+            if ablated else None
+        caches.append(_run(lm, ids, batch["attention_mask"][s: s + batch_size].to(lm.device),
+                           batch["last_position"][s: s + batch_size].to(lm.device), keep, mean_t, cache=True,
+                           use_cache=True)[1])
+    return KVPrefix.of_runs(caches, start, seq, lm.arch._torch(lm.nn).config)
+
+
+def _evaluate_rows(lm, batch: Mapping[str, torch.Tensor], means: Optional[MeanActivations],
+                   ablations: list[Ablation], *, batch_size: int, progress: bool,
+                   prefix_cache: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per setting, ``(correct [n] bool, predicted [n] long)``: the checked settings' rows
+    ``(setting, prompt)`` run ``batch_size`` at a time (see :func:`evaluate`).
+
+    Most rows run their first positions exactly as the model does with nothing or with every
+    head ablated (:func:`_prefix_plan`): F(C) and its random baselines ablate every head before
+    the circuit's first position, F(M\\K) none before K's. With ``prefix_cache``, where that
+    saves more than the reference run costs, the reference's keys and values are cached for every
+    prompt (:func:`_reference_prefix`), rows are grouped by how long a prefix they share, and each
+    chunk runs only its suffix: the logits are the whole runs' (see
+    :class:`~entity_tracking.patching.KVPrefix`)."""
+    if not ablations:
+        return []
+    n = _n_examples(batch)
+    target = batch["target"]
+    need = [not ab.ablates_nothing(lm.arch) for ab in ablations]
+    mean_t = means.means.to(device=lm.device, dtype=lm.dtype) if any(need) else None
     keys = _position_keys(ablations)
     tables = _site_table(lm.arch, ablations, keys)
     seq = int(batch["input_ids"].shape[1])
     cfg_all = torch.arange(len(ablations)).repeat_interleave(n)
     ex_all = torch.arange(n).repeat(len(ablations))
+    chunks = [torch.arange(s, min(len(cfg_all), s + batch_size)) for s in range(0, len(cfg_all), batch_size)]
+    length = kind = None
+    prefixes: dict[int, KVPrefix] = {}
+    if prefix_cache and bool((batch["attention_mask"] == 1).all()):
+        length, kind = _prefix_plan(lm, batch, ablations, keys, tables, need, seq)
+        length = length.clamp(max=seq - 2)
+        for k in (1, 0):  # a reference pays off when its rows skip more tokens than it runs
+            start = int(length[kind == k].max()) if bool((kind == k).any()) else 0
+            if int(length[kind == k].sum()) > n * seq and KVPrefix.fits(lm, n, start, PREFIX_BUDGET // 2):
+                ref = _reference_prefix(lm, batch, mean_t, k == 0, start, batch_size)
+                if ref is not None:
+                    prefixes[k] = ref
+        # rows of one reference run together, longest shared prefixes first; the rest as before
+        group = torch.tensor([k if k in prefixes and int(l) > 0 else -1 for k, l in zip(kind.tolist(), length)])
+        length = torch.where(group >= 0, length, torch.zeros_like(length))
+        chunks = []
+        for g in (0, 1, -1):
+            rows = (group == g).nonzero()[:, 0]
+            rows = rows[torch.sort(-length[rows], stable=True).indices]
+            chunks += [rows[s: s + batch_size] for s in range(0, len(rows), batch_size)]
     correct = torch.zeros(len(ablations) * n, dtype=torch.bool)
     predicted = torch.zeros(len(ablations) * n, dtype=torch.long)
-    starts = range(0, len(cfg_all), batch_size)
-    for s in _progress(starts, progress, desc=f"evaluate ({lm.name}, {len(ablations)} settings)", total=len(starts)):
-        cfg, ex = cfg_all[s: s + batch_size], ex_all[s: s + batch_size]
+    for rows in _progress(chunks, progress, desc=f"evaluate ({lm.name}, {len(ablations)} settings)", total=len(chunks)):
+        cfg, ex = cfg_all[rows], ex_all[rows]
         keep = None
         if any(need[int(c)] for c in cfg.unique()):
             keep = _row_masks(lm.arch, batch, ablations, keys, tables, cfg, ex, seq)
+        start, forward = 0, {}
+        if length is not None and int(length[rows].min()) > 0:
+            start, forward = prefixes[int(kind[rows[0]])].take(ex).suffix(len(rows), seq, int(length[rows].min()))
+        if keep is not None:
+            keep = keep[:, :, start:]
             keep = None if bool(keep.all()) else keep.to(lm.device)
-        logits = _run(lm, batch["input_ids"][ex].to(lm.device), batch["attention_mask"][ex].to(lm.device),
-                      batch["last_position"][ex].to(lm.device), keep, mean_t)
+        ids = batch["input_ids"][ex, start:].to(lm.device)
+        attn = None if start else batch["attention_mask"][ex].to(lm.device)
+        logits = _run(lm, ids, attn, (batch["last_position"][ex] - start).to(lm.device), keep,
+                      None if mean_t is None else mean_t[:, start:], **forward)
         pred = logits.argmax(-1).cpu()
-        predicted[s: s + len(ex)] = pred
-        correct[s: s + len(ex)] = pred == target[ex]
-    return [
-        Evaluation(ab.label or f"setting {i}", correct[i * n:(i + 1) * n].clone(), predicted[i * n:(i + 1) * n].clone())
-        for i, ab in enumerate(ablations)
-    ]
+        predicted[rows] = pred
+        correct[rows] = pred == target[ex]
+    return [(correct[i * n:(i + 1) * n].clone(), predicted[i * n:(i + 1) * n].clone()) for i in range(len(ablations))]
 
 
 def model_accuracy(lm, prompts, **kw) -> Evaluation:
@@ -790,17 +936,19 @@ class FaithfulnessResult:
 
 
 def faithfulness(lm, prompts, means: MeanActivations, circuit: Circuit, *, n_random: int = 10, seed: int = 0,
-                 batch_size: int = 32, progress: bool = True, check_model: bool = True) -> FaithfulnessResult:
+                 batch_size: int = 32, progress: bool = True, check_model: bool = True,
+                 memo: Optional[dict] = None) -> FaithfulnessResult:
     """Faithfulness of ``circuit`` in ``lm``, with ``n_random`` random circuits of the same
     group sizes as the baseline (paper §3 used 10). ``circuit`` may come from another model of
-    the same architecture; ``means`` must be ``lm``'s own."""
+    the same architecture; ``means`` must be ``lm``'s own. ``memo``: see :func:`evaluate`."""
     if n_random < 0:
         raise AblationError("n_random must be >= 0")
     rand = random_circuits(lm.arch, circuit, n_random, seed) if n_random else []
     settings = [Ablation(label="F(M)"), Ablation(keep=circuit, label="F(C)"),
                 Ablation(keep=empty_circuit(), label="F(empty)")]
     settings += [Ablation(keep=r, label=f"F(random {i})") for i, r in enumerate(rand)]
-    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress, check_model=check_model)
+    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress, check_model=check_model,
+                   memo=memo)
     return FaithfulnessResult(lm.name, circuit, evs[0], evs[1], evs[2], evs[3:], rand)
 
 
@@ -898,9 +1046,11 @@ class NecessityResult:
 
 
 def necessity(lm, prompts, means: MeanActivations, circuit: Circuit, group: str = "value_fetcher", *,
-              n_random: int = 10, seed: int = 0, batch_size: int = 32, progress: bool = True) -> NecessityResult:
+              n_random: int = 10, seed: int = 0, batch_size: int = 32, progress: bool = True,
+              memo: Optional[dict] = None) -> NecessityResult:
     """Mean-ablate ``circuit``'s ``group`` at every position and, as baselines, ``n_random``
-    draws of as many heads from the whole model and from the heads outside ``circuit``."""
+    draws of as many heads from the whole model and from the heads outside ``circuit``.
+    ``memo``: see :func:`evaluate`."""
     if group not in circuit.group_names:
         raise AblationError(f"unknown group {group!r}; groups are {list(circuit.group_names)}")
     heads = list(circuit.groups[group])
@@ -916,7 +1066,7 @@ def necessity(lm, prompts, means: MeanActivations, circuit: Circuit, group: str 
     settings = [Ablation(label="F(M)"), Ablation(ablate=target, label=f"{group} ablated")]
     settings += [Ablation(ablate=r, label="random (any)") for r in rand_any]
     settings += [Ablation(ablate=r, label="random (outside)") for r in rand_out]
-    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress)
+    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress, memo=memo)
     k = 2 + len(rand_any)
     return NecessityResult(getattr(lm, "name", circuit.model), group, heads, evs[0], evs[1], evs[2:k], evs[k:])
 
@@ -998,12 +1148,12 @@ class CompletenessResult:
 
 def completeness(lm, prompts, means: MeanActivations, circuit: Circuit, *, n_draws: int = 10, p: float = 0.5,
                  seed: int = 0, by_group: bool = True, batch_size: int = 32, progress: bool = True,
-                 check_model: bool = True) -> CompletenessResult:
+                 check_model: bool = True, memo: Optional[dict] = None) -> CompletenessResult:
     """|F(C\\K) - F(M\\K)| for ``n_draws`` random K (each circuit site in K with probability
     ``p``, seeded) and, with ``by_group``, K = each non-empty group.
 
     F(C\\K) keeps C's sites minus K's; F(M\\K) ablates only K's sites (each head at its group's
-    position), everything else running as in the full model.
+    position), everything else running as in the full model. ``memo``: see :func:`evaluate`.
     """
     if not 0 <= p <= 1:
         raise AblationError(f"p must be in [0, 1], got {p}")
@@ -1023,7 +1173,8 @@ def completeness(lm, prompts, means: MeanActivations, circuit: Circuit, *, n_dra
     for k in list(removed) + list(group_sets.values()):
         settings += [Ablation(keep=circuit, ablate=k, label=f"F(C\\{k.model})"),
                      Ablation(ablate=k, label=f"F(M\\{k.model})")]
-    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress, check_model=check_model)
+    evs = evaluate(lm, prompts, means, settings, batch_size=batch_size, progress=progress, check_model=check_model,
+                   memo=memo)
     pairs = [CompletenessDraw(k, evs[2 * i], evs[2 * i + 1]) for i, k in enumerate(list(removed) + list(group_sets.values()))]
     return CompletenessResult(lm.name, circuit, pairs[: len(removed)],
                               dict(zip(group_sets, pairs[len(removed):])), p)
@@ -1116,7 +1267,7 @@ class MinimalityResult:
 
 def minimality(lm, prompts, means: MeanActivations, circuit: Circuit, *, top_fraction: float = 0.3,
                threshold: float = 0.01, groups: Optional[Sequence[str]] = None, batch_size: int = 32,
-               progress: bool = True, check_model: bool = True) -> MinimalityResult:
+               progress: bool = True, check_model: bool = True, memo: Optional[dict] = None) -> MinimalityResult:
     """Score every head of ``circuit`` (paper §2) and prune the ones below ``threshold``.
 
     For each group g (default: all non-empty) with heads ``H``:
@@ -1128,6 +1279,8 @@ def minimality(lm, prompts, means: MeanActivations, circuit: Circuit, *, top_fra
        ``ceil(top_fraction * |H|)`` with a positive drop;
     3. ``score(v) = F(C\\K) / F(C\\(K∪{v})) - 1``; ``v`` is kept if ``score >= threshold``.
 
+    Equal K (and F(C) itself, when K is empty) are evaluated once; ``memo``: see :func:`evaluate`.
+
     Returns:
         :class:`MinimalityResult`: per-head :class:`HeadMinimality` (scores, K, evaluations),
         ``pair_accuracy[g]`` ``[|H|, |H|]`` and ``pruned`` (groups not scored stay as they were).
@@ -1138,7 +1291,7 @@ def minimality(lm, prompts, means: MeanActivations, circuit: Circuit, *, top_fra
     if unknown:
         raise AblationError(f"unknown groups {sorted(unknown)}; expected some of {circuit.group_names}")
     todo = [g for g in (groups or circuit.group_names) if circuit.groups[g]]
-    kw = dict(batch_size=batch_size, progress=progress, check_model=check_model)
+    kw = dict(batch_size=batch_size, progress=progress, check_model=check_model, memo=memo)
 
     def minus(g: str, heads: Iterable[Head], label: str) -> Ablation:
         return Ablation(keep=circuit, ablate=Circuit("K", {g: list(heads)}, dict(circuit.positions)), label=label)

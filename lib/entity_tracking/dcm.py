@@ -37,23 +37,25 @@ loss is differentiated after the trace from the saved logits.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence
 
 import torch
 
 from .circuit import Head
-from .patching import HeadPatch, accuracy, as_batch, check_positions, run
+from .patching import HeadPatch, KVPrefix, accuracy, as_batch, check_positions, run
 from .verdicts import DCM_MARGIN, DCM_SHARE_FLOOR
 
 __all__ = [
-    "CORE_DESIDERATA", "DCMError", "DCMResult", "better_mask", "desideratum_accuracy", "encode_desideratum",
-    "fresh_pairs", "fresh_seed", "functionality", "manifest_vocabulary", "masked_logits", "read_selections",
-    "semantics", "source_head_outputs", "sweep", "take_rows", "train_mask", "write_masks",
+    "CORE_DESIDERATA", "DCMError", "DCMResult", "base_prefix", "better_mask", "desideratum_accuracy",
+    "encode_desideratum", "fresh_pairs", "fresh_seed", "functionality", "manifest_vocabulary", "masked_logits",
+    "read_selections", "select_heads", "semantics", "source_head_outputs", "sweep", "take_rows",
+    "train_mask", "write_masks",
 ]
 
 
@@ -93,11 +95,55 @@ def source_head_outputs(lm, source: Mapping[str, torch.Tensor], heads: Sequence[
     return {l: cache["z", l][:, 0, hs] for l, hs in layers.items()}
 
 
+def select_heads(source_z: Mapping[int, torch.Tensor], of: Sequence[Head], heads: Sequence[Head]) -> dict[int, torch.Tensor]:
+    """The outputs of ``heads`` taken out of ``source_z``, the :func:`source_head_outputs` of the
+    heads ``of`` (a superset recorded in one source run): ``{layer: [batch, n_heads_in_layer,
+    d_head]}`` in :func:`_by_layer` order, as :func:`source_head_outputs` of ``heads`` returns them."""
+    index = {(l, h): i for l, hs in _by_layer(of).items() for i, h in enumerate(hs)}
+    missing = [tuple(h) for h in heads if (int(h[0]), int(h[1])) not in index]
+    if missing:
+        raise DCMError(f"heads {missing} are not among the source run's heads")
+    return {l: source_z[l][:, [index[(l, h)] for h in hs]] for l, hs in _by_layer(heads).items()}
+
+
+#: Bytes the base prompts' prefix (:func:`base_prefix`) may take; beyond it DCM runs every position.
+PREFIX_BUDGET = 1 << 30
+
+
+def base_prefix(lm, base: Mapping[str, torch.Tensor], *, batch_size: int = 32,
+                budget: int = PREFIX_BUDGET) -> Optional[KVPrefix]:
+    """The keys and values of the base prompts before their last two tokens: the
+    :class:`~entity_tracking.patching.KVPrefix` that every forward pass of DCM on these prompts
+    shares, whatever the position patched.
+
+    A patch at position ``p`` changes nothing before ``p``, so each training step, each rounded
+    mask scored and each selection of the semantics repeats the same work before its rows'
+    earliest patch position: from this prefix they run only the tokens from there, with the same
+    logits and gradients. None where it cannot serve: padded prompts, more than ``budget``
+    bytes, a sliding attention window."""
+    b = as_batch(base)
+    n, seq = b["input_ids"].shape
+    if n == 0 or seq < 3 or not bool((b["attention_mask"] == 1).all()) or not KVPrefix.fits(lm, n, seq - 2, budget):
+        return None
+    return KVPrefix.clean(lm, b, seq - 2, batch_size=batch_size)
+
+
+def _by_position(positions: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Chunks of ``batch_size`` row indices, latest positions first: each chunk then shares a
+    longer prefix. Only for sums over rows that do not depend on the order (counts, per-row
+    answers), never for a training step's batch."""
+    order = torch.sort(-positions, stable=True).indices
+    return [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, torch.Tensor],
-                  heads: Sequence[Head], position: str, mask: torch.Tensor) -> torch.Tensor:
+                  heads: Sequence[Head], position: str, mask: torch.Tensor,
+                  prefix: Optional[KVPrefix] = None) -> torch.Tensor:
     """Last-position logits ``[batch, vocab]`` of the base run with each of ``heads`` (in
     :func:`_by_layer` order, matching ``mask [n_heads]``) set to ``m*base + (1-m)*source`` at
-    the base's ``position``. Differentiable in ``mask``; one forward pass, no chunking."""
+    the base's ``position``. Differentiable in ``mask``; one forward pass, no chunking.
+    ``prefix``: the :func:`base_prefix` of these rows, to run only the tokens from their
+    earliest patch position."""
     b = as_batch(base)
     layers = _by_layer(heads)
     n = sum(len(v) for v in layers.values())
@@ -105,12 +151,15 @@ def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, t
         raise DCMError(f"mask must have one entry per head ({n}), got shape {tuple(mask.shape)}")
     nn, arch = lm.nn, lm.arch
     device = lm.device
-    pos = _pos(b, position, "base").to(device)
-    last = _pos(b, "last", "base").to(device)
+    pos = _pos(b, position, "base")
+    start, kw = (0, {}) if prefix is None else prefix.suffix(*b["input_ids"].shape, int(pos.min()))
+    inputs = {"input_ids": b["input_ids"][:, start:].to(device)} if start else \
+        {"input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device)}
+    pos = pos.to(device) - start
+    last = _pos(b, "last", "base").to(device) - start
     bi = torch.arange(b["input_ids"].shape[0], device=device)
-    inputs = {"input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device)}
     offset = 0
-    with nn.trace(inputs, **getattr(lm, "trace_kwargs", {})):
+    with nn.trace(inputs, **getattr(lm, "trace_kwargs", {}), **kw):
         for layer, hs in layers.items():
             m = mask[offset: offset + len(hs)].to(device)[None, :, None]
             offset += len(hs)
@@ -158,14 +207,17 @@ def take_rows(batch: Mapping[str, torch.Tensor], idx) -> dict[str, torch.Tensor]
     return {k: (v[idx] if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else v) for k, v in batch.items()}
 
 
-def _rounded_accuracy(lm, pairs, src_z, heads, position, mask_values, batch_size) -> float:
+def _rounded_accuracy(lm, pairs, src_z, heads, position, mask_values, batch_size,
+                      prefix: Optional[KVPrefix] = None) -> float:
     with torch.no_grad():
         hard = (mask_values >= 0.5).float()
         n = pairs["base"]["input_ids"].shape[0]
         correct = 0
-        for s in range(0, n, batch_size):
-            idx = torch.arange(s, min(n, s + batch_size))
-            lg = masked_logits(lm, take_rows(pairs["base"], idx), {l: v[idx] for l, v in src_z.items()}, heads, position, hard)
+        chunks = [torch.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)] if prefix is None \
+            else _by_position(_pos(as_batch(pairs["base"]), position, "base"), batch_size)
+        for idx in chunks:
+            lg = masked_logits(lm, take_rows(pairs["base"], idx), {l: v[idx] for l, v in src_z.items()}, heads, position,
+                               hard, None if prefix is None else prefix.take(idx))
             correct += int((lg.argmax(-1).cpu() == pairs["target"][idx]).sum())
         return correct / max(n, 1)
 
@@ -193,6 +245,9 @@ def train_mask(
     seed: int = 0,
     relaxation: Literal["clamp", "sigmoid"] = "clamp",
     progress: bool = True,
+    source_z: Optional[Mapping[str, Mapping[int, torch.Tensor]]] = None,
+    prefixes: Optional[Mapping[str, Optional[KVPrefix]]] = None,
+    prefix_cache: bool = True,
 ) -> DCMResult:
     """Learn a DCM mask over ``heads`` (all acting at ``position``) for one desideratum.
 
@@ -200,7 +255,15 @@ def train_mask(
     (``{"base", "source", "target"}``). The mask is trained on ``train``; every ``eval_every``
     steps (and at the last) its rounding is scored on ``eval`` and kept if :func:`better_mask`
     (higher eval accuracy, ties to more selected heads). Returns that mask, its eval accuracy and
-    its accuracy on ``test`` (``test`` plays no part in the choice).
+    its accuracy on ``test`` (``test`` plays no part in the choice). ``source_z``: per split
+    (``"train"``, ``"eval"``, ``"test"``) the source run's outputs of ``heads`` as
+    :func:`source_head_outputs` returns them, when already computed (:func:`sweep` runs each
+    source once for every lambda, seed and group at one position).
+
+    Every forward pass runs only the tokens from the earliest patch position on, from the base
+    prompts' cached keys and values (:func:`base_prefix`, the same numbers as the full run);
+    ``prefixes`` gives them per split when already made, ``prefix_cache=False`` runs every
+    position (the oracle).
     """
     heads = [h for l, hs in _by_layer(heads).items() for h in [(l, x) for x in hs]]
     if not heads:
@@ -208,7 +271,11 @@ def train_mask(
     if relaxation not in ("clamp", "sigmoid"):
         raise DCMError(f"relaxation must be 'clamp' or 'sigmoid', got {relaxation!r}")
     splits = {"train": train, "eval": eval, "test": test}
-    src = {k: source_head_outputs(lm, v["source"], heads, position, batch_size=batch_size) for k, v in splits.items()}
+    src = dict(source_z) if source_z is not None else \
+        {k: source_head_outputs(lm, v["source"], heads, position, batch_size=batch_size) for k, v in splits.items()}
+    if prefixes is None:
+        prefixes = {k: base_prefix(lm, v["base"], batch_size=batch_size) if prefix_cache else None
+                    for k, v in splits.items()}
     gen = torch.Generator().manual_seed(seed)
     if relaxation == "clamp":
         param = torch.ones(len(heads), requires_grad=True)
@@ -238,7 +305,7 @@ def train_mask(
         idx = order[(step % steps_per_epoch) * batch_size: (step % steps_per_epoch + 1) * batch_size]
         m = current()
         logits = masked_logits(lm, take_rows(train["base"], idx), {l: v[idx] for l, v in src["train"].items()},
-                               heads, position, m)
+                               heads, position, m, None if prefixes["train"] is None else prefixes["train"].take(idx))
         target = train["target"][idx].to(logits.device)
         loss = -logits.gather(1, target[:, None]).mean() + lam * (1 - m).sum()
         opt.zero_grad()
@@ -251,14 +318,15 @@ def train_mask(
             mv = current().detach()
             hard = [int(x >= 0.5) for x in mv.tolist()]
             if tuple(hard) not in scored:  # the rounded mask often stays put between evaluations
-                scored[tuple(hard)] = _rounded_accuracy(lm, eval, src["eval"], heads, position, mv, batch_size)
+                scored[tuple(hard)] = _rounded_accuracy(lm, eval, src["eval"], heads, position, mv, batch_size,
+                                                        prefix=prefixes["eval"])
             acc = scored[tuple(hard)]
             n_sel = hard.count(0)
             history.append({"step": step + 1, "loss": float(loss.detach()), "eval_accuracy": acc, "n_selected": n_sel})
             if better_mask(acc, n_sel, best[0], best[1]):
                 best = (acc, n_sel, hard, step + 1)
     mask = torch.tensor(best[2], dtype=torch.float32)
-    test_acc = _rounded_accuracy(lm, test, src["test"], heads, position, mask, batch_size)
+    test_acc = _rounded_accuracy(lm, test, src["test"], heads, position, mask, batch_size, prefix=prefixes["test"])
     return DCMResult(heads, best[2], position, lam, seed, relaxation, best[0], test_acc, best[3], history)
 
 
@@ -274,11 +342,13 @@ def desideratum_accuracy(
     seed: int = 0,
     batch_size: int = 32,
     source_z: Optional[Mapping[int, torch.Tensor]] = None,
+    prefix: Optional[KVPrefix] = None,
 ) -> dict[str, Any]:
     """Patch ``heads`` from source to base (each at its group ``position``, the source read at its
     own position) and report the share of samples whose answer is the target. ``source_z``: the
     source run's outputs of ``heads`` as :func:`source_head_outputs` returns them, when already
-    computed (:func:`semantics` shares one source run between selections).
+    computed (:func:`semantics` shares one source run between selections). ``prefix``: the base
+    prompts' :func:`base_prefix` at ``position``, to run only the tokens from its start.
 
     Returns ``{"mean", "std", "runs": [...], "correct": [n] (0/1 per sample), "accuracy"}``
     (``accuracy``: over all samples). The ``n_resamples`` ``runs`` are
@@ -310,7 +380,8 @@ def desideratum_accuracy(
         pos = _pos(base, position, "base")
         for layer, hs in _by_layer(heads).items():
             patches.append(HeadPatch("z", layer, hs, src_z[layer][:, None], pos))
-    logits = run(lm, base, patches, batch_size=batch_size, desc="desideratum patching").logits
+    logits = run(lm, base, patches, batch_size=batch_size, desc="desideratum patching").logits if prefix is None \
+        else _run_from_prefix(lm, base, patches, prefix, batch_size)
     correct = (logits.argmax(-1) == target).float()
     if mode == "fresh":
         runs = [float(correct[i * k:(i + 1) * k].mean()) for i in range(n_resamples)]
@@ -321,6 +392,27 @@ def desideratum_accuracy(
     mean = sum(runs) / len(runs)
     std = (sum((r - mean) ** 2 for r in runs) / max(len(runs) - 1, 1)) ** 0.5
     return {"mean": mean, "std": std, "runs": runs, "correct": correct.tolist(), "accuracy": accuracy(logits, target)}
+
+
+def _run_from_prefix(lm, base: Mapping[str, torch.Tensor], patches: Sequence[HeadPatch], prefix: KVPrefix,
+                     batch_size: int) -> torch.Tensor:
+    """Last-position logits ``[batch, vocab]`` of ``base`` with ``patches`` (one position per
+    row), as :func:`~entity_tracking.patching.run` gives them: chunks of ``batch_size`` rows,
+    latest patch positions first, each run from its earliest patch position with ``prefix``."""
+    n, seq = base["input_ids"].shape
+    first = torch.stack([torch.as_tensor(p.positions).reshape(n, -1).min(1).values for p in patches]).min(0).values \
+        if patches else torch.full((n,), seq)
+    out = torch.empty(0)
+    for rows in _by_position(first, batch_size):
+        part_base = take_rows(base, rows)
+        start, kw = prefix.take(rows).suffix(len(rows), seq, int(first[rows].min()))
+        part = [HeadPatch(p.site, p.layer, p.heads, p.values[rows], p.positions[rows] - start) for p in patches]
+        feed = {"input_ids": part_base["input_ids"][:, start:]} if start else part_base
+        logits = run(lm, feed, part, batch_size=batch_size, trace_kwargs=kw or None).logits
+        if not len(out):
+            out = logits.new_empty(n, logits.shape[-1])
+        out[rows.to(out.device)] = logits
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,11 +522,30 @@ def encode_desideratum(tokenizer, where, name: str, split: Optional[str] = None)
     return D.encode_pairs(tokenizer, recs, padding_side="right")
 
 
+def _heads_at(circuit, groups: Iterable[str]) -> dict[str, list[Head]]:
+    """Every head of ``groups`` by the position its group acts at, each once, in :func:`_by_layer` order."""
+    out: dict[str, list[Head]] = defaultdict(list)
+    for g in groups:
+        out[circuit.positions[g]] += [(int(l), int(h)) for l, h in circuit.groups[g]]
+    return {p: _ordered(list(dict.fromkeys(hs))) for p, hs in out.items()}
+
+
+def _grouped(items: Sequence[Any], key: Callable[[Any], Any]) -> list[tuple[Any, list[Any]]]:
+    """``items`` grouped by ``key``, groups in the order their first item comes (items in order)."""
+    out: dict[Any, list[Any]] = {}
+    for it in items:
+        out.setdefault(key(it), []).append(it)
+    return list(out.items())
+
+
 def sweep(lm, circuit, where, spec, groups: Sequence[str] | None = None,
-          desiderata: Sequence[str] = CORE_DESIDERATA) -> dict[tuple[str, str], DCMResult]:
+          desiderata: Sequence[str] = CORE_DESIDERATA, *, prefix_cache: bool = True) -> dict[tuple[str, str], DCMResult]:
     """Learn a mask for every (group, desideratum) on ``lm``, trying every lambda and seed of
     ``spec`` (:class:`~entity_tracking.config.DCMSpec`) and keeping the best on the eval split.
-    Groups without heads are skipped."""
+    Groups without heads are skipped. The base prompts' :func:`base_prefix` of each
+    (desideratum, split), and the source runs of each position there, are made once for every
+    group, lambda and seed (``prefix_cache=False``: every forward pass runs every position, the
+    oracle)."""
     from tqdm.auto import tqdm
 
     from .circuit import GROUPS
@@ -442,24 +553,42 @@ def sweep(lm, circuit, where, spec, groups: Sequence[str] | None = None,
     out: dict[tuple[str, str], DCMResult] = {}
     splits = {d: {s: encode_desideratum(lm.tokenizer, where, d, s) for s in ("train", "eval", "test")} for d in desiderata}
     jobs = [(g, d) for g in (groups or GROUPS) for d in desiderata if circuit.groups[g]]
-    for g, d in tqdm(jobs, desc="DCM masks"):
-        best: Optional[DCMResult] = None
-        for lam in spec.lambdas:
-            for seed in spec.seeds:
-                res = train_mask(lm, circuit.groups[g], circuit.positions[g], splits[d]["train"], splits[d]["eval"],
-                                 splits[d]["test"], lam=lam, lr=spec.lr, epochs=spec.epochs,
-                                 batch_size=spec.batch_size, eval_every=spec.eval_every, seed=seed,
-                                 relaxation=spec.relaxation, progress=False)
-                if best is None or better_mask(res.eval_accuracy, len(res.selected), best.eval_accuracy,
-                                               len(best.selected)):
-                    best = res
-        out[(g, d)] = best
-    return out
+    union = _heads_at(circuit, [g for g, _ in jobs])
+
+    bar = tqdm(total=len(jobs), desc="DCM masks")
+    # the jobs of one desideratum together: its base prompts' prefixes, and the source runs of each
+    # position, are made once and dropped before the next's; the masks come out in the jobs' order
+    for d, same in _grouped(jobs, lambda job: job[1]):
+        whole = {s: base_prefix(lm, b["base"], batch_size=spec.batch_size) if prefix_cache else None
+                 for s, b in splits[d].items()}
+        sources: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+        for g, _ in same:
+            pos = circuit.positions[g]
+            if pos not in sources:
+                sources[pos] = {s: source_head_outputs(lm, b["source"], union[pos], pos, batch_size=spec.batch_size)
+                                for s, b in splits[d].items()}
+            own = {s: select_heads(z, union[pos], circuit.groups[g]) for s, z in sources[pos].items()}
+
+            best: Optional[DCMResult] = None
+            for lam in spec.lambdas:
+                for seed in spec.seeds:
+                    res = train_mask(lm, circuit.groups[g], pos, splits[d]["train"], splits[d]["eval"],
+                                     splits[d]["test"], lam=lam, lr=spec.lr, epochs=spec.epochs,
+                                     batch_size=spec.batch_size, eval_every=spec.eval_every, seed=seed,
+                                     relaxation=spec.relaxation, progress=False, source_z=own, prefixes=whole)
+                    if best is None or better_mask(res.eval_accuracy, len(res.selected), best.eval_accuracy,
+                                                   len(best.selected)):
+                        best = res
+            out[(g, d)] = best
+            bar.update()
+    bar.close()
+    return {job: out[job] for job in jobs}
 
 
 def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, str], Sequence[Head]],
               positions: Mapping[str, str], where, spec,
-              desiderata: Mapping[tuple[str, str], Sequence[str]] | None = None) -> list[dict[str, Any]]:
+              desiderata: Mapping[tuple[str, str], Sequence[str]] | None = None, *,
+              prefix_cache: bool = True) -> list[dict[str, Any]]:
     """Per-model semantics: for every (group, desideratum) selection, patch those heads from source
     to base in every model and report the share of samples giving the target (percent, mean and
     std over ``spec.n_resamples`` runs of ``spec.sample_size`` pairs).
@@ -472,6 +601,10 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
     ``models`` yields ``(name, LoadedModel)`` pairs (a generator may load one model at a time).
     ``desiderata`` optionally maps a selection key to the desiderata whose pairs evaluate it
     (default: the key's own), e.g. the Transmitters' positional heads on the extra variants.
+
+    The selections evaluated on one desideratum share one :func:`base_prefix` of its base prompts,
+    and those at one position one source run (``prefix_cache=False``: every position is run, the
+    oracle); they are run together, and the rows come out in the order of ``selections``.
     """
     from tqdm.auto import tqdm
 
@@ -498,37 +631,40 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
             for eval_desid in (desiderata or {}).get(key, [key[1]])]
     union: dict[tuple[str, str], list[Head]] = defaultdict(list)
     for (group, _), heads, eval_desid in jobs:
-        u = union[eval_desid, positions[group]]
-        u += [tuple(h) for h in heads if tuple(h) not in u]
+        union[eval_desid, positions[group]] += [(int(l), int(h)) for l, h in heads]
+    union = {k: _ordered(list(dict.fromkeys(hs))) for k, hs in union.items()}
 
     rows = []
     for name, lm in models:
-        pairs_of: dict[str, dict[str, Any]] = {}
-        sources: dict[tuple[str, str], dict[Head, torch.Tensor]] = {}
-        unpatched: dict[str, dict[str, Any]] = {}
-        for key, heads, eval_desid in tqdm(jobs, desc=f"semantics ({name})", leave=False):
-            group, desid = key
-            if eval_desid not in pairs_of:
-                if mode == "fresh":
-                    pairs_of[eval_desid] = D.encode_pairs(lm.tokenizer, fresh_records(lm.tokenizer, eval_desid),
-                                                          padding_side="right")
-                else:
-                    pairs_of[eval_desid] = encode_desideratum(lm.tokenizer, where, eval_desid, "test")
-            where_key = (eval_desid, positions[group])
-            if heads and where_key not in sources:
-                allh = _ordered(union[where_key])
-                z = source_head_outputs(lm, pairs_of[eval_desid]["source"], allh, positions[group],
-                                        batch_size=spec.batch_size)
-                sources[where_key] = {(l, h): z[l][:, i] for l, hs in _by_layer(allh).items() for i, h in enumerate(hs)}
-            src = ({l: torch.stack([sources[where_key][(l, h)] for h in hs], 1) for l, hs in _by_layer(heads).items()}
-                   if heads else None)
-            if heads or eval_desid not in unpatched:  # nothing to patch: the model as it is, run once
-                r = desideratum_accuracy(lm, list(heads), positions[group], pairs_of[eval_desid], mode=mode,
-                                         n_resamples=spec.n_resamples, sample_size=spec.sample_size, seed=0,
-                                         batch_size=spec.batch_size, source_z=src)
-                if not heads:
-                    unpatched[eval_desid] = r
-            r = r if heads else unpatched[eval_desid]
+        done: dict[int, dict[str, Any]] = {}
+        bar = tqdm(total=len(jobs), desc=f"semantics ({name})", leave=False)
+        for eval_desid, same in _grouped(list(enumerate(jobs)), lambda job: job[1][2]):
+            if mode == "fresh":
+                pairs = D.encode_pairs(lm.tokenizer, fresh_records(lm.tokenizer, eval_desid), padding_side="right")
+            else:
+                pairs = encode_desideratum(lm.tokenizer, where, eval_desid, "test")
+            runs = sum(1 for _, (_, heads, _) in same if heads) + any(not heads for _, (_, heads, _) in same)
+            whole = base_prefix(lm, pairs["base"], batch_size=spec.batch_size) if prefix_cache and runs > 1 else None
+            sources: dict[str, dict[int, torch.Tensor]] = {}
+            unpatched = None
+            for i, ((group, _), heads, _) in same:
+                pos = positions[group]
+                if heads and pos not in sources:
+                    sources[pos] = source_head_outputs(lm, pairs["source"], union[eval_desid, pos], pos,
+                                                       batch_size=spec.batch_size)
+                if heads or unpatched is None:  # nothing to patch: the model as it is, run once
+                    src = select_heads(sources[pos], union[eval_desid, pos], heads) if heads else None
+                    r = desideratum_accuracy(lm, list(heads), pos, pairs, mode=mode, n_resamples=spec.n_resamples,
+                                             sample_size=spec.sample_size, seed=0, batch_size=spec.batch_size,
+                                             source_z=src, prefix=whole)
+                    if not heads:
+                        unpatched = r
+                done[i] = r if heads else unpatched
+                bar.update()
+            del whole, sources
+        bar.close()
+        for i, ((group, desid), heads, eval_desid) in enumerate(jobs):
+            r = done[i]
             rows.append({"group": group, "desideratum": eval_desid, "selected_for": desid, "model": name,
                          "n_heads": len(heads), "mean": 100 * r["mean"], "std": 100 * r["std"],
                          "pairs": mode, "n_runs": len(r["runs"])})

@@ -22,7 +22,8 @@ from .circuit import GROUPS, Circuit, Head
 from .config import ModelSpec
 from .io import ResultsPaths
 
-__all__ = ["Checkpoint", "checkpoints", "checkpoint_row", "gain_by_answer", "replicate_curve", "seed_bootstrap"]
+__all__ = ["Checkpoint", "checkpoints", "checkpoint_row", "eval_accuracy", "gain_by_answer", "replicate_curve",
+           "seed_bootstrap"]
 
 _STEP = re.compile(r"step-(\d+)$")
 
@@ -59,19 +60,29 @@ def checkpoints(spec: ModelSpec, paths: ResultsPaths) -> list[Checkpoint]:
     return sorted(out, key=lambda c: c.step)
 
 
+def eval_accuracy(lm, prompts, *, batch_size: int = 32) -> float:
+    """Accuracy of ``lm`` (argmax at the last token) on evaluation prompt records or an encoded batch."""
+    from .ablation import encode_for
+    from .patching import last_logits
+
+    batch = encode_for(lm, prompts)
+    return float((last_logits(lm, batch, batch_size=batch_size).argmax(-1) == batch["target"]).float().mean())
+
+
 def checkpoint_row(base, model, eval_records: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]],
-                   circuit: Circuit, *, batch_size: int = 32) -> dict[str, Any]:
+                   circuit: Circuit, *, batch_size: int = 32, base_accuracy: Optional[float] = None) -> dict[str, Any]:
     """Accuracy, base-circuit faithfulness and per-group CMAP gain share of ``model`` (a loaded
-    checkpoint) against the loaded ``base`` model on the evaluation prompts."""
+    checkpoint) against the loaded ``base`` model on the evaluation prompts. ``base_accuracy``:
+    the base model's :func:`eval_accuracy` on them when already known, so that a loop over
+    checkpoints runs the base model once."""
     from . import data as D
     from .ablation import Ablation, compute_means, evaluate
     from .cmap import heads_by_position, output_cmap
-    from .patching import last_logits
 
     batch = D.encode_prompts(model.tokenizer, eval_records)
     target = batch["target"]
-    acc = float((last_logits(model, batch, batch_size=batch_size).argmax(-1) == target).float().mean())
-    base_acc = float((last_logits(base, batch, batch_size=batch_size).argmax(-1) == target).float().mean())
+    acc = eval_accuracy(model, batch, batch_size=batch_size)
+    base_acc = base_accuracy if base_accuracy is not None else eval_accuracy(base, batch, batch_size=batch_size)
     means = compute_means(model, reference, batch_size=batch_size, progress=False)
     full, circ = evaluate(model, eval_records, means, [Ablation(), Ablation(keep=circuit)], batch_size=batch_size,
                           progress=False)

@@ -43,6 +43,7 @@ patches and records in any order.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -57,6 +58,8 @@ __all__ = [
     "SITES",
     "ActivationCache",
     "HeadPatch",
+    "KVPrefix",
+    "MIN_SUFFIX_ROWS",
     "PatchRun",
     "ResidPatch",
     "accuracy",
@@ -392,7 +395,8 @@ def run(
         record: ``(site, layer)`` pairs (sites of :data:`SITES`) to cache, *after* patching.
         record_positions: ``[batch]`` / ``[batch, n_pos]``: cache only these positions.
         all_logits: return ``[batch, seq, vocab]`` instead of the last position's ``[batch, vocab]``.
-        logits: return no logits at all when False (the run still goes through the whole model).
+        logits: return no logits at all when False; the forward pass then stops after the last
+            recorded site (the blocks above it would change nothing that is returned).
         batch_size: examples per forward pass.
         trace_kwargs: extra keyword arguments for the model's forward (e.g. ``past_key_values``,
             ``position_ids``, ``logits_to_keep``); with them the batch runs as one chunk.
@@ -442,7 +446,7 @@ def run(
             crpos = None if rpos is None else rpos[sl].to(device)
             saved: dict[tuple[str, int], Any] = {}
             out_box: list[Any] = []
-            with nn.trace(inputs, **kw):
+            with nn.trace(inputs, **kw) as tracer:
                 for layer in skip_layers:
                     arch.layer(nn, layer).skip(skip_value[sl].to(device))
                 for (layer, site) in steps:
@@ -473,12 +477,99 @@ def run(
                     if not all_logits:  # logits_to_keep=n leaves only the last n positions
                         lg = lg[bi, clast - (S - lg.shape[1])]
                     out_box.append(lg.detach().to(out_device).save())
+                elif steps:
+                    tracer.stop()  # nothing above the last recorded site is returned
             for k, v in saved.items():
                 pieces[k].append(v)
             if logits:
                 logit_pieces.append(out_box[0])
     cache = ActivationCache({k: torch.cat(v) for k, v in pieces.items()}, positions=rpos, attention_mask=mask)
     return PatchRun(torch.cat(logit_pieces) if logits else None, cache)
+
+
+# --------------------------------------------------------------------------------------------
+# Running only a suffix, from a cached prefix
+
+#: A run over a suffix keeps at least this many rows x tokens: below it the CPU's matrix kernels
+#: (MKL's sgemm, measured from d_model 32 to 11008) switch code path and its rows stop matching
+#: the whole run's bit for bit; at or above it they match exactly. It also keeps two tokens: a
+#: single query token takes another attention kernel.
+MIN_SUFFIX_ROWS = 16
+
+
+@dataclass
+class KVPrefix:
+    """Every layer's keys and values ``[batch, n_kv_heads, start, d_head]`` (after rotary
+    embeddings, as the model caches them) for the first ``start`` positions of a batch of prompts.
+
+    An intervention at position ``p`` changes nothing before ``p`` (attention is causal), so
+    repeated runs that differ only from ``p`` on can share the work on the prefix: the prefix is
+    taken once from **whole** runs (:meth:`of_runs`; a run over the prefix alone would compute
+    its attention with other kernel shapes), and each run then feeds only the tokens from the
+    start with this cache (:meth:`suffix`), getting the whole run's logits -- and gradients --
+    bit for bit on the CPU (:data:`MIN_SUFFIX_ROWS`).
+    """
+
+    start: int
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    config: Any = None
+
+    @staticmethod
+    def fits(lm: Any, n: int, start: int, budget: int) -> bool:
+        """Whether ``n`` prompts' prefix of ``start`` tokens takes at most ``budget`` bytes."""
+        _, a, _, _ = _lm_parts(lm)
+        dtype = getattr(lm, "dtype", torch.float32)
+        return n * a.n_layers * 2 * a.n_kv_heads * start * a.d_head * torch.finfo(dtype).bits // 8 <= budget
+
+    @classmethod
+    def of_runs(cls, caches: Sequence[Any], start: int, seq: int, config: Any) -> Optional["KVPrefix"]:
+        """The first ``start`` positions of the ``past_key_values`` of whole runs (``seq`` tokens)
+        over consecutive chunks of the prompts; None when a layer kept fewer keys than the run had
+        tokens (a sliding attention window dropped early ones)."""
+        n_layers = len(caches[0].layers)
+        keys: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        values: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        for cache in caches:
+            for l, layer in enumerate(cache.layers):
+                if layer.keys.shape[-2] != seq:
+                    return None
+                keys[l].append(layer.keys[:, :, :start])
+                values[l].append(layer.values[:, :, :start])
+        return cls(start, [torch.cat(k) for k in keys], [torch.cat(v) for v in values], config)
+
+    @classmethod
+    def clean(cls, lm: Any, batch: BatchLike, start: int, *, batch_size: int = 32) -> Optional["KVPrefix"]:
+        """The prefix of ``batch`` (unpadded) before ``start``, from whole runs of the model as it is."""
+        b = as_batch(batch)
+        nn, _, device, _ = _lm_parts(lm)
+        hf = getattr(nn, "_module", nn)
+        caches = []
+        for sl in _chunks(int(b["input_ids"].shape[0]), batch_size, False, ""):
+            with torch.no_grad():
+                caches.append(hf(input_ids=b["input_ids"][sl].to(device), attention_mask=b["attention_mask"][sl].to(device),
+                                 use_cache=True).past_key_values)
+        return cls.of_runs(caches, start, int(b["input_ids"].shape[1]), hf.config)
+
+    def take(self, idx) -> "KVPrefix":
+        """The prefix of the prompts ``idx`` (indices or a slice)."""
+        return KVPrefix(self.start, [k[idx] for k in self.keys], [v[idx] for v in self.values], self.config)
+
+    def suffix(self, n_rows: int, seq: int, start: Optional[int] = None) -> tuple[int, dict[str, Any]]:
+        """``(start, forward keyword arguments)`` to run ``n_rows`` rows of these prompts
+        (``seq`` tokens long) from ``start`` (default: this prefix's) on: the cache and the
+        position ids. ``start`` is lowered to leave at least :data:`MIN_SUFFIX_ROWS` rows x tokens
+        and two tokens; 0 means run the rows whole (and no keyword arguments)."""
+        from transformers import DynamicCache
+
+        start = min(self.start if start is None else start, seq - max(2, math.ceil(MIN_SUFFIX_ROWS / max(n_rows, 1))))
+        if start < 1:
+            return 0, {}
+        device = self.keys[0].device
+        cache = DynamicCache([(k[:, :, :start], v[:, :, :start]) for k, v in zip(self.keys, self.values)],
+                             config=self.config)
+        return start, {"past_key_values": cache,
+                       "position_ids": torch.arange(start, seq, device=device).expand(n_rows, seq - start)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,15 +1,23 @@
 """Run the book: execute every chapter of ``_toc.yml`` for one profile, then build the HTML.
 
 Chapters never share notebook state; they hand results to each other as files under
-``results/<profile>/``. The runner therefore executes them one after another with papermill,
-injecting the profile name into each notebook's ``parameters`` cell, and keeps the executed
-copies in ``results/<profile>/notebooks/``. The source notebooks in ``book/`` stay clean.
+``results/<profile>/``. The runner executes them with papermill, injecting the profile name into
+each notebook's ``parameters`` cell, and keeps the executed copies in
+``results/<profile>/notebooks/``. The source notebooks in ``book/`` stay clean.
+
+**Chapters at once.** A chapter starts as soon as every chapter it reads has finished: the
+``needs`` of its ``setup_chapter(...)`` call (:func:`chapter_needs`; a notebook without one, the
+landing page, waits for every earlier chapter). Up to ``--jobs`` run at once (default: one per CPU
+core, one where a GPU is present), each kernel with one torch thread (``$ENTITY_TRACKING_THREADS``):
+on the organism's small matrices two threads gained nothing on two shared cores, while two
+independent chapters (circuit and binding; faithfulness, DCM and fine-tuning) use both.
 
 A chapter is skipped when nothing it depends on changed: its fingerprint hashes the notebook's
 cells, the profile file, the library's source and the fingerprints of every earlier chapter
 (whose artifacts it may read). ``--force`` runs everything again. A failing chapter stops the run
-with an error naming the chapter and the executed notebook that holds the traceback; its partial
-outputs are kept under a ``.failed.ipynb`` name, never under the name a later run would trust.
+(no chapter starts after it; one already running finishes) with an error naming the chapter and the
+executed notebook that holds the traceback; its partial outputs are kept under a ``.failed.ipynb``
+name, never under the name a later run would trust.
 
 Finally the executed notebooks, the markdown pages and the two config files are staged in
 ``_build/stage/`` and built with ``jupyter-book build -W`` into ``_build/html/``.
@@ -19,10 +27,11 @@ always receive the profile's *name* (results live in ``results/<name>/``); a fil
 ``params/`` is listed in ``$ENTITY_TRACKING_PROFILES`` for the kernels, so that every chapter, and
 any earlier chapter it runs on its own, resolves that name to the same file.
 
-**Progress.** While a chapter executes, the console shows one line that updates: cells done out of
-the chapter's code cells, the section being executed (the last ``#``/``##`` heading above the
-running cell) and the time elapsed. When stdout is not a terminal (CI logs) a new line is printed at
-each change of section instead. The run ends with each chapter's time and where its page is.
+**Progress.** While chapters execute, the console shows one line that updates: for each running
+chapter, cells done out of its code cells, the section being executed (the last ``#``/``##``
+heading above the running cell) and the time elapsed; starts and ends are printed above it. When
+stdout is not a terminal (CI logs) a new line, led by the chapter's name, is printed at each change
+of section instead. The run ends with each chapter's time and where its page is.
 
 **What readers see** (:func:`prepare_for_readers`, one rule applied to every executed notebook
 and again when the book is staged; no tag is set by hand):
@@ -53,7 +62,7 @@ overrides it at run time. The runner warns when a notebook's cell and ``_config.
 
 Command line (also what ``make book`` runs)::
 
-    python -m entity_tracking.runner --profile default [--force] [--only data] [--no-book]
+    python -m entity_tracking.runner --profile default [--force] [--only data] [--no-book] [--jobs 2]
     python -m entity_tracking.runner --profile path/to/mine.yaml
     python -m entity_tracking.runner --sync-bootstrap   # after editing repository.url
 """
@@ -61,6 +70,7 @@ Command line (also what ``make book`` runs)::
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import hashlib
 import json
@@ -88,8 +98,10 @@ __all__ = [
     "SHORT_CELL_LINES",
     "bootstrap_source",
     "build_book",
+    "chapter_needs",
     "chapters_from_toc",
     "clean_outputs",
+    "default_jobs",
     "execute_chapters",
     "main",
     "prepare_for_readers",
@@ -381,20 +393,90 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-class _Progress:
-    """One chapter's progress on the console: a line updated in place on a terminal (refreshed every
-    second by a thread, so a long cell still shows the time moving), or a new line per section."""
+class _Board:
+    """The console while chapters run: on a terminal one line, updated in place (refreshed every
+    second by a thread, so a long cell still shows the time moving), holding every running
+    chapter's progress; elsewhere a new line per message. Messages (:meth:`say`) are printed above
+    the line, so two chapters running at once never write into each other's text."""
 
-    def __init__(self, tag: str, nb: dict, stream: Optional[TextIO] = None, tty: Optional[bool] = None):
-        self.tag, self.stream = tag, stream or sys.stdout
+    def __init__(self, stream: Optional[TextIO] = None, tty: Optional[bool] = None):
+        self.stream = stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
+        self.active: list["_Progress"] = []
+        self._lock = threading.RLock()
+        self._width = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _text(self) -> str:
+        text = "  |  ".join(p.line(compact=len(self.active) > 1) for p in self.active)
+        cols = shutil.get_terminal_size((160, 24)).columns - 1
+        return text if len(text) <= cols else text[: cols - 1] + "…"
+
+    def draw(self) -> None:
+        with self._lock:
+            if not self.tty or not self.active:
+                return
+            text = self._text()
+            self.stream.write("\r" + text + " " * max(0, self._width - len(text)))
+            self._width = len(text)
+            self.stream.flush()
+
+    def _clear(self) -> None:
+        if self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self._width = 0
+
+    def say(self, msg: str) -> None:
+        """Print ``msg`` on a line of its own (above the progress line on a terminal)."""
+        with self._lock:
+            self._clear()
+            self.stream.write(msg + "\n")
+            self.stream.flush()
+            self.draw()
+
+    def enter(self, progress: "_Progress") -> None:
+        with self._lock:
+            self.active.append(progress)
+            if self.tty and self._thread is None:
+                self._stop.clear()
+                self._thread = threading.Thread(target=self._tick, daemon=True)
+                self._thread.start()
+            self.draw()
+
+    def leave(self, progress: "_Progress") -> None:
+        with self._lock:
+            self.active.remove(progress)
+            thread = self._thread if not self.active else None
+            if thread is not None:
+                self._thread = None
+                self._stop.set()
+        if thread is not None:
+            thread.join()
+        with self._lock:
+            if self.active:
+                self.draw()
+            else:
+                self._clear()
+                self.stream.flush()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self.draw()
+
+
+class _Progress:
+    """One chapter's progress on a :class:`_Board` (its own when none is given): cells done out
+    of the chapter's code cells, the section being executed and the time elapsed; off a terminal,
+    a new line at each change of section."""
+
+    def __init__(self, tag: str, nb: dict, stream: Optional[TextIO] = None, tty: Optional[bool] = None,
+                 board: Optional[_Board] = None):
+        self.tag = tag
+        self.board = board or _Board(stream, tty)
         self.attach(nb)
         self.done, self.section = 0, ""
         self.t0 = time.perf_counter()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._width = 0
-        self._thread: Optional[threading.Thread] = None
 
     def attach(self, nb: dict) -> None:
         """Read cells and headings from the notebook being executed (with papermill's injected cell)."""
@@ -402,37 +484,18 @@ class _Progress:
         self.code = {i for i, c in enumerate(nb.get("cells", [])) if c.get("cell_type") == "code"}
         self.total = len(self.code)
 
-    def line(self) -> str:
-        section = self.section if len(self.section) <= 60 else self.section[:59] + "…"
+    def line(self, compact: bool = False) -> str:
+        width = 24 if compact else 60
+        section = self.section if len(self.section) <= width else self.section[: width - 1] + "…"
         return f"{self.tag}: {self.done}/{self.total} cells · {section} · {_clock(time.perf_counter() - self.t0)}"
-
-    def _draw(self) -> None:
-        with self._lock:
-            text = self.line()
-            pad = max(0, self._width - len(text))
-            self._width = len(text)
-            self.stream.write("\r" + text + " " * pad)
-            self.stream.flush()
 
     def __enter__(self) -> "_Progress":
         self.t0 = time.perf_counter()
-        if self.tty:
-            self._draw()
-            self._thread = threading.Thread(target=self._tick, daemon=True)
-            self._thread.start()
+        self.board.enter(self)
         return self
 
-    def _tick(self) -> None:
-        while not self._stop.wait(1.0):
-            self._draw()
-
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            with self._lock:
-                self.stream.write("\r" + " " * self._width + "\r")
-                self.stream.flush()
+        self.board.leave(self)
 
     def cell_start(self, index: Optional[int]) -> None:
         if index is None or index not in self.code:
@@ -440,16 +503,15 @@ class _Progress:
         section = self.headings[index] if index < len(self.headings) else ""
         if section != self.section:
             self.section = section
-            if self.tty:
-                self._draw()
+            if self.board.tty:
+                self.board.draw()
             else:
-                print(self.line(), file=self.stream, flush=True)
+                self.board.say(self.line())
 
     def cell_complete(self, index: Optional[int]) -> None:
         if index is not None and index in self.code:
             self.done += 1
-            if self.tty:
-                self._draw()
+            self.board.draw()
 
 
 def _progress_engine():
@@ -572,9 +634,34 @@ class ChapterRun:
     seconds: Optional[float]  # this run's time, or the last run's for a chapter not run again
 
 
+#: Torch threads of each chapter's kernel (default 1): the kernels' matrices are small, two
+#: threads on two shared cores ran slower than one (contention), and one thread per kernel lets
+#: two independent chapters run at once (:func:`default_jobs`).
+THREADS_ENV = "ENTITY_TRACKING_THREADS"
+#: How many chapters may run at once (default :func:`default_jobs`).
+JOBS_ENV = "ENTITY_TRACKING_JOBS"
+
+
+def kernel_threads() -> int:
+    return max(1, int(os.environ.get(THREADS_ENV) or 1))
+
+
+def default_jobs() -> int:
+    """Chapters run at once: ``$ENTITY_TRACKING_JOBS``, else one per :func:`kernel_threads` CPU
+    cores, but one where a GPU is present (each chapter loads its models onto it)."""
+    if os.environ.get(JOBS_ENV):
+        return max(1, int(os.environ[JOBS_ENV]))
+    import torch
+
+    if torch.cuda.is_available():
+        return 1
+    return max(1, (os.cpu_count() or 1) // kernel_threads())
+
+
 def _kernel_environment(root: Path, pfile: Path) -> dict[str, str]:
     env = dict(KERNEL_ENV)
     env[ROOT_ENV] = str(root)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(kernel_threads())
     if pfile.parent.resolve() != (root / "params").resolve():
         listed = [p for p in os.environ.get(PROFILES_ENV, "").split(os.pathsep) if p]
         env[PROFILES_ENV] = os.pathsep.join([str(pfile), *[p for p in listed if p != str(pfile)]])
@@ -592,6 +679,39 @@ def _check_bootstrap(root: Path) -> None:
              f"run `python -m entity_tracking.runner --sync-bootstrap`")
 
 
+def _declared_needs(nb: dict) -> Optional[list[str]]:
+    """The ``needs`` of the notebook's ``setup_chapter(...)`` call (``[]`` without the keyword),
+    or None when no cell calls it."""
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") != "code" or "setup_chapter" not in _source(cell):
+            continue
+        try:
+            tree = ast.parse(_source(cell))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "setup_chapter":
+                kw = {k.arg: k.value for k in node.keywords}
+                value = kw.get("needs", node.args[2] if len(node.args) > 2 else None)
+                try:
+                    return [str(n) for n in ast.literal_eval(value)] if value is not None else []
+                except ValueError:
+                    return None
+    return None
+
+
+def chapter_needs(chapters: list[Chapter]) -> dict[str, set[str]]:
+    """For each notebook (by stem), the earlier chapters whose artifacts it reads: the ``needs``
+    its ``setup_chapter`` call declares (the same list that makes a chapter opened on its own run
+    them first); every earlier chapter for a notebook that declares none (the landing page)."""
+    out: dict[str, set[str]] = {}
+    for i, ch in enumerate(chapters):
+        earlier = [c.stem for c in chapters[:i]]
+        needs = _declared_needs(json.loads(ch.source.read_text(encoding="utf-8")))
+        out[ch.stem] = set(earlier) if needs is None else {n for n in needs if n in earlier}
+    return out
+
+
 def execute_chapters(
     profile: str | os.PathLike,
     root: Path | None = None,
@@ -599,13 +719,17 @@ def execute_chapters(
     only: list[str] | None = None,
     kernel_name: str = "python3",
     progress: Optional[bool] = None,
+    jobs: Optional[int] = None,
 ) -> list[ChapterRun]:
-    """Execute the toc's notebooks for ``profile`` (a name in ``params/`` or a YAML file anywhere)
-    in order; return what happened to each chapter.
+    """Execute the toc's notebooks for ``profile`` (a name in ``params/`` or a YAML file anywhere);
+    return what happened to each chapter, in toc order.
 
-    ``only`` restricts execution to chapters whose stem is listed (earlier chapters must then
-    already have run: their artifacts are read from disk). ``progress=False`` prints one line per
-    chapter instead of the running progress line.
+    Up to ``jobs`` chapters (default :func:`default_jobs`) run at once, each as soon as every
+    chapter it reads (:func:`chapter_needs`) has run. ``only`` restricts execution to chapters
+    whose stem is listed (earlier chapters must then already have run: their artifacts are read
+    from disk). ``progress=False`` prints one line per chapter instead of the running progress
+    line. When a chapter fails no other chapter starts; those already running finish, and
+    :class:`ChapterFailed` names the failed one.
     """
     import papermill as pm
 
@@ -616,12 +740,14 @@ def execute_chapters(
     stamps = paths.root / ".stamps"
     lib = library_digest()
     upstream = ""
-    runs: list[ChapterRun] = []
+    runs: dict[str, ChapterRun] = {}
     notebooks = _execution_order(root)
     os.environ[ROOT_ENV] = str(root)
     env = _kernel_environment(root, pfile)
     engine = _progress_engine()
+    board = _Board()
     _check_bootstrap(root)
+    todo: list[tuple[Chapter, str, str]] = []
     for i, ch in enumerate(notebooks, 1):
         fp = _fingerprint(ch, pfile, lib, upstream)
         upstream = fp
@@ -632,22 +758,30 @@ def execute_chapters(
         if only and ch.stem not in only:
             _log(f"{tag}: not selected")
             if out.exists():
-                runs.append(ChapterRun(ch, out, "not selected", last))
+                runs[ch.stem] = ChapterRun(ch, out, "not selected", last)
             continue
         if not force and out.exists() and stamp.exists() and read_json(stamp).get("fingerprint") == fp:
             _log(f"{tag}: up to date, not run again ({out})")
-            runs.append(ChapterRun(ch, out, "up to date", last))
+            runs[ch.stem] = ChapterRun(ch, out, "up to date", last)
             continue
+        todo.append((ch, fp, tag))
+
+    def start(ch: Chapter, fp: str, tag: str) -> None:
+        stamp = stamps / f"{ch.stem}.json"
         if stamp.exists():
             stamp.unlink()
+        board.say(f"{tag}: running {ch.source.relative_to(root)} on profile '{prof.name}' ...")
+
+    def execute(ch: Chapter, fp: str, tag: str) -> ChapterRun:
+        out = paths.notebooks / f"{ch.stem}.ipynb"
+        stamp = stamps / f"{ch.stem}.json"
         failed = out.with_suffix(".failed.ipynb")
-        _log(f"{tag}: running {ch.source.relative_to(root)} on profile '{prof.name}' ...")
         t0 = time.perf_counter()
         nb = json.loads(ch.source.read_text(encoding="utf-8"))
-        shown = _Progress(tag, nb) if progress is not False else None
+        shown = _Progress(tag, nb, board=board) if progress is not False else None
         with atomic_path(out, suffix=".ipynb") as tmp:
             try:
-                with _environment(env), (shown or contextlib.nullcontext()):
+                with shown or contextlib.nullcontext():
                     pm.execute_notebook(
                         str(ch.source),
                         str(tmp),
@@ -674,9 +808,58 @@ def execute_chapters(
             failed.unlink()
         dt = time.perf_counter() - t0
         write_json(stamp, {"fingerprint": fp, "seconds": round(dt, 2), "chapter": ch.name})
-        _log(f"{tag}: done in {_clock(dt)} -> {out}")
-        runs.append(ChapterRun(ch, out, "ran", dt))
-    return runs
+        board.say(f"{tag}: done in {_clock(dt)} -> {out}")
+        return ChapterRun(ch, out, "ran", dt)
+
+    needs = chapter_needs(notebooks)
+    with _environment(env):
+        for run in _schedule(todo, needs, jobs or default_jobs(), start, execute, board):
+            runs[run.chapter.stem] = run
+    return [runs[ch.stem] for ch in notebooks if ch.stem in runs]
+
+
+def _schedule(todo: list[tuple[Chapter, str, str]], needs: dict[str, set[str]], jobs: int, start, execute,
+              board: _Board) -> list[ChapterRun]:
+    """Run ``execute(*item)`` for every item of ``todo``, ``jobs`` at a time, in toc order as
+    soon as every chapter an item needs and that is still to run has finished (``start(*item)``
+    first, in this thread, so chapters are announced in order); return the runs.
+    After a failure nothing new starts, the running ones finish, and the first failure is raised."""
+    pending = list(todo)
+    running: dict[str, threading.Thread] = {}
+    done: list[ChapterRun] = []
+    errors: list[BaseException] = []
+    finished = threading.Condition()
+
+    def work(item) -> None:
+        try:
+            result = execute(*item)
+        except BaseException as e:  # noqa: BLE001 -- handed to the scheduling thread
+            result = e
+        with finished:
+            (errors if isinstance(result, BaseException) else done).append(result)
+            del running[item[0].stem]
+            finished.notify_all()
+
+    with finished:
+        while pending or running:
+            if errors and pending:
+                pending.clear()
+                if running:
+                    board.say(f"a chapter failed: waiting for {', '.join(running)} to finish, starting nothing else")
+            blocked = {ch.stem for ch, _, _ in pending} | set(running)
+            for item in [it for it in pending if not needs.get(it[0].stem, set()) & blocked][: jobs - len(running)]:
+                pending.remove(item)
+                start(*item)
+                # a daemon: an interrupted run does not wait for its kernels (they exit with it)
+                running[item[0].stem] = t = threading.Thread(target=work, args=(item,), daemon=True)
+                t.start()
+            if running:
+                finished.wait()
+            elif pending:  # cannot happen: needs are earlier chapters, so the first pending one is ready
+                raise RuntimeError(f"chapters {[ch.stem for ch, _, _ in pending]} wait on each other")
+    if errors:
+        raise errors[0]
+    return done
 
 
 def run_chapters(
@@ -685,9 +868,11 @@ def run_chapters(
     force: bool = False,
     only: list[str] | None = None,
     kernel_name: str = "python3",
+    jobs: Optional[int] = None,
 ) -> list[Path]:
     """:func:`execute_chapters`, returning the executed notebooks' paths."""
-    return [r.notebook for r in execute_chapters(profile, root, force=force, only=only, kernel_name=kernel_name)]
+    return [r.notebook for r in execute_chapters(profile, root, force=force, only=only, kernel_name=kernel_name,
+                                                 jobs=jobs)]
 
 
 def build_book(profile: str | os.PathLike, root: Path | None = None, out_root: Path | None = None,
@@ -756,6 +941,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a profile: the name of a file in params/, or a YAML file anywhere (default: default)")
     ap.add_argument("--force", action="store_true", help="run every chapter again even if unchanged")
     ap.add_argument("--only", default=None, help="comma-separated chapter names to run (others are reused)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help=f"chapters run at once (default: ${JOBS_ENV}, else one per CPU core, one with a GPU)")
     ap.add_argument("--no-book", action="store_true", help="execute the chapters but do not build the HTML")
     ap.add_argument("--no-run", action="store_true", help="build the HTML from already executed chapters")
     ap.add_argument("--out-root", default=None, help="folder that receives _build/ (default: the repository)")
@@ -774,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.no_run:
             only = [s.strip() for s in args.only.split(",")] if args.only else None
-            runs = execute_chapters(args.profile, root, force=args.force, only=only)
+            runs = execute_chapters(args.profile, root, force=args.force, only=only, jobs=args.jobs)
         if not args.no_book:
             index = build_book(args.profile, root, Path(args.out_root) if args.out_root else None)
     except (ProfileError, ChapterFailed, FileNotFoundError, RuntimeError) as e:
