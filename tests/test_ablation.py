@@ -287,8 +287,9 @@ class TestWhatIsAblated:
 
     def test_rows_run_from_a_shared_prefix_give_the_whole_runs(self, lm, batch, means, monkeypatch):
         """Fast path: rows that begin as the run with nothing or every head ablated run only
-        their suffix, from that run's cached keys and values; every prediction is the whole
-        run's, for settings of every kind (and the reference runs are made)."""
+        their suffix, from that run's cached keys and values, and from their first block that
+        differs from it; every prediction is the whole run's, for settings of every kind (and
+        the reference runs are made)."""
         import entity_tracking.ablation as A
 
         c = _circuit()
@@ -302,6 +303,7 @@ class TestWhatIsAblated:
         monkeypatch.setattr(A, "_run", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
         fast = evaluate(lm, batch, means, settings, batch_size=6, progress=False)
         assert any(kw.get("cache") for kw in calls) and any("past_key_values" in kw for kw in calls)
+        assert any(kw.get("n_skip") for kw in calls), "the head ablated everywhere starts above block 0"
         monkeypatch.setattr(A, "_run", real)
         slow = evaluate(lm, batch, means, settings, batch_size=6, progress=False, prefix_cache=False)
         for a, b in zip(fast, slow):

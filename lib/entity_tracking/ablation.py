@@ -475,25 +475,34 @@ def _check_lengths(batch: Mapping[str, torch.Tensor], means: MeanActivations) ->
 
 
 def _run(lm, ids: torch.Tensor, attn: Optional[torch.Tensor], last: torch.Tensor, keep: Optional[torch.Tensor],
-         means: Optional[torch.Tensor], all_positions: bool = False, cache: bool = False, **forward: Any):
+         means: Optional[torch.Tensor], all_positions: bool = False, cache: bool = False,
+         skip_value: Optional[torch.Tensor] = None, n_skip: int = 0, **forward: Any):
     """One trace. ``keep`` ``[n_layers, R, S, n_heads]`` (None: nothing ablated), ``means``
     ``[n_layers, S, n_heads, d_head]`` on the model's device and dtype. Returns the last-token
     logits ``[R, vocab]`` (``[R, S, vocab]`` with ``all_positions``), and with ``cache`` the
-    run's ``past_key_values`` too. ``forward``: more arguments of the forward pass (a suffix run's
-    cache and position ids, ``ids`` being the suffix and ``attn`` None)."""
+    run's ``past_key_values`` and every block's output ``[R, S, d_model]`` too. ``forward``: more
+    arguments of the forward pass (a suffix run's cache and position ids, ``ids`` being the
+    suffix and ``attn`` None). ``n_skip`` blocks are not run: the first block after them reads
+    ``skip_value`` ``[R, S, d_model]`` (theirs is nothing ablated)."""
     a = lm.arch
-    write = [] if keep is None else [layer for layer in range(a.n_layers) if not bool(keep[layer].all())]
+    write = [] if keep is None else [layer for layer in range(n_skip, a.n_layers) if not bool(keep[layer].all())]
     rows = torch.arange(ids.shape[0], device=ids.device)
     inputs = {"input_ids": ids} if attn is None else {"input_ids": ids, "attention_mask": attn}
+    resid = []
     with torch.no_grad(), lm.trace(**inputs, **forward):
-        for layer in write:
-            z = a.heads(lm.nn, layer)
-            k, m = keep[layer].to(z.device), means[layer].to(device=z.device, dtype=z.dtype)  # sharded models
-            a.set_heads(lm.nn, layer, torch.where(k.unsqueeze(-1), z, m.unsqueeze(0)))
+        for layer in range(n_skip):
+            a.layer(lm.nn, layer).skip(skip_value)
+        for layer in range(n_skip, a.n_layers):
+            if layer in write:
+                z = a.heads(lm.nn, layer)
+                k, m = keep[layer].to(z.device), means[layer].to(device=z.device, dtype=z.dtype)  # sharded models
+                a.set_heads(lm.nn, layer, torch.where(k.unsqueeze(-1), z, m.unsqueeze(0)))
+            if cache:
+                resid.append(a.resid_post(lm.nn, layer).save())
         logits = lm.nn.output.logits
         out = (logits if all_positions else logits[rows, last]).save()
         kv = lm.nn.output.past_key_values.save() if cache else None
-    return (out, kv) if cache else out
+    return (out, kv, resid) if cache else out
 
 
 def mean_ablated_logits(lm, prompts, means: Optional[MeanActivations], ablation: Ablation = Ablation(), *,
@@ -640,22 +649,26 @@ def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[
             for k, (ab, i) in enumerate(zip(ablations, ids))]
 
 
-#: Bytes the two reference prefixes of one evaluation (:func:`_prefix_plan`) may take; beyond it
-#: every row runs every position.
+#: Bytes the two reference runs of one evaluation (:func:`_reference_prefix`) may keep; beyond it
+#: every row runs every position and block.
 PREFIX_BUDGET = 1 << 30
 
 
-def _prefix_plan(lm, batch, ablations, keys, tables, need, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row ``(setting, prompt)``, in row order, how many leading positions it runs exactly as
-    a reference run does, and which: ``kind`` 1, the run with nothing ablated (its keep-mask is all
-    True there, e.g. F(M\\K) before K's positions); ``kind`` 0, the run with every head ablated
-    (all False, e.g. F(C) before the circuit's first position). ``(length [rows], kind [rows])``."""
+def _prefix_plan(lm, batch, ablations, keys, tables, need, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row ``(setting, prompt)``, in row order, what it computes exactly as a reference run
+    does: ``kind`` 1, the run with nothing ablated, before its first ablated site (``length``
+    leading positions, e.g. F(M\\K) before K's positions; and ``layers`` leading blocks, e.g. a
+    group ablated everywhere above them); ``kind`` 0, the run with every head ablated (``length``
+    leading positions, e.g. F(C) before the circuit's first position). Returns ``(length,
+    layers, kind)``, each ``[rows]``."""
     n = _n_examples(batch)
+    L = lm.arch.n_layers
     ex = torch.arange(n)
-    lengths, kinds = [], []
+    lengths, layers, kinds = [], [], []
     for i in range(len(ablations)):
         if not need[i]:
             lengths.append(torch.full((n,), seq))
+            layers.append(torch.full((n,), L))
             kinds.append(torch.ones(n, dtype=torch.long))
             continue
         keep = _row_masks(lm.arch, batch, ablations, keys, tables, torch.full((n,), i), ex, seq)
@@ -663,25 +676,33 @@ def _prefix_plan(lm, batch, ablations, keys, tables, need, seq: int) -> tuple[to
         not_all = ~keep.all(0).all(-1)  # some head ablated
         ablated = torch.where(some.any(1), some.float().argmax(1), seq)
         clean = torch.where(not_all.any(1), not_all.float().argmax(1), seq)
+        touched = ~keep.all(-1).all(-1).T  # [n, L]: some head of the block ablated
+        below = torch.where(touched.any(1), touched.float().argmax(1), L)
+        kind = (clean >= ablated).long()
         lengths.append(torch.maximum(clean, ablated))
-        kinds.append((clean >= ablated).long())
-    return torch.cat(lengths), torch.cat(kinds)
+        layers.append(torch.where(kind == 1, below, torch.zeros_like(below)))
+        kinds.append(kind)
+    return torch.cat(lengths), torch.cat(layers), torch.cat(kinds)
 
 
 def _reference_prefix(lm, batch, mean_t: Optional[torch.Tensor], ablated: bool, start: int,
-                      batch_size: int) -> Optional[KVPrefix]:
+                      batch_size: int) -> tuple[Optional[KVPrefix], list[torch.Tensor]]:
     """The prompts' :class:`~entity_tracking.patching.KVPrefix` before ``start`` from whole runs
-    with nothing ablated, or (``ablated``) with every head ablated."""
+    with nothing ablated, or (``ablated``) with every head ablated, and every block's output
+    ``[n, seq, d_model]`` in those runs."""
     n, seq = batch["input_ids"].shape
-    caches = []
+    caches, resid = [], []
     for s in range(0, n, batch_size):
         ids = batch["input_ids"][s: s + batch_size].to(lm.device)
         keep = torch.zeros(lm.arch.n_layers, len(ids), seq, lm.arch.n_heads, dtype=torch.bool, device=lm.device) \
             if ablated else None
-        caches.append(_run(lm, ids, batch["attention_mask"][s: s + batch_size].to(lm.device),
-                           batch["last_position"][s: s + batch_size].to(lm.device), keep, mean_t, cache=True,
-                           use_cache=True)[1])
-    return KVPrefix.of_runs(caches, start, seq, lm.arch._torch(lm.nn).config)
+        _, kv, out = _run(lm, ids, batch["attention_mask"][s: s + batch_size].to(lm.device),
+                          batch["last_position"][s: s + batch_size].to(lm.device), keep, mean_t, cache=True,
+                          use_cache=True)
+        caches.append(kv)
+        resid.append(out)
+    resid = [torch.cat([r[l] for r in resid]) for l in range(lm.arch.n_layers)]
+    return KVPrefix.of_runs(caches, max(start, 1), seq, lm.arch._torch(lm.nn).config), resid
 
 
 def _evaluate_rows(lm, batch: Mapping[str, torch.Tensor], means: Optional[MeanActivations],
@@ -690,16 +711,18 @@ def _evaluate_rows(lm, batch: Mapping[str, torch.Tensor], means: Optional[MeanAc
     """Per setting, ``(correct [n] bool, predicted [n] long)``: the checked settings' rows
     ``(setting, prompt)`` run ``batch_size`` at a time (see :func:`evaluate`).
 
-    Most rows run their first positions exactly as the model does with nothing or with every
-    head ablated (:func:`_prefix_plan`): F(C) and its random baselines ablate every head before
-    the circuit's first position, F(M\\K) none before K's. With ``prefix_cache``, where that
-    saves more than the reference run costs, the reference's keys and values are cached for every
-    prompt (:func:`_reference_prefix`), rows are grouped by how long a prefix they share, and each
-    chunk runs only its suffix: the logits are the whole runs' (see
-    :class:`~entity_tracking.patching.KVPrefix`)."""
+    Most rows compute their first positions, or their first blocks, exactly as the model does
+    with nothing or with every head ablated (:func:`_prefix_plan`): F(C) and its random
+    baselines ablate every head before the circuit's first position, F(M\\K) none before K's,
+    a group ablated everywhere none below its lowest layer. With ``prefix_cache``, where that
+    saves more than the reference run costs, the reference's keys and values (and block outputs)
+    are cached for every prompt (:func:`_reference_prefix`), rows are grouped by how much they
+    share, and each chunk runs only its suffix of positions, from its first block that differs:
+    the logits are the whole runs' (see :class:`~entity_tracking.patching.KVPrefix`)."""
     if not ablations:
         return []
     n = _n_examples(batch)
+    L = lm.arch.n_layers
     target = batch["target"]
     need = [not ab.ablates_nothing(lm.arch) for ab in ablations]
     mean_t = means.means.to(device=lm.device, dtype=lm.dtype) if any(need) else None
@@ -709,24 +732,31 @@ def _evaluate_rows(lm, batch: Mapping[str, torch.Tensor], means: Optional[MeanAc
     cfg_all = torch.arange(len(ablations)).repeat_interleave(n)
     ex_all = torch.arange(n).repeat(len(ablations))
     chunks = [torch.arange(s, min(len(cfg_all), s + batch_size)) for s in range(0, len(cfg_all), batch_size)]
-    length = kind = None
-    prefixes: dict[int, KVPrefix] = {}
+    length = layers = kind = None
+    refs: dict[int, tuple[KVPrefix, list[torch.Tensor]]] = {}
     if prefix_cache and bool((batch["attention_mask"] == 1).all()):
-        length, kind = _prefix_plan(lm, batch, ablations, keys, tables, need, seq)
+        length, layers, kind = _prefix_plan(lm, batch, ablations, keys, tables, need, seq)
         length = length.clamp(max=seq - 2)
-        for k in (1, 0):  # a reference pays off when its rows skip more tokens than it runs
-            start = int(length[kind == k].max()) if bool((kind == k).any()) else 0
-            if int(length[kind == k].sum()) > n * seq and KVPrefix.fits(lm, n, start, PREFIX_BUDGET // 2):
-                ref = _reference_prefix(lm, batch, mean_t, k == 0, start, batch_size)
+        layers = layers.clamp(max=L - 1)
+        for k in (1, 0):  # a reference pays off when its rows skip more of the model than it runs
+            mine = kind == k
+            start = int(length[mine].max()) if bool(mine.any()) else 0
+            saved = int((length[mine] * L + (seq - length[mine]) * layers[mine]).sum())
+            a, width = lm.arch, torch.finfo(lm.dtype).bits // 8
+            size = n * L * (2 * a.n_kv_heads * a.d_head * start + seq * a.d_model) * width  # keys, values, blocks
+            if saved > n * seq * L and size <= PREFIX_BUDGET // 2:
+                ref, resid = _reference_prefix(lm, batch, mean_t, k == 0, start, batch_size)
                 if ref is not None:
-                    prefixes[k] = ref
-        # rows of one reference run together, longest shared prefixes first; the rest as before
-        group = torch.tensor([k if k in prefixes and int(l) > 0 else -1 for k, l in zip(kind.tolist(), length)])
+                    refs[k] = (ref, resid)
+        # rows of one reference run together, those sharing the most first; the rest as before
+        group = torch.tensor([k if k in refs and (int(l) > 0 or int(b) > 0) else -1
+                              for k, l, b in zip(kind.tolist(), length, layers)])
         length = torch.where(group >= 0, length, torch.zeros_like(length))
+        layers = torch.where(group >= 0, layers, torch.zeros_like(layers))
         chunks = []
         for g in (0, 1, -1):
             rows = (group == g).nonzero()[:, 0]
-            rows = rows[torch.sort(-length[rows], stable=True).indices]
+            rows = rows[torch.sort(-(length[rows] * (L + 1) + layers[rows]), stable=True).indices]
             chunks += [rows[s: s + batch_size] for s in range(0, len(rows), batch_size)]
     correct = torch.zeros(len(ablations) * n, dtype=torch.bool)
     predicted = torch.zeros(len(ablations) * n, dtype=torch.long)
@@ -735,16 +765,21 @@ def _evaluate_rows(lm, batch: Mapping[str, torch.Tensor], means: Optional[MeanAc
         keep = None
         if any(need[int(c)] for c in cfg.unique()):
             keep = _row_masks(lm.arch, batch, ablations, keys, tables, cfg, ex, seq)
-        start, forward = 0, {}
-        if length is not None and int(length[rows].min()) > 0:
-            start, forward = prefixes[int(kind[rows[0]])].take(ex).suffix(len(rows), seq, int(length[rows].min()))
+        start, n_skip, forward = 0, 0, {}
+        if length is not None and int(kind[rows[0]]) in refs and (int(length[rows].min()) > 0 or int(layers[rows].min()) > 0):
+            ref, resid = refs[int(kind[rows[0]])]
+            if int(length[rows].min()) > 0:
+                start, forward = ref.take(ex).suffix(len(rows), seq, int(length[rows].min()))
+            n_skip = int(layers[rows].min())
+            if n_skip:
+                forward["skip_value"] = resid[n_skip - 1][ex, start:].contiguous()
         if keep is not None:
             keep = keep[:, :, start:]
             keep = None if bool(keep.all()) else keep.to(lm.device)
         ids = batch["input_ids"][ex, start:].to(lm.device)
         attn = None if start else batch["attention_mask"][ex].to(lm.device)
         logits = _run(lm, ids, attn, (batch["last_position"][ex] - start).to(lm.device), keep,
-                      None if mean_t is None else mean_t[:, start:], **forward)
+                      None if mean_t is None else mean_t[:, start:], n_skip=n_skip, **forward)
         pred = logits.argmax(-1).cpu()
         predicted[rows] = pred
         correct[rows] = pred == target[ex]
