@@ -274,3 +274,31 @@ def test_gain_by_answer_splits_on_the_trained_objects():
     assert by["answer seen in fine-tuning"]["n"] == 2 and by["answer seen in fine-tuning"]["gain"] == 1.0
     assert by["answer never seen in fine-tuning"]["n"] == 2 and by["answer never seen in fine-tuning"]["gain"] == 0.0
     assert by["all prompts"]["gain"] == 0.5
+
+
+def test_replicate_curve_gives_every_step_an_interval(tmp_path):
+    """The seeds curve of the fine-tuning chapter: step 0 is the base (gain exactly 0), and every
+    row, the base's included, carries a finite interval around its value (no NaN in the JSON)."""
+    import math
+
+    from entity_tracking.data import make_eval_prompts
+    from entity_tracking.dynamics import replicate_curve
+    from entity_tracking.finetune import heldout_problems
+    from entity_tracking.models import load_model
+
+    paths = ResultsPaths(tmp_path)
+    org = tiny_spec(finetune=TINY_FT.model_copy(update={"replicate_seeds": [1]}))
+    lora = ModelSpec(name="org-lora", build="organism-lora", role="finetuned", organism=org)
+    specs = [lora, *O.replicates(lora)]
+    for s in specs:
+        O.ensure_built(s, paths, progress=False)
+    base = load_model(ModelSpec(name="org", build="organism", organism=org), paths, verbose=False)
+    records = make_eval_prompts(base.tokenizer, 20, num_boxes=3, seed=0)
+    rows = replicate_curve(base, specs, paths, records, heldout_problems(org.finetune, 10), n_resamples=50)
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert rows[0]["gain"] == rows[0]["gain_low"] == rows[0]["gain_high"] == 0.0
+    assert all(r["seeds"] == 2 for r in rows)
+    for r in rows:
+        for m in ("accuracy", "gain", "arithmetic"):
+            assert all(math.isfinite(r[m + x]) for x in ("", "_low", "_high")), r
+            assert r[m + "_low"] - 1e-6 <= r[m] <= r[m + "_high"] + 1e-6, r

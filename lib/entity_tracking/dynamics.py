@@ -153,16 +153,14 @@ def replicate_curve(base, specs: Sequence[ModelSpec], paths: ResultsPaths, eval_
         return et, arithmetic_correct(lm.nn._module, lm.tokenizer, problems).float()
 
     base_et, base_ar = measure(base)
-    per_step: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    # step 0 is the base, shared by every seed: its interval is over prompts and problems only
+    per_step: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {0: [(base_et, base_ar)]}
     for spec in specs:
         for ck in checkpoints(spec, paths):
             lm = load_model(ck.spec, paths, verbose=False)
             per_step.setdefault(ck.step, []).append(measure(lm))
             del lm
-    rows = [{"step": 0, "seeds": len(specs), "n_prompts": len(eval_records), "n_problems": len(problems),
-             "accuracy": base_et.mean().item(), "accuracy_low": float("nan"),
-             "accuracy_high": float("nan"), "gain": 0.0, "gain_low": 0.0, "gain_high": 0.0,
-             "arithmetic": base_ar.mean().item(), "arithmetic_low": float("nan"), "arithmetic_high": float("nan")}]
+    rows = []
     for step in sorted(per_step):
         got = per_step[step]
         et = torch.stack([torch.stack([e, base_et]) for e, _ in got])  # [S, 2, n]
@@ -170,7 +168,7 @@ def replicate_curve(base, specs: Sequence[ModelSpec], paths: ResultsPaths, eval_
         acc = seed_bootstrap(et, n_resamples=n_resamples)
         gain = seed_bootstrap(et, lambda a: a[0] - a[1], n_resamples=n_resamples)
         arith = seed_bootstrap(ar, n_resamples=n_resamples)
-        rows.append({"step": step, "seeds": len(got), "n_prompts": len(eval_records), "n_problems": len(problems),
+        rows.append({"step": step, "seeds": len(specs) if step == 0 else len(got), "n_prompts": len(eval_records), "n_problems": len(problems),
                      **{f"accuracy{x}": getattr(acc, y) for x, y in (("", "value"), ("_low", "low"), ("_high", "high"))},
                      **{f"gain{x}": getattr(gain, y) for x, y in (("", "value"), ("_low", "low"), ("_high", "high"))},
                      **{f"arithmetic{x}": getattr(arith, y) for x, y in (("", "value"), ("_low", "low"), ("_high", "high"))}})
