@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	@touch $@
 
 book: $(STAMP)
-	$(PY) -m entity_tracking.runner --profile $(PROFILE) $(if $(FORCE),--force)
+	$(PY) -m entity_tracking.book.runner --profile $(PROFILE) $(if $(FORCE),--force)
 
 # The browser test needs Debian's chromium; install it where we may (root with apt-get).
 browser:

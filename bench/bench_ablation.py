@@ -6,7 +6,7 @@ answers (so that F(M) = 1 and ablations lose accuracy, as in a model that does t
 runs, for one model, the mean-ablation calls the circuit and faithfulness chapters make: F(M),
 minimality of a candidate circuit, necessity of its Value Fetchers, faithfulness of three
 circuits, completeness and the shortfall by position. Twice: as before (every setting of every
-call run, :func:`entity_tracking.ablation.evaluate` without deduplication or memo) and as the
+call run, :func:`entity_tracking.methods.ablation.evaluate` without deduplication or memo) and as the
 book runs them now (equal settings run once, one memo per model). Prints the rows each way runs,
 the CPU time of each (this process's: robust on a machine shared with other jobs), the speed
 ratio old/new, and checks that every evaluation is the same::
@@ -32,9 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     lm = organism_sized(args)
 
-    from entity_tracking import ablation as A
-    from entity_tracking import data as D
-    from entity_tracking.circuit import Circuit
+    from entity_tracking.methods import ablation as A
+    from entity_tracking import task as D
+    from entity_tracking.methods.circuit import Circuit
 
     records = D.make_eval_prompts(lm.tokenizer, args.examples, num_boxes=args.boxes, seed=0)
     batch = A.encode_for(lm, records)

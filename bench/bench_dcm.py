@@ -3,11 +3,11 @@
 Builds a random Llama like the CPU model organism (4 layers x 8 heads, d_model 128, d_mlp 512)
 with the project's word-level tokenizer and 7-box ``positional`` desideratum pairs, then, for a
 group of heads at the last token and one at the query label, learns a mask
-(:func:`entity_tracking.dcm.train_mask`, the book's settings: 2 epochs, batches of 32, eval every
+(:func:`entity_tracking.methods.dcm.train_mask`, the book's settings: 2 epochs, batches of 32, eval every
 4 steps) and scores three head selections on fresh-style pairs
-(:func:`~entity_tracking.dcm.desideratum_accuracy`, as the semantics do), each twice: running
+(:func:`~entity_tracking.methods.dcm.desideratum_accuracy`, as the semantics do), each twice: running
 every position (``prefix_cache=False``) and only the tokens from the earliest patch position on
-(:func:`~entity_tracking.dcm.base_prefix`). Prints the CPU time of each (this process's: robust on a
+(:func:`~entity_tracking.methods.dcm.base_prefix`). Prints the CPU time of each (this process's: robust on a
 machine shared with other jobs), the speed ratios full/prefix, and checks that masks, accuracies
 and per-pair answers are the same::
 
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     lm = organism_sized(args)
 
-    from entity_tracking import data as D
-    from entity_tracking import dcm
+    from entity_tracking import task as D
+    from entity_tracking.methods import dcm
 
     n = args.pairs
     recs = D.make_desiderata(lm.tokenizer, "positional", 2 * n, num_boxes=args.boxes, seed=0)

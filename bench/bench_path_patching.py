@@ -8,7 +8,7 @@ Prints each method's CPU time (this process's, all threads: robust on a machine 
 other jobs) and wall-clock time, the speed ratios, the peak memory of each sweep (the process's
 resident set sampled every 2 ms from /proc, as the rise over its level when the sweep began --
 tracemalloc does not see torch's tensor buffers), its analytic estimate
-(:func:`entity_tracking.path_patching.estimate_cost`), and the largest score difference (must be
+(:func:`entity_tracking.methods.path_patching.estimate_cost`), and the largest score difference (must be
 below 1e-4)::
 
     python bench/bench_path_patching.py [--examples 64] [--threads 1] [--scale 4]
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     lm = organism_sized(args)
 
-    from entity_tracking import data as D
-    from entity_tracking import path_patching as PP
+    from entity_tracking import task as D
+    from entity_tracking.methods import path_patching as PP
 
     pairs = D.make_path_patching_pairs(lm.tokenizer, args.examples, args.boxes, seed=0)
     enc = D.encode_pairs(lm.tokenizer, pairs, padding_side="right")

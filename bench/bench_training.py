@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from entity_tracking import organism as O
     from entity_tracking.config import load_profile
     from entity_tracking.io import ResultsPaths, read_json
-    from entity_tracking.models import model_sources
+    from entity_tracking.load import model_sources
 
     profile = load_profile("default")
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-organism-"))

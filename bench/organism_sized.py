@@ -27,7 +27,8 @@ def organism_sized(args: argparse.Namespace):
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from entity_tracking.config import ModelSpec, TinySpec
-    from entity_tracking.models import build_tiny_model, load_model
+    from entity_tracking.model.tiny import build_tiny_model
+    from entity_tracking.load import load_model
 
     spec = TinySpec(family="llama", n_layers=4, n_heads=8, d_model=128, d_mlp=512, seed=0)
     with tempfile.TemporaryDirectory(prefix="bench-organism-sized-") as root:

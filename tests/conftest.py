@@ -4,7 +4,7 @@ No hub is reachable, so the tokenizer families the data code must handle are sto
 small tokenizers trained here with the ``tokenizers`` library on the task's own words:
 
 * ``word_tokenizer`` / ``word_tokenizer_no_bos``: the project's word-level tokenizer
-  (:func:`entity_tracking.tokenizer.build_word_tokenizer`), with and without a BOS token;
+  (:func:`entity_tracking.model.tokenizer.build_word_tokenizer`), with and without a BOS token;
 * ``gpt2_style_tokenizer``: byte-level BPE like GPT-2: no BOS, words carry a leading space
   (``Ġapple``), punctuation split off by the byte-level pre-tokenizer;
 * ``llama_style_tokenizer``: BPE over SentencePiece-style ``▁`` pieces like Llama: ``<s>``
@@ -23,8 +23,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from entity_tracking.tokenizer import build_word_tokenizer
-from entity_tracking.vocab import FUNCTION_WORDS, LABELS, OBJECTS
+from entity_tracking.model.tokenizer import build_word_tokenizer
+from entity_tracking.task.vocab import FUNCTION_WORDS, LABELS, OBJECTS
 
 HELD_OUT_OBJECTS: tuple[str, ...] = OBJECTS[-10:]
 TRAIN_OBJECTS: tuple[str, ...] = OBJECTS[:-10]
@@ -114,7 +114,7 @@ def built_book(tmp_path_factory):
     and the book built with -W into a temporary folder; returns its ``index.html``."""
     from pathlib import Path
 
-    from entity_tracking import runner
+    from entity_tracking.book import runner
     from entity_tracking.config import find_repo_root
 
     repo = find_repo_root(Path(__file__).parent)

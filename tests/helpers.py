@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from entity_tracking.arch import arch_for
+from entity_tracking.model.arch import arch_for
 
 
 def sharpen(lm, scale: float = 4.0):

@@ -16,37 +16,15 @@ import math
 import pytest
 import torch
 
-from entity_tracking.ablation import (
-    ALL_POSITIONS,
-    Ablation,
-    AblationError,
-    MeanActivations,
-    NecessityResult,
-    Evaluation,
-    bootstrap,
-    circuit_performance,
-    completeness,
-    compute_means,
-    empty_circuit,
-    encode_for,
-    evaluate,
-    faithfulness,
-    full_circuit,
-    keep_mask,
-    mean_ablated_logits,
-    minimality,
-    necessity,
-    outside_at_positions,
-    pruner,
-    random_circuit,
-    random_circuits,
-    shortfall_by_position,
-)
-from entity_tracking.arch import arch_for
-from entity_tracking.circuit import GROUP_POSITIONS, GROUPS, Circuit
+from entity_tracking.methods.ablation import ALL_POSITIONS, Ablation, AblationError, MeanActivations, NecessityResult, Evaluation, circuit_performance, completeness, compute_means, empty_circuit, encode_for, evaluate, faithfulness, full_circuit, keep_mask, mean_ablated_logits, minimality, necessity, outside_at_positions, pruner, random_circuit, random_circuits, shortfall_by_position
+from entity_tracking.intervene.stats import bootstrap
+from entity_tracking.model.arch import arch_for
+from entity_tracking.schema import GROUP_POSITIONS, GROUPS
+from entity_tracking.methods.circuit import Circuit
 from entity_tracking.config import ModelSpec, TinySpec
-from entity_tracking.data import make_eval_prompts, make_mean_reference_prompts
-from entity_tracking.models import build_tiny_model, load_model
+from entity_tracking.task.samplers import make_eval_prompts, make_mean_reference_prompts
+from entity_tracking.model.tiny import build_tiny_model
+from entity_tracking.load import load_model
 
 N_LAYERS, N_HEADS = 3, 5
 BOXES = 3
@@ -256,7 +234,7 @@ class TestWhatIsAblated:
         """Fast path: settings that ablate the same sites (whatever their labels and group names)
         are run once, and a memo hands a later call what an earlier one evaluated; the
         evaluations equal those of each setting run alone."""
-        import entity_tracking.ablation as A
+        import entity_tracking.methods.ablation as A
 
         renamed = Circuit("other name", {"position_transmitter": [(2, 4)]},
                           positions={"position_transmitter": GROUP_POSITIONS["value_fetcher"]})
@@ -290,7 +268,7 @@ class TestWhatIsAblated:
         their suffix, from that run's cached keys and values, and from their first block that
         differs from it; every prediction is the whole run's, for settings of every kind (and
         the reference runs are made)."""
-        import entity_tracking.ablation as A
+        import entity_tracking.methods.ablation as A
 
         c = _circuit()
         k = Circuit("K", {"value_fetcher": [(2, 4), (1, 3)], "position_detector": [(0, 4)]})
@@ -540,7 +518,7 @@ class TestOutsideAtPositions:
 
 
     def test_a_memo_carries_f_m_and_f_c_from_faithfulness_to_the_shortfall(self, lm, batch, means, monkeypatch):
-        import entity_tracking.ablation as A
+        import entity_tracking.methods.ablation as A
 
         c, memo = _circuit(), {}
         faithfulness(lm, batch, means, c, n_random=2, progress=False, memo=memo)

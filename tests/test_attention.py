@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entity_tracking import data as D
-from entity_tracking.attention import attention_patterns
+from entity_tracking import task as D
+from entity_tracking.methods.attention import attention_patterns
 from entity_tracking.config import ModelSpec, TinySpec
-from entity_tracking.models import build_tiny_model, load_model
-from entity_tracking.patching import cache_activations
+from entity_tracking.model.tiny import build_tiny_model
+from entity_tracking.load import load_model
+from entity_tracking.intervene.patching import cache_activations
 
 
 @pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
@@ -50,7 +51,7 @@ def test_bad_head_is_named(lm):
 
 
 def test_mass_by_role_partitions_the_pattern(lm):
-    from entity_tracking.attention import ROLES, mass_by_role
+    from entity_tracking.methods.attention import ROLES, mass_by_role
 
     prompts = D.make_eval_prompts(lm.tokenizer, 6, num_boxes=3, seed=2)
     batch = D.encode_prompts(lm.tokenizer, prompts)
@@ -65,8 +66,8 @@ def test_mass_by_role_partitions_the_pattern(lm):
 
 
 def test_explorer_describes_a_head_and_stays_silent_in_batch_runs(lm, monkeypatch):
-    from entity_tracking.attention import BATCH_ENV, ROLES, describe_head, explorer
-    from entity_tracking.circuit import Circuit
+    from entity_tracking.methods.attention import BATCH_ENV, ROLES, describe_head, explorer
+    from entity_tracking.methods.circuit import Circuit
 
     prompts = D.make_eval_prompts(lm.tokenizer, 4, num_boxes=3, seed=0)
     batch = D.encode_prompts(lm.tokenizer, prompts)

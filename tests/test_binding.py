@@ -1,4 +1,4 @@
-"""Where the binding lives (entity_tracking.binding): context ablation, accuracy by box, residual
+"""Where the binding lives (entity_tracking.methods.binding): context ablation, accuracy by box, residual
 interchange, on tiny random Llamas built offline.
 
 A random model rarely answers the task, so the ablation tests score agreement with the model's
@@ -14,14 +14,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entity_tracking import binding as B
-from entity_tracking import data as D
-from entity_tracking.ablation import (ALL_POSITIONS, Ablation, AblationError, Evaluation, compute_means, evaluate,
-                                     faithfulness, keep_mask, shortfall_by_position)
-from entity_tracking.circuit import Circuit
+from entity_tracking.methods import binding as B
+from entity_tracking import task as D
+from entity_tracking.methods.ablation import ALL_POSITIONS, Ablation, AblationError, Evaluation, compute_means, evaluate, faithfulness, keep_mask, shortfall_by_position
+from entity_tracking.methods.circuit import Circuit
 from entity_tracking.config import ModelSpec, TinySpec
-from entity_tracking.models import build_tiny_model, load_model
-from entity_tracking.patching import last_logits
+from entity_tracking.model.tiny import build_tiny_model
+from entity_tracking.load import load_model
+from entity_tracking.intervene.patching import last_logits
 from helpers import sharpen
 
 N_LAYERS, N_HEADS = 3, 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from entity_tracking import runner
+from entity_tracking.book import runner
 from entity_tracking.config import find_repo_root
 
 REPO = find_repo_root(Path(__file__).parent)

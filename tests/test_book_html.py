@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from entity_tracking import runner
+from entity_tracking.book import runner
 from entity_tracking.config import find_repo_root
 from entity_tracking.io import ResultsPaths
 

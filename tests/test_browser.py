@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from entity_tracking import runner
-from entity_tracking.browser import BrowserNotFound, check_site, find_chromium, screenshot, screenshot_pages
+from entity_tracking.book import runner
+from entity_tracking.book.browser import BrowserNotFound, check_site, find_chromium, screenshot, screenshot_pages
 from entity_tracking.config import find_repo_root
 
 REPO = find_repo_root(Path(__file__).parent)

@@ -1,4 +1,4 @@
-"""The Circuit record (entity_tracking.circuit): the paper's four groups, and extension groups of ours.
+"""The Circuit record (entity_tracking.methods.circuit): the paper's four groups, and extension groups of ours.
 
 A circuit without extension groups is exactly the paper's, in memory and in JSON; an extension
 group is added by ``with_group``, travels with its position through a JSON round trip, and never
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from entity_tracking.circuit import ALL_GROUPS, EXTENSION_GROUPS, GROUP_POSITIONS, GROUPS, Circuit
+from entity_tracking.schema import ALL_GROUPS, EXTENSION_GROUPS, GROUP_POSITIONS, GROUPS
+from entity_tracking.methods.circuit import Circuit
 
 
 def paper_circuit() -> Circuit:

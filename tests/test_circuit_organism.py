@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from entity_tracking import data as D
-from entity_tracking.ablation import compute_means, necessity
+from entity_tracking import task as D
+from entity_tracking.methods.ablation import compute_means, necessity
 from entity_tracking.config import find_repo_root, load_profile
 from entity_tracking.io import ResultsPaths
-from entity_tracking.models import load_model
-from entity_tracking.path_patching import METRICS, STEPS, PathPatcher, discover_circuit, step_scores, top_heads
+from entity_tracking.load import load_model
+from entity_tracking.methods.path_patching import METRICS, STEPS, PathPatcher, discover_circuit, step_scores, top_heads
 
 REPO = find_repo_root(Path(__file__).parent)
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from entity_tracking import data as D
-from entity_tracking.cmap import (CMAPError, head_sets, head_sets_for, heads_by_position, input_cmap, input_sets,
-                                  output_cmap)
-from entity_tracking.circuit import Circuit
+from entity_tracking import task as D
+from entity_tracking.methods.cmap import CMAPError, head_sets, head_sets_for, heads_by_position, input_cmap, input_sets, output_cmap
+from entity_tracking.methods.circuit import Circuit
 from entity_tracking.config import ModelSpec, TinySpec
-from entity_tracking.models import build_tiny_model, load_model
-from entity_tracking.patching import last_logits
+from entity_tracking.model.tiny import build_tiny_model
+from entity_tracking.load import load_model
+from entity_tracking.intervene.patching import last_logits
 
 
 def _load(name: str, path: Path):
@@ -290,7 +290,7 @@ def test_sweep_shares_of_the_gain_with_paired_intervals(models):
     """Targets are the fine-tuned model's own answers, so it gains over the base model; patching
     every head it changed, at every position, recovers all of the gain (share exactly 1), and
     patching nothing recovers none."""
-    from entity_tracking.cmap import sweep
+    from entity_tracking.methods.cmap import sweep
 
     base, ft, batch = models
     b = dict(batch)
@@ -309,7 +309,7 @@ def test_sweep_shares_of_the_gain_with_paired_intervals(models):
 
 def test_checkpoint_row_with_the_base_accuracy_given_is_the_same_row(models):
     """Fast path of the dynamics loop: the base model's accuracy computed once and passed in."""
-    from entity_tracking.dynamics import checkpoint_row, eval_accuracy
+    from entity_tracking.methods.dynamics import checkpoint_row, eval_accuracy
 
     base, ft, _ = models
     prompts = D.make_eval_prompts(base.tokenizer, 12, num_boxes=3, seed=1)

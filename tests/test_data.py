@@ -1,7 +1,7 @@
 """The data chapter's library: prompts, positions, counterfactuals, desiderata, arithmetic, files.
 
 Targets are re-derived here from the prompt *text* with a parser written independently of
-:mod:`entity_tracking.data` (regular expressions over the sentence), so a generator bug cannot
+:mod:`entity_tracking.task` (regular expressions over the sentence), so a generator bug cannot
 hide behind a shared helper.
 """
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from entity_tracking import data as D
+from entity_tracking import task as D
 from entity_tracking.config import DataSpec
-from entity_tracking.tokenizer import build_word_tokenizer
-from entity_tracking.vocab import ARITHMETIC_WORDS, FUNCTION_WORDS, LABELS, OBJECTS
+from entity_tracking.model.tokenizer import build_word_tokenizer
+from entity_tracking.task.vocab import ARITHMETIC_WORDS, FUNCTION_WORDS, LABELS, OBJECTS
 
 from conftest import HELD_OUT_OBJECTS
 

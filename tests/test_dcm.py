@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from entity_tracking import data as D
-from entity_tracking import dcm
+from entity_tracking import task as D
+from entity_tracking.methods import dcm
 from entity_tracking.config import DataSpec, DCMSpec, ModelSpec, TinySpec
-from entity_tracking.dcm import (DCMError, DCMResult, base_prefix, better_mask, desideratum_accuracy, fresh_pairs,
-                                 masked_logits, read_selections, source_head_outputs, take_rows, train_mask, write_masks)
+from entity_tracking.methods.dcm import DCMError, DCMResult, base_prefix, better_mask, desideratum_accuracy, fresh_pairs, masked_logits, read_selections, source_head_outputs, take_rows, train_mask, write_masks
 from entity_tracking.io import read_json, write_json
-from entity_tracking.models import build_tiny_model, load_model
-from entity_tracking.patching import HeadPatch, last_logits, run
+from entity_tracking.model.tiny import build_tiny_model
+from entity_tracking.load import load_model
+from entity_tracking.intervene.patching import HeadPatch, last_logits, run
 
 N_LAYERS, N_HEADS, D_MODEL = 2, 4, 64
 D_HEAD = D_MODEL // N_HEADS
@@ -149,8 +149,8 @@ def test_dcm_selects_the_head_that_carries_the_answer(planted):
 
 
 def test_functionality_reads_the_paper_pattern():
-    from entity_tracking import paper
-    from entity_tracking.dcm import functionality
+    from entity_tracking.methods import paper
+    from entity_tracking.methods.dcm import functionality
 
     # the paper: 10 fresh draws of 500 pairs, standard deviations of about 2 points
     rows = [{"group": g, "desideratum": d, "selected_for": d, "model": "Llama-7B", "mean": v["Llama-7B"],
@@ -400,7 +400,7 @@ def test_sweep_runs_each_source_once_and_learns_the_masks_of_per_mask_source_run
     the heads acting there, and hands every lambda, seed and group its own heads' slice, and every
     step runs from the base prompts' cached prefix; the masks are those of train_mask running its
     own source runs over every position."""
-    from entity_tracking.circuit import Circuit
+    from entity_tracking.methods.circuit import Circuit
 
     circuit = Circuit("t", {"value_fetcher": [(1, 0), (1, 2)], "position_transmitter": [(0, 2), (1, 0)],
                             "position_detector": [(0, 1), (1, 3)], "structure_reader": []})

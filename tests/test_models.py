@@ -14,20 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from entity_tracking.arch import FAMILIES, UnsupportedArchitecture, arch_for
+from entity_tracking.model.arch import FAMILIES, UnsupportedArchitecture, arch_for
 from entity_tracking.config import ModelSpec, TinySpec, find_repo_root, load_profile
 from entity_tracking.io import ResultsPaths
 from helpers import mha_twin
-from entity_tracking.models import (
-    LoadedModel,
-    ModelNotAvailable,
-    RemoteNotConfigured,
-    build_tiny_model,
-    load_model,
-    load_tokenizer,
-    model_dir,
-    remote_trace_kwargs,
-)
+from entity_tracking.load import LoadedModel, ModelNotAvailable, RemoteNotConfigured, load_model, load_tokenizer, model_dir, remote_trace_kwargs
+from entity_tracking.model.tiny import build_tiny_model
 
 REPO = find_repo_root(Path(__file__).parent)
 PROMPTS = ["The apple is in Box A , the cup is in Box B . Box B contains the",

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from entity_tracking import organism as O
+from entity_tracking.model.tokenizer import build_word_tokenizer
+from entity_tracking.organism import build as organism_build
 from entity_tracking.config import FinetuneSpec, ModelSpec, OrganismSpec
 from entity_tracking.io import ResultsPaths
 
@@ -39,7 +41,7 @@ def test_same_seed_same_weights():
 
 
 def test_batches_supervise_only_answers():
-    tok_vocab = O.build_word_tokenizer().get_vocab()
+    tok_vocab = build_word_tokenizer().get_vocab()
     import random
 
     b = O.make_batch(random.Random(0), tok_vocab, "paper", 4, (3, 3), 2)
@@ -53,7 +55,7 @@ def test_batches_supervise_only_answers():
 
 
 def test_paper_prompt_layout_matches_the_paper():
-    tok = O.build_word_tokenizer()
+    tok = build_word_tokenizer()
     (p, a, q), *_ = O.paper_prompts(1, 7, seed=3)
     ids = tok(p)["input_ids"]
     assert len(ids) == 54  # paper-methods §1.1: every 7-box prompt is 54 tokens with BOS
@@ -70,7 +72,7 @@ def test_cache_is_reused_and_hash_tracks_the_recipe(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("retrained although the cache matches")
 
-    monkeypatch.setattr(O, "train_organism", boom)
+    monkeypatch.setattr(organism_build, "train_organism", boom)  # where ensure_base looks it up
     assert O.ensure_base(spec, paths, progress=False) == d1
     assert O.recipe_hash(spec) != O.recipe_hash(tiny_spec(lr=spec.lr * 2))
     assert O.recipe_hash(spec) != O.recipe_hash(tiny_spec(seed=1))
@@ -95,9 +97,9 @@ def test_gqa_option():
 
 
 def test_finetune_mask_covers_only_answer_tokens():
-    from entity_tracking.finetune import qa_batch
+    from entity_tracking.organism.finetune import qa_batch
 
-    tok = O.build_word_tokenizer()
+    tok = build_word_tokenizer()
     ids, labels = qa_batch(tok, [[("What is 12 + 5 ?", "17"), ("What is 9 - 3 ?", "6")], [("What is 1 + 1 ?", "2")]])
     words = [tok.convert_ids_to_tokens(r) for r in ids.tolist()]
     sup = [[w for w, l in zip(ws, ls) if l != -100] for ws, ls in zip(words, labels.tolist())]
@@ -159,7 +161,7 @@ def test_short_positive_control_raises_seven_box_accuracy(default_base, tmp_path
     in notes/organism.md), so a tiny model could not show a gain. The ci profile builds the
     control (``tiny-control``) through the same code in every test run."""
     from entity_tracking.config import ControlSpec
-    from entity_tracking.finetune import control_finetune
+    from entity_tracking.organism.finetune import control_finetune
 
     meta = control_finetune(default_base, ControlSpec(steps=40, checkpoint_every=40), tmp_path / "ctl",
                             progress=False)
@@ -171,7 +173,7 @@ def test_short_positive_control_raises_seven_box_accuracy(default_base, tmp_path
 
 def _heldout_prompts(tok, n: int = 500):
     """The data chapter's 500 held-out 7-box prompts (data seed 0, as in the default profile)."""
-    from entity_tracking.data import make_eval_prompts
+    from entity_tracking.task.samplers import make_eval_prompts
 
     recs = make_eval_prompts(tok, n, num_boxes=7, seed=0)
     return [r["text"] for r in recs], [r["answer"] for r in recs]
@@ -179,7 +181,7 @@ def _heldout_prompts(tok, n: int = 500):
 
 def test_load_model_loads_the_organism_builds(tmp_path):
     """The project's loader (``models.load_model``) takes all three organism builds."""
-    from entity_tracking.models import load_model
+    from entity_tracking.load import load_model
 
     paths = ResultsPaths(tmp_path)
     org = tiny_spec()
@@ -207,8 +209,8 @@ def test_replicates_change_only_the_finetune_seed():
 
 def test_control_recipe_is_its_own():
     from entity_tracking.config import ControlSpec
-    from entity_tracking.finetune import control_objects
-    from entity_tracking.vocab import OBJECTS
+    from entity_tracking.organism.finetune import control_objects
+    from entity_tracking.task.vocab import OBJECTS
 
     org = tiny_spec()
     other = org.model_copy(update={"control": ControlSpec(steps=7)})
@@ -247,7 +249,7 @@ def test_build_all_builds_in_parallel_what_one_process_builds(tmp_path):
 
 
 def test_seed_bootstrap_holds_the_spread_of_seeds():
-    from entity_tracking.dynamics import seed_bootstrap
+    from entity_tracking.methods.dynamics import seed_bootstrap
 
     n = 200
     g = torch.Generator().manual_seed(0)
@@ -265,7 +267,7 @@ def test_seed_bootstrap_holds_the_spread_of_seeds():
 
 
 def test_gain_by_answer_splits_on_the_trained_objects():
-    from entity_tracking.dynamics import gain_by_answer
+    from entity_tracking.methods.dynamics import gain_by_answer
 
     recs = [{"answer": a} for a in ("apple", "cup", "apple", "key")]
     rows = gain_by_answer(torch.tensor([1., 1., 1., 0.]), torch.tensor([0., 1., 0., 0.]), recs, ["apple"],
@@ -281,10 +283,10 @@ def test_replicate_curve_gives_every_step_an_interval(tmp_path):
     row, the base's included, carries a finite interval around its value (no NaN in the JSON)."""
     import math
 
-    from entity_tracking.data import make_eval_prompts
-    from entity_tracking.dynamics import replicate_curve
-    from entity_tracking.finetune import heldout_problems
-    from entity_tracking.models import load_model
+    from entity_tracking.task.samplers import make_eval_prompts
+    from entity_tracking.methods.dynamics import replicate_curve
+    from entity_tracking.organism.finetune import heldout_problems
+    from entity_tracking.load import load_model
 
     paths = ResultsPaths(tmp_path)
     org = tiny_spec(finetune=TINY_FT.model_copy(update={"replicate_seeds": [1]}))

@@ -1,4 +1,4 @@
-"""Activation patching kernels (entity_tracking.patching) on tiny random models built offline.
+"""Activation patching kernels (entity_tracking.intervene.patching) on tiny random models built offline.
 
 Grouped by behaviour: patching with a run's own activations changes nothing; patching every
 head from the corrupt run reproduces the corrupt run; per-example positions land where asked;
@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from entity_tracking import data as D
-from entity_tracking import patching as P
-from entity_tracking.arch import arch_for
+from entity_tracking import task as D
+from entity_tracking.intervene import patching as P
+from entity_tracking.model.arch import arch_for
 from entity_tracking.config import ModelSpec, TinySpec
-from entity_tracking.models import build_tiny_model, load_model
+from entity_tracking.model.tiny import build_tiny_model
+from entity_tracking.load import load_model
 from helpers import mha_twin, sharpen
 
 SPEC_GQA = TinySpec(family="llama", n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_mlp=96, seed=11)

@@ -1,4 +1,4 @@
-"""Path patching (entity_tracking.path_patching) on tiny random models built offline.
+"""Path patching (entity_tracking.methods.path_patching) on tiny random models built offline.
 
 Grouped by behaviour: the fast kernel gives the naive oracle's scores for all four steps on
 every family (Llama MHA and GQA, Qwen2, Gemma3), whatever its chunking; GQA scores equal those
@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from entity_tracking import data as D
-from entity_tracking import path_patching as PP
-from entity_tracking.circuit import GROUPS, Circuit
+from entity_tracking import task as D
+from entity_tracking.methods import path_patching as PP
+from entity_tracking.schema import GROUPS
+from entity_tracking.methods.circuit import Circuit
 from entity_tracking.config import ModelSpec, TinySpec
-from entity_tracking.models import build_tiny_model, load_model
+from entity_tracking.model.tiny import build_tiny_model
+from entity_tracking.load import load_model
 from helpers import mha_twin, sharpen
 
 SPECS = {
@@ -405,7 +407,7 @@ class TestErrors:
 
 class TestNull:
     def test_shuffled_attention_scrambles_and_restores(self, dirs):
-        from entity_tracking.patching import last_logits
+        from entity_tracking.intervene.patching import last_logits
 
         lm = model(dirs, "llama-gqa")
         batch = D.encode_prompts(lm.tokenizer, D.make_eval_prompts(lm.tokenizer, 4, BOXES, seed=2))
@@ -426,7 +428,7 @@ class TestNull:
         assert all(torch.equal(a, b) for a, b in zip(weights, after))
 
     def test_null_circuit_runs_the_same_sweep_on_the_scrambled_model(self, dirs):
-        from entity_tracking.verdicts import groups_standing_out
+        from entity_tracking.methods.verdicts import groups_standing_out
 
         lm = model(dirs, "llama-mha")
         kw = dict(receivers_k={"value_fetcher": 2, "position_transmitter": 2, "position_detector": 2},

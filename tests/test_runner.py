@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from entity_tracking import runner
+from entity_tracking.book import runner
 from entity_tracking.config import find_repo_root
 from entity_tracking.io import atomic_write_text
 
@@ -393,9 +393,9 @@ class TestRepositoryUrl:
 def test_tables_hide_only_a_row_number_index():
     import pandas as pd
 
-    from entity_tracking.book import _table_html
+    from entity_tracking.book.chapter import table_html
 
-    plain = _table_html(pd.DataFrame({"model": ["a", "b"], "acc": [0.5, 0.25]}))
+    plain = table_html(pd.DataFrame({"model": ["a", "b"], "acc": [0.5, 0.25]}))
     assert "<th>model</th>" in plain and "<th>0</th>" not in plain and "<th></th>" not in plain
-    named = _table_html(pd.DataFrame({"acc": [0.5]}, index=pd.Index(["a"], name="model")))
+    named = table_html(pd.DataFrame({"acc": [0.5]}, index=pd.Index(["a"], name="model")))
     assert "<th>a</th>" in named

@@ -1,4 +1,4 @@
-"""The verdict rules (entity_tracking.verdicts): one test per rule, at and around its cut-offs."""
+"""The verdict rules (entity_tracking.methods.verdicts): one test per rule, at and around its cut-offs."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import doctest
 import pytest
 import torch
 
-from entity_tracking import verdicts as V
-from entity_tracking.circuit import GROUPS, Circuit
+from entity_tracking.methods import verdicts as V
+from entity_tracking.schema import GROUPS
+from entity_tracking.methods.circuit import Circuit
 
 
 def test_the_module_example_runs():
@@ -77,13 +78,13 @@ def test_exceeds_needs_disjoint_intervals_to_hold():
 # necessary head is found necessary with an interval
 
 
-from entity_tracking import cmap, dcm
-from entity_tracking import data as D
-from entity_tracking.ablation import (
-    compute_means, encode_for, faithfulness, mean_ablated_logits, model_accuracy, necessity)
+from entity_tracking.methods import cmap, dcm
+from entity_tracking import task as D
+from entity_tracking.methods.ablation import compute_means, encode_for, faithfulness, mean_ablated_logits, model_accuracy, necessity
 from entity_tracking.config import ModelSpec, TinySpec
-from entity_tracking.models import build_tiny_model, load_model
-from entity_tracking.path_patching import discover_circuit, null_circuit
+from entity_tracking.model.tiny import build_tiny_model
+from entity_tracking.load import load_model
+from entity_tracking.methods.path_patching import discover_circuit, null_circuit
 
 BOXES = 7
 pytestmark = pytest.mark.usefixtures("one_thread")

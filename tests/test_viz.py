@@ -16,7 +16,8 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.container import ErrorbarContainer  # noqa: E402
 
-from entity_tracking import cmap, paper, viz  # noqa: E402
+from entity_tracking.methods import cmap, paper
+from entity_tracking.book import figures as viz
 
 NAN = float("nan")
 

@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .schema import EXTENSION_GROUPS
 
 __all__ = [
     "CMAPSpec",
@@ -109,7 +118,7 @@ class TinySpec(_Strict):
 
 class FinetuneSpec(_Strict):
     """Arithmetic fine-tuning of the organism (Goat-style LoRA, FLoat-style full); see
-    :mod:`entity_tracking.finetune`. Never shown entity-tracking data."""
+    :mod:`entity_tracking.organism.finetune`. Never shown entity-tracking data."""
 
     # Trained until arithmetic is learned or plateaus (issue 14; organism notes): with every weight
     # trained at lr 1e-3, exact match passes 0.5 near step 700 of 800; LoRA on q/k/v/o plateaus
@@ -137,8 +146,8 @@ class FinetuneSpec(_Strict):
 class ControlSpec(_Strict):
     """The positive control (ours, never the paper's): the organism fine-tuned on entity tracking
     itself, 5-7-box prompts in the paper's format, every weight trained; see
-    :func:`entity_tracking.finetune.control_finetune`. Its training objects are every second word of
-    :data:`entity_tracking.vocab.OBJECTS` (``objects: half``), so the book can show its gain on
+    :func:`entity_tracking.organism.finetune.control_finetune`. Its training objects are every second word of
+    :data:`entity_tracking.task.vocab.OBJECTS` (``objects: half``), so the book can show its gain on
     answers it never saw in fine-tuning."""
 
     # lr 1e-4 and 3e-4 both reach +0.23 / +0.27 on 7 boxes in 150 steps (one seed each, measured
@@ -301,8 +310,8 @@ class CircuitSpec(_Strict):
     extension_candidates: dict[str, int] = Field(
         default_factory=lambda: {"object_writer": 4},
         description="ours, beside the paper's circuit: top-k heads of each extension group "
-                    "(entity_tracking.circuit.EXTENSION_GROUPS), found through the circuit's own groups by "
-                    "entity_tracking.path_patching.extend_circuit with the same selection rule; the binding "
+                    "(entity_tracking.schema.EXTENSION_GROUPS), found through the circuit's own groups by "
+                    "entity_tracking.methods.path_patching.extend_circuit with the same selection rule; the binding "
                     "chapter evaluates the extended circuit",
     )
     minimality_threshold: float = Field(0.01, ge=0)
@@ -313,7 +322,6 @@ class CircuitSpec(_Strict):
     @field_validator("extension_candidates")
     @classmethod
     def _extension_groups(cls, v: dict[str, int]):
-        from .circuit import EXTENSION_GROUPS
 
         if not v:
             raise ValueError(f"name at least one extension group (the binding chapter extends the circuit with it); "
@@ -357,7 +365,7 @@ class DCMSpec(_Strict):
 
 
 class CMAPSpec(_Strict):
-    """Cross-model activation patching (paper-methods §5; :mod:`entity_tracking.cmap`)."""
+    """Cross-model activation patching (paper-methods §5; :mod:`entity_tracking.methods.cmap`)."""
 
     batch_size: int = Field(32, ge=1)
     n_bootstrap: int = Field(1000, ge=10)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from .config import find_repo_root
+
 __all__ = [
     "ResultsPaths",
     "atomic_dir",
@@ -130,7 +132,6 @@ class ResultsPaths:
 
     @classmethod
     def for_profile(cls, profile: str, repo_root: str | os.PathLike | None = None) -> "ResultsPaths":
-        from .config import find_repo_root
 
         env = os.environ.get(RESULTS_ENV)
         if env:

@@ -10,12 +10,12 @@ hook -- an o_proj input or output, a q/k/v projection -- sees the fine-tuned wei
 paper's reference code read o_proj weights from the PEFT model's base layer inside its hooks
 and so silently dropped Goat's o_proj LoRA delta; with the adapter merged there is nothing to
 drop.) The model is wrapped in nnsight's ``TransformersModel`` and returned with its tokenizer
-and its :class:`~entity_tracking.arch.Arch` (module paths, head geometry, BOS handling) as a
+and its :class:`~entity_tracking.model.arch.Arch` (module paths, head geometry, BOS handling) as a
 :class:`LoadedModel`.
 
 Failures are named: a model that is neither on disk nor reachable raises
 :class:`ModelNotAvailable` with the id, an architecture outside the table raises
-:class:`~entity_tracking.arch.UnsupportedArchitecture`, and a remote model without an NDIF key
+:class:`~entity_tracking.model.arch.UnsupportedArchitecture`, and a remote model without an NDIF key
 raises :class:`RemoteNotConfigured`. Remote execution on NDIF (``remote: true`` in a profile)
 never loads weights locally: the model is built on the ``meta`` device and every trace that
 passes ``**lm.trace_kwargs`` (or uses ``lm.trace``) runs on the server; the key comes from the
@@ -37,16 +37,16 @@ from typing import Any, Callable, ClassVar, Optional, TypeVar
 
 import torch
 
-from .arch import Arch, arch_for
-from .config import ModelSpec, TinySpec, find_repo_root
-from .io import ResultsPaths, atomic_dir, atomic_write_text
-from .tokenizer import build_word_tokenizer
+from .config import ModelSpec, find_repo_root
+from .io import ResultsPaths
+from .model.arch import Arch, arch_for
+from .model.tiny import TINY_STAMP, build_tiny_model, tiny_stamp
+from .organism.build import ensure_built
 
 __all__ = [
     "LoadedModel",
     "ModelNotAvailable",
     "RemoteNotConfigured",
-    "build_tiny_model",
     "load_model",
     "load_tokenizer",
     "model_dir",
@@ -58,9 +58,7 @@ __all__ = [
 
 NDIF_KEY_ENV = "NDIF_API_KEY"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_TINY_STAMP = "tiny_spec.json"
-_TINY_BUILDER_VERSION = 2
-_LOG_PREFIX = "[entity_tracking.models]"
+_LOG_PREFIX = "[entity_tracking.load]"
 
 T = TypeVar("T")
 
@@ -87,7 +85,7 @@ class LoadedModel:
         tokenizer: the tokenizer (pad = eos when it had none). nnsight sets its
             ``padding_side`` to ``"left"`` for causal models, so string prompts batched by
             nnsight align at the right edge; pass ``input_ids`` to control positions exactly.
-        arch: module paths and head geometry (:class:`~entity_tracking.arch.Arch`), with
+        arch: module paths and head geometry (:class:`~entity_tracking.model.arch.Arch`), with
             ``adds_bos`` read from the tokenizer.
         spec: the profile's model spec it was loaded from.
         device: where inputs should go (the embedding's device; ``cpu`` for a remote model).
@@ -209,63 +207,6 @@ def _resolve_ref(value: str, what: str, model: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Tiny models of each family
-
-
-def _tiny_config(spec: TinySpec, tok):
-    d_head = spec.d_head or spec.d_model // spec.n_heads
-    common = dict(
-        vocab_size=len(tok),
-        hidden_size=spec.d_model,
-        intermediate_size=spec.d_mlp,
-        num_hidden_layers=spec.n_layers,
-        num_attention_heads=spec.n_heads,
-        num_key_value_heads=spec.n_kv_heads or spec.n_heads,
-        max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    if spec.family == "llama":
-        from transformers import LlamaConfig
-
-        return LlamaConfig(**common, head_dim=d_head)
-    if spec.family == "qwen2":
-        from transformers import Qwen2Config
-
-        if d_head * spec.n_heads != spec.d_model:
-            raise ValueError("qwen2 has no head_dim setting: leave d_head unset (d_model // n_heads)")
-        return Qwen2Config(**common, tie_word_embeddings=True)
-    if spec.family == "gemma3":
-        from transformers import Gemma3TextConfig
-
-        return Gemma3TextConfig(**common, head_dim=d_head, query_pre_attn_scalar=d_head, sliding_window=512)
-    raise ValueError(f"no tiny builder for family '{spec.family}'")
-
-
-_FAMILY_ADDS_BOS = {"llama": True, "qwen2": False, "gemma3": True}
-
-
-def build_tiny_model(spec: TinySpec, save_dir: str | Path) -> Path:
-    """Build a tiny random model of ``spec.family`` (llama, qwen2, gemma3) with the project's
-    word-level tokenizer, saved to ``save_dir`` (atomically, with a stamp of ``spec``)."""
-    from transformers import AutoModelForCausalLM
-
-    add_bos = spec.add_bos if spec.add_bos is not None else _FAMILY_ADDS_BOS[spec.family]
-    with atomic_dir(save_dir) as tmp:
-        tok = build_word_tokenizer(save_dir=tmp, add_bos=add_bos)
-        cfg = _tiny_config(spec, tok)
-        torch.manual_seed(spec.seed)
-        AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp)
-        atomic_write_text(Path(tmp) / _TINY_STAMP, _tiny_stamp(spec))
-    return Path(save_dir)
-
-
-def _tiny_stamp(spec: TinySpec) -> str:
-    return json.dumps({"builder": _TINY_BUILDER_VERSION, "spec": spec.model_dump()}, sort_keys=True)
-
-
-# --------------------------------------------------------------------------------------------
 # Where a spec's weights live
 
 
@@ -279,22 +220,16 @@ def model_sources(spec: ModelSpec, paths: Optional[ResultsPaths] = None) -> tupl
     """``(model, adapter)`` of ``spec``: each a local directory or a hub id (adapter may be None).
 
     Builds tiny models on first use (and when their spec changed) and delegates the
-    ``organism*`` builds to :func:`entity_tracking.organism.ensure_built`.
+    ``organism*`` builds to :func:`entity_tracking.organism.build.ensure_built`.
     """
     adapter = _resolve_ref(spec.adapter, "adapter", spec.name) if spec.adapter else None
     if spec.build == "tiny":
         d = _need_paths(spec, paths).models / spec.name
-        stamp = d / _TINY_STAMP
-        if not (d / "config.json").exists() or not stamp.exists() or stamp.read_text() != _tiny_stamp(spec.tiny):
+        stamp = d / TINY_STAMP
+        if not (d / "config.json").exists() or not stamp.exists() or stamp.read_text() != tiny_stamp(spec.tiny):
             build_tiny_model(spec.tiny, d)
         return str(d), adapter
     if spec.build is not None and spec.build.startswith("organism"):
-        try:
-            from .organism import ensure_built
-        except ImportError as e:
-            raise ModelNotAvailable(
-                f"model '{spec.name}': build '{spec.build}' needs entity_tracking.organism.ensure_built ({e})"
-            ) from e
         mdir, adir = ensure_built(spec, _need_paths(spec, paths))
         if adir is not None and adapter is not None:
             raise ValueError(f"model '{spec.name}': the organism build brings its own adapter; drop 'adapter'")
@@ -442,7 +377,7 @@ def load_model(
 
     Raises:
         ModelNotAvailable: weights, adapter or tokenizer neither on disk nor reachable (names the id).
-        UnsupportedArchitecture: the architecture has no row in :mod:`entity_tracking.arch`.
+        UnsupportedArchitecture: the architecture has no row in :mod:`entity_tracking.model.arch`.
         RemoteNotConfigured: ``remote: true`` without ``NDIF_API_KEY`` or without a hub id.
     """
     from nnsight import TransformersModel

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import os
 import shutil
 import subprocess
 import tempfile
@@ -23,7 +22,7 @@ import urllib.request
 from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator
 
 __all__ = ["BrowserNotFound", "check_site", "find_chromium", "screenshot", "screenshot_pages", "serve"]
 

@@ -21,15 +21,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Optional
 
-from .config import ROOT_ENV, Profile, find_repo_root, load_profile
-from .io import ResultsPaths, read_json, write_json
+from ..config import ROOT_ENV, Profile, find_repo_root, load_profile
+from ..io import ResultsPaths, read_json, write_json
+from ..load import load_model
+from ..methods.verdicts import VERDICTS, Verdict
+from .runner import chapters_from_toc, run_chapters
 
 __all__ = ["ChapterContext", "Verdict", "load_verdicts", "record_verdicts", "setup_chapter", "show_tables_without_index"]
 
-Holds = Literal["holds", "does not hold", "partly", "not run", "not testable"]
-VERDICTS: tuple[str, ...] = ("holds", "partly", "does not hold", "not testable", "not run")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,6 @@ class ChapterContext:
 
 
 def _upstream(root: Path, chapter: str) -> list[str]:
-    from .runner import chapters_from_toc
 
     names = [c.stem for c in chapters_from_toc(root) if c.is_notebook and c.name != _toc_root(root)]
     if chapter not in names:
@@ -63,7 +63,7 @@ def _has_row_numbers_only(df) -> bool:
     return isinstance(idx, pd.RangeIndex) and idx.name is None and idx.start == 0 and idx.step == 1
 
 
-def _table_html(df) -> Optional[str]:
+def table_html(df) -> Optional[str]:
     """A DataFrame's notebook HTML, without the index column when it only numbers the rows."""
     import pandas as pd
 
@@ -88,7 +88,7 @@ def show_tables_without_index() -> bool:
         return False
     import pandas as pd
 
-    ip.display_formatter.formatters["text/html"].for_type(pd.DataFrame, _table_html)
+    ip.display_formatter.formatters["text/html"].for_type(pd.DataFrame, table_html)
     return True
 
 
@@ -115,7 +115,6 @@ def setup_chapter(chapter: str, profile: str | os.PathLike, needs: Iterable[str]
     print(f"chapter '{chapter}' on profile '{prof.name}': {len(prof.models)} model(s), device {device}{gpu}")
     missing = [n for n in needs if not (paths.root / ".stamps" / f"{n}.json").exists()]
     if missing:
-        from .runner import run_chapters
 
         order = _upstream(root, chapter)
         last_needed = max(order.index(n) for n in missing if n in order) if any(n in order for n in missing) else -1
@@ -123,23 +122,6 @@ def setup_chapter(chapter: str, profile: str | os.PathLike, needs: Iterable[str]
         print(f"earlier chapters not yet run for '{prof.name}': {missing}; running {todo} first")
         run_chapters(profile, root, only=todo)
     return ChapterContext(chapter, prof, paths, root, device)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One claim as tested by one chapter."""
-
-    claim: int  # the paper's claim number on the landing page (1, 2 or 3); 0 for the premise
-    statement: str
-    paper: str
-    ours: str
-    holds: Holds
-    chapter: str = ""
-    rule: str = ""  # the rule applied (entity_tracking.verdicts), in words
-    sample: str = ""  # the sample sizes behind it: prompts, random draws, resamples
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def record_verdicts(ctx: ChapterContext, verdicts: Iterable[Verdict]):
@@ -221,7 +203,6 @@ def iter_models(ctx: ChapterContext, names: Optional[Iterable[str]] = None):
 
     import torch
 
-    from .models import load_model
 
     wanted = list(names) if names is not None else [m.name for m in ctx.profile.models]
     for name in wanted:

@@ -15,6 +15,8 @@ import numpy as np
 import seaborn as sns
 from matplotlib.patches import Patch, Rectangle
 
+from ..methods.dcm import share_interval
+
 __all__ = [
     "ROLE_COLORS",
     "plot_counts",
@@ -27,7 +29,7 @@ __all__ = [
     "set_style",
 ]
 
-#: One colour per token role of :func:`entity_tracking.data.token_table`.
+#: One colour per token role of :func:`entity_tracking.task.token_table`.
 ROLE_COLORS: dict[str, str] = {
     "box label": "#4C72B0",
     "object": "#55A868",
@@ -54,7 +56,7 @@ def plot_token_layout(rows: Sequence[Mapping[str, Any]], ax=None, title: str | N
                       tokens_per_row: int | None = None):
     """Tokens of one prompt along the x axis, coloured by role, positions annotated.
 
-    ``rows``: the output of :func:`entity_tracking.data.token_table` (``position``, ``token``,
+    ``rows``: the output of :func:`entity_tracking.task.token_table` (``position``, ``token``,
     ``role``, ``prev_query_label``, ``answer``). The query label's context occurrence and the
     answer object get a thick outline; long prompts wrap after ``tokens_per_row`` tokens.
     """
@@ -291,9 +293,9 @@ def plot_gain_shares(rows, title: str = "", limits: tuple[float, float] = (-1.0,
     input CMAP (the Value Fetchers' and Position Transmitters' DCM heads, one colour per patched
     input: q, k, v, qk, qkv).
 
-    ``rows``: a DataFrame of :func:`entity_tracking.cmap.sweep` rows with a ``fine-tuned`` column
+    ``rows``: a DataFrame of :func:`entity_tracking.methods.cmap.sweep` rows with a ``fine-tuned`` column
     (and optionally ``paper``, the paper's share for the row, e.g. from
-    :func:`entity_tracking.cmap.paper_share`; drawn only where finite). The models' own rows give
+    :func:`entity_tracking.methods.cmap.paper_share`; drawn only where finite). The models' own rows give
     each panel row its title (the gain itself, fine-tuned minus base accuracy). 0 is the base
     model, 1 the fine-tuned model; a share is undefined (NaN, not drawn) where there is no gain,
     and the panel says so when nothing can be drawn. The axis spans at most ``limits``: with a small
@@ -353,12 +355,11 @@ def plot_semantics_intervals(df, groups: Sequence[str] | None = None, labels: Ma
                              title: str = ""):
     """DCM at a glance: for each group (one panel), the % of samples giving each core
     desideratum's target (:data:`CORE_DESIDERATA`) when its selected heads are patched, one colour
-    per model, with the 95% interval of :func:`entity_tracking.dcm.share_interval`.
+    per model, with the 95% interval of :func:`entity_tracking.methods.dcm.share_interval`.
 
-    ``df``: :func:`entity_tracking.dcm.semantics` rows (``group``, ``desideratum``, ``model``,
+    ``df``: :func:`entity_tracking.methods.dcm.semantics` rows (``group``, ``desideratum``, ``model``,
     ``mean``, ``std``, ``n_runs``, ``pairs``), optionally with ``paper`` (the paper's %; drawn only
     where finite). A NaN ``std`` draws the point without a bar."""
-    from .dcm import share_interval
 
     groups = list(groups) if groups is not None else list(dict.fromkeys(df["group"]))
     if not len(df) or not groups:
@@ -403,7 +404,7 @@ def plot_faithfulness(summaries: Mapping[str, Mapping[str, Mapping[str, float]]]
     ``summaries[model]``: the ``summary`` of a faithfulness result (``full_accuracy``,
     ``circuit_accuracy``, ``random_accuracy``, ``faithfulness``, each ``{value, low, high}``);
     ``paper[model]``: the paper's row for the model it stands in for
-    (:data:`entity_tracking.paper.FAITHFULNESS`; keys ``full``, ``circuit``, ``random``,
+    (:data:`entity_tracking.methods.paper.FAITHFULNESS`; keys ``full``, ``circuit``, ``random``,
     ``faithfulness``), drawn as markers labelled "paper"; models without one get none."""
     import pandas as pd
 
@@ -437,7 +438,7 @@ def plot_faithfulness(summaries: Mapping[str, Mapping[str, Mapping[str, float]]]
 def plot_seed_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], chance: float | None = None,
                      learned: float | None = None, title: str = ""):
     """Entity tracking against arithmetic over fine-tuning: one line per fine-tune through its
-    checkpoints (``curves[name]``: :func:`entity_tracking.dynamics.replicate_curve` rows), with
+    checkpoints (``curves[name]``: :func:`entity_tracking.methods.dynamics.replicate_curve` rows), with
     95% intervals over seeds and prompts on both axes, each point labelled by its step (left);
     both measures against the step (right). ``chance`` and ``learned`` draw reference lines
     (1/boxes on the accuracy axis, the exact match that counts as learned). Returns the figure."""

@@ -62,9 +62,9 @@ overrides it at run time. The runner warns when a notebook's cell and ``_config.
 
 Command line (also what ``make book`` runs)::
 
-    python -m entity_tracking.runner --profile default [--force] [--only data] [--no-book] [--jobs 2]
-    python -m entity_tracking.runner --profile path/to/mine.yaml
-    python -m entity_tracking.runner --sync-bootstrap   # after editing repository.url
+    python -m entity_tracking.book.runner --profile default [--force] [--only data] [--no-book] [--jobs 2]
+    python -m entity_tracking.book.runner --profile path/to/mine.yaml
+    python -m entity_tracking.book.runner --sync-bootstrap   # after editing repository.url
 """
 
 from __future__ import annotations
@@ -87,8 +87,23 @@ from typing import Iterator, Optional, TextIO
 
 import yaml
 
-from .config import PROFILES_ENV, ROOT_ENV, ProfileError, find_repo_root, load_profile, profile_path
-from .io import RESULTS_ENV, ResultsPaths, atomic_path, atomic_write_text, read_json, write_json
+from ..config import (
+    PROFILES_ENV,
+    ROOT_ENV,
+    ProfileError,
+    find_repo_root,
+    load_profile,
+    profile_path,
+)
+from ..io import (
+    RESULTS_ENV,
+    ResultsPaths,
+    atomic_path,
+    atomic_write_text,
+    read_json,
+    write_json,
+)
+from .browser import BrowserNotFound, screenshot
 
 __all__ = [
     "Chapter",
@@ -676,7 +691,7 @@ def _check_bootstrap(root: Path) -> None:
     if stale:
         names = ", ".join(str(p.relative_to(root)) for p in stale)
         _log(f"warning: the bootstrap cell of {names} does not clone _config.yml's repository.url; "
-             f"run `python -m entity_tracking.runner --sync-bootstrap`")
+             f"run `python -m entity_tracking.book.runner --sync-bootstrap`")
 
 
 def _declared_needs(nb: dict) -> Optional[list[str]]:
@@ -925,7 +940,6 @@ def build_book(profile: str | os.PathLike, root: Path | None = None, out_root: P
         raise RuntimeError(f"jupyter-book build succeeded but wrote no {index}")
     _log(f"book built in {time.perf_counter() - t0:.1f} s -> {index}")
     try:
-        from .browser import BrowserNotFound, screenshot
 
         shot = screenshot(index.parent, f"{yaml.safe_load((root / '_toc.yml').read_text())['root']}.html",
                           index.parent / "landing.png")
@@ -936,7 +950,7 @@ def build_book(profile: str | os.PathLike, root: Path | None = None, out_root: P
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m entity_tracking.runner", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m entity_tracking.book.runner", description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="default",
                     help="a profile: the name of a file in params/, or a YAML file anywhere (default: default)")
     ap.add_argument("--force", action="store_true", help="run every chapter again even if unchanged")

@@ -6,12 +6,12 @@ interchange intervention), the mean over a reference set (mean ablation) or anyt
 and see how the output changes. If overwriting a component with its value from a prompt that
 lacks some information destroys the behaviour, the component carries that information at that
 position. Here the components are attention heads, read and written at four sites per layer
-(:mod:`entity_tracking.arch`): a head's **output** ``z`` (the ``o_proj`` input slice, before
+(:mod:`entity_tracking.model.arch`): a head's **output** ``z`` (the ``o_proj`` input slice, before
 ``W_O``; the paper's "head output"), and its **query**, **key** and **value** (``q_proj``/
 ``k_proj``/``v_proj`` outputs, before rotary embeddings). A patch names a site, a layer, some
 heads, one or more positions *per example* (the base position may differ from example to
 example, and from the position the value was read at in the source), and the values to write.
-The same kernel serves activation patching, path patching (:mod:`entity_tracking.path_patching`),
+The same kernel serves activation patching, path patching (:mod:`entity_tracking.methods.path_patching`),
 mean ablation, DCM and CMAP: they differ only in where the values come from.
 
 Conventions:
@@ -28,13 +28,13 @@ Conventions:
   it equals patching those ``group`` heads together in the multi-head twin of the model (the
   same weights with every kv head repeated). Without GQA, kv head ``h`` is query head ``h``.
 * Evaluation is at each example's **last position** (``last_position [batch]``, as built by
-  :func:`entity_tracking.data.encode_prompts`); probabilities are a softmax over the whole
+  :func:`entity_tracking.task.encode_prompts`); probabilities are a softmax over the whole
   vocabulary.
 * Every run is under ``torch.no_grad()`` and split into chunks of ``batch_size`` examples.
 
 The residual stream can be written too (:class:`ResidPatch`, sites ``resid_pre`` and
 ``resid_post``: a block's input and output, ``[batch, pos, d_model]``), for interchange at the
-level of whole token representations (:mod:`entity_tracking.binding`).
+level of whole token representations (:mod:`entity_tracking.methods.binding`).
 
 Inside one trace nnsight requires modules to be read in forward order; :func:`run` sorts all
 reads and writes by ``(layer, site)`` in the order the model computes them, so callers list
@@ -49,11 +49,12 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .arch import Arch
+from ..model.arch import Arch, arch_for
+from ..schema import HEAD_SITES, SITES
 
 __all__ = [
     "HEAD_SITES",
-    "RESID_SITES",
+
     "RESID_WRITE_SITES",
     "SITES",
     "ActivationCache",
@@ -74,12 +75,6 @@ __all__ = [
     "target_probs",
 ]
 
-#: Per-head sites, in the order a block computes them.
-HEAD_SITES: tuple[str, ...] = ("q", "k", "v", "z")
-#: Residual-stream sites of a block: its input, the attention output (o_proj output) and its output.
-RESID_SITES: tuple[str, ...] = ("resid_pre", "attn_out", "resid_post")
-#: Every site, in forward order within one block.
-SITES: tuple[str, ...] = ("resid_pre", "q", "k", "v", "z", "attn_out", "resid_post")
 _ORDER = {s: i for i, s in enumerate(SITES)}
 
 BatchLike = Union[torch.Tensor, Mapping[str, Any]]
@@ -167,7 +162,7 @@ def site_heads(arch: Arch, site: str, heads: Iterable[int]) -> list[int]:
     raise ValueError(f"site '{site}' has no heads; per-head sites are {HEAD_SITES}")
 
 
-def _n_site_heads(arch: Arch, site: str) -> int:
+def n_site_heads(arch: Arch, site: str) -> int:
     return arch.n_kv_heads if site in ("k", "v") else arch.n_heads
 
 
@@ -200,7 +195,7 @@ class HeadPatch:
         if self.site not in HEAD_SITES:
             raise ValueError(f"cannot patch site '{self.site}'; per-head sites are {HEAD_SITES}")
         layer = arch._layer_index(self.layer)
-        n = _n_site_heads(arch, self.site)
+        n = n_site_heads(arch, self.site)
         heads = list(range(n)) if self.heads is None else [int(h) for h in self.heads]
         kind = "key/value" if self.site in ("k", "v") else "query"
         for h in heads:
@@ -345,7 +340,7 @@ def _write(arch: Arch, nn: Any, site: str, layer: int, value: torch.Tensor) -> N
      "resid_pre": arch.set_resid_pre, "resid_post": arch.set_resid_post}[site](nn, layer, value)
 
 
-def _chunks(n: int, batch_size: int, progress: bool, desc: str):
+def batch_chunks(n: int, batch_size: int, progress: bool, desc: str):
     size = max(1, int(batch_size or n))
     starts = range(0, n, size)
     if progress and len(starts) > 1:
@@ -356,11 +351,10 @@ def _chunks(n: int, batch_size: int, progress: bool, desc: str):
         yield slice(s, min(n, s + size))
 
 
-def _lm_parts(lm: Any) -> tuple[Any, Arch, torch.device, dict]:
+def lm_parts(lm: Any) -> tuple[Any, Arch, torch.device, dict]:
     nn = getattr(lm, "nn", lm)
     arch = getattr(lm, "arch", None)
     if arch is None:
-        from .arch import arch_for
 
         arch = arch_for(nn)
     device = getattr(lm, "device", None) or torch.device("cpu")
@@ -388,8 +382,8 @@ def run(
     """Run ``lm`` on ``batch`` with ``patches`` applied; record ``record`` sites.
 
     Args:
-        lm: a :class:`~entity_tracking.models.LoadedModel` (or an nnsight model).
-        batch: input ids ``[batch, seq]`` or an :func:`~entity_tracking.data.encode_prompts` batch.
+        lm: a :class:`~entity_tracking.load.LoadedModel` (or an nnsight model).
+        batch: input ids ``[batch, seq]`` or an :func:`~entity_tracking.task.encode_prompts` batch.
         patches: :class:`HeadPatch` es and :class:`ResidPatch` es; applied in forward order, several
             per (site, layer) allowed.
         record: ``(site, layer)`` pairs (sites of :data:`SITES`) to cache, *after* patching.
@@ -408,7 +402,7 @@ def run(
     Returns:
         :class:`PatchRun` with ``logits`` and an :class:`ActivationCache` (on ``out_device``).
     """
-    nn, arch, device, tkw = _lm_parts(lm)
+    nn, arch, device, tkw = lm_parts(lm)
     b = as_batch(batch)
     ids, mask = b["input_ids"], b["attention_mask"]
     B, S = ids.shape
@@ -436,7 +430,7 @@ def run(
     pieces: dict[tuple[str, int], list[torch.Tensor]] = {(s, l): [] for s, l in record}
     logit_pieces: list[torch.Tensor] = []
     with torch.no_grad():
-        for sl in _chunks(B, batch_size if not trace_kwargs else B, progress, desc):
+        for sl in batch_chunks(B, batch_size if not trace_kwargs else B, progress, desc):
             cid = ids[sl].to(device)
             inputs = {"input_ids": cid} if pad_free else {"input_ids": cid, "attention_mask": mask[sl].to(device)}
             cpatches = {k: [p.rows(sl) for p in v] for k, v in by_step.items()}
@@ -518,7 +512,7 @@ class KVPrefix:
     @staticmethod
     def fits(lm: Any, n: int, start: int, budget: int) -> bool:
         """Whether ``n`` prompts' prefix of ``start`` tokens takes at most ``budget`` bytes."""
-        _, a, _, _ = _lm_parts(lm)
+        _, a, _, _ = lm_parts(lm)
         dtype = getattr(lm, "dtype", torch.float32)
         return n * a.n_layers * 2 * a.n_kv_heads * start * a.d_head * torch.finfo(dtype).bits // 8 <= budget
 
@@ -542,10 +536,10 @@ class KVPrefix:
     def clean(cls, lm: Any, batch: BatchLike, start: int, *, batch_size: int = 32) -> Optional["KVPrefix"]:
         """The prefix of ``batch`` (unpadded) before ``start``, from whole runs of the model as it is."""
         b = as_batch(batch)
-        nn, _, device, _ = _lm_parts(lm)
+        nn, _, device, _ = lm_parts(lm)
         hf = getattr(nn, "_module", nn)
         caches = []
-        for sl in _chunks(int(b["input_ids"].shape[0]), batch_size, False, ""):
+        for sl in batch_chunks(int(b["input_ids"].shape[0]), batch_size, False, ""):
             with torch.no_grad():
                 caches.append(hf(input_ids=b["input_ids"][sl].to(device), attention_mask=b["attention_mask"][sl].to(device),
                                  use_cache=True).past_key_values)
@@ -592,7 +586,7 @@ def cache_activations(lm: Any, batch: BatchLike, sites: Iterable[str] = ("z",),
     (``[batch, n_pos, ...]`` with ``positions [batch, n_pos]``). With ``with_logits`` also the
     last-position logits ``[batch, vocab]`` of the same run.
     """
-    _, arch, _, _ = _lm_parts(lm)
+    _, arch, _, _ = lm_parts(lm)
     layers = range(arch.n_layers) if layers is None else list(layers)
     record = [(s, l) for l in layers for s in sites]
     res = run(lm, batch, patches, record, record_positions=positions, logits=with_logits,

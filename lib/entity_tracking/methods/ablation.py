@@ -2,7 +2,7 @@
 
 **Mean ablation** (paper-methods §1.3, §3) removes what a head contributes on one prompt while
 keeping what it contributes on *every* prompt of the task. A head's output -- its slice of the
-``o_proj`` input, ``[batch, pos, n_heads, d_head]`` (see :mod:`entity_tracking.arch`) -- is
+``o_proj`` input, ``[batch, pos, n_heads, d_head]`` (see :mod:`entity_tracking.model.arch`) -- is
 replaced by its average over reference prompts, taken separately at every absolute token
 position. The reference prompts are random contexts whose query label is absent from the
 context, so the mean carries the shape of the task ("a box label sits here, a query sits
@@ -41,10 +41,10 @@ position -- unlike :meth:`Circuit.without`, which removes group entries. A group
 position :data:`ALL_POSITIONS` acts at every token, which is how :func:`full_circuit` spells the
 full model: its F(C) *is* F(M), its faithfulness exactly 1. Every function here reads the groups a
 circuit holds (:attr:`Circuit.group_names`), so a circuit extended with groups of ours
-(:data:`~entity_tracking.circuit.EXTENSION_GROUPS`) is ablated by the same rule as the paper's.
+(:data:`~entity_tracking.schema.EXTENSION_GROUPS`) is ablated by the same rule as the paper's.
 A position key may also name *several* positions per prompt: a batch entry ``<key>_position`` of
 shape ``[batch, n]`` (``-1``-padded) puts the group's heads at all of them, which is how
-:mod:`entity_tracking.binding` ablates every context position at once.
+:mod:`entity_tracking.methods.binding` ablates every context position at once.
 
 **Uncertainty.** Every evaluation keeps its per-example correctness vector
 (:class:`Evaluation`), so every number gets a percentile bootstrap interval by resampling the
@@ -75,10 +75,19 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from .circuit import EXTENSION_GROUPS, GROUPS, Circuit, Head
-from .data import encode_prompts
-from .patching import KVPrefix
-from .verdicts import BEYOND_RANDOM_MARGIN, NECESSITY_FACTOR, NECESSITY_MARGIN, chance, minimality_measurable
+from ..intervene.patching import KVPrefix
+from ..intervene.stats import Estimate, bootstrap, ratio
+from ..io import atomic_path
+from ..schema import EXTENSION_GROUPS, GROUPS, Head
+from ..task.encoding import encode_prompts
+from .circuit import Circuit
+from .verdicts import (
+    BEYOND_RANDOM_MARGIN,
+    NECESSITY_FACTOR,
+    NECESSITY_MARGIN,
+    chance,
+    minimality_measurable,
+)
 
 __all__ = [
     "ALL_POSITIONS",
@@ -137,7 +146,7 @@ def _progress(it: Iterable, progress: bool, **kw) -> Iterable:
 
 def encode_for(lm, prompts: Sequence[Mapping[str, Any]] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A batch dict for ``lm``: prompt records are encoded with ``lm``'s tokenizer
-    (:func:`entity_tracking.data.encode_prompts`); an already encoded batch (a mapping with
+    (:func:`entity_tracking.task.encode_prompts`); an already encoded batch (a mapping with
     ``input_ids``) is returned as is, so callers may override e.g. ``target``."""
     if isinstance(prompts, Mapping):
         if "input_ids" not in prompts:
@@ -200,7 +209,6 @@ class MeanActivations:
             )
 
     def save(self, path: str | os.PathLike) -> Path:
-        from .io import atomic_path
 
         with atomic_path(path) as tmp:
             torch.save({"model": self.model, "means": self.means, "n_prompts": self.n_prompts}, tmp)
@@ -216,7 +224,7 @@ def compute_means(lm, prompts, *, batch_size: int = 32, progress: bool = True) -
     """Average every head's output per absolute position over ``prompts`` on model ``lm``.
 
     Args:
-        lm: a :class:`~entity_tracking.models.LoadedModel`.
+        lm: a :class:`~entity_tracking.load.LoadedModel`.
         prompts: mean-reference prompt records (``data.make_mean_reference_prompts``) or an
             encoded batch; all must tokenize to the same length.
         batch_size: prompts per trace.
@@ -254,14 +262,14 @@ def compute_means(lm, prompts, *, batch_size: int = 32, progress: bool = True) -
 # --------------------------------------------------------------------------------------------
 
 
-def _every_head(arch) -> list[Head]:
+def every_head(arch) -> list[Head]:
     return [(layer, h) for layer in range(arch.n_layers) for h in range(arch.n_heads)]
 
 
 def full_circuit(arch, model: str = "") -> Circuit:
     """Every head in every group, each group at :data:`ALL_POSITIONS`: nothing is ablated, so
     its circuit performance is the full model's accuracy F(M)."""
-    heads = _every_head(arch)
+    heads = every_head(arch)
     return Circuit(model, {g: list(heads) for g in GROUPS}, positions={g: ALL_POSITIONS for g in GROUPS},
                    meta={"kind": "full"})
 
@@ -285,7 +293,7 @@ def outside_at_positions(arch, circuit: Circuit, positions: Optional[Iterable[st
         if unknown:
             raise AblationError(f"positions {unknown} are not positions of circuit '{circuit.model}' ({keys})")
         keys = [p for p in keys if p in wanted]
-    heads = _every_head(arch)
+    heads = every_head(arch)
     groups: dict[str, list[Head]] = {g: [] for g in circuit.group_names}
     for pos in keys:
         inside = {tuple(h) for g in circuit.group_names if circuit.positions[g] == pos for h in circuit.groups[g]}
@@ -687,7 +695,7 @@ def _prefix_plan(lm, batch, ablations, keys, tables, need, seq: int) -> tuple[to
 
 def _reference_prefix(lm, batch, mean_t: Optional[torch.Tensor], ablated: bool, start: int,
                       batch_size: int) -> tuple[Optional[KVPrefix], list[torch.Tensor]]:
-    """The prompts' :class:`~entity_tracking.patching.KVPrefix` before ``start`` from whole runs
+    """The prompts' :class:`~entity_tracking.intervene.patching.KVPrefix` before ``start`` from whole runs
     with nothing ablated, or (``ablated``) with every head ablated, and every block's output
     ``[n, seq, d_model]`` in those runs."""
     n, seq = batch["input_ids"].shape
@@ -718,7 +726,7 @@ def _evaluate_rows(lm, batch: Mapping[str, torch.Tensor], means: Optional[MeanAc
     saves more than the reference run costs, the reference's keys and values (and block outputs)
     are cached for every prompt (:func:`_reference_prefix`), rows are grouped by how much they
     share, and each chunk runs only its suffix of positions, from its first block that differs:
-    the logits are the whole runs' (see :class:`~entity_tracking.patching.KVPrefix`)."""
+    the logits are the whole runs' (see :class:`~entity_tracking.intervene.patching.KVPrefix`)."""
     if not ablations:
         return []
     n = _n_examples(batch)
@@ -794,79 +802,6 @@ def model_accuracy(lm, prompts, **kw) -> Evaluation:
 def circuit_performance(lm, prompts, means: MeanActivations, circuit: Circuit, **kw) -> Evaluation:
     """F(C): accuracy of ``lm`` with everything outside ``circuit`` mean-ablated."""
     return evaluate(lm, prompts, means, [Ablation(keep=circuit, label="F(C)")], **kw)[0]
-
-
-# --------------------------------------------------------------------------------------------
-# Bootstrap
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A point estimate with a percentile bootstrap interval ``[low, high]`` at ``level``."""
-
-    value: float
-    low: float
-    high: float
-    level: float = 0.95
-    n: int = 0
-
-    def as_dict(self) -> dict[str, float]:
-        return {"value": self.value, "low": self.low, "high": self.high, "level": self.level, "n": self.n}
-
-    def __format__(self, spec: str) -> str:
-        spec = spec or ".2f"
-        return f"{self.value:{spec}} [{self.low:{spec}}, {self.high:{spec}}]"
-
-    def __str__(self) -> str:
-        return format(self)
-
-
-def bootstrap(vectors: torch.Tensor | Sequence[torch.Tensor],
-              statistic: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, *,
-              n_resamples: int = 1000, seed: int = 0, level: float = 0.95, chunk: int = 200) -> Estimate:
-    """Percentile bootstrap over examples of a statistic of per-vector accuracies.
-
-    Args:
-        vectors: ``[k, n]`` (or ``k`` tensors of length ``n``) per-example correctness; the same
-            resampled examples are used for all ``k`` (paired).
-        statistic: maps accuracies ``[k, R]`` to ``[R]``; default: the first vector's accuracy.
-            NaN results (e.g. a ratio over a zero resample) are ignored by the quantiles.
-        n_resamples: bootstrap resamples ``R``; ``seed`` makes them deterministic.
-
-    Returns:
-        :class:`Estimate` with the statistic on the original examples and the
-        ``(1-level)/2``, ``(1+level)/2`` quantiles of the resampled statistics.
-    """
-    v = vectors if isinstance(vectors, torch.Tensor) else torch.stack([torch.as_tensor(x) for x in vectors])
-    if v.dim() == 1:
-        v = v[None]
-    v = v.float()
-    k, n = v.shape
-    if n == 0:
-        raise AblationError("bootstrap needs at least one example")
-    if not 0 < level < 1:
-        raise AblationError(f"level must be in (0, 1), got {level}")
-    stat = statistic or (lambda acc: acc[0])
-    point = float(stat(v.mean(-1, keepdim=True))[0])
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for s in range(0, n_resamples, chunk):
-        r = min(chunk, n_resamples - s)
-        idx = torch.randint(n, (r, n), generator=gen)
-        out.append(stat(v[:, idx].mean(-1)).float())
-    stats = torch.cat(out)
-    stats = torch.where(torch.isfinite(stats), stats, torch.full_like(stats, float("nan")))
-    if bool(torch.isnan(stats).all()):
-        lo = hi = float("nan")
-    else:
-        q = torch.tensor([(1 - level) / 2, (1 + level) / 2])
-        lo, hi = (float(x) for x in torch.nanquantile(stats, q))
-    return Estimate(point, lo, hi, level, n)
-
-
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return torch.where(den > 0, num / den.clamp_min(1e-30), torch.full_like(num, float("nan")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -951,11 +886,11 @@ class FaithfulnessResult:
             "full_accuracy": bootstrap(vec, lambda a: a[0], **kw),
             "circuit_accuracy": bootstrap(vec, lambda a: a[1], **kw),
             "ablated_accuracy": bootstrap(vec, lambda a: a[2], **kw),
-            "faithfulness": bootstrap(vec, lambda a: _ratio(a[1], a[0]), **kw),
+            "faithfulness": bootstrap(vec, lambda a: ratio(a[1], a[0]), **kw),
         }
         if self.random:
             out["random_accuracy"] = bootstrap(vec, lambda a: a[3:].mean(0), **kw)
-            out["random_faithfulness"] = bootstrap(vec, lambda a: _ratio(a[3:].mean(0), a[0]), **kw)
+            out["random_faithfulness"] = bootstrap(vec, lambda a: ratio(a[3:].mean(0), a[0]), **kw)
         return out
 
     def to_json(self, **kw) -> dict[str, Any]:
@@ -1025,7 +960,7 @@ class NecessityResult:
     def far_more(self, baseline: str = "outside", factor: float = float(NECESSITY_FACTOR),
                  margin: float = float(NECESSITY_MARGIN)) -> bool:
         """The group costs "far more" than random heads: ``drop > factor * random_drop + margin``
-        (false when the baseline could not be drawn; the defaults are :mod:`entity_tracking.verdicts`')."""
+        (false when the baseline could not be drawn; the defaults are :mod:`entity_tracking.methods.verdicts`')."""
         r = self.random_drop(baseline)
         return bool(r == r and self.drop > factor * r + margin)
 
@@ -1056,7 +991,7 @@ class NecessityResult:
         return bootstrap(vec, stat, n_resamples=n_resamples, seed=seed, level=level)
 
     def beyond_random(self, baseline: str = "outside") -> bool:
-        """The group costs more than random heads by :data:`entity_tracking.verdicts.BEYOND_RANDOM_MARGIN`."""
+        """The group costs more than random heads by :data:`entity_tracking.methods.verdicts.BEYOND_RANDOM_MARGIN`."""
         r = self.random_drop(baseline)
         return bool(r == r and self.drop > r + float(BEYOND_RANDOM_MARGIN))
 
@@ -1245,7 +1180,7 @@ class HeadMinimality:
 
     def estimate(self, **kw) -> Estimate:
         vec = torch.stack([self.before.correct, self.after.correct])
-        return bootstrap(vec, lambda x: _ratio(x[0], x[1]) - 1, **kw)
+        return bootstrap(vec, lambda x: ratio(x[0], x[1]) - 1, **kw)
 
 
 @dataclass
@@ -1267,7 +1202,7 @@ class MinimalityResult:
 
     def measurable(self, num_boxes: int, *, n_resamples: int = 1000, seed: int = 0) -> bool:
         """Whether the drops mean anything: F(C) above chance with its 95% interval
-        (:func:`entity_tracking.verdicts.minimality_measurable`)."""
+        (:func:`entity_tracking.methods.verdicts.minimality_measurable`)."""
         low = self.circuit_accuracy.estimate(n_resamples=n_resamples, seed=seed).low
         return minimality_measurable(low, num_boxes)
 
@@ -1370,5 +1305,5 @@ def minimality(lm, prompts, means: MeanActivations, circuit: Circuit, *, top_fra
 
 def pruner(lm, prompts, means: MeanActivations, **kw) -> Callable[[Circuit], Circuit]:
     """``circuit -> minimality(lm, prompts, means, circuit, **kw).pruned``: the ``prune``
-    argument of :func:`entity_tracking.path_patching.discover_circuit`."""
+    argument of :func:`entity_tracking.methods.path_patching.discover_circuit`."""
     return lambda circuit: minimality(lm, prompts, means, circuit, **kw).pruned

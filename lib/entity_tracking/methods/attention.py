@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from .circuit import Head
-from .patching import as_batch, check_positions
+from ..intervene.patching import as_batch, check_positions
+from ..schema import GROUP_LABELS, GROUPS, Head
 
 __all__ = ["BATCH_ENV", "ROLES", "attention_patterns", "describe_head", "explorer", "mass_by_role"]
 
@@ -84,7 +84,6 @@ def describe_head(lm, circuit, batch, query_index: torch.Tensor, step: str, laye
     attends (mass by token role, :func:`mass_by_role`) from the group's position."""
     import pandas as pd
 
-    from .circuit import GROUP_LABELS
 
     s = circuit.scores[step][layer][head]
     pos = as_batch(batch)[f"{circuit.positions[step]}_position"]
@@ -106,7 +105,6 @@ def explorer(lm, circuit, batch, query_index: torch.Tensor):
         return None
     import ipywidgets as widgets
 
-    from .circuit import GROUPS
 
     return widgets.interact(lambda step, layer, head: print(describe_head(lm, circuit, batch, query_index, step, layer, head)),
                             step=widgets.Dropdown(options=list(GROUPS)),

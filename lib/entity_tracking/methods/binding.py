@@ -38,29 +38,29 @@ on few boxes may fail on boxes at positions it never saw.
 
 **The organism's own circuit (ours).** A content binder stores the object on the queried label's
 context occurrence, a position where the paper's circuit keeps only its Structure Readers, so the
-paper's F(C) mean-ablates the heads that wrote it. :func:`entity_tracking.path_patching.extend_circuit`
+paper's F(C) mean-ablates the heads that wrote it. :func:`entity_tracking.methods.path_patching.extend_circuit`
 adds them as a group of ours (the Object Writers); :func:`extended_faithfulness` evaluates the
 paper's circuit and the extended one under the paper's ablation rule unchanged, side by side on the
 same prompts (paired bootstrap), each against random circuits of its own group sizes, and, for
 context, the paper's circuit with *every* head kept at the queried label's context occurrence (what
 the largest Object Writer group could recover). When the extended circuit is not faithful
-(:data:`entity_tracking.verdicts.FAITHFUL`), :func:`extension_shortfall` says what is still missing,
+(:data:`entity_tracking.methods.verdicts.FAITHFUL`), :func:`extension_shortfall` says what is still missing,
 with numbers: how many Object Writers it would take, and at which of the circuit's positions the
 heads outside it cost most.
 
 Shapes: head outputs ``[batch, pos, n_heads, d_head]`` (mean ablation, :mod:`.ablation`),
 residual stream ``[batch, pos, d_model]`` (interchange, :mod:`.patching`). Positions of the
-regions are added to the batches of :func:`entity_tracking.data.encode_prompts` as
+regions are added to the batches of :func:`entity_tracking.task.encode_prompts` as
 ``context_position`` ``[batch, n_context]``, ``context_but_queried_label_position``
 ``[batch, n_context - 1]`` and ``query_position`` ``[batch, n_query]`` (``-1``-padded), so the
-ablations are ordinary :class:`~entity_tracking.ablation.Ablation` settings.
+ablations are ordinary :class:`~entity_tracking.methods.ablation.Ablation` settings.
 
 Example (a tiny random model; its numbers mean nothing, the calls are the chapter's)::
 
     from entity_tracking import binding, data as D
-    from entity_tracking.ablation import compute_means
+    from entity_tracking.methods.ablation import compute_means
     from entity_tracking.config import ModelSpec, TinySpec
-    from entity_tracking.models import build_tiny_model, load_model
+    from entity_tracking.load import build_tiny_model, load_model
 
     path = build_tiny_model(TinySpec(n_layers=2, n_heads=4, d_model=32, d_mlp=64), "/tmp/tiny-binding")
     lm = load_model(ModelSpec(name="tiny", local_path=str(path)), verbose=False)
@@ -83,13 +83,25 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
+from ..intervene.patching import ResidPatch, cache_activations, run
+from ..intervene.stats import Estimate, bootstrap, ratio
+from ..schema import GROUP_LABELS, GROUPS, Head
+from ..task.encoding import encode_prompts, word_token_ids
+from ..task.prompts import QUERY_FORM, DataError, locate_spans, render_prompt
 from . import paper
-from .ablation import (Ablation, Estimate, Evaluation, MeanActivations, _every_head, _ratio, bootstrap, evaluate,
-                       keep_mask, random_circuits, shortfall_by_position)
-from .circuit import GROUP_LABELS, GROUPS, Circuit, Head
-from .data import QUERY_FORM, DataError, encode_prompts, locate_spans, render_prompt, word_token_ids
-from .patching import ResidPatch, cache_activations, run
+from .ablation import (
+    Ablation,
+    Evaluation,
+    MeanActivations,
+    every_head,
+    evaluate,
+    keep_mask,
+    random_circuits,
+    shortfall_by_position,
+)
+from .circuit import Circuit
 from .path_patching import top_heads
+from .verdicts import FAITHFUL
 
 __all__ = [
     "CONTEXT",
@@ -171,7 +183,7 @@ def _pad_rows(rows: list[list[int]]) -> torch.Tensor:
 
 
 def encode_regions(lm_or_tokenizer, prompts: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-    """:func:`~entity_tracking.data.encode_prompts` plus the regions of every prompt.
+    """:func:`~entity_tracking.task.encode_prompts` plus the regions of every prompt.
 
     Adds ``context_position`` ``[batch, n_context]`` (every real token before the query's
     ``Box``, BOS included), ``context_but_queried_label_position`` (the same without the queried
@@ -226,7 +238,7 @@ def position_labels(lm_or_tokenizer, batch: Mapping[str, torch.Tensor], row: int
 
 
 def context_settings(arch, heads: Optional[Iterable[Head]] = None) -> dict[str, Ablation]:
-    """The four :class:`~entity_tracking.ablation.Ablation` settings of :func:`context_ablation`
+    """The four :class:`~entity_tracking.methods.ablation.Ablation` settings of :func:`context_ablation`
     for ``heads`` (default: every head of the model), keyed by :data:`SETTINGS`."""
     hs = [(l, h) for l in range(arch.n_layers) for h in range(arch.n_heads)] if heads is None else \
         [(int(l), int(h)) for l, h in heads]
@@ -269,7 +281,7 @@ class ContextAblation:
         clean = self.evaluations["clean"].correct
         for k in SETTINGS[1:]:
             vec = torch.stack([self.evaluations[k].correct, clean])
-            out[f"retention_{k}"] = bootstrap(vec, lambda a: _ratio(a[0], a[1]), **kw)
+            out[f"retention_{k}"] = bootstrap(vec, lambda a: ratio(a[0], a[1]), **kw)
         return out
 
     def to_json(self, **kw) -> dict[str, Any]:
@@ -284,11 +296,11 @@ def context_ablation(lm, prompts: Sequence[Mapping[str, Any]], means: Optional[M
     context but the queried label's occurrence, and at the query positions only (module docstring).
 
     Args:
-        lm: a :class:`~entity_tracking.models.LoadedModel`.
+        lm: a :class:`~entity_tracking.load.LoadedModel`.
         prompts: evaluation prompt records (their query label in the context), all of one token
             length, the length of the mean-reference prompts.
         means: ``lm``'s :class:`MeanActivations` ``[n_layers, pos, n_heads, d_head]``
-            (:func:`~entity_tracking.ablation.compute_means`).
+            (:func:`~entity_tracking.methods.ablation.compute_means`).
         heads: ``(layer, head)`` pairs to ablate; ``[]`` ablates nothing (every setting = clean).
         targets: token ids ``[batch]`` to score against instead of the prompts' answers (e.g. the
             clean model's own predictions, to measure agreement with it).
@@ -538,10 +550,10 @@ def interchange_map(lm, base_prompts: Sequence[Mapping[str, Any]], source_prompt
     """Patch the residual stream at one (layer, position) at a time from source into base.
 
     Args:
-        lm: a :class:`~entity_tracking.models.LoadedModel`.
+        lm: a :class:`~entity_tracking.load.LoadedModel`.
         base_prompts, source_prompts: paired prompt records of one token length; each source
             should hold other objects and labels than its base and query another box index
-            (e.g. the ``object_value`` desiderata of :func:`entity_tracking.data.make_desiderata`),
+            (e.g. the ``object_value`` desiderata of :func:`entity_tracking.task.make_desiderata`),
             so that the three answers differ.
         layers: block indices (default all); positions: absolute token positions (default all).
         site: ``"resid_post"`` (block output) or ``"resid_pre"`` (block input).
@@ -663,9 +675,9 @@ class ExtendedFaithfulness:
         out = {"full_accuracy": bootstrap(vec, lambda a: a[0], **kw)}
         for k, sl in spans.items():
             out[f"{k}_accuracy"] = bootstrap(vec, lambda a, sl=sl: a[sl].mean(0), **kw)
-            out[f"{k}_faithfulness"] = bootstrap(vec, lambda a, sl=sl: _ratio(a[sl].mean(0), a[0]), **kw)
+            out[f"{k}_faithfulness"] = bootstrap(vec, lambda a, sl=sl: ratio(a[sl].mean(0), a[0]), **kw)
         p, e = spans["paper"], spans["extended"]
-        out["gain"] = bootstrap(vec, lambda a: _ratio(a[e].mean(0), a[0]) - _ratio(a[p].mean(0), a[0]), **kw)
+        out["gain"] = bootstrap(vec, lambda a: ratio(a[e].mean(0), a[0]) - ratio(a[p].mean(0), a[0]), **kw)
         return out
 
     def sizes(self) -> dict[str, int]:
@@ -703,7 +715,7 @@ def extended_faithfulness(lm, prompts, means: MeanActivations, circuit: Circuit,
                           n_random: int = 10, seed: int = 0, batch_size: int = 32, progress: bool = True,
                           check_model: bool = True) -> ExtendedFaithfulness:
     """F(C)/F(M) of ``circuit`` (the paper's) and of ``extended`` (it plus groups of ours) in ``lm``,
-    under the paper's mean ablation (:mod:`entity_tracking.ablation`), in one batched evaluation.
+    under the paper's mean ablation (:mod:`entity_tracking.methods.ablation`), in one batched evaluation.
 
     Args:
         prompts: evaluation prompt records, or an encoded batch (its ``target`` is scored).
@@ -714,11 +726,11 @@ def extended_faithfulness(lm, prompts, means: MeanActivations, circuit: Circuit,
 
     Returns:
         :class:`ExtendedFaithfulness`. The paper circuit's numbers are exactly those of
-        :func:`entity_tracking.ablation.faithfulness` on the same prompts, means and seed.
+        :func:`entity_tracking.methods.ablation.faithfulness` on the same prompts, means and seed.
     """
     label_kept = extended
     for g in _extensions(circuit, extended):
-        label_kept = label_kept.with_group(g, _every_head(lm.arch), extended.positions[g], meta={"kind": "label kept"})
+        label_kept = label_kept.with_group(g, every_head(lm.arch), extended.positions[g], meta={"kind": "label kept"})
     circuits = {"paper": circuit, "extended": extended, "label_kept": label_kept}
     rand = {"random_paper": random_circuits(lm.arch, circuit, n_random, seed) if n_random else [],
             "random_extended": random_circuits(lm.arch, extended, n_random, seed) if n_random else []}
@@ -739,12 +751,12 @@ class ExtensionShortfall:
     Attributes:
         model, group: the model and the extension group examined.
         faithfulness: the extended circuit's faithfulness (with its interval).
-        threshold: :data:`entity_tracking.verdicts.FAITHFUL` ``.holds``; ``missing`` is True when
+        threshold: :data:`entity_tracking.methods.verdicts.FAITHFUL` ``.holds``; ``missing`` is True when
             the faithfulness interval does not lie wholly at or above it.
         label_kept: faithfulness with every head kept at the group's position.
         ladder: ``{"heads", "faithfulness"}`` rows: the group grown to its ``heads`` best-scoring
             heads (path-patching order), doubling up to every head (empty when not ``missing``).
-        by_position: rows of :func:`entity_tracking.ablation.shortfall_by_position` for the
+        by_position: rows of :func:`entity_tracking.methods.ablation.shortfall_by_position` for the
             extended circuit (``setting``, ``heads_ablated``, ``accuracy``; empty when not ``missing``).
     """
 
@@ -816,11 +828,10 @@ def extension_shortfall(lm, prompts, means: MeanActivations, result: ExtendedFai
                         *, n_resamples: int = 1000, seed: int = 0, batch_size: int = 32,
                         progress: bool = True) -> ExtensionShortfall:
     """What ``result``'s extended circuit misses, with numbers, when its faithfulness is not at or
-    above :data:`entity_tracking.verdicts.FAITHFUL` with its whole interval (nothing is run
+    above :data:`entity_tracking.methods.verdicts.FAITHFUL` with its whole interval (nothing is run
     otherwise): ``group`` grown to its best-scoring heads by doubling (its score map's order,
-    every head last), and :func:`~entity_tracking.ablation.shortfall_by_position` of the extended
+    every head last), and :func:`~entity_tracking.methods.ablation.shortfall_by_position` of the extended
     circuit (where, with everything else intact, the heads outside it cost most)."""
-    from .verdicts import FAITHFUL
 
     if group not in result.extended.group_names or group in GROUPS:
         raise BindingError(f"'{group}' is not an extension group of the extended circuit "
@@ -842,7 +853,7 @@ def extension_shortfall(lm, prompts, means: MeanActivations, result: ExtendedFai
                    batch_size=batch_size, progress=progress)
     for j, ev in zip(sizes, evs[1:]):
         vec = torch.stack([evs[0].correct, ev.correct])
-        out.ladder.append({"heads": j, "faithfulness": bootstrap(vec, lambda a: _ratio(a[1], a[0]), **kw)})
+        out.ladder.append({"heads": j, "faithfulness": bootstrap(vec, lambda a: ratio(a[1], a[0]), **kw)})
     rows = shortfall_by_position(lm, prompts, means, ext, batch_size=batch_size, progress=progress)
     out.by_position.extend({"setting": r["setting"], "heads_ablated": r["heads_ablated"],
                             "accuracy": r["evaluation"].estimate(**kw)} for r in rows)

@@ -6,14 +6,14 @@ The paper's circuit (paper-methods §2) is a chain of four groups of attention h
 **Value Fetcher** (A) heads at the last token, where the Value Fetchers attend to the correct
 object and write it to the logits. A :class:`Circuit` records the heads of each group as
 ``(layer, head)`` pairs, the position each group acts at (a key of the batches built by
-:func:`entity_tracking.data.encode_prompts`), the path-patching scores they were selected by,
+:func:`entity_tracking.task.encode_prompts`), the path-patching scores they were selected by,
 and the parameters and data they came from. The circuit chapter writes one JSON file per model
 (``results/<profile>/circuits/<model>.json``); the faithfulness, DCM and CMAP chapters read them.
 
 **Extension groups (ours).** A circuit may also hold groups the paper's four steps cannot reach
 (:data:`EXTENSION_GROUPS`): the **Object Writers**, heads that write the bound object onto the
 queried label's occurrence in the context, where a model that binds by content stores it and its
-Value Fetchers read it (found by :func:`entity_tracking.path_patching.extend_circuit`).
+Value Fetchers read it (found by :func:`entity_tracking.methods.path_patching.extend_circuit`).
 :meth:`Circuit.with_group` adds one; :attr:`Circuit.group_names` lists the groups a circuit holds
 (the paper's four first). A circuit without extension groups is exactly the paper's, in memory and
 in its JSON file, and everything written for the paper's four groups (:data:`GROUPS`) reads it
@@ -27,37 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from .io import read_json, write_json
+from ..io import read_json, write_json
+from ..schema import (
+    ALL_GROUPS,
+    EXTENSION_GROUPS,
+    GROUP_LABELS,
+    GROUP_POSITIONS,
+    GROUPS,
+    Head,
+)
 
 __all__ = ["ALL_GROUPS", "EXTENSION_GROUPS", "GROUPS", "GROUP_LABELS", "GROUP_POSITIONS", "Circuit", "Head"]
-
-Head = tuple[int, int]
-
-#: Groups in the order path patching discovers them (from the logits backwards).
-GROUPS: tuple[str, ...] = ("value_fetcher", "position_transmitter", "position_detector", "structure_reader")
-
-#: Groups of ours beyond the paper's four (module docstring); a circuit holds them only when added.
-EXTENSION_GROUPS: tuple[str, ...] = ("object_writer",)
-#: Every group a circuit may hold, the paper's first.
-ALL_GROUPS: tuple[str, ...] = GROUPS + EXTENSION_GROUPS
-
-#: Display names with the paper's letters (ours marked as ours).
-GROUP_LABELS: dict[str, str] = {
-    "value_fetcher": "Value Fetcher (A)",
-    "position_transmitter": "Position Transmitter (B)",
-    "position_detector": "Position Detector (C)",
-    "structure_reader": "Structure Reader (D)",
-    "object_writer": "Object Writer (ours)",
-}
-
-#: Where each group acts: a position key of ``data.encode_prompts`` (without ``_position``).
-GROUP_POSITIONS: dict[str, str] = {
-    "value_fetcher": "last",
-    "position_transmitter": "last",
-    "position_detector": "query_label",
-    "structure_reader": "prev_query_label",
-    "object_writer": "prev_query_label",  # the queried label's occurrence in the context
-}
 
 SCHEMA_VERSION = 1
 

@@ -54,12 +54,23 @@ the fine-tuned query/key, so ``"qkv"`` no longer equals output CMAP there.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
 
 import torch
 
-from .circuit import GROUPS, Circuit, Head
-from .patching import HeadPatch, accuracy, as_batch, check_positions, check_unpadded, run, site_heads
+from ..intervene.patching import (
+    HeadPatch,
+    as_batch,
+    check_positions,
+    check_unpadded,
+    last_logits,
+    run,
+    site_heads,
+)
+from ..intervene.stats import bootstrap
+from ..schema import GROUPS, Head
+from . import paper
+from .circuit import Circuit
 
 __all__ = ["CMAPError", "check_compatible", "head_sets", "head_sets_for", "heads_by_position", "input_cmap",
            "input_sets", "output_cmap", "paper_share", "row_key", "sweep"]
@@ -129,8 +140,8 @@ def output_cmap(
     patched in.
 
     Args:
-        base, finetuned: :class:`~entity_tracking.models.LoadedModel` s of one architecture.
-        batch: an :func:`~entity_tracking.data.encode_prompts` batch (both models share the tokenizer).
+        base, finetuned: :class:`~entity_tracking.load.LoadedModel` s of one architecture.
+        batch: an :func:`~entity_tracking.task.encode_prompts` batch (both models share the tokenizer).
         heads: ``{position key: [(layer, head), ...]}``, e.g. from :func:`heads_by_position`;
             ``{"all": ...}`` patches those heads at every position.
     """
@@ -172,8 +183,8 @@ def input_cmap(
     e.g. ``"qk"``).
 
     Args:
-        base, finetuned: :class:`~entity_tracking.models.LoadedModel` s of one architecture.
-        batch: an :func:`~entity_tracking.data.encode_prompts` batch. Prompts must share one
+        base, finetuned: :class:`~entity_tracking.load.LoadedModel` s of one architecture.
+        batch: an :func:`~entity_tracking.task.encode_prompts` batch. Prompts must share one
             length (no padding), since a head attends over absolute positions.
         heads: ``{position key: [(layer, head), ...]}``; each head is patched at its example's
             ``batch[f"{key}_position"] [batch]`` (call it ``pos``).
@@ -346,7 +357,7 @@ def head_sets_for(
         circuits: ``name -> Circuit``, a mapping or a function (e.g. loading
             ``paths.circuits / f"{name}.json"``); only the chosen model's is looked up.
         selections: ``name -> {(group, desideratum): [(layer, head), ...]}``, a mapping or a
-            function (e.g. :func:`entity_tracking.dcm.read_selections` of the masks file).
+            function (e.g. :func:`entity_tracking.methods.dcm.read_selections` of the masks file).
 
     Returns:
         ``(source model name, {label: {position key: heads}})``.
@@ -379,8 +390,6 @@ def sweep(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapping[str,
     ``share`` (``acc_finetuned - acc_base``, paired interval); the base model's row has NaN."""
     from tqdm.auto import tqdm
 
-    from .ablation import bootstrap
-    from .patching import last_logits
 
     _check_choice("kv_positions", kv_positions, KV_POSITIONS)
     _check_choice("restore", restore, RESTORES)
@@ -428,11 +437,10 @@ def row_key(row: Mapping[str, Any]) -> str:
 def paper_share(row: Mapping[str, Any], paper_model: str | None) -> float:
     """The paper's share of the fine-tuning gain for the head set of a :func:`sweep` row, to draw
     beside ours: ``(acc_patched - acc_Llama) / (acc_paper_model - acc_Llama)`` from the paper's
-    CMAP accuracies (:data:`entity_tracking.paper.CMAP_OUTPUT`, ``CMAP_INPUT``). NaN where the
+    CMAP accuracies (:data:`entity_tracking.methods.paper.CMAP_OUTPUT`, ``CMAP_INPUT``). NaN where the
     paper has no number: a model it did not patch from, a set it did not patch (whole groups other
     than the Structure Readers' -- its choice is :data:`DCM_CHOICE`), input CMAP of any model but
     Goat-7B, and the rows of the models alone."""
-    from . import paper
 
     nan = float("nan")
     if not paper_model or paper_model not in paper.ACCURACY or row["kind"] == "model":

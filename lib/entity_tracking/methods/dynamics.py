@@ -18,9 +18,17 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from .circuit import GROUPS, Circuit, Head
-from .config import ModelSpec
-from .io import ResultsPaths
+from .. import task as D
+from ..config import ModelSpec
+from ..intervene.patching import last_logits
+from ..intervene.stats import Estimate, bootstrap
+from ..io import ResultsPaths
+from ..load import load_model, model_sources
+from ..organism.finetune import arithmetic_correct
+from ..schema import GROUPS
+from .ablation import Ablation, compute_means, encode_for, evaluate
+from .circuit import Circuit
+from .cmap import heads_by_position, output_cmap
 
 __all__ = ["Checkpoint", "checkpoints", "checkpoint_row", "eval_accuracy", "gain_by_answer", "replicate_curve",
            "seed_bootstrap"]
@@ -42,7 +50,6 @@ def checkpoints(spec: ModelSpec, paths: ResultsPaths) -> list[Checkpoint]:
     """The checkpoints of a fine-tuned organism build, in step order (empty for other models)."""
     if spec.build not in ("organism-lora", "organism-full", "organism-control"):
         return []
-    from .models import model_sources
 
     model, adapter = model_sources(spec, paths)
     folder = Path(adapter if spec.build == "organism-lora" else model) / "checkpoints"
@@ -62,8 +69,6 @@ def checkpoints(spec: ModelSpec, paths: ResultsPaths) -> list[Checkpoint]:
 
 def eval_accuracy(lm, prompts, *, batch_size: int = 32) -> float:
     """Accuracy of ``lm`` (argmax at the last token) on evaluation prompt records or an encoded batch."""
-    from .ablation import encode_for
-    from .patching import last_logits
 
     batch = encode_for(lm, prompts)
     return float((last_logits(lm, batch, batch_size=batch_size).argmax(-1) == batch["target"]).float().mean())
@@ -75,9 +80,6 @@ def checkpoint_row(base, model, eval_records: Sequence[Mapping[str, Any]], refer
     checkpoint) against the loaded ``base`` model on the evaluation prompts. ``base_accuracy``:
     the base model's :func:`eval_accuracy` on them when already known, so that a loop over
     checkpoints runs the base model once."""
-    from . import data as D
-    from .ablation import Ablation, compute_means, evaluate
-    from .cmap import heads_by_position, output_cmap
 
     batch = D.encode_prompts(model.tokenizer, eval_records)
     target = batch["target"]
@@ -108,13 +110,12 @@ def seed_bootstrap(vectors: torch.Tensor, statistic: Optional[Callable[[torch.Te
     the examples with replacement (paired across models and seeds), applies ``statistic``
     (accuracies ``[k, R] -> [R]``; default the first model's accuracy) per drawn seed and averages
     over the drawn seeds. The interval thus holds both the seed-to-seed spread of fine-tuning and
-    the sampling error of the prompts; with one seed it is :func:`~entity_tracking.ablation.bootstrap`.
+    the sampling error of the prompts; with one seed it is :func:`~entity_tracking.methods.ablation.bootstrap`.
 
     >>> v = torch.tensor([[[1., 1., 0., 1.]], [[1., 0., 0., 1.]], [[1., 1., 1., 1.]]])
     >>> round(seed_bootstrap(v).value, 3)
     0.75
     """
-    from .ablation import Estimate
 
     v = torch.as_tensor(vectors).float()
     if v.dim() != 3:
@@ -140,10 +141,6 @@ def replicate_curve(base, specs: Sequence[ModelSpec], paths: ResultsPaths, eval_
     each with a :func:`seed_bootstrap` interval; step 0 is the loaded ``base`` model, and
     ``gain`` is the paired change of accuracy over it. ``problems``: held-out arithmetic
     ``(question, answer)`` pairs, the same for every seed. One row per step."""
-    from . import data as D
-    from .finetune import arithmetic_correct
-    from .models import load_model
-    from .patching import last_logits
 
     batch = D.encode_prompts(base.tokenizer, eval_records)
     target = batch["target"]
@@ -181,7 +178,6 @@ def gain_by_answer(finetuned: torch.Tensor, base: torch.Tensor, records: Sequenc
     ``[n]`` on ``records``), split by whether the prompt's answer is one of the objects the
     fine-tune was trained on: a gain on answers it never saw is a gain in tracking, not in
     knowing those words. Paired bootstrap intervals; one row per split (and all prompts)."""
-    from .ablation import bootstrap
 
     seen = torch.tensor([r["answer"] in set(trained_objects) for r in records])
     rows = []

@@ -42,7 +42,7 @@ Structure Reader (D)        previous query label   a random box label           
 
 The receiver position is the sender position in every step. Under grouped-query attention a
 receiver's *value* is its kv head (``arch.kv_head(h)``), so patching it changes the value of
-every query head of its group (see :mod:`entity_tracking.patching`).
+every query head of its group (see :mod:`entity_tracking.intervene.patching`).
 
 **A step of ours beyond the four** (:data:`EXTENSION_STEPS`, :func:`extend_circuit`). A model
 that binds by content stores the object on its box label in the context, and its Value Fetchers
@@ -93,7 +93,7 @@ Prompts must be unpadded (one length per batch; base and source may differ in le
 dataset's prompts all have the same length, and positions are then the same for every
 chunk. :func:`estimate_cost` states a sweep's cost before it runs (forward-pass equivalents
 and a peak activation memory estimate), for a loaded model or just a config (e.g. Llama-7B).
-:func:`discover_circuit` runs the four steps and returns a :class:`~entity_tracking.circuit.Circuit`;
+:func:`discover_circuit` runs the four steps and returns a :class:`~entity_tracking.methods.circuit.Circuit`;
 minimality pruning (mean ablation) plugs in through its ``prune`` argument.
 """
 
@@ -105,14 +105,12 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .arch import Arch, arch_for
-from .circuit import GROUPS, Circuit
-from .patching import (
+from ..intervene.patching import (
     ActivationCache,
     HeadPatch,
-    _chunks,
-    _lm_parts,
-    _n_site_heads,
+    batch_chunks,
+    lm_parts,
+    n_site_heads,
     as_batch,
     check_positions,
     check_unpadded,
@@ -120,6 +118,10 @@ from .patching import (
     site_heads,
     target_probs,
 )
+from ..model.arch import Arch, arch_for
+from ..schema import GROUPS
+from ..task.encoding import encode_pairs
+from .circuit import Circuit
 
 __all__ = [
     "EXTENSION_STEPS",
@@ -149,7 +151,7 @@ METRICS = ("relative", "pooled")
 SELECTIONS = ("paper", "negative")
 #: Receiver sites: a receiver's query, key or value, or its key and value together ("kv").
 RECEIVER_SITES = ("q", "k", "v", "kv")
-#: The head sites (:mod:`entity_tracking.patching`) each receiver site patches.
+#: The head sites (:mod:`entity_tracking.intervene.patching`) each receiver site patches.
 _SITE_PARTS: dict[str, tuple[str, ...]] = {"q": ("q",), "k": ("k",), "v": ("v",), "kv": ("k", "v")}
 Head = tuple[int, int]
 
@@ -192,7 +194,7 @@ PAPER_RECEIVERS_K: dict[str, int] = {"value_fetcher": 20, "position_transmitter"
 PAPER_CIRCUIT_K: dict[str, int] = {"value_fetcher": 58, "position_transmitter": 10, "position_detector": 25,
                                    "structure_reader": 5}
 
-_LOG = "[entity_tracking.path_patching]"
+_LOG = "[entity_tracking.methods.path_patching]"
 _DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
@@ -387,7 +389,7 @@ class PathPatcher:
     """Path patching on one dataset: clean/corrupt caches shared by several steps.
 
     Args:
-        lm: a :class:`~entity_tracking.models.LoadedModel` (local; fast pass 1 calls its modules).
+        lm: a :class:`~entity_tracking.load.LoadedModel` (local; fast pass 1 calls its modules).
         base, source: :func:`data.encode_prompts` batches (or ids) of the clean and corrupt
             prompts, each without padding; example ``i`` of ``source`` corrupts example ``i``.
         target: ``[batch]`` correct-object token ids (scored at the base's last position).
@@ -406,7 +408,7 @@ class PathPatcher:
             raise ValueError(f"path-patching metric must be one of {METRICS}, got {metric!r}")
         self.metric = metric
         self.lm = lm
-        self.nn, self.arch, self.device, _ = _lm_parts(lm)
+        self.nn, self.arch, self.device, _ = lm_parts(lm)
         if getattr(lm, "remote", False):
             raise ValueError("path patching runs locally: load the model without remote: true")
         self.base = as_batch(base)
@@ -494,7 +496,7 @@ class PathPatcher:
             it = tqdm(senders, desc="path patching (naive)", leave=False)
         for (l, h) in it:
             total = 0.0
-            for sl in _chunks(self.n, self.batch_size, False, ""):
+            for sl in batch_chunks(self.n, self.batch_size, False, ""):
                 n = sl.stop - sl.start
                 bi = torch.arange(n)
                 chunk = {k: v[sl] for k, v in self.base.items() if isinstance(v, torch.Tensor)}
@@ -584,7 +586,7 @@ class PathPatcher:
                 # logits (read at the last token) only for examples whose sender is the last token.
                 at_last = (sender_pos == self.seq_len - 1).nonzero()[:, 0].to(dev)
                 for l in self._progress(layers, "fast, logits"):
-                    for sl in _chunks(len(at_last), self.batch_size, False, ""):
+                    for sl in batch_chunks(len(at_last), self.batch_size, False, ""):
                         e = at_last[sl]
                         _, logits = self._pass1(l, e, clean, corrupt, {}, None, logits=True)
                         p = target_probs(logits.reshape(H * len(e), -1), self.target.to(dev)[e].repeat(H))
@@ -594,7 +596,7 @@ class PathPatcher:
                 per = max(1, self.max_rows // H)
                 for P in sorted(set(sender_pos.tolist())):
                     ex = (sender_pos == P).nonzero()[:, 0].to(dev)
-                    groups += [(P, ex[s]) for s in _chunks(len(ex), per, False, "")]
+                    groups += [(P, ex[s]) for s in batch_chunks(len(ex), per, False, "")]
                 for P, e in self._progress(groups, f"fast, {site} receivers"):
                     prefix_kv = self._prefix_kv(P, e)
                     for l in layers:
@@ -630,7 +632,7 @@ class PathPatcher:
         for l2 in range(l + 1, stop + 1 if not logits else stop):
             if l2 in active:
                 x = a.attn_input(hf, l2, resid)
-                values[l2] = {p: a.split_heads(a.module(hf, f"{p}_proj", l2)(x), _n_site_heads(a, p))[:, :, active[l2]]
+                values[l2] = {p: a.split_heads(a.module(hf, f"{p}_proj", l2)(x), n_site_heads(a, p))[:, :, active[l2]]
                               for p in _SITE_PARTS[site]}
             if l2 < stop:  # frozen heads: the clean attention output at this position
                 resid = a.add_mlp(hf, l2, a.add_attn(hf, l2, resid, clean["attn_out", l2][e, 0]))
@@ -660,7 +662,7 @@ class PathPatcher:
         caches and prefixes."""
         if self._full_state is None and self._state_bytes() <= self.cache_budget:
             parts = [self._clean_pass(torch.arange(sl.start, sl.stop, device=self.device))
-                     for sl in _chunks(self.n, self.batch_size, False, "")]
+                     for sl in batch_chunks(self.n, self.batch_size, False, "")]
             self._full_state = {key: [torch.cat([p[key][l] for p in parts]) for l in range(self.arch.n_layers)]
                                 for key in parts[0] if key != "logits"}
             if self._p_clean is None:
@@ -727,7 +729,7 @@ class PathPatcher:
         T = suffix.shape[1]
         target, p_clean = self.target.to(dev)[e], self.p_clean.to(dev)[e]
         sums = torch.zeros(H, device=dev)
-        for ssl in _chunks(H, max(1, self.max_rows // n_e), False, ""):
+        for ssl in batch_chunks(H, max(1, self.max_rows // n_e), False, ""):
             k = ssl.stop - ssl.start
             rows = n_e * k  # example-major: row = example * k + sender
             kw: dict[str, Any] = {"position_ids": torch.arange(P, P + T, device=dev).expand(rows, T),
@@ -820,7 +822,6 @@ def _patcher_for(lm: Any, pairs: Any, **kw) -> PathPatcher:
     if isinstance(pairs, PathPatcher):
         return pairs
     if not isinstance(pairs, Mapping):
-        from .data import encode_pairs
 
         pairs = encode_pairs(lm.tokenizer, list(pairs), padding_side="right")
     return PathPatcher(lm, pairs["base"], pairs["source"], pairs["target"], **kw)
@@ -893,7 +894,7 @@ def discover_circuit(
         drop_vf_pt_overlap: drop heads that are also Position Transmitters from the Value
             Fetchers (the paper's candidate sets do).
         prune: minimality pruning, ``Circuit -> Circuit`` (e.g. built on mean ablation,
-            :mod:`entity_tracking.ablation`); ``None`` returns the candidates.
+            :mod:`entity_tracking.methods.ablation`); ``None`` returns the candidates.
         metric: ``"relative"`` (the paper's) or ``"pooled"`` (:class:`PathPatcher`); ignored
             when ``pairs`` is a :class:`PathPatcher`, which has its own.
         selection: how a step's scores become a group (:func:`top_heads`): ``"paper"`` (the
@@ -902,7 +903,7 @@ def discover_circuit(
             group came out empty scores zeros and finds nothing).
 
     Returns:
-        a :class:`~entity_tracking.circuit.Circuit` whose ``scores[group]`` are the score maps
+        a :class:`~entity_tracking.methods.circuit.Circuit` whose ``scores[group]`` are the score maps
         ``[n_layers][n_heads]`` (nested lists) and whose ``meta`` records the parameters,
         each step's receivers, the dataset size and the method.
     """
@@ -1045,7 +1046,7 @@ def shuffled_attention(lm: Any, seed: int = 0) -> Iterator[Any]:
 def null_circuit(lm: Any, pairs: Any, *, seed: int = 0, **discover_kw) -> Circuit:
     """:func:`discover_circuit` on ``lm`` with :func:`shuffled_attention` (same prompts, same
     k, same rules): its per-step scores are the null the real sweep's groups are read against
-    (:func:`entity_tracking.verdicts.groups_standing_out`).
+    (:func:`entity_tracking.methods.verdicts.groups_standing_out`).
 
     >>> # null = null_circuit(lm, pairs, receivers_k=spec.receivers, circuit_k=spec.candidates)
     """

@@ -9,12 +9,12 @@ patching and random-looking ablation differences; without this check a verdict w
 noise.
 
 A chapter closes by saying whether each of the paper's claims holds in its models
-(:class:`~entity_tracking.book.Verdict`). The numbers that decide it -- how faithful is
+(:class:`Verdict`). The numbers that decide it -- how faithful is
 faithful, how much of a gain is "most" -- are stated here once, each with a one-line reason,
 so a reader can check them and no notebook cell hides a cut-off. A :class:`Grade` turns a
 number into ``"holds"`` / ``"partly"`` / ``"does not hold"`` and says which rule it applied::
 
-    >>> from entity_tracking.verdicts import FAITHFUL
+    >>> from entity_tracking.methods.verdicts import FAITHFUL
     >>> FAITHFUL(0.91), FAITHFUL(0.6), FAITHFUL(0.2)
     ('holds', 'partly', 'does not hold')
     >>> FAITHFUL.rule
@@ -30,10 +30,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping
 
-from .book import Verdict
-from .circuit import GROUP_LABELS, GROUPS, Circuit
+from ..intervene.stats import bootstrap
+from ..io import read_json, write_json
+from ..schema import GROUP_LABELS, GROUPS
+from .circuit import Circuit
 from .cmap import row_key
-from .io import read_json, write_json
 
 __all__ = [
     "ARITHMETIC_LEARNED",
@@ -78,9 +79,27 @@ __all__ = [
 ]
 
 Holds = Literal["holds", "does not hold", "partly", "not run", "not testable"]
+VERDICTS: tuple[str, ...] = ("holds", "partly", "does not hold", "not testable", "not run")
 
 #: The verdict of a claim whose model does not do the task.
 NOT_TESTABLE = "not testable"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One claim as tested by one chapter."""
+
+    claim: int  # the paper's claim number on the landing page (1, 2 or 3); 0 for the premise
+    statement: str
+    paper: str
+    ours: str
+    holds: Holds
+    chapter: str = ""
+    rule: str = ""  # the rule applied (entity_tracking.methods.verdicts), in words
+    sample: str = ""  # the sample sizes behind it: prompts, random draws, resamples
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 @dataclass(frozen=True)
@@ -172,7 +191,7 @@ CONFIDENTLY_WRONG = Threshold(0.05, "under 5% on the answer, a prompt's relative
 BEYOND_RANDOM_MARGIN = Threshold(0.02, "2 points: more than a few prompts on a 500-prompt evaluation")
 
 #: DCM: a group encodes position (value) when its positional (value) share reaches the floor
-#: and beats the other share by the margin (:func:`entity_tracking.dcm.functionality`).
+#: and beats the other share by the margin (:func:`entity_tracking.methods.dcm.functionality`).
 DCM_SHARE_FLOOR = Threshold(20.0, "the paper's groups reach 37-66% on what they encode and about 13% on what "
                                   "they do not")
 DCM_MARGIN = Threshold(5.0, "5 points: more than the 1-3 point spread of the paper's resamples")
@@ -194,7 +213,7 @@ def minimality_measurable(circuit_low: float, num_boxes: int) -> bool:
 
 
 def groups_found(circuit: Circuit) -> list[str]:
-    """The groups of a :class:`~entity_tracking.circuit.Circuit` that carry their path: at least
+    """The groups of a :class:`~entity_tracking.methods.circuit.Circuit` that carry their path: at least
     one of their heads has a path-patching score below zero (below ``-SCORE_FLOOR``). (Under the paper's selection every
     group has k heads; a group of heads that cannot lower p(correct) is a group in name only.)"""
     return [g for g in GROUPS
@@ -254,7 +273,7 @@ class Competence:
 
 
 def competence(model: str, evaluation: Any, num_boxes: int, *, n_resamples: int = 1000, seed: int = 0) -> Competence:
-    """:class:`Competence` of ``model`` from an :class:`~entity_tracking.ablation.Evaluation`
+    """:class:`Competence` of ``model`` from an :class:`~entity_tracking.methods.ablation.Evaluation`
     of it on the task's prompts (nothing ablated), e.g. F(M)."""
     est = evaluation.estimate(n_resamples=n_resamples, seed=seed)
     return Competence(model, {"value": est.value, "low": est.low, "high": est.high}, est.n, chance(num_boxes))
@@ -272,7 +291,7 @@ def untestable(models: Iterable[Competence]) -> str | None:
 
 def groups_standing_out(circuit: Circuit, null: Circuit) -> dict[str, dict[str, float | bool]]:
     """Per group: its strongest head's effect, the strongest effect of any head in the same step
-    of the null sweep (:func:`entity_tracking.path_patching.null_circuit`), and whether the group
+    of the null sweep (:func:`entity_tracking.methods.path_patching.null_circuit`), and whether the group
     stands out (its strongest head beats every head of the null, and its score is below
     ``-SCORE_FLOOR``). A group of k heads that only matches the null is what path patching
     returns on noise.
@@ -326,8 +345,8 @@ NECESSITY_RULE = (f"holds when ablating the group costs > {NECESSITY_FACTOR.valu
 
 def necessity_grade(necessity: Any, *, n_resamples: int = 1000, seed: int = 0) -> tuple[Holds, Any]:
     """Is a group necessary? ``(verdict, effect)`` for a
-    :class:`~entity_tracking.ablation.NecessityResult` under :data:`NECESSITY_RULE`; the effect
-    is its :meth:`~entity_tracking.ablation.NecessityResult.effect` estimate over random heads
+    :class:`~entity_tracking.methods.ablation.NecessityResult` under :data:`NECESSITY_RULE`; the effect
+    is its :meth:`~entity_tracking.methods.ablation.NecessityResult.effect` estimate over random heads
     outside the circuit (NaN, and "not run", when none could be drawn)."""
     eff = necessity.effect("outside", n_resamples=n_resamples, seed=seed)
     if eff.value != eff.value:
@@ -350,8 +369,8 @@ def circuit_verdicts(base: Competence, circuit: Circuit, necessity: Any, null: C
                      finetuned: Mapping[str, tuple[Competence, Circuit]], *, n_path_patching: int,
                      n_resamples: int = 1000, controls: Iterable[str] = ()) -> list:
     """The circuit chapter's verdicts. ``necessity``: the base circuit's Value Fetchers'
-    :class:`~entity_tracking.ablation.NecessityResult` (None when it has none); ``null``: the
-    :func:`~entity_tracking.path_patching.null_circuit` of the base model (None: groups count
+    :class:`~entity_tracking.methods.ablation.NecessityResult` (None when it has none); ``null``: the
+    :func:`~entity_tracking.methods.path_patching.null_circuit` of the base model (None: groups count
     when a head scores below zero); ``finetuned``: each fine-tune's competence and circuit.
     Fine-tunes named in ``controls`` (positive controls, ours) get a row of their own and stay out
     of the paper's claim about the fine-tuned models."""
@@ -404,7 +423,7 @@ def circuit_verdicts(base: Competence, circuit: Circuit, necessity: Any, null: C
 def faithfulness_verdicts(competences: Mapping[str, Competence], faith: Mapping[tuple[str, str], Mapping[str, Any]],
                           base: str, finetuned: Iterable[str], *, n_random: int, controls: Iterable[str] = ()) -> list:
     """The faithfulness chapter's verdicts from ``faith[(circuit of, evaluated in)]``, the
-    :meth:`~entity_tracking.ablation.FaithfulnessResult.summary` dicts (``faithfulness``,
+    :meth:`~entity_tracking.methods.ablation.FaithfulnessResult.summary` dicts (``faithfulness``,
     ``circuit_accuracy``, ``full_accuracy``: ``{"value", "low", "high"}``); fine-tunes named in
     ``controls`` are marked as positive controls (ours), with no paper number beside them."""
     controls = set(controls)
@@ -446,10 +465,10 @@ EXTENSION_GAIN_RULE = ("holds when the paired 95% interval (over prompts) of the
 def extended_circuit_verdicts(results: Mapping[str, Mapping[str, Any]], num_boxes: int, *,
                               controls: Iterable[str] = ()) -> list:
     """Our rows beside the paper's (binding chapter): for each model, whether the paper's circuit
-    extended by groups of ours (:func:`entity_tracking.path_patching.extend_circuit`) is faithful
+    extended by groups of ours (:func:`entity_tracking.methods.path_patching.extend_circuit`) is faithful
     (:data:`FAITHFUL` on its interval), and whether the extension makes it more faithful than the
     paper's circuit (:data:`EXTENSION_GAIN_RULE`). ``results[model]`` is
-    :meth:`entity_tracking.binding.ExtendedFaithfulness.to_json`; competence is read from its F(M).
+    :meth:`entity_tracking.methods.binding.ExtendedFaithfulness.to_json`; competence is read from its F(M).
     Models named in ``controls`` are marked as positive controls (ours). The paper's own verdicts
     (circuit and faithfulness chapters) are not touched."""
     out = []
@@ -486,7 +505,7 @@ CMAP_GAIN_RULE = (f"a gain to attribute: the fine-tune's gain over the base is a
 
 def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], num_boxes: int, base: str = "base",
                   controls: Iterable[str] = ()) -> list:
-    """The CMAP chapter's verdicts from each fine-tune's :func:`entity_tracking.cmap.sweep` rows
+    """The CMAP chapter's verdicts from each fine-tune's :func:`entity_tracking.methods.cmap.sweep` rows
     (with their ``share`` intervals); competence comes from the rows of the models alone.
     Fine-tunes named in ``controls`` are marked as positive controls (ours)."""
     out = []
@@ -558,7 +577,7 @@ DCM_EXPECTED = {"value_fetcher": "value", "position_transmitter": "position", "p
 
 def dcm_verdicts(competences: Mapping[str, Competence], pattern: Mapping[str, Mapping[str, str]], base: str,
                  *, sample: str) -> list:
-    """The DCM chapter's verdicts from :func:`entity_tracking.dcm.functionality`'s ``pattern``
+    """The DCM chapter's verdicts from :func:`entity_tracking.methods.dcm.functionality`'s ``pattern``
     (``{model: {group: "position" | "value" | "neither"}}``); ``sample`` states the pairs behind it."""
     rule = (f"{COMPETENCE_RULE}; then a group encodes position (value) when that share's 95% interval lies at or "
             f"above {DCM_SHARE_FLOOR.value:g}% and above the other share's interval, beating it by "
@@ -647,12 +666,11 @@ def finetuning_verdicts(competences: Mapping[str, Competence], base: str, correc
                         n_resamples: int = 1000) -> list:
     """The fine-tuning chapter's verdicts: whether each arithmetic fine-tune learned arithmetic,
     and whether each fine-tune improves entity tracking. A fine-tune with replicate seeds
-    (``seed_curves[name]``: :func:`entity_tracking.dynamics.replicate_curve` rows) is judged on
+    (``seed_curves[name]``: :func:`entity_tracking.methods.dynamics.replicate_curve` rows) is judged on
     its last checkpoint over all seeds; any other (a hub model, the positive control) on its own
     per-prompt correctness ``correct[name]`` against ``correct[base]`` (paired bootstrap)."""
     import torch
 
-    from .ablation import bootstrap
 
     def est(row, key):
         return {"value": row[key], "low": row[f"{key}_low"], "high": row[f"{key}_high"]}

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from .vocab import SPECIAL_TOKENS, task_vocabulary
+from ..task.vocab import SPECIAL_TOKENS, task_vocabulary
 
 __all__ = ["build_word_tokenizer"]
 
@@ -27,7 +27,7 @@ def build_word_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Build (and optionally save) a word-level fast tokenizer over ``words``.
 
-    ``words`` defaults to :func:`entity_tracking.vocab.task_vocabulary`; special tokens
+    ``words`` defaults to :func:`entity_tracking.task.vocab.task_vocabulary`; special tokens
     (``<s>``, ``</s>``, ``<unk>``, ``<pad>``) are always present with ids 0..3.
     """
     vocab_words = list(SPECIAL_TOKENS.values())

@@ -24,9 +24,12 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from .config import ControlSpec, FinetuneSpec, OrganismSpec
-from .io import atomic_dir, write_json
-from .vocab import OBJECTS
+from ..config import ControlSpec, FinetuneSpec, OrganismSpec
+from ..io import atomic_dir, write_json
+from ..task.arithmetic import make_arithmetic
+from ..task.vocab import OBJECTS
+from .curriculum import STAGES, VAL_SALT, make_batch, make_batch_paper_eval
+from .train import first_query_accuracy
 
 __all__ = [
     "FINETUNE_VERSION",
@@ -34,7 +37,6 @@ __all__ = [
     "arithmetic_pairs",
     "control_finetune",
     "control_objects",
-    "ensure_finetune",
     "finetune",
     "heldout_problems",
     "qa_batch",
@@ -46,9 +48,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 def arithmetic_pairs(n: int, max_digits: int = 4, seed: int = 0, ops: Sequence[str] = ("+", "-")) -> list[tuple[str, str]]:
     """``n`` Goat-style question/answer pairs (``What is 123 + 4567 ?``, ``4690``) from
-    :func:`entity_tracking.data.make_arithmetic`; digits are one token each."""
-    from .data import make_arithmetic
-
+    :func:`entity_tracking.task.make_arithmetic`; digits are one token each."""
     return [(r["question"], r["answer"]) for r in make_arithmetic(n, max_digits, seed=seed, ops=list(ops))]
 
 
@@ -106,11 +106,9 @@ def arithmetic_accuracy(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> f
 
 def _val_entity_accuracy(model, tokenizer, org: OrganismSpec, num_boxes: int, n: int = 504) -> float:
     """Entity-tracking accuracy on ``n`` validation prompts (a stream apart from the test prompts)."""
-    from .organism import _VAL_SALT, _first_query_accuracy, make_batch_paper_eval
-
-    rng = random.Random(org.seed * 1_000_003 + _VAL_SALT + num_boxes)
+    rng = random.Random(org.seed * 1_000_003 + VAL_SALT + num_boxes)
     batch = make_batch_paper_eval(rng, tokenizer.get_vocab(), max(1, n // num_boxes), num_boxes)
-    return _first_query_accuracy(model, batch)
+    return first_query_accuracy(model, batch)
 
 
 def _train(
@@ -246,7 +244,7 @@ def finetune(
 
 def control_objects(spec: ControlSpec) -> tuple[str, ...]:
     """The objects the positive control is trained on: every second one of
-    :data:`entity_tracking.vocab.OBJECTS` (``objects: half``) or all of them."""
+    :data:`entity_tracking.task.vocab.OBJECTS` (``objects: half``) or all of them."""
     return OBJECTS[0::2] if spec.objects == "half" else OBJECTS
 
 
@@ -266,8 +264,6 @@ def control_finetune(
 
     >>> # meta = control_finetune(base_dir, ControlSpec(steps=20), "models/organism-control")
     """
-    from .organism import STAGES, make_batch  # the organism's own batch maker (paper format)
-
     org = org or OrganismSpec()
     objects = control_objects(spec)
     rng = random.Random(spec.seed * 1_000_003 + 0xC0)
@@ -284,20 +280,3 @@ def control_finetune(
                   evaluate=_evaluator(org, ft.max_digits, ft.ops, ft.seed), out_dir=out_dir, desc="finetune-control",
                   progress=progress, meta={"kind": "organism-control", "control": spec.model_dump(mode="json"),
                                            **(extra_meta or {})})
-
-
-def ensure_finetune(org: OrganismSpec, kind: Literal["lora", "full", "control"], base: Path, out_dir: Path,
-                    progress: bool = True) -> Path:
-    """The fine-tune of ``kind`` of the organism in ``base``, built in ``out_dir`` on first use and
-    reused while its recipe hash (base recipe + fine-tune recipe) matches."""
-    from .organism import _cached, recipe_hash, train_threads
-
-    h = recipe_hash(org, f"organism-{kind}")
-    if not _cached(out_dir, h):
-        meta = {"hash": h, "base_hash": recipe_hash(org)}
-        with train_threads():
-            if kind == "control":
-                control_finetune(base, org.control, out_dir, org=org, progress=progress, extra_meta=meta)
-            else:
-                finetune(base, org.finetune, kind, out_dir, org=org, progress=progress, extra_meta=meta)
-    return out_dir

@@ -2,7 +2,7 @@
 
 The paper's prompts use lowercase everyday objects and uppercase single-letter box labels.
 ``OBJECTS`` is the project's own list of common concrete nouns (the paper filtered a BNC-ranked
-list to single Llama tokens; the filter for any tokenizer lives in :mod:`entity_tracking.data`).
+list to single Llama tokens; the filter for any tokenizer lives in :mod:`entity_tracking.task`).
 ``FUNCTION_WORDS`` covers every template and desideratum variant of the data chapter, and
 ``ARITHMETIC_WORDS`` the Goat-style arithmetic of the fine-tuning data.
 """

@@ -1,0 +1,165 @@
+"""The organism's curriculum: the synthetic text it is trained on, stage by stage.
+
+Four formats (:data:`STAGES`) lead from a plain induction lookup to the paper's prompts (see
+:mod:`entity_tracking.organism`); :func:`make_batch` draws one batch of a format with only the answers
+supervised, :func:`make_arithmetic_batch` the pretraining arithmetic, and :func:`make_batch_paper_eval`
+the validation prompts, from a stream seeded apart from the book's held-out prompts.
+
+>>> # batch = make_batch(random.Random(0), tokenizer.get_vocab(), "paper", 8, (2, 4), queries=3)
+"""
+
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..task.vocab import LABELS, OBJECTS
+
+STAGES = ("kv", "vk", "filler", "paper")
+
+# Seeds of the organism's own data streams, kept apart from the data chapter's held-out prompts
+# (which use the profile's data seed through entity_tracking.data): validation prompts come from
+# a stream salted with VAL_SALT, so they are disjoint from the test prompts by construction of
+# the generator state (a coincidence of a whole 7-box context has probability ~1e-20).
+TRAIN_SALT = 0x5EED
+VAL_SALT = 0xE7A1
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic text
+# ---------------------------------------------------------------------------------------------
+
+
+def _context_words(fmt: str, objs: Sequence[str], labels: Sequence[str]) -> list[str]:
+    words: list[str] = []
+    for i, (o, l) in enumerate(zip(objs, labels)):
+        if fmt == "kv":
+            words += [l, o]
+        elif fmt == "vk":
+            words += [o, l]
+        elif fmt == "filler":
+            words += ([","] if i else []) + ["the", o, "Box", l]
+        elif fmt == "paper":
+            words += ([",", "the"] if i else ["The"]) + [o, "is", "in", "Box", l]
+        else:
+            raise ValueError(f"unknown format {fmt!r}; one of {STAGES}")
+    return words
+
+
+def _query_words(fmt: str, label: str) -> list[str]:
+    if fmt in ("kv", "vk"):
+        return [".", label]
+    return [".", "Box", label, "contains", "the"]
+
+
+def paper_prompts(n_contexts: int, num_boxes: int, seed: int, objects: Sequence[str] = OBJECTS):
+    """The paper's prompts (§1.1), ``num_boxes`` per context with the query at each box in turn:
+    a list of ``(prompt_text, answer_word, query_index)``. The organism's private generator for its
+    validation set (the book's evaluation prompts come from :mod:`entity_tracking.data`)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_contexts):
+        objs = rng.sample(list(objects), num_boxes)
+        labels = rng.sample(list(LABELS), num_boxes)
+        ctx = " ".join(_context_words("paper", objs, labels))
+        for q in range(num_boxes):
+            out.append((f"{ctx} . Box {labels[q]} contains the", objs[q], q))
+    return out
+
+
+@dataclass
+class Batch:
+    """Token ids (right-padded) and labels (-100 except on supervised answer tokens)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+
+
+def _pad(seqs: list[list[int]], labs: list[list[int]], pad_id: int) -> Batch:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    lab = torch.full((len(seqs), n), -100, dtype=torch.long)
+    for i, (s, l) in enumerate(zip(seqs, labs)):
+        ids[i, : len(s)] = torch.tensor(s)
+        lab[i, : len(l)] = torch.tensor(l)
+    return Batch(ids, lab)
+
+
+def make_batch(
+    rng: random.Random,
+    vocab: dict[str, int],
+    fmt: str,
+    batch_size: int,
+    boxes: tuple[int, int],
+    queries: int,
+    objects: Sequence[str] = OBJECTS,
+) -> Batch:
+    """One batch of entity-tracking sequences in format ``fmt``: BOS, a context of
+    ``boxes[0]..boxes[1]`` distinct (object, label) pairs, then ``queries`` queries drawn with
+    replacement, each followed by its answer; only the answers are supervised. ``labels`` are
+    aligned with ``input_ids`` (HF shifts them)."""
+    bos, pad = vocab["<s>"], vocab["<pad>"]
+    seqs, labs = [], []
+    for _ in range(batch_size):
+        n = rng.randint(*boxes)
+        objs = rng.sample(list(objects), n)
+        labels = rng.sample(list(LABELS), n)
+        ids = [bos] + [vocab[w] for w in _context_words(fmt, objs, labels)]
+        lab = [-100] * len(ids)
+        for _ in range(queries):
+            q = rng.randrange(n)
+            qw = [vocab[w] for w in _query_words(fmt, labels[q])]
+            ids += qw + [vocab[objs[q]]]
+            lab += [-100] * len(qw) + [vocab[objs[q]]]
+        seqs.append(ids)
+        labs.append(lab)
+    return _pad(seqs, labs, pad)
+
+
+def _arith_problem(rng: random.Random, max_digits: int) -> tuple[list[str], list[str]]:
+    a = rng.randrange(10 ** rng.randint(1, max_digits))
+    b = rng.randrange(10 ** rng.randint(1, max_digits))
+    if rng.random() < 0.5:
+        return [*str(a), "+", *str(b), "="], [*str(a + b)]
+    a, b = max(a, b), min(a, b)
+    return [*str(a), "-", *str(b), "="], [*str(a - b)]
+
+
+def make_arithmetic_batch(
+    rng: random.Random, vocab: dict[str, int], batch_size: int, max_digits: int = 3, problems: int = 5
+) -> Batch:
+    """Pretraining arithmetic, ``123 + 45 = 168 . 70 - 7 = 63 .``: the answer digits and the
+    closing period are supervised."""
+    bos, pad = vocab["<s>"], vocab["<pad>"]
+    seqs, labs = [], []
+    for _ in range(batch_size):
+        ids, lab = [bos], [-100]
+        for _ in range(problems):
+            q, a = _arith_problem(rng, max_digits)
+            qi = [vocab[w] for w in q]
+            ai = [vocab[w] for w in a + ["."]]
+            ids += qi + ai
+            lab += [-100] * len(qi) + ai
+        seqs.append(ids)
+        labs.append(lab)
+    return _pad(seqs, labs, pad)
+
+def make_batch_paper_eval(rng: random.Random, vocab: dict[str, int], n_contexts: int, num_boxes: int) -> Batch:
+    """Paper-format prompts with the query at every box in turn (as the test set), as a Batch
+    whose single supervised token is the answer."""
+    bos, pad = vocab["<s>"], vocab["<pad>"]
+    seqs, labs = [], []
+    for _ in range(n_contexts):
+        objs = rng.sample(list(OBJECTS), num_boxes)
+        labels = rng.sample(list(LABELS), num_boxes)
+        ctx = [bos] + [vocab[w] for w in _context_words("paper", objs, labels)]
+        for q in range(num_boxes):
+            ids = ctx + [vocab[w] for w in _query_words("paper", labels[q])] + [vocab[objs[q]]]
+            seqs.append(ids)
+            labs.append([-100] * (len(ids) - 1) + [ids[-1]])
+    return _pad(seqs, labs, pad)
+
