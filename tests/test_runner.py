@@ -123,7 +123,7 @@ class TestRun:
 def _chapter(root: Path, stem: str, needs: list[str], body: str = "") -> None:
     """A chapter that declares ``needs`` like the book's, then runs ``body``."""
     _notebook(root / "book" / f"{stem}.ipynb",
-              "from pathlib import Path\nfrom entity_tracking.book import setup_chapter\n"
+              "from pathlib import Path\nfrom entity_tracking.book.chapter import setup_chapter\n"
               f"ctx = setup_chapter({stem!r}, profile, needs={needs!r})\n" + body)
 
 
