@@ -215,6 +215,26 @@ class TestInterchange:
         slow = B.interchange_map(lm, bases, sources, site=site, batch_size=5, progress=False, reuse_base=False)
         assert torch.equal(fast.predicted, slow.predicted) and torch.equal(fast.clean_predicted, slow.clean_predicted)
 
+    def test_strongest_is_the_cell_with_the_largest_share(self):
+        # 2 layers x 3 positions x 2 pairs; "source" wins both pairs only at (layer 7, position 12)
+        own, src, pos = torch.tensor([1, 1]), torch.tensor([2, 2]), torch.tensor([3, 3])
+        pred = own.repeat(2, 3, 1).clone()
+        pred[0, 1] = torch.tensor([2, 1])
+        pred[1, 2] = src
+        m = B.InterchangeMap("m", "resid_post", [3, 7], [10, 11, 12], ["a", "b", "last"], pred,
+                             {"own": own, "source": src, "positional": pos}, own)
+        assert m.strongest("source") == {"share": 1.0, "layer": 7, "position": 12, "label": "last"}
+        assert m.strongest("own") == {"share": 1.0, "layer": 3, "position": 10, "label": "a"}  # first of a tie
+        assert m.strongest("positional")["share"] == 0.0
+        with pytest.raises(ValueError, match="outcome must be one of"):
+            m.strongest("sauce")
+
+    def test_the_papers_implied_retention_is_its_accuracy_over_clean(self):
+        implied = B.paper_implied()
+        assert set(implied["retention"]) == {k for k in B.SETTINGS[1:] if implied[k] is not None}
+        for k, r in implied["retention"].items():
+            assert r == pytest.approx(implied[k] / implied["clean"]) and 0 < r <= 1.5
+
     def test_spread_layers(self):
         assert B.spread_layers(4) == [0, 1, 2, 3]
         assert B.spread_layers(32, 8) == [0, 4, 9, 13, 18, 22, 27, 31]

@@ -36,7 +36,9 @@ def test_with_group_adds_an_extension_group_and_leaves_the_original_alone():
     assert e.scores["object_writer"] == [[-0.5]] and e.meta == {"kind": "test", "extension": "yes"}
     assert {g: e.groups[g] for g in GROUPS} == c.groups and c.group_names == GROUPS  # the paper's part untouched
     assert e.n_heads == c.n_heads + 2
-    assert e.heads_at("prev_query_label") == {(0, 2), (0, 7)}
+    assert e.groups_at("prev_query_label") == ["structure_reader", "object_writer"]
+    assert e.groups_at("last") == ["value_fetcher", "position_transmitter"]
+    assert e.groups_at("query_label") == []  # the Position Detectors hold no heads
     # replacing the group, at another position
     again = e.with_group("object_writer", [(1, 1)], position="query_label")
     assert again.groups["object_writer"] == [(1, 1)] and again.positions["object_writer"] == "query_label"
@@ -75,3 +77,15 @@ def test_a_template_position_of_an_extension_group_is_not_held_without_the_group
     e = paper_circuit().with_group("object_writer", [(0, 7)], position="query_label")
     c = Circuit("m", {g: [] for g in GROUPS}, dict(e.positions))
     assert c.group_names == GROUPS and "object_writer" not in c.positions
+
+
+def test_ranked_orders_a_groups_heads_by_score_strongest_first():
+    scores = [[0.0, -0.3, 0.1], [-0.9, -0.3, 0.2]]  # [layer][head]
+    c = Circuit("m", {"value_fetcher": [(0, 2), (0, 1), (1, 1), (1, 0)]}, scores={"value_fetcher": scores})
+    assert c.ranked("value_fetcher") == [(1, 0), (0, 1), (1, 1), (0, 2)]  # equal scores keep their order
+    assert c.ranked("value_fetcher", 2) == [(1, 0), (0, 1)]
+    assert c.ranked("position_detector") == []  # no heads, nothing to rank
+    with pytest.raises(ValueError, match="no path-patching scores for 'value_fetcher'"):
+        Circuit("m", {"value_fetcher": [(0, 0)]}).ranked("value_fetcher")
+    with pytest.raises(ValueError, match="holds no group 'object_writer'"):
+        c.ranked("object_writer")

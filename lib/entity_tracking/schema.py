@@ -1,19 +1,26 @@
 """The project's shared names: heads, circuit groups, the positions they act at, and sites.
 
 One vocabulary for every layer: a head is ``(layer, head)``; the paper's four groups
-(:data:`GROUPS`) and ours (:data:`EXTENSION_GROUPS`) act at positions named by the keys of
-:func:`entity_tracking.task.encode_prompts` (``last`` is the batch column ``last_position``); a
+(:data:`GROUPS`) and ours (:data:`EXTENSION_GROUPS`) act at positions named by a *position key*
+(``"last"``, ``"query_label"``, ``"prev_query_label"``: the prompt records' ``positions``); a
 *site* names an activation of a block (:data:`SITES`). Profiles are validated against these names,
 and the intervention kernel, the methods and the book all read them from here.
 
+A position is named by its key everywhere: in params, circuits, the methods' arguments and the
+chapters. Only a tensor batch (:func:`entity_tracking.task.encode_prompts`) stores it under a
+longer column name, :func:`position_column` of the key, beside the other columns
+(``input_ids``, ``target``, ...); read it with :func:`entity_tracking.task.encoding.positions_at`.
+
 >>> GROUP_POSITIONS["position_detector"]
 'query_label'
+>>> position_column("last")
+'last_position'
 """
 
 from __future__ import annotations
 
 __all__ = ["ALL_GROUPS", "EXTENSION_GROUPS", "GROUPS", "GROUP_LABELS", "GROUP_POSITIONS", "HEAD_SITES", "Head",
-           "RESID_SITES", "SITES"]
+           "POSITION_SUFFIX", "RESID_SITES", "SITES", "position_column"]
 
 Head = tuple[int, int]
 
@@ -34,7 +41,19 @@ GROUP_LABELS: dict[str, str] = {
     "object_writer": "Object Writer (ours)",
 }
 
-#: Where each group acts: a position key of ``data.encode_prompts`` (without ``_position``).
+#: A batch stores the positions of key ``k`` in its column ``k + POSITION_SUFFIX``.
+POSITION_SUFFIX = "_position"
+
+
+def position_column(key: str) -> str:
+    """The batch column holding the positions of position key ``key`` (module docstring)."""
+    if not key or key.endswith(POSITION_SUFFIX):
+        raise ValueError(f"{key!r} is not a position key: name a position by its key (e.g. 'last'), "
+                         f"not by its batch column ('last{POSITION_SUFFIX}')")
+    return key + POSITION_SUFFIX
+
+
+#: Where each group acts: a position key (module docstring).
 GROUP_POSITIONS: dict[str, str] = {
     "value_fetcher": "last",
     "position_transmitter": "last",

@@ -111,6 +111,7 @@ __all__ = [
     "evaluate",
     "faithfulness",
     "full_circuit",
+    "furthest_short",
     "keep_mask",
     "mean_ablated_logits",
     "minimality",
@@ -316,6 +317,16 @@ def shortfall_by_position(lm, prompts, means: MeanActivations, circuit: Circuit,
     settings += [(k, o.n_heads, Ablation(ablate=o, label=f"outside at {k}")) for k, o in outside.items()]
     evs = evaluate(lm, prompts, means, [a for _, _, a in settings], batch_size=batch_size, progress=progress, memo=memo)
     return [{"setting": k, "heads_ablated": n, "evaluation": e} for (k, n, _), e in zip(settings, evs)]
+
+
+def furthest_short(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The row of :func:`shortfall_by_position` whose single position costs most: the lowest
+    accuracy among the rows that ablate the heads outside the circuit at one position (not F(M),
+    F(C) or all vital positions at once). The first such row on a tie."""
+    single = [r for r in rows if r["heads_ablated"] is not None and r["setting"] != "all vital positions"]
+    if not single:
+        raise AblationError("no row ablates a single position: pass the rows of shortfall_by_position")
+    return min(single, key=lambda r: r["evaluation"].accuracy)
 
 
 def _sites(circuit: Circuit) -> list[tuple[str, Head]]:

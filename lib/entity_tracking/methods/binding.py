@@ -85,8 +85,8 @@ import torch
 
 from ..intervene.patching import ResidPatch, cache_activations, run
 from ..intervene.stats import Estimate, bootstrap, ratio
-from ..schema import GROUP_LABELS, GROUPS, Head
-from ..task.encoding import encode_prompts, word_token_ids
+from ..schema import GROUP_LABELS, GROUPS, Head, position_column
+from ..task.encoding import encode_prompts, positions_at, word_token_ids
 from ..task.prompts import QUERY_FORM, DataError, locate_spans, render_prompt
 from . import paper
 from .ablation import (
@@ -128,7 +128,7 @@ __all__ = [
     "position_labels",
 ]
 
-#: Position keys added to a batch by :func:`encode_regions` (batch keys ``<key>_position``).
+#: Position keys added to a batch by :func:`encode_regions` (columns :func:`~entity_tracking.schema.position_column`).
 CONTEXT = "context"
 CONTEXT_LABEL_KEPT = "context_but_queried_label"
 QUERY = "query"
@@ -195,7 +195,7 @@ def encode_regions(lm_or_tokenizer, prompts: Sequence[Mapping[str, Any]]) -> dic
     if not prompts or not all(isinstance(p, Mapping) and "objects" in p for p in prompts):
         raise BindingError("encode_regions needs prompt records (dicts with 'objects', 'labels', 'query_label')")
     batch = encode_prompts(tok, prompts)
-    prev = batch["prev_query_label_position"]
+    prev = positions_at(batch, "prev_query_label")
     if bool((prev < 0).any()):
         i = int((prev < 0).nonzero()[0])
         raise BindingError(f"prompt {i} ({prompts[i]['text']!r}) asks for a label absent from its context; "
@@ -204,14 +204,14 @@ def encode_regions(lm_or_tokenizer, prompts: Sequence[Mapping[str, Any]]) -> dic
     mask = batch["attention_mask"]
     ctx, kept, query = [], [], []
     for i, (box, label) in enumerate(offsets):
-        qbox = box + int(batch["query_label_position"][i]) - label  # shifted for left padding
+        qbox = box + int(positions_at(batch, "query_label")[i]) - label  # shifted for left padding
         real = [j for j in range(qbox) if int(mask[i, j]) == 1]
         ctx.append(real)
         kept.append([j for j in real if j != int(prev[i])])
-        query.append(list(range(qbox, int(batch["last_position"][i]) + 1)))
-    batch[f"{CONTEXT}_position"] = _pad_rows(ctx)
-    batch[f"{CONTEXT_LABEL_KEPT}_position"] = _pad_rows(kept)
-    batch[f"{QUERY}_position"] = _pad_rows(query)
+        query.append(list(range(qbox, int(positions_at(batch, "last")[i]) + 1)))
+    batch[position_column(CONTEXT)] = _pad_rows(ctx)
+    batch[position_column(CONTEXT_LABEL_KEPT)] = _pad_rows(kept)
+    batch[position_column(QUERY)] = _pad_rows(query)
     return batch
 
 
@@ -227,8 +227,8 @@ def position_labels(lm_or_tokenizer, batch: Mapping[str, torch.Tensor], row: int
     for i, p in enumerate(batch["label_positions"][row].tolist()):
         if p >= 0:
             names[p] = f"label {i + 1}"
-    names[int(batch["query_label_position"][row])] = "query label"
-    names[int(batch["last_position"][row])] = "last"
+    names[int(positions_at(batch, "query_label")[row])] = "query label"
+    names[int(positions_at(batch, "last")[row])] = "last"
     return names
 
 
@@ -334,8 +334,10 @@ PAPER_IMPLIED_HOW = (
 def paper_implied() -> dict[str, Any]:
     """Llama-7B's accuracy under the settings of :func:`context_ablation` as the paper's own numbers
     imply them (:data:`PAPER_IMPLIED_HOW`): ``clean`` = F(M), ``context_ablated_label_kept`` = F(C),
-    ``context_ablated`` = F(C\\SR); ``query_ablated`` is not implied (None)."""
-    return {
+    ``context_ablated`` = F(C\\SR); ``query_ablated`` is not implied (None). ``retention`` holds
+    each implied ablated setting's accuracy over ``clean``, as :meth:`ContextAblation.summary`'s
+    ``retention_<setting>`` does for ours."""
+    out = {
         "model": "Llama-7B",
         "clean": paper.FAITHFULNESS["Llama-7B"]["full"],
         "context_ablated": paper.COMPLETENESS_GROUPS_LLAMA["structure_reader"]["F(C\\K)"],
@@ -343,6 +345,8 @@ def paper_implied() -> dict[str, Any]:
         "query_ablated": None,
         "how": PAPER_IMPLIED_HOW,
     }
+    out["retention"] = {k: out[k] / out["clean"] for k in SETTINGS[1:] if out[k] is not None}
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,6 +508,17 @@ class InterchangeMap:
     @property
     def clean_accuracy(self) -> float:
         return float((self.clean_predicted == self.answers["own"]).float().mean())
+
+    def strongest(self, outcome: str) -> dict[str, Any]:
+        """Where the most pairs give ``outcome`` (one of :data:`OUTCOMES`): ``{"share", "layer",
+        "position", "label"}`` of the (layer, position) patch with the largest share (the first
+        such cell, layers then positions in order, on a tie)."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
+        sh = self.shares[outcome]
+        i, j = divmod(int(sh.argmax()), int(sh.shape[1]))
+        return {"share": float(sh[i, j]), "layer": self.layers[i], "position": self.positions[j],
+                "label": self.position_labels[j]}
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per (layer, position, outcome) with its share: a long table for plotting."""

@@ -83,9 +83,21 @@ class Circuit:
     def n_heads(self) -> int:
         return sum(len(v) for v in self.groups.values())
 
-    def heads_at(self, position: str) -> set[Head]:
-        """All circuit heads acting at ``position`` (e.g. ``"last"``: Value Fetchers and Transmitters)."""
-        return {h for g in self.group_names if self.positions[g] == position for h in self.groups[g]}
+    def groups_at(self, position: str) -> list[str]:
+        """The groups with heads acting at ``position``, in :attr:`group_names` order (e.g.
+        ``"last"``: the Value Fetchers and the Position Transmitters when both have heads)."""
+        return [g for g in self.group_names if self.positions[g] == position and self.groups[g]]
+
+    def ranked(self, group: str, k: int | None = None) -> list[Head]:
+        """The heads of ``group`` from the strongest to the weakest by their path-patching score
+        (``scores[group][layer][head]``, most negative first: the largest drop of p(correct)),
+        heads with equal scores in the order held; the first ``k`` when given."""
+        if group not in self.groups:
+            raise ValueError(f"circuit '{self.model}' holds no group '{group}' (groups: {list(self.group_names)})")
+        if self.groups[group] and not self.scores.get(group):
+            raise ValueError(f"circuit '{self.model}' has no path-patching scores for '{group}' to rank its heads by")
+        order = sorted(self.groups[group], key=lambda lh: self.scores[group][lh[0]][lh[1]])
+        return order if k is None else order[:k]
 
     def with_group(self, name: str, heads: Iterable, position: str | None = None,
                    scores: Any = None, meta: dict[str, Any] | None = None) -> "Circuit":

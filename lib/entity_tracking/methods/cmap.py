@@ -68,7 +68,8 @@ from ..intervene.patching import (
     site_heads,
 )
 from ..intervene.stats import bootstrap
-from ..schema import GROUPS, Head
+from ..schema import GROUPS, Head, position_column
+from ..task.encoding import position_keys, positions_at
 from . import paper
 from .circuit import Circuit
 
@@ -114,10 +115,9 @@ def heads_by_position(circuit: Circuit, groups: Iterable[str] = GROUPS) -> dict[
 
 
 def _positions(batch: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
-    name = f"{key}_position"
-    if name not in batch:
-        raise CMAPError(f"the batch has no '{name}' (positions: {[k for k in batch if k.endswith('_position')]})")
-    return batch[name]
+    if position_column(key) not in batch:
+        raise CMAPError(f"the batch has no positions for '{key}' (its position keys: {position_keys(batch)})")
+    return positions_at(batch, key)
 
 
 def _by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:

@@ -112,7 +112,7 @@ files.
 
 
 from .arithmetic import make_arithmetic  # noqa: F401
-from .encoding import encode_pairs, encode_prompts, token_table, word_token_ids  # noqa: F401
+from .encoding import encode_pairs, encode_prompts, position_keys, positions_at, token_table, word_token_ids  # noqa: F401
 from .files import (  # noqa: F401
     DESIDERATA_DIR,
     FILES,
@@ -186,6 +186,8 @@ __all__ = [
     "make_mean_reference_prompts",
     "make_path_patching_pairs",
     "make_prompt",
+    "position_keys",
+    "positions_at",
     "render_prompt",
     "token_table",
     "tokenizer_name",

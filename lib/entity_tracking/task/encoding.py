@@ -1,7 +1,9 @@
 """Prompt records to tensors: token ids, attention masks, target ids and the positions the
-circuit acts at (``<key>_position`` columns), for any tokenizer.
+circuit acts at (one column per position key, :func:`entity_tracking.schema.position_column`),
+for any tokenizer.
 
 >>> # batch = encode_prompts(tokenizer, prompts)   # {'input_ids': [batch, pos], 'last_position': [batch], ...}
+>>> # positions_at(batch, "last")                  # [batch]: the last token of each row
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 
+from ..schema import POSITION_SUFFIX, position_column
 from .prompts import (
     OBJECT_PROBES,
     DataError,
@@ -18,7 +21,7 @@ from .prompts import (
     tokenizer_name,
 )
 
-__all__ = ["encode_pairs", "encode_prompts", "token_table", "word_token_ids"]
+__all__ = ["encode_pairs", "encode_prompts", "position_keys", "positions_at", "token_table", "word_token_ids"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -32,6 +35,21 @@ def _pad_id(tokenizer) -> int:
         if v is not None:
             return int(v)
     raise DataError(f"{tokenizer_name(tokenizer)} has neither a pad nor an eos token to pad with")
+
+
+def position_keys(batch: Mapping[str, Any]) -> list[str]:
+    """The position keys a batch holds (``["query_label", "prev_query_label", "last", ...]``)."""
+    return [k[: -len(POSITION_SUFFIX)] for k in batch if k.endswith(POSITION_SUFFIX)]
+
+
+def positions_at(batch: Mapping[str, Any], key: str):
+    """The positions of position key ``key`` in ``batch`` (``[batch]``, or ``[batch, n]`` for a key
+    naming several positions per row), e.g. ``positions_at(batch, "last")``. Raises
+    :class:`DataError` naming the key and the keys the batch has."""
+    column = position_column(key)
+    if column not in batch:
+        raise DataError(f"the batch has no positions for '{key}' (its position keys: {position_keys(batch)})")
+    return batch[column]
 
 
 def encode_prompts(
