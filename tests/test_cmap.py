@@ -11,7 +11,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from entity_tracking import task as D
-from entity_tracking.methods.cmap import CMAPError, head_sets, head_sets_for, heads_by_position, input_cmap, input_sets, output_cmap
+from entity_tracking.methods.cmap import (
+    CMAPError,
+    HeadSet,
+    gain_recovery,
+    head_sets,
+    head_sets_for,
+    heads_by_position,
+    input_cmap,
+    input_sets,
+    output_cmap,
+    paper_accuracy,
+)
+from entity_tracking.methods import paper
 from entity_tracking.methods.circuit import Circuit
 from entity_tracking.config import ModelSpec, TinySpec
 from entity_tracking.model.tiny import build_tiny_model
@@ -276,6 +288,38 @@ def test_head_sets_leave_out_sets_with_nothing_to_patch():
         "position_transmitter (whole group)": {"last": [(0, 1)]},
     }
     assert input_sets(sets) == {"value_fetcher (DCM object_value)": {"last": [(1, 2)]}}
+    # what each set is travels as fields, not only in its label
+    assert [(s.group, s.desideratum) for s in sets.values()] == [
+        ("", ""), ("value_fetcher", "object_value"), ("value_fetcher", ""), ("position_transmitter", "")]
+    assert all(label == s.label for label, s in sets.items())
+
+
+def test_head_set_is_the_mapping_the_patches_take_and_knows_whether_the_paper_patched_it():
+    s = HeadSet({"last": [(1, 2)]}, "value_fetcher", "object_value")
+    assert dict(s) == {"last": [(1, 2)]} and s == {"last": [(1, 2)]} and len(s) == 1 and s["last"] == [(1, 2)]
+    assert s.papers and HeadSet({"last": [(0, 0)]}).papers  # the paper's DCM choice; the full circuit
+    assert HeadSet({"prev_query_label": [(0, 3)]}, "structure_reader").papers  # the paper patched it whole
+    assert not HeadSet({"last": [(1, 2)]}, "value_fetcher").papers  # a whole group the paper did not patch
+    assert not HeadSet({"last": [(1, 2)]}, "value_fetcher", "positional").papers
+    with pytest.raises(CMAPError, match="needs its group"):
+        HeadSet({"last": [(1, 2)]}, "", "object_value")
+
+
+def test_paper_accuracy_of_each_kind_of_row():
+    def row(kind, group="", desideratum="", patched="", sites="z"):
+        return {"kind": kind, "group": group, "desideratum": desideratum, "patched": patched, "sites": sites}
+
+    assert paper_accuracy(row("model", patched="base alone"), "Goat-7B") == paper.ACCURACY["Llama-7B"]
+    assert paper_accuracy(row("model", patched="fine-tuned alone"), "Goat-7B") == paper.ACCURACY["Goat-7B"]
+    assert paper_accuracy(row("output"), "FLoat-7B") == paper.CMAP_OUTPUT["FLoat-7B"]["full circuit"]
+    assert paper_accuracy(row("output", "position_detector", "positional"), "Goat-7B") == \
+        paper.CMAP_OUTPUT["Goat-7B"]["position_detector"]
+    assert paper_accuracy(row("output", "structure_reader"), "Goat-7B") == paper.CMAP_OUTPUT["Goat-7B"]["structure_reader"]
+    assert paper_accuracy(row("output", "value_fetcher"), "Goat-7B") is None  # not a set the paper patched
+    assert paper_accuracy(row("input", "value_fetcher", "object_value", sites="qk"), "Goat-7B") == \
+        paper.CMAP_INPUT["value_fetcher"]["QK"]
+    assert paper_accuracy(row("input", "value_fetcher", "object_value", sites="q"), "FLoat-7B") is None
+    assert paper_accuracy(row("output"), None) is None  # a fine-tune of no paper model (a positive control)
 
 
 def test_different_head_shapes_fail_clearly(tmp_path):
@@ -286,25 +330,24 @@ def test_different_head_shapes_fail_clearly(tmp_path):
         output_cmap(a, b, batch, {"last": [(0, 0)]})
 
 
-def test_sweep_shares_of_the_gain_with_paired_intervals(models):
+def test_gain_recovery_shares_of_the_gain_with_paired_intervals(models):
     """Targets are the fine-tuned model's own answers, so it gains over the base model; patching
     every head it changed, at every position, recovers all of the gain (share exactly 1), and
     patching nothing recovers none."""
-    from entity_tracking.methods.cmap import sweep
-
     base, ft, batch = models
     b = dict(batch)
     b["target"] = last_logits(ft, batch).argmax(-1)
     edited = [(1, h) for h in base.arch.query_heads(1)]
     far = [(0, 0)]  # a head of the untouched layer 0: patching it from ft changes nothing
-    rows = {r["patched"]: r for r in sweep(base, ft, b, {"edited": {"all": edited}, "far": {"all": far}},
-                                           n_bootstrap=200)}
+    rows = {r["patched"]: r for r in gain_recovery(base, ft, b, {"edited": {"all": edited}, "far": {"all": far}},
+                                                   n_bootstrap=200)}
     base_acc, ft_row = rows["base alone"]["accuracy"], rows["fine-tuned alone"]
     assert ft_row["accuracy"] == 1.0 and base_acc < 1.0
     assert ft_row["share"] == pytest.approx(1.0 - base_acc) and ft_row["share_low"] <= ft_row["share"] <= ft_row["share_high"]
     assert rows["edited"]["share"] == pytest.approx(1.0) and rows["edited"]["share_low"] == pytest.approx(1.0)
     assert rows["far"]["share"] == pytest.approx(0.0) and rows["far"]["share_high"] == pytest.approx(0.0)
     assert all(r["n_prompts"] == len(b["target"]) for r in rows.values())
+    assert {(r["group"], r["desideratum"]) for r in rows.values()} == {("", "")}  # plain mappings: sets of no group
 
 
 def test_checkpoint_row_with_the_base_accuracy_given_is_the_same_row(models):

@@ -395,8 +395,8 @@ def test_semantics_shares_one_source_run_and_gives_each_selection_its_own_number
     assert rows[2]["mean"] == rows[3]["mean"] and rows[2]["std"] == rows[3]["std"]
 
 
-def test_sweep_runs_each_source_once_and_learns_the_masks_of_per_mask_source_runs(tiny, data_dir, monkeypatch):
-    """Fast paths: the sweep runs each (desideratum, position, split) source once, for the union of
+def test_learn_masks_runs_each_source_once_and_learns_the_masks_of_per_mask_source_runs(tiny, data_dir, monkeypatch):
+    """Fast paths: learn_masks runs each (desideratum, position, split) source once, for the union of
     the heads acting there, and hands every lambda, seed and group its own heads' slice, and every
     step runs from the base prompts' cached prefix; the masks are those of train_mask running its
     own source runs over every position."""
@@ -412,7 +412,7 @@ def test_sweep_runs_each_source_once_and_learns_the_masks_of_per_mask_source_run
         return real(lm, source, heads, position, **kw)
 
     monkeypatch.setattr(dcm, "source_head_outputs", spy)
-    fast = dcm.sweep(tiny, circuit, data_dir, spec, desiderata=("positional", "object_value"))
+    fast = dcm.learn_masks(tiny, circuit, data_dir, spec, desiderata=("positional", "object_value"))
     monkeypatch.setattr(dcm, "source_head_outputs", real)
     assert len(calls) == 2 * 2 * 3, "one source run per desideratum, position and split"
     assert all(h == [(0, 2), (1, 0), (1, 2)] for p, h in calls if p == "last")
@@ -471,3 +471,13 @@ def test_read_selections_names_an_old_single_model_file(tmp_path):
     write_json(path, {"value_fetcher/object_value": _result([(1, 0)]).to_json()})
     with pytest.raises(DCMError, match="'base'.*older version"):
         read_selections(path, "base")
+
+
+def test_the_papers_semantics_for_a_selection():
+    from entity_tracking.methods import paper
+
+    assert paper.dcm_semantics("value_fetcher", "object_value", "Goat-7B") == 65.9
+    assert paper.dcm_semantics("position_detector", "box_label_value", "Llama-7B") == paper.DCM_BOX_LABEL_VALUE == 0.0
+    assert paper.dcm_semantics("value_fetcher", "no_comma", "Llama-7B") is None  # a desideratum it did not report
+    assert paper.dcm_semantics("value_fetcher", "object_value", None) is None  # a model of ours
+    assert paper.dcm_semantics("value_fetcher", "box_label_value", "tiny") is None

@@ -126,8 +126,8 @@ def test_a_model_at_chance_is_not_testable_in_every_chapter(tiny):
                                              progress=False).to_json(n_resamples=200)["summary"]
     got += V.faithfulness_verdicts(comp, faith, "base", ["ft"], n_random=2)
     sets = cmap.head_sets(circuits["ft"])
-    rows = cmap.sweep(base, models["ft"], D.encode_prompts(base.tokenizer, ev), sets, cmap.input_sets(sets),
-                      n_bootstrap=100)
+    rows = cmap.gain_recovery(base, models["ft"], D.encode_prompts(base.tokenizer, ev), sets, cmap.input_sets(sets),
+                              n_bootstrap=100)
     got += V.cmap_verdicts({"ft": rows}, BOXES)
     sem = []
     for d in ("positional", "object_value"):
@@ -262,3 +262,10 @@ def test_extended_circuit_rows_are_ours_and_graded_on_intervals():
     assert faithful.sample == "100 prompts (paired bootstrap); 10 random circuits of each size"
     assert V.extended_circuit_verdicts({"m": _extended((0.6, 0.5, 0.7), (0.5, 0.4, 0.6), (0.3, 0.2, 0.45),
                                                        (-0.2, -0.3, -0.1))}, 7)[1].holds == "does not hold"
+
+
+def test_a_profile_without_finetunes_gets_a_not_run_row_for_cmap_and_the_premise():
+    able = V.Competence("base", {"value": 0.9, "low": 0.85, "high": 0.95}, 100, 0.25)
+    for got, claim in ((V.cmap_verdicts({}, 4), 3),
+                       (V.finetuning_verdicts({"base": able}, "base", {"base": torch.ones(4)}, {}), 0)):
+        assert [(v.claim, v.holds, v.ours) for v in got] == [(claim, "not run", "no fine-tuned model in this profile")]

@@ -42,17 +42,18 @@ def _cmap_rows(gain: float = 0.2, share=0.5, paper_for=None) -> pd.DataFrame:
     for ft in ("ft-a", "ft-b"):
         g = gain if ft == "ft-a" else NAN
         rows += [{"fine-tuned": ft, "kind": "model", "patched": "base alone", "sites": "", "share": NAN,
-                  "share_low": NAN, "share_high": NAN},
+                  "share_low": NAN, "share_high": NAN, "group": "", "desideratum": ""},
                  {"fine-tuned": ft, "kind": "model", "patched": "fine-tuned alone", "sites": "", "share": g,
-                  "share_low": g - 0.1, "share_high": g + 0.1}]
-        for label in ("full circuit", "value_fetcher (DCM object_value)", "value_fetcher (whole group)"):
+                  "share_low": g - 0.1, "share_high": g + 0.1, "group": "", "desideratum": ""}]
+        for hs in (cmap.HeadSet({}), cmap.HeadSet({}, "value_fetcher", "object_value"), cmap.HeadSet({}, "value_fetcher")):
             s = share if ft == "ft-a" else NAN
-            rows.append({"fine-tuned": ft, "kind": "output", "patched": label, "sites": "z", "share": s,
-                         "share_low": s - 0.3, "share_high": s + 0.3})
+            rows.append({"fine-tuned": ft, "kind": "output", "patched": hs.label, "sites": "z", "share": s,
+                         "share_low": s - 0.3, "share_high": s + 0.3, "group": hs.group, "desideratum": hs.desideratum})
         for site in ("q", "k", "v", "qk", "qkv"):
             s = share if ft == "ft-a" else NAN
             rows.append({"fine-tuned": ft, "kind": "input", "patched": "value_fetcher (DCM object_value)",
-                         "sites": site, "share": s, "share_low": NAN, "share_high": NAN})
+                         "sites": site, "share": s, "share_low": NAN, "share_high": NAN, "group": "value_fetcher",
+                         "desideratum": "object_value"})
     df = pd.DataFrame(rows)
     if paper_for:
         df["paper"] = [cmap.paper_share(r, paper_for.get(r["fine-tuned"])) for r in df.to_dict("records")]
@@ -120,12 +121,14 @@ def test_gain_shares_without_input_rows_or_models():
 
 
 def test_paper_share_of_rows_the_paper_did_not_patch_is_nan():
-    row = {"kind": "output", "patched": "position_detector (whole group)", "sites": "z"}
+    row = {"kind": "output", "patched": "position_detector (whole group)", "sites": "z", "group": "position_detector",
+           "desideratum": ""}
     assert math.isnan(cmap.paper_share(row, "Goat-7B"))
-    assert math.isnan(cmap.paper_share({**row, "patched": "full circuit"}, None))
+    assert math.isnan(cmap.paper_share({**row, "group": ""}, None))
     assert math.isnan(cmap.paper_share({"kind": "input", "patched": "value_fetcher (DCM object_value)",
-                                        "sites": "q"}, "FLoat-7B"))
-    assert math.isclose(cmap.paper_share({**row, "patched": "structure_reader (whole group)"}, "Goat-7B"),
+                                        "sites": "q", "group": "value_fetcher", "desideratum": "object_value"}, "FLoat-7B"))
+    assert math.isnan(cmap.paper_share({**row, "kind": "model", "patched": "fine-tuned alone", "group": ""}, "Goat-7B"))
+    assert math.isclose(cmap.paper_share({**row, "group": "structure_reader"}, "Goat-7B"),
                         (0.65 - 0.66) / (0.82 - 0.66))
 
 

@@ -254,13 +254,18 @@ class ModelSpec(_Strict):
             raise ValueError("'tiny' is only allowed with build: tiny")
         if self.control and self.role != "finetuned":
             raise ValueError(f"model '{self.name}': control: true needs role: finetuned")
-        is_organism = self.build is not None and self.build.startswith("organism")
-        if is_organism and self.organism is None:
+        if self.is_organism and self.organism is None:
             object.__setattr__(self, "organism", OrganismSpec())
-        if self.organism is not None and not is_organism:
+        if self.organism is not None and not self.is_organism:
             raise ValueError("'organism' is only allowed with build: organism, organism-lora, organism-full "
                              "or organism-control")
         return self
+
+    @property
+    def is_organism(self) -> bool:
+        """Whether the project trains this model: the organism or one of its fine-tunes (``build:
+        organism...``), each with a ``recipe.json`` beside its weights."""
+        return self.build is not None and self.build.startswith("organism")
 
     @property
     def display(self) -> str:

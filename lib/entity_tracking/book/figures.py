@@ -15,6 +15,7 @@ import numpy as np
 import seaborn as sns
 from matplotlib.patches import Patch, Rectangle
 
+from ..methods.cmap import FINETUNED_ALONE
 from ..methods.dcm import share_interval
 
 __all__ = [
@@ -293,7 +294,7 @@ def plot_gain_shares(rows, title: str = "", limits: tuple[float, float] = (-1.0,
     input CMAP (the Value Fetchers' and Position Transmitters' DCM heads, one colour per patched
     input: q, k, v, qk, qkv).
 
-    ``rows``: a DataFrame of :func:`entity_tracking.methods.cmap.sweep` rows with a ``fine-tuned`` column
+    ``rows``: a DataFrame of :func:`entity_tracking.methods.cmap.gain_recovery` rows with a ``fine-tuned`` column
     (and optionally ``paper``, the paper's share for the row, e.g. from
     :func:`entity_tracking.methods.cmap.paper_share`; drawn only where finite). The models' own rows give
     each panel row its title (the gain itself, fine-tuned minus base accuracy). 0 is the base
@@ -314,7 +315,7 @@ def plot_gain_shares(rows, title: str = "", limits: tuple[float, float] = (-1.0,
     site_colors = sns.color_palette("viridis", n_colors=max(len(sites), 1))
     for (ax_out, ax_in), m in zip(axes, models):
         sub = rows[rows["fine-tuned"] == m]
-        gain = sub[sub["patched"] == "fine-tuned alone"]
+        gain = sub[sub["patched"] == FINETUNED_ALONE]
         label = str(m)
         if len(gain) and _finite(gain["share"].iloc[0]):
             g = gain.iloc[0]

@@ -53,6 +53,7 @@ the fine-tuned query/key, so ``"qkv"`` no longer equals output CMAP there.
 
 from __future__ import annotations
 
+import collections.abc
 from collections import defaultdict
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
 
@@ -73,8 +74,9 @@ from ..task.encoding import position_keys, positions_at
 from . import paper
 from .circuit import Circuit
 
-__all__ = ["CMAPError", "check_compatible", "head_sets", "head_sets_for", "heads_by_position", "input_cmap",
-           "input_sets", "output_cmap", "paper_share", "row_key", "sweep"]
+__all__ = ["BASE_ALONE", "CMAPError", "FINETUNED_ALONE", "FULL_CIRCUIT", "HeadSet", "check_compatible", "gain_recovery", "head_sets",
+           "head_sets_for", "heads_by_position", "input_cmap", "input_sets", "output_cmap", "paper_accuracy",
+           "paper_share", "row_key"]
 
 INPUT_SITES = ("q", "k", "v")
 #: ``input_cmap(kv_positions=...)``: keys/values strictly before the head's position (the paper's
@@ -289,7 +291,7 @@ def _restore_except(clean_z: torch.Tensor, layer: int, chosen: Sequence[tuple[in
 
 
 # --------------------------------------------------------------------------------------------
-# The chapter's sweep
+# The chapter's measurements: which head sets, and how much of the gain each recovers
 
 #: What the paper patched per group (§5): DCM-selected heads for the desideratum each group
 #: was found to encode, and the whole Structure Reader group.
@@ -297,21 +299,71 @@ DCM_CHOICE = {"value_fetcher": "object_value", "position_transmitter": "position
               "position_detector": "positional", "structure_reader": None}
 
 
+#: The labels of the rows of the models alone in :func:`gain_recovery`.
+BASE_ALONE, FINETUNED_ALONE = "base alone", "fine-tuned alone"
+#: The label of the set of every circuit head.
+FULL_CIRCUIT = "full circuit"
+
+
+class HeadSet(collections.abc.Mapping):
+    """One set of heads CMAP patches: a read-only mapping ``{position key: [(layer, head), ...]}``
+    (what :func:`output_cmap` and :func:`input_cmap` take), with what it is, as fields rather
+    than in its label: ``group`` (``""`` for the full circuit) and ``desideratum`` (the DCM
+    desideratum its heads were selected for; ``""`` for a whole group or the full circuit).
+
+    >>> s = HeadSet({"last": [(1, 2)]}, "value_fetcher", "object_value")
+    >>> s.label, dict(s)
+    ('value_fetcher (DCM object_value)', {'last': [(1, 2)]})
+    """
+
+    def __init__(self, heads: Mapping[str, Sequence[Head]], group: str = "", desideratum: str = ""):
+        if desideratum and not group:
+            raise CMAPError(f"a set of DCM heads ({desideratum!r}) needs its group")
+        self.heads = {p: list(hs) for p, hs in heads.items()}
+        self.group, self.desideratum = group, desideratum
+
+    @property
+    def label(self) -> str:
+        """How tables name the set: ``"full circuit"``, ``"<group> (DCM <desideratum>)"`` or
+        ``"<group> (whole group)"``."""
+        if not self.group:
+            return FULL_CIRCUIT
+        return f"{self.group} (DCM {self.desideratum})" if self.desideratum else f"{self.group} (whole group)"
+
+    @property
+    def papers(self) -> bool:
+        """Whether the paper patched this set (§5): the full circuit, or a group's heads as
+        :data:`DCM_CHOICE` chose them."""
+        return not self.group or self.desideratum == (DCM_CHOICE.get(self.group) or "")
+
+    def __getitem__(self, position: str) -> list[Head]:
+        return self.heads[position]
+
+    def __iter__(self):
+        return iter(self.heads)
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def __repr__(self) -> str:
+        return f"HeadSet({self.heads!r}, group={self.group!r}, desideratum={self.desideratum!r})"
+
+
 def head_sets(circuit: Circuit, dcm_selected: Mapping[tuple[str, str], Sequence[Head]] | None = None
-              ) -> dict[str, dict[str, list[Head]]]:
-    """The head sets CMAP patches, as ``{label: {position key: heads}}``: the full circuit, each
-    group's DCM heads (the paper's choice; the whole group where DCM has no result or for the
-    Structure Readers) and each whole group. A set with no heads (an empty group, DCM selecting
-    nothing) has nothing to patch and is left out."""
-    sets: dict[str, dict[str, list[Head]]] = {"full circuit": heads_by_position(circuit)}
+              ) -> dict[str, HeadSet]:
+    """The head sets CMAP patches, as ``{label: HeadSet}`` (:attr:`HeadSet.label`): the full
+    circuit, each group's DCM heads (the paper's choice; the whole group where DCM has no result
+    or for the Structure Readers) and each whole group. A set with no heads (an empty group, DCM
+    selecting nothing) has nothing to patch and is left out."""
+    sets = [HeadSet(heads_by_position(circuit))]
     for g in GROUPS:
         d = DCM_CHOICE[g]
         chosen = (dcm_selected or {}).get((g, d)) if d else None
         if chosen:
-            sets[f"{g} (DCM {d})"] = {circuit.positions[g]: list(chosen)}
+            sets.append(HeadSet({circuit.positions[g]: list(chosen)}, g, d))
         if circuit.groups[g]:
-            sets[f"{g} (whole group)"] = {circuit.positions[g]: list(circuit.groups[g])}
-    return sets
+            sets.append(HeadSet({circuit.positions[g]: list(circuit.groups[g])}, g))
+    return {s.label: s for s in sets}
 
 
 #: The groups whose inputs the paper's input CMAP patches (its Table 3): the Value Fetchers and
@@ -319,10 +371,10 @@ def head_sets(circuit: Circuit, dcm_selected: Mapping[tuple[str, str], Sequence[
 INPUT_GROUPS = ("value_fetcher", "position_transmitter")
 
 
-def input_sets(sets: Mapping[str, Mapping[str, Sequence[Head]]]) -> dict[str, Mapping[str, Sequence[Head]]]:
+def input_sets(sets: Mapping[str, HeadSet]) -> dict[str, HeadSet]:
     """The head sets of :func:`head_sets` that input CMAP patches: the DCM sets of
     :data:`INPUT_GROUPS` (absent where DCM selected nothing)."""
-    return {k: v for k, v in sets.items() if k.startswith(tuple(f"{g} (DCM" for g in INPUT_GROUPS))}
+    return {k: v for k, v in sets.items() if v.group in INPUT_GROUPS and v.desideratum}
 
 
 #: ``head_sets_for(circuit=...)``: whose circuit and DCM heads a fine-tune's head sets are.
@@ -345,7 +397,7 @@ def head_sets_for(
     circuit: Literal["own", "base"],
     circuits: Source,
     selections: Source,
-) -> tuple[str, dict[str, dict[str, list[Head]]]]:
+) -> tuple[str, dict[str, HeadSet]]:
     """The head sets (:func:`head_sets`) to patch from fine-tune ``finetuned`` into ``base``, and
     the name of the model whose circuit they come from.
 
@@ -360,7 +412,7 @@ def head_sets_for(
             function (e.g. :func:`entity_tracking.methods.dcm.read_selections` of the masks file).
 
     Returns:
-        ``(source model name, {label: {position key: heads}})``.
+        ``(source model name, {label: HeadSet})``.
     """
     if circuit not in CIRCUIT_CHOICES:
         raise CMAPError(f"circuit={circuit!r} is not one of {list(CIRCUIT_CHOICES)}")
@@ -372,18 +424,24 @@ def _correct(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == target).float()
 
 
-def sweep(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapping[str, Mapping[str, Sequence[Head]]],
-          input_groups: Mapping[str, Mapping[str, Sequence[Head]]] | None = None,
-          input_sites: Sequence[str] = ("q", "k", "v", "qk", "qkv"), *,
-          kv_positions: Literal["before", "through"] = "before",
-          restore: Literal["before_last", "others"] = "before_last", batch_size: int = 32,
-          n_bootstrap: int = 1000) -> list[dict[str, Any]]:
-    """Accuracy of the base model, the fine-tuned model, output CMAP of every head set and input
-    CMAP of every (group, sites) pair, each with a bootstrap interval over the prompts.
-    ``kv_positions`` and ``restore`` go to :func:`input_cmap` (defaults: the paper's reference code).
+def gain_recovery(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapping[str, Mapping[str, Sequence[Head]]],
+                  input_groups: Mapping[str, Mapping[str, Sequence[Head]]] | None = None,
+                  input_sites: Sequence[str] = ("q", "k", "v", "qk", "qkv"), *,
+                  kv_positions: Literal["before", "through"] = "before",
+                  restore: Literal["before_last", "others"] = "before_last", batch_size: int = 32,
+                  n_bootstrap: int = 1000) -> list[dict[str, Any]]:
+    """How much of the fine-tuning gain each patch recovers: the accuracy of the base model, the
+    fine-tuned model, output CMAP of every head set and input CMAP of every (set, sites) pair,
+    each with a bootstrap interval over the prompts. ``sets`` and ``input_groups`` are
+    ``{label: HeadSet}`` (:func:`head_sets`, :func:`input_sets`; a plain ``{position key: heads}``
+    mapping is a set of no group). ``kv_positions`` and ``restore`` go to :func:`input_cmap`
+    (defaults: the paper's reference code).
 
     Returns rows ``{"kind", "patched", "sites", "n_heads", "n_prompts", "accuracy", "low", "high",
-    "share", "share_low", "share_high"}``: ``share`` is the share of the fine-tuning gain the
+    "share", "share_low", "share_high", "group", "desideratum"}``: ``kind`` is ``"model"`` (the
+    models alone, ``patched`` = :data:`BASE_ALONE` or :data:`FINETUNED_ALONE`), ``"output"`` or
+    ``"input"``; ``patched`` is the set's label, ``group`` and ``desideratum`` its
+    :class:`HeadSet` fields (``""`` for the models alone); ``share`` is the share of the fine-tuning gain the
     patch recovers, ``(acc_patched - acc_base) / (acc_finetuned - acc_base)``, with a paired
     bootstrap interval over the prompts (the same resampled prompts for all three accuracies;
     NaN where a resample has no gain). The fine-tuned model's row carries the gain itself in
@@ -402,18 +460,19 @@ def sweep(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapping[str,
         return torch.where(gain.abs() > 1e-9, (acc[0] - acc[1]) / gain.where(gain.abs() > 1e-9, torch.ones_like(gain)),
                            torch.full_like(gain, nan))
 
-    def add(kind: str, patched: str, sites: str, n: int, correct: torch.Tensor, share=None) -> None:
+    def add(kind: str, patched: str, sites: str, n: int, correct: torch.Tensor, share=None, hs=None) -> None:
         est = bootstrap(correct[None], n_resamples=n_bootstrap)
         sh = share or {"value": nan, "low": nan, "high": nan}
         rows.append({"kind": kind, "patched": patched, "sites": sites, "n_heads": n, "n_prompts": int(correct.numel()),
                      "accuracy": est.value, "low": est.low, "high": est.high,
-                     "share": sh["value"], "share_low": sh["low"], "share_high": sh["high"]})
+                     "share": sh["value"], "share_low": sh["low"], "share_high": sh["high"],
+                     "group": getattr(hs, "group", ""), "desideratum": getattr(hs, "desideratum", "")})
 
     base_c = _correct(last_logits(base, batch, batch_size=batch_size), target)
     ft_c = _correct(last_logits(finetuned, batch, batch_size=batch_size), target)
-    add("model", "base alone", "", 0, base_c)
+    add("model", BASE_ALONE, "", 0, base_c)
     gain = bootstrap(torch.stack([ft_c, base_c]), lambda a: a[0] - a[1], n_resamples=n_bootstrap)
-    add("model", "fine-tuned alone", "", 0, ft_c, gain.as_dict())
+    add("model", FINETUNED_ALONE, "", 0, ft_c, gain.as_dict())
     jobs = [("output", label, "z", hs) for label, hs in sets.items()]
     jobs += [("input", label, s, hs) for label, hs in (input_groups or {}).items() for s in input_sites]
     for kind, label, sites, hs in tqdm(jobs, desc="CMAP", leave=False):
@@ -425,33 +484,42 @@ def sweep(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapping[str,
                                 batch_size=batch_size)
         c = _correct(logits, target)
         share = bootstrap(torch.stack([c, base_c, ft_c]), share_of_gain, n_resamples=n_bootstrap)
-        add(kind, label, sites, n, c, share.as_dict())
+        add(kind, label, sites, n, c, share.as_dict(), hs)
     return rows
 
 
 def row_key(row: Mapping[str, Any]) -> str:
-    """How a :func:`sweep` row is named: its head set, plus ``[sites]`` for input CMAP."""
+    """How a :func:`gain_recovery` row is named: its head set, plus ``[sites]`` for input CMAP."""
     return row["patched"] if row["kind"] != "input" else f"{row['patched']} [{row['sites']}]"
 
 
-def paper_share(row: Mapping[str, Any], paper_model: str | None) -> float:
-    """The paper's share of the fine-tuning gain for the head set of a :func:`sweep` row, to draw
-    beside ours: ``(acc_patched - acc_Llama) / (acc_paper_model - acc_Llama)`` from the paper's
-    CMAP accuracies (:data:`entity_tracking.methods.paper.CMAP_OUTPUT`, ``CMAP_INPUT``). NaN where the
-    paper has no number: a model it did not patch from, a set it did not patch (whole groups other
-    than the Structure Readers' -- its choice is :data:`DCM_CHOICE`), input CMAP of any model but
-    Goat-7B, and the rows of the models alone."""
+def paper_accuracy(row: Mapping[str, Any], paper_model: str | None) -> float | None:
+    """The paper's accuracy for a :func:`gain_recovery` row, to print beside ours, when the paper
+    has one: the models alone (:data:`~entity_tracking.methods.paper.ACCURACY`; the base is
+    Llama-7B), output CMAP of the sets the paper patched (:attr:`HeadSet.papers`) from
+    ``paper_model`` (:data:`~entity_tracking.methods.paper.CMAP_OUTPUT`), input CMAP from Goat-7B
+    (:data:`~entity_tracking.methods.paper.CMAP_INPUT`). None elsewhere, and for a fine-tune with
+    no paper model (``paper_model`` None, e.g. a positive control)."""
+    if not paper_model or paper_model not in paper.ACCURACY:
+        return None
+    if row["kind"] == "model":
+        return paper.ACCURACY[paper_model if row["patched"] == FINETUNED_ALONE else "Llama-7B"]
+    if not HeadSet({}, row["group"], row["desideratum"]).papers:
+        return None
+    group = row["group"] or FULL_CIRCUIT
+    if row["kind"] == "input":
+        return paper.CMAP_INPUT.get(group, {}).get(str(row["sites"]).upper()) if paper_model == "Goat-7B" else None
+    return paper.CMAP_OUTPUT.get(paper_model, {}).get(group)
 
-    nan = float("nan")
-    if not paper_model or paper_model not in paper.ACCURACY or row["kind"] == "model":
-        return nan
+
+def paper_share(row: Mapping[str, Any], paper_model: str | None) -> float:
+    """The paper's share of the fine-tuning gain for the head set of a :func:`gain_recovery` row,
+    to draw beside ours: ``(acc_patched - acc_Llama) / (acc_paper_model - acc_Llama)`` from
+    :func:`paper_accuracy`. NaN where the paper has no number (:func:`paper_accuracy` is None) and
+    for the rows of the models alone."""
+    acc = paper_accuracy(row, paper_model) if row["kind"] != "model" else None
+    if acc is None:
+        return float("nan")
     base = paper.ACCURACY["Llama-7B"]
     gain = paper.ACCURACY[paper_model] - base
-    label = row["patched"]
-    paper_sets = {f"{g} (DCM {d})" if d else f"{g} (whole group)": g for g, d in DCM_CHOICE.items()}
-    group = "full circuit" if label == "full circuit" else paper_sets.get(label)
-    if row["kind"] == "input":
-        acc = paper.CMAP_INPUT.get(group, {}).get(str(row["sites"]).upper()) if paper_model == "Goat-7B" else None
-    else:
-        acc = paper.CMAP_OUTPUT.get(paper_model, {}).get(group)
-    return nan if acc is None or abs(gain) < 1e-9 else (acc - base) / gain
+    return float("nan") if abs(gain) < 1e-9 else (acc - base) / gain

@@ -61,8 +61,8 @@ from .verdicts import DCM_MARGIN, DCM_SHARE_FLOOR
 
 __all__ = [
     "CORE_DESIDERATA", "DCMError", "DCMResult", "base_prefix", "better_mask", "desideratum_accuracy",
-    "encode_desideratum", "fresh_pairs", "fresh_seed", "functionality", "manifest_vocabulary", "masked_logits",
-    "read_selections", "select_heads", "semantics", "source_head_outputs", "sweep", "take_rows",
+    "encode_desideratum", "fresh_pairs", "fresh_seed", "functionality", "learn_masks", "manifest_vocabulary",
+    "masked_logits", "read_selections", "select_heads", "semantics", "source_head_outputs", "take_rows",
     "train_mask", "write_masks",
 ]
 
@@ -265,7 +265,7 @@ def train_mask(
     (higher eval accuracy, ties to more selected heads). Returns that mask, its eval accuracy and
     its accuracy on ``test`` (``test`` plays no part in the choice). ``source_z``: per split
     (``"train"``, ``"eval"``, ``"test"``) the source run's outputs of ``heads`` as
-    :func:`source_head_outputs` returns them, when already computed (:func:`sweep` runs each
+    :func:`source_head_outputs` returns them, when already computed (:func:`learn_masks` runs each
     source once for every lambda, seed and group at one position).
 
     Every forward pass runs only the tokens from the earliest patch position on, from the base
@@ -510,7 +510,7 @@ def read_selections(path, model_name: str) -> dict[tuple[str, str], list[Head]]:
 
 
 # --------------------------------------------------------------------------------------------
-# The chapter's sweep: every group x core desideratum, then the semantics in every model
+# The chapter's runs: a mask for every group x core desideratum, then the semantics in every model
 
 #: The desiderata a mask is learned for, in every group (paper-methods §4).
 CORE_DESIDERATA: tuple[str, ...] = ("positional", "object_value", "box_label_value")
@@ -541,7 +541,7 @@ def _grouped(items: Sequence[Any], key: Callable[[Any], Any]) -> list[tuple[Any,
     return list(out.items())
 
 
-def sweep(lm, circuit, where, spec, groups: Sequence[str] | None = None,
+def learn_masks(lm, circuit, where, spec, groups: Sequence[str] | None = None,
           desiderata: Sequence[str] = CORE_DESIDERATA, *, prefix_cache: bool = True) -> dict[tuple[str, str], DCMResult]:
     """Learn a mask for every (group, desideratum) on ``lm``, trying every lambda and seed of
     ``spec`` (:class:`~entity_tracking.config.DCMSpec`) and keeping the best on the eval split.

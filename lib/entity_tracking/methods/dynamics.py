@@ -30,7 +30,7 @@ from .ablation import Ablation, compute_means, encode_for, evaluate
 from .circuit import Circuit
 from .cmap import heads_by_position, output_cmap
 
-__all__ = ["Checkpoint", "checkpoints", "checkpoint_row", "eval_accuracy", "gain_by_answer", "replicate_curve",
+__all__ = ["SHARE_COLUMNS", "Checkpoint", "checkpoints", "checkpoint_row", "eval_accuracy", "gain_by_answer", "replicate_curve",
            "seed_bootstrap"]
 
 _STEP = re.compile(r"step-(\d+)$")
@@ -74,6 +74,10 @@ def eval_accuracy(lm, prompts, *, batch_size: int = 32) -> float:
     return float((last_logits(lm, batch, batch_size=batch_size).argmax(-1) == batch["target"]).float().mean())
 
 
+#: The column of each group's CMAP gain share in a :func:`checkpoint_row`.
+SHARE_COLUMNS: dict[str, str] = {g: f"CMAP share: {g}" for g in GROUPS}
+
+
 def checkpoint_row(base, model, eval_records: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]],
                    circuit: Circuit, *, batch_size: int = 32, base_accuracy: Optional[float] = None) -> dict[str, Any]:
     """Accuracy, base-circuit faithfulness and per-group CMAP gain share of ``model`` (a loaded
@@ -93,11 +97,11 @@ def checkpoint_row(base, model, eval_records: Sequence[Mapping[str, Any]], refer
     gain = acc - base_acc
     for g in GROUPS:
         if not circuit.groups[g]:
-            row[f"CMAP share: {g}"] = float("nan")
+            row[SHARE_COLUMNS[g]] = float("nan")
             continue
         logits = output_cmap(base, model, batch, heads_by_position(circuit, [g]), batch_size=batch_size)
         patched = float((logits.argmax(-1) == target).float().mean())
-        row[f"CMAP share: {g}"] = (patched - base_acc) / gain if abs(gain) > 1e-9 else float("nan")
+        row[SHARE_COLUMNS[g]] = (patched - base_acc) / gain if abs(gain) > 1e-9 else float("nan")
     return row
 
 

@@ -58,6 +58,20 @@ DCM_SEMANTICS = {
 #: Every group's box-label-value result in the paper is 0.0, an artefact of a bug (paper-methods §1.4).
 DCM_BOX_LABEL_VALUE = 0.0
 
+
+
+def dcm_semantics(group: str, desideratum: str, model: str | None) -> float | None:
+    """The paper's DCM semantics (percent) of ``group``'s heads selected for ``desideratum``,
+    patched in ``model`` (a paper model name): :data:`DCM_SEMANTICS`, and
+    :data:`DCM_BOX_LABEL_VALUE` for the box-label-value desideratum in every group. None where
+    the paper has no number (another desideratum, a model it did not run, ``model`` None)."""
+    if model not in MODELS:
+        return None
+    if desideratum == "box_label_value":
+        return DCM_BOX_LABEL_VALUE
+    return DCM_SEMANTICS.get((group, desideratum), {}).get(model)
+
+
 #: Position Transmitter, Llama, additional desiderata (% of samples).
 DCM_ADDITIONAL = {
     "random_text_start": 34.8, "random_text_end": 34.1, "add_tokens_btw_box_and_obj": 38.8,

@@ -30,11 +30,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping
 
+import torch
+
 from ..intervene.stats import bootstrap
 from ..io import read_json, write_json
 from ..schema import GROUP_LABELS, GROUPS
 from .circuit import Circuit
-from .cmap import row_key
+from .cmap import BASE_ALONE, FINETUNED_ALONE, FULL_CIRCUIT, row_key
 
 __all__ = [
     "ARITHMETIC_LEARNED",
@@ -505,20 +507,23 @@ CMAP_GAIN_RULE = (f"a gain to attribute: the fine-tune's gain over the base is a
 
 def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], num_boxes: int, base: str = "base",
                   controls: Iterable[str] = ()) -> list:
-    """The CMAP chapter's verdicts from each fine-tune's :func:`entity_tracking.methods.cmap.sweep` rows
+    """The CMAP chapter's verdicts from each fine-tune's :func:`entity_tracking.methods.cmap.gain_recovery` rows
     (with their ``share`` intervals); competence comes from the rows of the models alone.
-    Fine-tunes named in ``controls`` are marked as positive controls (ours)."""
+    Fine-tunes named in ``controls`` are marked as positive controls (ours). A profile with no
+    fine-tune gets one "not run" row for the claim."""
+    if not rows_by_finetune:
+        return [Verdict(3, "The fine-tuned models' gain is carried by the circuit", "see the paper's CMAP tables",
+                        "no fine-tuned model in this profile", "not run")]
     out = []
     controls = set(controls)
     for ft, rows in rows_by_finetune.items():
         rows = list(rows)
         by = {row_key(r): r for r in rows}
-        alone = {k: by[k] for k in ("base alone", "fine-tuned alone")}
+        base_row, ft_row = by[BASE_ALONE], by[FINETUNED_ALONE]
         comps = [Competence.of(name, {"value": r["accuracy"], "low": r["low"], "high": r["high"]}, num_boxes,
-                               r["n_prompts"]) for name, r in ((base, alone["base alone"]), (ft, alone["fine-tuned alone"]))]
-        gain = {"value": alone["fine-tuned alone"]["share"], "low": alone["fine-tuned alone"]["share_low"],
-                "high": alone["fine-tuned alone"]["share_high"]}
-        n = int(alone["base alone"]["n_prompts"])
+                               r["n_prompts"]) for name, r in ((base, base_row), (ft, ft_row))]
+        gain = {"value": ft_row["share"], "low": ft_row["share_low"], "high": ft_row["share_high"]}
+        n = int(base_row["n_prompts"])
         sample = f"{n} prompts (paired bootstrap)"
         s1, p1 = f"Patching {who(ft, controls)}'s circuit recovers its gain", "full circuit recovers 100% of the gain (0.66 → 0.82)"
         p1 = CONTROL_PAPER if ft in controls else p1
@@ -528,10 +533,10 @@ def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], n
             continue
         if not (gain["low"] > 0 and gain["value"] >= MIN_GAIN.value):
             out.append(Verdict(3, s1, p1, f"no gain to attribute: gain {_fmt(gain)} (fine-tuned "
-                               f"{alone['fine-tuned alone']['accuracy']:.2f} vs base {alone['base alone']['accuracy']:.2f})",
+                               f"{ft_row['accuracy']:.2f} vs base {base_row['accuracy']:.2f})",
                                "does not hold", rule=f"{COMPETENCE_RULE}; then {CMAP_GAIN_RULE}", sample=sample))
             continue
-        full = by.get("full circuit")
+        full = by.get(FULL_CIRCUIT)
         share = ({"value": full["share"], "low": full["share_low"], "high": full["share_high"]} if full
                  else {"value": float("nan"), "low": float("nan"), "high": float("nan")})
         out.append(Verdict(3, s1, p1, f"full circuit recovers {_fmt(share)} of a {_fmt(gain)} gain",
@@ -540,8 +545,8 @@ def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], n
                            sample=sample))
         qkv = {}
         for site in "qkv":
-            r = next((r for k, r in by.items() if r["kind"] == "input" and r["sites"] == site
-                      and r["patched"].startswith("value_fetcher")), None)
+            r = next((r for r in rows if r["kind"] == "input" and r["sites"] == site
+                      and r["group"] == "value_fetcher"), None)
             qkv[site] = ({"value": r["share"], "low": r["share_low"], "high": r["share_high"]} if r
                          else {"value": float("nan"), "low": float("nan"), "high": float("nan")})
         q, k, v = qkv["q"], qkv["k"], qkv["v"]
@@ -668,9 +673,11 @@ def finetuning_verdicts(competences: Mapping[str, Competence], base: str, correc
     and whether each fine-tune improves entity tracking. A fine-tune with replicate seeds
     (``seed_curves[name]``: :func:`entity_tracking.methods.dynamics.replicate_curve` rows) is judged on
     its last checkpoint over all seeds; any other (a hub model, the positive control) on its own
-    per-prompt correctness ``correct[name]`` against ``correct[base]`` (paired bootstrap)."""
-    import torch
-
+    per-prompt correctness ``correct[name]`` against ``correct[base]`` (paired bootstrap). A profile
+    with no fine-tune gets one "not run" row for the premise."""
+    if not any(name != base for name in correct):
+        return [Verdict(0, "Fine-tuning improves entity tracking", "0.66 → 0.82", "no fine-tuned model in this profile",
+                        "not run")]
 
     def est(row, key):
         return {"value": row[key], "low": row[f"{key}_low"], "high": row[f"{key}_high"]}
