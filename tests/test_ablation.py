@@ -326,7 +326,7 @@ class TestCircuitMetrics:
         res = faithfulness(lm, batch, means, full, n_random=0, progress=False)
         assert res.full.accuracy == 1.0
         assert torch.equal(res.circuit_eval.correct, res.full.correct)
-        assert res.faithfulness == 1.0
+        assert res.score == 1.0
         assert res.summary(n_resamples=50)["faithfulness"].value == 1.0
 
     def test_empty_circuit_is_everything_ablated(self, lm, batch, means):
@@ -339,7 +339,7 @@ class TestCircuitMetrics:
     def test_faithfulness_of_a_circuit(self, lm, batch, means):
         c = _circuit()
         res = faithfulness(lm, batch, means, c, n_random=10, seed=5, progress=False)
-        assert res.faithfulness == pytest.approx(res.circuit_eval.accuracy / res.full.accuracy)
+        assert res.score == pytest.approx(res.circuit_eval.accuracy / res.full.accuracy)
         assert res.circuit_eval.accuracy == circuit_performance(lm, batch, means, c, progress=False).accuracy
         assert len(res.random) == len(res.random_circuits) == 10
         for r in res.random_circuits:

@@ -4,14 +4,19 @@ peft. The slow test trains the real default organism and checks it tracks entiti
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
 from entity_tracking import organism as O
 from entity_tracking.model.tokenizer import build_word_tokenizer
 from entity_tracking.organism import build as organism_build
+from entity_tracking.organism import curriculum
 from entity_tracking.config import FinetuneSpec, ModelSpec, OrganismSpec
 from entity_tracking.io import ResultsPaths
+from entity_tracking.task.prompts import make_prompt
+from entity_tracking.task.vocab import LABELS, OBJECTS
 
 TINY = dict(
     n_layers=1, n_heads=2, d_model=32, d_mlp=64, batch_size=8, queries_per_context=2,
@@ -42,8 +47,6 @@ def test_same_seed_same_weights():
 
 def test_batches_supervise_only_answers():
     tok_vocab = build_word_tokenizer().get_vocab()
-    import random
-
     b = O.make_batch(random.Random(0), tok_vocab, "paper", 4, (3, 3), 2)
     inv = {v: k for k, v in tok_vocab.items()}
     for row_ids, row_lab in zip(b.input_ids.tolist(), b.labels.tolist()):
@@ -52,6 +55,28 @@ def test_batches_supervise_only_answers():
         for i in sup:
             assert inv[row_ids[i - 1]] == "the" and inv[row_ids[i - 2]] == "contains"
             assert row_lab[i] == row_ids[i]
+
+
+@pytest.mark.parametrize("num_boxes", [2, 4, 7])
+def test_the_organisms_paper_prompts_are_the_books_prompts_token_for_token(num_boxes):
+    """The organism trains and validates on the paper's prompts in its own stream of words; each
+    must be, token for token, the prompt the book evaluates it on (entity_tracking.task's
+    template through the word tokenizer). The draws replay make_batch_paper_eval's: per context,
+    its objects, then its labels."""
+    tok = build_word_tokenizer()
+    vocab = tok.get_vocab()
+    n_contexts = 5
+    batch = curriculum.make_batch_paper_eval(random.Random(11), vocab, n_contexts, num_boxes)
+    replay = random.Random(11)
+    rows = []
+    for _ in range(n_contexts):
+        objs = replay.sample(list(OBJECTS), num_boxes)
+        labels = replay.sample(list(LABELS), num_boxes)
+        rows += [tok(make_prompt(objs, labels, labels[q])["text"])["input_ids"] + [vocab[objs[q]]]
+                 for q in range(num_boxes)]
+    assert len(rows) == len(batch.input_ids)
+    for want, got in zip(rows, batch.input_ids.tolist()):
+        assert got[: len(want)] == want and set(got[len(want):]) <= {vocab["<pad>"]}
 
 
 def test_paper_prompt_layout_matches_the_paper():

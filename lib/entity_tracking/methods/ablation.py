@@ -879,8 +879,10 @@ class FaithfulnessResult:
     random_circuits: list[Circuit]
 
     @property
-    def faithfulness(self) -> float:
-        """F(C)/F(M) (NaN when F(M) = 0). The paper rounds both to 2 decimals first."""
+    def score(self) -> float:
+        """The faithfulness F(C)/F(M) (NaN when F(M) = 0), as :attr:`CompletenessResult.score` is
+        the completeness; :func:`faithfulness` is the function that measures it. The paper rounds
+        both accuracies to 2 decimals first."""
         m = self.full.accuracy
         return self.circuit_eval.accuracy / m if m > 0 else float("nan")
 

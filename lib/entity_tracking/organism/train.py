@@ -202,6 +202,7 @@ def train_organism(
             step += 1
             bar.update(1)
             rec = {"step": step, "stage": fmt, "loss": round(loss.item(), 4)}
+            done = False  # the stage's goal is met: record this step, then stop
             if step >= next_check:
                 if final:
                     val_acc = first_query_accuracy(model, tgt_val)
@@ -210,26 +211,18 @@ def train_organism(
                     gap = spec.target_accuracy - val_acc
                     next_check = step + (1 if gap < 0.4 else 3)
                     bar.set_postfix(stage=fmt, loss=f"{loss.item():.3f}", acc7=f"{val_acc:.2f}")
-                    if val_acc >= spec.target_accuracy:
-                        reached = True
-                        history.append(rec)
-                        if callback:
-                            callback(rec)
-                        break
+                    reached = done = val_acc >= spec.target_accuracy
                 else:
                     acc = first_query_accuracy(model, mastery_val[fmt])
                     rec["stage_acc"] = acc
                     next_check = step + 25
                     bar.set_postfix(stage=fmt, loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-                    if acc >= spec.mastery:
-                        history.append(rec)
-                        if callback:
-                            callback(rec)
-                        break
-            if True:  # every step: the loss curve is part of the record
-                history.append(rec)
-                if callback:
-                    callback(rec)
+                    done = acc >= spec.mastery
+            history.append(rec)  # every step: the loss curve is part of the record
+            if callback:
+                callback(rec)
+            if done:
+                break
         stage_steps[fmt] = step
         if final and not reached:
             log.warning("organism: 7-box validation accuracy %.3f did not reach %.2f in %d steps",
