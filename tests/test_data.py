@@ -16,6 +16,7 @@ import torch
 from entity_tracking import task as D
 from entity_tracking.config import DataSpec
 from entity_tracking.model.tokenizer import build_word_tokenizer
+from entity_tracking.task.prompts import render_parts
 from entity_tracking.task.vocab import ARITHMETIC_WORDS, FUNCTION_WORDS, LABELS, OBJECTS
 
 from conftest import HELD_OUT_OBJECTS
@@ -532,3 +533,14 @@ class TestFiles:
     def test_missing_files_say_how_to_build(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="build_datasets"):
             D.load_eval_prompts(tmp_path)
+
+
+def test_render_parts_are_the_prompts_pieces_and_the_question_follows_the_context():
+    for rec in (D.make_prompt(["comb", "cup"], ["U", "F"], "F"),
+                D.make_prompt(["comb", "cup"], ["U", "F"], "F", prefix=D.RANDOM_TEXT_START, forms=["box_contains", "is_in"])):
+        parts, spans = render_parts(rec)
+        text, same = D.render_prompt(rec)
+        assert "".join(parts) == text == rec["text"] and spans == same and all(parts)
+        assert text[spans["question"][0]:] == ". Box F contains the" and text[spans["question"][1]:] == ""
+    parts, _ = render_parts(D.make_prompt(["comb", "cup"], ["U", "F"], "F"))
+    assert parts[:4] == ["The ", "comb", " is in Box ", "U"] and parts[-2:] == ["F", " contains the"]

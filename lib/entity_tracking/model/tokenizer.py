@@ -17,7 +17,24 @@ from transformers import PreTrainedTokenizerFast
 
 from ..task.vocab import SPECIAL_TOKENS, task_vocabulary
 
-__all__ = ["build_word_tokenizer"]
+__all__ = ["build_word_tokenizer", "split_words"]
+
+#: How the word-level tokenizer splits text before its lookup: at whitespace, each punctuation
+#: mark on its own, each digit on its own.
+WORD_SPLIT = pre_tokenizers.Sequence(
+    [
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
+    ]
+)
+
+
+def split_words(text: str) -> list[str]:
+    """The words the word-level tokenizer reads ``text`` as, one token each (BOS not included):
+    ``split_words("the cup is in Box F. Box F contains the")`` is
+    ``["the", "cup", "is", "in", "Box", "F", ".", "Box", "F", "contains", "the"]``."""
+    return [w for w, _ in WORD_SPLIT.pre_tokenize_str(text)]
 
 
 def build_word_tokenizer(
@@ -36,13 +53,7 @@ def build_word_tokenizer(
             vocab_words.append(w)
     vocab = {w: i for i, w in enumerate(vocab_words)}
     tok = Tokenizer(WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.WhitespaceSplit(),
-            pre_tokenizers.Punctuation(behavior="isolated"),
-            pre_tokenizers.Digits(individual_digits=True),
-        ]
-    )
+    tok.pre_tokenizer = WORD_SPLIT
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     bos = SPECIAL_TOKENS["bos_token"]
     if add_bos:

@@ -11,12 +11,15 @@ the validation prompts, from a stream seeded apart from the book's held-out prom
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from ..model.tokenizer import split_words
+from ..task.prompts import DEFAULT_FORM, make_prompt, render_parts
 from ..task.vocab import LABELS, OBJECTS
 
 STAGES = ("kv", "vk", "filler", "paper")
@@ -34,7 +37,30 @@ VAL_SALT = 0xE7A1
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _split(piece: str) -> tuple[str, ...]:
+    return tuple(split_words(piece))
+
+
+def _paper_words(objs: Sequence[str], labels: Sequence[str], query_label: str) -> tuple[list[str], list[str]]:
+    """The paper's prompt as the book writes it (:func:`entity_tracking.task.prompts.render_parts`,
+    the one template, in its default form), split into the word tokenizer's words:
+    ``(context, question)``. Each piece is split on its own (pieces end at word boundaries), and
+    the pieces repeat, so their splits are cached."""
+    parts, spans = render_parts({"objects": objs, "labels": labels, "forms": [DEFAULT_FORM] * len(objs),
+                                 "query_label": query_label})
+    context: list[str] = []
+    question: list[str] = []
+    at, cut = 0, spans["question"][0]
+    for part in parts:
+        (context if at < cut else question).extend(_split(part))
+        at += len(part)
+    return context, question
+
+
 def _context_words(fmt: str, objs: Sequence[str], labels: Sequence[str]) -> list[str]:
+    if fmt == "paper":
+        return _paper_words(objs, labels, labels[0])[0]
     words: list[str] = []
     for i, (o, l) in enumerate(zip(objs, labels)):
         if fmt == "kv":
@@ -43,31 +69,38 @@ def _context_words(fmt: str, objs: Sequence[str], labels: Sequence[str]) -> list
             words += [o, l]
         elif fmt == "filler":
             words += ([","] if i else []) + ["the", o, "Box", l]
-        elif fmt == "paper":
-            words += ([",", "the"] if i else ["The"]) + [o, "is", "in", "Box", l]
         else:
             raise ValueError(f"unknown format {fmt!r}; one of {STAGES}")
     return words
 
 
+@functools.lru_cache(maxsize=None)
+def _paper_question(label: str) -> tuple[str, ...]:
+    """The paper's question about ``label`` (it does not depend on the context), made once."""
+    return tuple(_paper_words([OBJECTS[0]], [label], label)[1])
+
+
 def _query_words(fmt: str, label: str) -> list[str]:
+    """The question about the box labelled ``label`` that follows a context of format ``fmt``."""
     if fmt in ("kv", "vk"):
         return [".", label]
+    if fmt == "paper":
+        return list(_paper_question(label))
     return [".", "Box", label, "contains", "the"]
 
 
 def paper_prompts(n_contexts: int, num_boxes: int, seed: int, objects: Sequence[str] = OBJECTS):
     """The paper's prompts (§1.1), ``num_boxes`` per context with the query at each box in turn:
     a list of ``(prompt_text, answer_word, query_index)``. The organism's private generator for its
-    validation set (the book's evaluation prompts come from :mod:`entity_tracking.data`)."""
+    validation set (the book's evaluation prompts come from :mod:`entity_tracking.task`, through
+    the same template)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n_contexts):
         objs = rng.sample(list(objects), num_boxes)
         labels = rng.sample(list(LABELS), num_boxes)
-        ctx = " ".join(_context_words("paper", objs, labels))
         for q in range(num_boxes):
-            out.append((f"{ctx} . Box {labels[q]} contains the", objs[q], q))
+            out.append((make_prompt(objs, labels, labels[q])["text"], objs[q], q))
     return out
 
 

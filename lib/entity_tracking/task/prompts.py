@@ -18,7 +18,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 from . import vocab as _vocab
 
-__all__ = ["ADDITIONAL_BOXES_TEXT", "ARITHMETIC_OPS", "DataError", "QUERY_FORM", "RANDOM_TEXT_END", "RANDOM_TEXT_START", "SCHEMA_VERSION", "SEGMENT_FORMS", "SPLITS", "Vocabulary", "annotate_prompts", "build_vocabulary", "locate_spans", "make_prompt", "render_prompt", "tokenizer_name"]
+__all__ = ["ADDITIONAL_BOXES_TEXT", "ARITHMETIC_OPS", "DataError", "QUERY_FORM", "RANDOM_TEXT_END", "RANDOM_TEXT_START", "SCHEMA_VERSION", "SEGMENT_FORMS", "SPLITS", "Vocabulary", "annotate_prompts", "build_vocabulary", "locate_spans", "make_prompt", "render_parts", "render_prompt", "tokenizer_name"]
 
 
 SCHEMA_VERSION = 1
@@ -299,12 +299,12 @@ def _parsed(template: str) -> tuple[tuple[str, str | None], ...]:
     return tuple((lit, fld) for lit, fld, _, _ in string.Formatter().parse(template))
 
 
-def render_prompt(prompt: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Text and character spans of a prompt record's structure fields.
-
-    Returns ``(text, spans)`` with ``spans = {"objects": [(s, e)], "labels": [(s, e)],
-    "query_label": (s, e), "prev_query_label": (s, e) | None}``.
-    """
+def render_parts(prompt: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """The pieces :func:`render_prompt` joins into a prompt's text, in order, and the character
+    spans of its structure fields: the templates' literal text and the words that fill their
+    slots, each a piece of its own (``["The ", "comb", " is in Box ", "U", ", ", ...]``; the first
+    capitalised). A record needs only ``objects``, ``labels``, ``forms`` and ``query_label``
+    (``prefix``, ``suffix``, ``separator`` and ``inserts`` default to the paper's prompt)."""
     parts: list[str] = []
     cursor = 0
     spans: dict[str, Any] = {"objects": [], "labels": []}
@@ -333,13 +333,29 @@ def render_prompt(prompt: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
         spans["objects"].append(got["object"])
         spans["labels"].append(got["label"])
     emit(prompt.get("suffix", ""))
+    question_start = cursor
     emit(CONTEXT_END)
     spans["query_label"] = emit_template(QUERY_FORM, {"label": prompt["query_label"]})["label"]
+    spans["question"] = (question_start, cursor)
     labels = list(prompt["labels"])
     q = prompt["query_label"]
     spans["prev_query_label"] = spans["labels"][labels.index(q)] if q in labels else None
-    text = "".join(parts)
-    return text[:1].upper() + text[1:], spans
+    first = next((i for i, part in enumerate(parts) if part), None)
+    if first is not None:
+        parts[first] = parts[first][:1].upper() + parts[first][1:]
+    return [part for part in parts if part], spans
+
+
+def render_prompt(prompt: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Text and character spans of a prompt record's structure fields.
+
+    Returns ``(text, spans)`` with ``spans = {"objects": [(s, e)], "labels": [(s, e)],
+    "query_label": (s, e), "prev_query_label": (s, e) | None, "question": (s, e)}``; the
+    ``question`` is what follows the context (``". Box F contains the"``): ``text[:question[0]]``
+    is the context alone. The text is :func:`render_parts` joined.
+    """
+    parts, spans = render_parts(prompt)
+    return "".join(parts), spans
 
 
 def _span_list(spans: Mapping[str, Any]) -> list[tuple[int, int]]:
