@@ -559,17 +559,12 @@ def _progress_engine():
 # --- the repository URL -----------------------------------------------------------------------
 
 #: The bootstrap cell of every chapter; ``{url}`` is ``repository.url`` of ``_config.yml``.
-BOOTSTRAP = '''try:  # find the library, or fetch and install it (Colab, a fresh kernel)
+BOOTSTRAP = '''try:  # the library: installed in a checkout (`make install`) and in the book's build
     import entity_tracking
-except ImportError:  # a checkout above this notebook, else a clone of _config.yml's repository.url
-    import os, subprocess, sys
-    repo = ".." if os.path.isfile("../_config.yml") and os.path.isdir("../lib/entity_tracking") else "entity-tracking"
-    if not os.path.isdir(repo):
-        url = os.environ.get("ENTITY_TRACKING_REPO", "{url}")
-        subprocess.run(["git", "clone", "--depth=1", url, repo], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{{repo}}[book]"], check=True)
-    os.environ["ENTITY_TRACKING_ROOT"] = os.path.abspath(repo)
-    sys.path.insert(0, os.path.abspath(f"{{repo}}/lib"))'''
+except ImportError:  # a fresh Colab kernel: clone the book's repository, install it, import it from the clone
+    import subprocess, sys
+    subprocess.run(f"git clone -q --depth=1 ${{{{ENTITY_TRACKING_REPO:-{url}}}}} entity-tracking && {{sys.executable}} -m pip install -q -e 'entity-tracking[book]'", shell=True, check=True)
+    sys.path.insert(0, "entity-tracking/lib")  # the editable install's path file is read by the next kernel only'''
 
 
 def repository_url(root: Path) -> str:
