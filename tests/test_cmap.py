@@ -117,7 +117,7 @@ def _reference_input_cmap(base, ft, batch, layer: int, head: int, key: str, site
     (or its key/value head's key/value at positions ``[:p]``) and every layer's ``o_proj`` input at
     ``[:, :-1]`` overwritten with the base model's cached value. Returns last-position logits."""
     ids = batch["input_ids"]
-    positions = [int(p) for p in batch[f"{key}_position"]]
+    positions = [int(p) for p in D.positions_at(batch, key)]
     arch = base.arch
     d, group = arch.d_head, arch.n_heads // arch.n_kv_heads
     col = head if site == "q" else head // group
@@ -214,7 +214,7 @@ def test_reference_kv_leaves_the_heads_own_position_alone(models, key, head, res
     base, _, batch = models
     layer = head[0]
     twin = _load("twin", Path(base.spec.local_path))
-    positions = [int(p) for p in batch[f"{key}_position"]]
+    positions = [int(p) for p in D.positions_at(batch, key)]
     g = torch.Generator().manual_seed(11)
 
     def perturb(mod, args):  # on the k_proj/v_proj input, which nnsight's read of their output follows

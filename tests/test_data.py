@@ -16,6 +16,7 @@ import torch
 from entity_tracking import task as D
 from entity_tracking.config import DataSpec
 from entity_tracking.model.tokenizer import build_word_tokenizer
+from entity_tracking.schema import position_column
 from entity_tracking.task.prompts import render_parts
 from entity_tracking.task.vocab import ARITHMETIC_WORDS, FUNCTION_WORDS, LABELS, OBJECTS
 
@@ -544,3 +545,17 @@ def test_render_parts_are_the_prompts_pieces_and_the_question_follows_the_contex
         assert text[spans["question"][0]:] == ". Box F contains the" and text[spans["question"][1]:] == ""
     parts, _ = render_parts(D.make_prompt(["comb", "cup"], ["U", "F"], "F"))
     assert parts[:4] == ["The ", "comb", " is in Box ", "U"] and parts[-2:] == ["F", " contains the"]
+
+
+def test_a_position_is_named_by_its_key_and_read_from_a_batch_column():
+    tok = build_word_tokenizer()
+    prompts = D.make_eval_prompts(tok, 3, num_boxes=3, seed=0)
+    batch = D.encode_prompts(tok, prompts)
+    assert position_column("last") == "last_position"
+    assert D.positions_at(batch, "last").tolist() == [p["positions"]["last"] for p in prompts]
+    assert D.positions_at(batch, "query_label").tolist() == [p["positions"]["query_label"] for p in prompts]
+    assert {"last", "query_label", "prev_query_label"} <= set(D.position_keys(batch))
+    with pytest.raises(D.DataError, match="no positions for 'object'.*position keys: \\["):
+        D.positions_at(batch, "object")
+    with pytest.raises(ValueError, match="'last_position' is not a position key"):
+        D.positions_at(batch, "last_position")
