@@ -636,10 +636,6 @@ def _extensions(circuit: Circuit, extended: Circuit) -> list[str]:
     return added
 
 
-def _fmt(e: Estimate) -> str:
-    return f"{e.value:.2f} [{e.low:.2f}, {e.high:.2f}]"
-
-
 #: The settings of :class:`ExtendedFaithfulness` in display order: (key, label).
 EXTENDED_SETTINGS: tuple[tuple[str, str], ...] = (
     ("paper", "the paper's circuit"),
@@ -710,7 +706,7 @@ class ExtendedFaithfulness:
         t1 = paper.FAITHFULNESS.get(paper_model or "", {})
         theirs = {"paper": t1.get("faithfulness"), "random_paper": t1["random"] / t1["full"] if t1 else None}
         return [{"model": self.model, "key": k, "circuit": label, "heads": sizes[k],
-                 "F(C)": _fmt(s[f"{k}_accuracy"]), "faithfulness": _fmt(s[f"{k}_faithfulness"]),
+                 "F(C)": f"{s[f'{k}_accuracy']:.2f}", "faithfulness": f"{s[f'{k}_faithfulness']:.2f}",
                  "value": s[f"{k}_faithfulness"].value, "low": s[f"{k}_faithfulness"].low,
                  "high": s[f"{k}_faithfulness"].high,
                  "paper": float("nan") if theirs.get(k) is None else float(theirs[k])}
@@ -796,7 +792,7 @@ class ExtensionShortfall:
     def text(self) -> str:
         """What is missing, in words and numbers (markdown)."""
         name = GROUP_LABELS.get(self.group, self.group).removesuffix(" (ours)")
-        head = (f"`{self.model}`: the extended circuit's faithfulness is {_fmt(self.faithfulness)}")
+        head = (f"`{self.model}`: the extended circuit's faithfulness is {self.faithfulness:.2f}")
         if not self.missing:
             return head + f", at or above {self.threshold:g} with its whole interval: nothing is missing by this rule."
         out = [head + f", not at or above {self.threshold:g} with its whole interval."]
@@ -813,12 +809,12 @@ class ExtensionShortfall:
             worst = min(vital, key=lambda r: r["accuracy"].value)
             out.append(f"- With everything else intact, ablating the heads outside the circuit at one of its positions "
                        f"costs most at `{worst['setting']}` ({worst['heads_ablated']} heads): accuracy "
-                       f"{_fmt(worst['accuracy'])} against {_fmt(fm['accuracy'])} unablated; "
+                       f"{worst['accuracy']:.2f} against {fm['accuracy']:.2f} unablated; "
                        + "; ".join(f"`{r['setting']}` {r['accuracy'].value:.2f}" for r in vital) + ".")
         if "F(C)" in rows and "all vital positions" in rows:
             out.append(f"- The heads outside the circuit ablated at all its positions at once, everything else intact: "
-                       f"accuracy {_fmt(rows['all vital positions']['accuracy'])}; with every other position ablated "
-                       f"too (F(C), the paper's rule): {_fmt(rows['F(C)']['accuracy'])}.")
+                       f"accuracy {rows['all vital positions']['accuracy']:.2f}; with every other position ablated "
+                       f"too (F(C), the paper's rule): {rows['F(C)']['accuracy']:.2f}.")
         return "\n".join(out)
 
     def to_json(self) -> dict[str, Any]:

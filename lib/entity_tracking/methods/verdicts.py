@@ -32,7 +32,7 @@ from typing import Any, Iterable, Literal, Mapping
 
 import torch
 
-from ..intervene.stats import bootstrap
+from ..intervene.stats import Estimate, bootstrap
 from ..io import read_json, write_json
 from ..schema import GROUP_LABELS, GROUPS
 from .circuit import Circuit
@@ -326,7 +326,8 @@ def who(model: str, controls: Iterable[str] = ()) -> str:
 
 
 def _fmt(est: Mapping[str, float]) -> str:
-    return f"{est['value']:.2f} [{est['low']:.2f}, {est['high']:.2f}]"
+    """An estimate ``{"value", "low", "high"}`` as :class:`~entity_tracking.intervene.stats.Estimate` prints it."""
+    return f"{Estimate(est['value'], est['low'], est['high']):.2f}"
 
 
 def _not_testable(claim: int, statement: str, paper: str, models: Iterable[Competence], sample: str = ""):
