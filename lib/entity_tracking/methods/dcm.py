@@ -542,7 +542,8 @@ def _grouped(items: Sequence[Any], key: Callable[[Any], Any]) -> list[tuple[Any,
 
 
 def learn_masks(lm, circuit, where, spec, groups: Sequence[str] | None = None,
-          desiderata: Sequence[str] = CORE_DESIDERATA, *, prefix_cache: bool = True) -> dict[tuple[str, str], DCMResult]:
+                desiderata: Sequence[str] = CORE_DESIDERATA, *,
+                prefix_cache: bool = True) -> dict[tuple[str, str], DCMResult]:
     """Learn a mask for every (group, desideratum) on ``lm``, trying every lambda and seed of
     ``spec`` (:class:`~entity_tracking.config.DCMSpec`) and keeping the best on the eval split.
     Groups without heads are skipped. The base prompts' :func:`base_prefix` of each
