@@ -58,6 +58,7 @@ from collections import defaultdict
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from ..intervene.patching import (
     HeadPatch,
@@ -446,9 +447,6 @@ def gain_recovery(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapp
     bootstrap interval over the prompts (the same resampled prompts for all three accuracies;
     NaN where a resample has no gain). The fine-tuned model's row carries the gain itself in
     ``share`` (``acc_finetuned - acc_base``, paired interval); the base model's row has NaN."""
-    from tqdm.auto import tqdm
-
-
     _check_choice("kv_positions", kv_positions, KV_POSITIONS)
     _check_choice("restore", restore, RESTORES)
     target = batch["target"]
