@@ -269,3 +269,9 @@ def test_a_profile_without_finetunes_gets_a_not_run_row_for_cmap_and_the_premise
     for got, claim in ((V.cmap_verdicts({}, 4), 3),
                        (V.finetuning_verdicts({"base": able}, "base", {"base": torch.ones(4)}, {}), 0)):
         assert [(v.claim, v.holds, v.ours) for v in got] == [(claim, "not run", "no fine-tuned model in this profile")]
+
+
+def test_confidently_wrong_share_counts_prompts_below_the_threshold():
+    cut = V.CONFIDENTLY_WRONG.value
+    assert V.confidently_wrong_share(torch.tensor([cut / 2, cut, 0.9, 0.0])) == 0.5  # at the threshold is not below
+    assert V.confidently_wrong_share([0.5, 0.6]) == 0.0

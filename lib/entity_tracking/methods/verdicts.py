@@ -63,6 +63,7 @@ __all__ = [
     "circuit_verdicts",
     "cmap_verdicts",
     "competence",
+    "confidently_wrong_share",
     "untestable",
     "exceeds",
     "dcm_verdicts",
@@ -197,6 +198,12 @@ BEYOND_RANDOM_MARGIN = Threshold(0.02, "2 points: more than a few prompts on a 5
 DCM_SHARE_FLOOR = Threshold(20.0, "the paper's groups reach 37-66% on what they encode and about 13% on what "
                                   "they do not")
 DCM_MARGIN = Threshold(5.0, "5 points: more than the 1-3 point spread of the paper's resamples")
+
+
+def confidently_wrong_share(p_correct) -> float:
+    """The share of prompts the model is confidently wrong on: ``p_correct`` (the probability it
+    gives the answer, one per prompt) below :data:`CONFIDENTLY_WRONG`."""
+    return float((torch.as_tensor(p_correct) < CONFIDENTLY_WRONG.value).float().mean())
 
 
 def chance(num_boxes: int) -> float:
