@@ -147,7 +147,7 @@ class TestMeans:
         S = ref["input_ids"].shape[1]
         assert means.shape == (N_LAYERS, S, N_HEADS, lm.arch.d_head) and means.n_prompts == 10
         with lm.trace(input_ids=ref["input_ids"]):
-            z = lm.arch.heads(lm.nn, 1).clone().save()
+            z = lm.arch.read(lm.nn, "z", 1).clone().save()
         torch.testing.assert_close(means.means[1], z.mean(0), atol=1e-6, rtol=1e-5)
 
     def test_single_prompt_means_make_ablation_the_identity(self, lm, prompts):

@@ -328,18 +328,6 @@ class PatchRun:
     cache: ActivationCache
 
 
-def _read(arch: Arch, nn: Any, site: str, layer: int) -> torch.Tensor:
-    return {
-        "resid_pre": arch.resid_pre, "q": arch.q_heads, "k": arch.k_heads, "v": arch.v_heads,
-        "z": arch.heads, "attn_out": arch.attn_out, "resid_post": arch.resid_post,
-    }[site](nn, layer)
-
-
-def _write(arch: Arch, nn: Any, site: str, layer: int, value: torch.Tensor) -> None:
-    {"q": arch.set_q_heads, "k": arch.set_k_heads, "v": arch.set_v_heads, "z": arch.set_heads,
-     "resid_pre": arch.set_resid_pre, "resid_post": arch.set_resid_post}[site](nn, layer, value)
-
-
 def batch_chunks(n: int, batch_size: int, progress: bool, desc: str):
     size = max(1, int(batch_size or n))
     starts = range(0, n, size)
@@ -444,7 +432,7 @@ def run(
                 for layer in skip_layers:
                     arch.layer(nn, layer).skip(skip_value[sl].to(device))
                 for (layer, site) in steps:
-                    cur = _read(arch, nn, site, layer)
+                    cur = arch.read(nn, site, layer)
                     if cpatches[(layer, site)]:
                         new = cur.clone()
                         for p in cpatches[(layer, site)]:
@@ -461,7 +449,7 @@ def run(
                             else:
                                 pos = p.positions.to(device)
                                 new[bi[:, None, None], pos[:, :, None], hs[None, None, :]] = vals
-                        _write(arch, nn, site, layer, new)
+                        arch.write(nn, site, layer, new)
                         cur = new
                     if (layer, site) in rec_set:
                         val = cur if crpos is None else cur[bi[:, None], crpos]

@@ -251,7 +251,7 @@ def compute_means(lm, prompts, *, batch_size: int = 32, progress: bool = True) -
     for s in _progress(starts, progress, desc=f"means ({lm.name})", total=len(starts)):
         ids = batch["input_ids"][s: s + batch_size].to(lm.device)
         with torch.no_grad(), lm.trace(input_ids=ids, attention_mask=torch.ones_like(ids)):
-            sums = [a.heads(lm.nn, layer).float().sum(0) for layer in range(a.n_layers)]
+            sums = [a.read(lm.nn, "z", layer).float().sum(0) for layer in range(a.n_layers)]
             nnsight.save(sums)
         total += torch.stack([x.detach().cpu() for x in sums]).double()
     return MeanActivations(model=lm.name, means=(total / n).float(), n_prompts=n)
@@ -502,11 +502,11 @@ def _run(lm, ids: torch.Tensor, attn: Optional[torch.Tensor], last: torch.Tensor
             a.layer(lm.nn, layer).skip(skip_value)
         for layer in range(n_skip, a.n_layers):
             if layer in write:
-                z = a.heads(lm.nn, layer)
+                z = a.read(lm.nn, "z", layer)
                 k, m = keep[layer].to(z.device), means[layer].to(device=z.device, dtype=z.dtype)  # sharded models
-                a.set_heads(lm.nn, layer, torch.where(k.unsqueeze(-1), z, m.unsqueeze(0)))
+                a.write(lm.nn, "z", layer, torch.where(k.unsqueeze(-1), z, m.unsqueeze(0)))
             if cache:
-                resid.append(a.resid_post(lm.nn, layer).save())
+                resid.append(a.read(lm.nn, "resid_post", layer).save())
         logits = lm.nn.output.logits
         out = (logits if all_positions else logits[rows, last]).save()
         kv = lm.nn.output.past_key_values.save() if cache else None

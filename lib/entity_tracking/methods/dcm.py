@@ -171,12 +171,12 @@ def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, t
         for layer, hs in layers.items():
             m = mask[offset: offset + len(hs)].to(device)[None, :, None]
             offset += len(hs)
-            z = arch.heads(nn, layer)
+            z = arch.read(nn, "z", layer)
             new = z.clone()
             idx = torch.as_tensor(hs, device=device)
             here = z[bi[:, None], pos[:, None], idx[None, :]]  # [batch, n, d_head]
             new[bi[:, None], pos[:, None], idx[None, :]] = m * here + (1 - m) * source_z[layer].to(device, z.dtype)
-            arch.set_heads(nn, layer, new)
+            arch.write(nn, "z", layer, new)
         logits = nn.output.logits[bi, last].save()
     return logits
 
