@@ -625,11 +625,9 @@ def run(
     kvs: list[Any] = []
     with context:
         if prefix is not None:
-            firsts = torch.full((B,), S, dtype=torch.long)
-            for w in writes:
+            firsts = torch.full((B,), S if start is None else int(start), dtype=torch.long)
+            for w in writes if start is None else ():
                 firsts = torch.minimum(firsts, w.first_position(S))
-            if start is not None:
-                firsts = firsts.clamp(max=int(start))
             parts = [torch.arange(B)] if grad or not batch_size else by_first_position(firsts, batch_size)
             if progress and len(parts) > 1:
                 parts = tqdm(parts, desc=desc, leave=False)
