@@ -560,7 +560,8 @@ def run(
         prefix: a :class:`KVPrefix` of these prompts: each chunk runs only its positions from
             ``start`` (default: the earliest position a write touches in the chunk; lowered as
             :meth:`KVPrefix.suffix` requires) with the prefix's cached keys and values, and gets
-            the whole run's logits. Rows run latest start first (``grad``: as given); the caller
+            the whole run's logits. Rows run latest start first (in one chunk, as given: with
+            ``grad``, ``batch_size=None``, or a given ``start`` and one chunk's rows); the caller
             vouches that the prefix is what this run computes before ``start``.
         batch_size: examples per forward pass (None: all at once).
         trace_kwargs: extra keyword arguments for the model's forward (e.g. ``past_key_values``,
@@ -628,15 +629,16 @@ def run(
             firsts = torch.full((B,), S if start is None else int(start), dtype=torch.long)
             for w in writes if start is None else ():
                 firsts = torch.minimum(firsts, w.first_position(S))
-            parts = [torch.arange(B)] if grad or not batch_size else by_first_position(firsts, batch_size)
+            parts = [slice(None)] if grad or not batch_size or batch_size >= B and start is not None \
+                else by_first_position(firsts, batch_size)
             if progress and len(parts) > 1:
                 parts = tqdm(parts, desc=desc, leave=False)
             out = None
             for rows in parts:
                 lg, _, kv = chunk(rows, int(firsts[rows].min()))
-                if out is None:
-                    out = lg.new_zeros(B, lg.shape[-1]) if not grad else None
-                if grad:  # one chunk in the given order
+                if out is None and not isinstance(rows, slice):
+                    out = lg.new_zeros(B, lg.shape[-1])
+                if isinstance(rows, slice):  # one chunk in the given order
                     out = lg
                 else:
                     out[rows.to(out.device)] = lg
