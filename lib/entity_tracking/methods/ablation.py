@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..intervene.patching import KVPrefix, Mean, run
 from ..intervene.stats import Estimate, bootstrap, ratio
@@ -133,8 +134,6 @@ class AblationError(ValueError):
 def _progress(it: Iterable, progress: bool, **kw) -> Iterable:
     if not progress:
         return it
-    from tqdm.auto import tqdm
-
     return tqdm(it, **kw)
 
 

@@ -11,6 +11,7 @@ window). It reads only; no activation is changed.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -106,8 +107,6 @@ def explorer(lm, circuit, batch, query_index: torch.Tensor):
     :func:`describe_head`. Returns None (and shows nothing) when ``$ENTITY_TRACKING_BATCH`` is
     set, as the runner sets it: a batch run has no reader, and a widget cell once left papermill
     waiting for ever for a kernel reply."""
-    import os
-
     if os.environ.get(BATCH_ENV):
         return None
     import ipywidgets as widgets

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import task as D
 from ..intervene.patching import (
@@ -288,8 +289,6 @@ def train_mask(
     history: list[dict[str, float]] = []
     it = range(total)
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(it, desc=f"DCM ({len(heads)} heads, lambda {lam})", leave=False)
     step = 0
     order = torch.randperm(n, generator=gen)
@@ -513,9 +512,6 @@ def sweep(lm, circuit, where, spec, groups: Sequence[str] | None = None,
     (desideratum, split), and the source runs of each position there, are made once for every
     group, lambda and seed (``prefix_cache=False``: every forward pass runs every position, the
     oracle)."""
-    from tqdm.auto import tqdm
-
-
     out: dict[tuple[str, str], DCMResult] = {}
     splits = {d: {s: encode_desideratum(lm.tokenizer, where, d, s) for s in ("train", "eval", "test")} for d in desiderata}
     jobs = [(g, d) for g in (groups or GROUPS) for d in desiderata if circuit.groups[g]]
@@ -572,9 +568,6 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
     and those at one position one source run (``prefix_cache=False``: every position is run, the
     oracle); they are run together, and the rows come out in the order of ``selections``.
     """
-    from tqdm.auto import tqdm
-
-
     mode = getattr(spec, "semantics_pairs", "bootstrap")
     if mode not in ("fresh", "bootstrap"):
         raise DCMError(f"semantics_pairs must be 'fresh' or 'bootstrap', got {mode!r}")

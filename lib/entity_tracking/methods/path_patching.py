@@ -104,6 +104,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from ..intervene.patching import (
     ActivationCache,
@@ -490,8 +492,6 @@ class PathPatcher:
         senders = [(l, h) for l in range(a.n_layers) for h in range(a.n_heads)]
         it = senders
         if self.progress:
-            from tqdm.auto import tqdm
-
             it = tqdm(senders, desc="path patching (naive)", leave=False)
         for (l, h) in it:
             total = 0.0
@@ -606,8 +606,6 @@ class PathPatcher:
 
     def _progress(self, items: list, what: str):
         if self.progress and len(items) > 1:
-            from tqdm.auto import tqdm
-
             return tqdm(items, desc=f"path patching ({what})", leave=False)
         return items
 
@@ -726,8 +724,6 @@ class PathPatcher:
         (example-major). Blocks below ``first`` are skipped in the run, so their layers keep the
         untiled prefix (never read; it only gives the cache its length): the tiling copy is made
         only where attention will read it."""
-        from transformers import DynamicCache
-
         cache = DynamicCache(prefix_kv, config=self.arch._torch(self.lm).config)
         for l, layer in enumerate(cache.layers):
             if l >= first:
