@@ -11,8 +11,24 @@ position. Here the components are attention heads, read and written at four site
 ``k_proj``/``v_proj`` outputs, before rotary embeddings). A patch names a site, a layer, some
 heads, one or more positions *per example* (the base position may differ from example to
 example, and from the position the value was read at in the source), and the values to write.
-The same kernel serves activation patching, path patching (:mod:`entity_tracking.methods.path_patching`),
-mean ablation, DCM and CMAP: they differ only in where the values come from.
+
+**One kernel.** :func:`run` is the only place the book runs a model with its activations
+changed. What a run does at a site is a small *write* object with one method,
+``new_value(base)``, that turns the value the site holds into the value the run continues
+with (the shape of pyvene's interventions):
+
+==================  ==========================================================================
+:class:`HeadPatch`  replace some heads at some positions by given values (activation and path
+                    patching, CMAP: values from another run)
+:class:`Blend`      ``mask * base + (1 - mask) * values`` per head, differentiable (DCM)
+:class:`ResidPatch` replace the residual stream at some positions (interchange of whole tokens)
+:class:`Mean`       replace every head not kept by its mean at that position (mean ablation)
+==================  ==========================================================================
+
+The same call records sites (``reads``), keeps the autograd graph (``grad=True``, DCM's
+training), returns the keys and values (``return_kv=True``) and runs only the positions after a
+cached prefix (``prefix``, :class:`KVPrefix`); path patching, mean ablation, DCM, CMAP, binding
+and the attention patterns differ only in the writes they pass and where the values come from.
 
 Conventions:
 
@@ -30,7 +46,7 @@ Conventions:
 * Evaluation is at each example's **last position** (``last_position [batch]``, as built by
   :func:`entity_tracking.task.encode_prompts`); probabilities are a softmax over the whole
   vocabulary.
-* Every run is under ``torch.no_grad()`` and split into chunks of ``batch_size`` examples.
+* Every run is under ``torch.no_grad()`` (unless ``grad=True``) and split into chunks of ``batch_size`` examples.
 
 The residual stream can be written too (:class:`ResidPatch`, sites ``resid_pre`` and
 ``resid_post``: a block's input and output, ``[batch, pos, d_model]``), for interchange at the
@@ -758,14 +774,9 @@ class KVPrefix:
     def clean(cls, lm: Any, batch: BatchLike, start: int, *, batch_size: int = 32) -> Optional["KVPrefix"]:
         """The prefix of ``batch`` (unpadded) before ``start``, from whole runs of the model as it is."""
         b = as_batch(batch)
-        nn, _, device, _ = lm_parts(lm)
-        hf = getattr(nn, "_module", nn)
-        caches = []
-        for sl in batch_chunks(int(b["input_ids"].shape[0]), batch_size, False, ""):
-            with torch.no_grad():
-                caches.append(hf(input_ids=b["input_ids"][sl].to(device), attention_mask=b["attention_mask"][sl].to(device),
-                                 use_cache=True).past_key_values)
-        return cls.of_runs(caches, start, int(b["input_ids"].shape[1]), hf.config)
+        nn, arch, device, _ = lm_parts(lm)
+        res = run(lm, b, logits=False, return_kv=True, batch_size=batch_size, out_device=device)
+        return cls.of_runs(res.kv, start, int(b["input_ids"].shape[1]), arch._torch(nn).config)
 
     def take(self, idx) -> "KVPrefix":
         """The prefix of the prompts ``idx`` (indices or a slice)."""
