@@ -181,6 +181,8 @@ class TestWrites:
                                    atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="prefix returns last-position logits only"):
             P.run(lm, base, [patch], [("z", 0)], prefix=prefix)
+        with pytest.raises(ValueError, match="pass the prefix too"):
+            P.run(lm, base, [patch], start=3)
 
 
 class TestPositions:

@@ -611,9 +611,11 @@ def run(
     skip_layers = sorted(arch._layer_index(l) for l in skip_layers)
     if skip_layers and (skip_value is None or tuple(skip_value.shape) != (B, S, arch.d_model)):
         raise ValueError(f"skipping blocks needs skip_value [batch, seq, d_model] = {[B, S, arch.d_model]}")
-    if prefix is not None and (reads or all_logits or trace_kwargs):
-        raise ValueError("a run from a cached prefix returns last-position logits only (no reads, all_logits "
-                         "or trace_kwargs)")
+    if prefix is not None and (reads or all_logits or not logits or trace_kwargs):
+        raise ValueError("a run from a cached prefix returns last-position logits only (no reads, all_logits, "
+                         "logits=False or trace_kwargs)")
+    if start is not None and prefix is None:
+        raise ValueError(f"start={start} says where a run from a cached prefix begins: pass the prefix too")
     pad_free = bool((mask == 1).all())  # then no chunk passes a mask
     kw = {**tkw, **(trace_kwargs or {})}
     if return_kv:
