@@ -187,7 +187,10 @@ def site_heads(arch: Arch, site: str, heads: Iterable[int]) -> list[int]:
 
 
 def n_site_heads(arch: Arch, site: str) -> int:
-    return arch.n_kv_heads if site in ("k", "v") else arch.n_heads
+    """How many heads per-head ``site`` has: ``n_kv_heads`` for ``k``/``v``, else ``n_heads``."""
+    if site not in HEAD_SITES:
+        raise ValueError(f"site '{site}' has no heads; per-head sites are {HEAD_SITES}")
+    return arch.head_count(site)
 
 
 # --------------------------------------------------------------------------------------------

@@ -392,7 +392,7 @@ class Arch:
         except KeyError:
             raise ValueError(f"unknown site '{site}'; sites are {tuple(SITE_MODULES)}") from None
 
-    def site_heads(self, site: str) -> Optional[int]:
+    def head_count(self, site: str) -> Optional[int]:
         """How many heads ``site`` splits into: ``n_heads`` (``q``, ``z``), ``n_kv_heads``
         (``k``, ``v``), or None for a residual-width site ``[batch, pos, d_model]``."""
         heads = self.site_module(site).heads
@@ -405,7 +405,7 @@ class Arch:
     def read(self, nn: Any, site: str, layer: int) -> torch.Tensor:
         """The live activation at ``site`` of ``layer`` inside an nnsight trace.
 
-        Head sites come split, ``[batch, pos, n, d_head]`` (``n`` = :meth:`site_heads`): a *view*
+        Head sites come split, ``[batch, pos, n, d_head]`` (``n`` = :meth:`head_count`): a *view*
         of the module's tensor, so ``.clone()``/``.save()`` it to keep it past later writes.
         Residual sites are ``[batch, pos, d_model]``. Read sites in forward order
         (:data:`SITE_MODULES` lists them so within a layer)::
@@ -415,7 +415,7 @@ class Arch:
         """
         mod, end = self._envoy_value(nn, site, layer)
         value = mod.input if end == "input" else mod.output
-        n = self.site_heads(site)
+        n = self.head_count(site)
         return value if n is None else self.split_heads(value, n)
 
     def write(self, nn: Any, site: str, layer: int, value: torch.Tensor) -> None:
@@ -429,7 +429,7 @@ class Arch:
                 arch.write(lm.nn, "z", 0, z)
         """
         mod, end = self._envoy_value(nn, site, layer)
-        n = self.site_heads(site)
+        n = self.head_count(site)
         if n is None:
             if value.shape[-1] != self.d_model:
                 raise ValueError(f"write {site}: expected [batch, pos, {self.d_model}] (d_model), got {list(value.shape)}")
