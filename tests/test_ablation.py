@@ -147,7 +147,7 @@ class TestMeans:
         S = ref["input_ids"].shape[1]
         assert means.shape == (N_LAYERS, S, N_HEADS, lm.arch.d_head) and means.n_prompts == 10
         with lm.trace(input_ids=ref["input_ids"]):
-            z = lm.arch.heads(lm.nn, 1).clone().save()
+            z = lm.arch.read(lm.nn, "z", 1).clone().save()
         torch.testing.assert_close(means.means[1], z.mean(0), atol=1e-6, rtol=1e-5)
 
     def test_single_prompt_means_make_ablation_the_identity(self, lm, prompts):
@@ -280,7 +280,7 @@ class TestWhatIsAblated:
         calls, real = [], A._run
         monkeypatch.setattr(A, "_run", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
         fast = evaluate(lm, batch, means, settings, batch_size=6, progress=False)
-        assert any(kw.get("cache") for kw in calls) and any("past_key_values" in kw for kw in calls)
+        assert any(kw.get("cache") for kw in calls) and any(kw.get("prefix") is not None for kw in calls)
         assert any(kw.get("n_skip") for kw in calls), "the head ablated everywhere starts above block 0"
         monkeypatch.setattr(A, "_run", real)
         slow = evaluate(lm, batch, means, settings, batch_size=6, progress=False, prefix_cache=False)

@@ -174,9 +174,9 @@ class TestFamiliesTraced:
         b, p = ids.shape
         assert (ids[:, 0] == lm.tokenizer.bos_token_id).all() == a.adds_bos
         with lm.trace(ids):
-            q = a.q_heads(lm.nn, 1).save()
-            k = a.k_heads(lm.nn, 1).save()
-            v = a.v_heads(lm.nn, 1).save()
+            q = a.read(lm.nn, "q", 1).save()
+            k = a.read(lm.nn, "k", 1).save()
+            v = a.read(lm.nn, "v", 1).save()
             flat = a.o_proj(lm.nn, 1).input.save()
             resid = a.layer(lm.nn, 1).output.save()
             logits = lm.nn.output.logits.save()
@@ -195,20 +195,20 @@ class TestFamiliesTraced:
         a, ids = lm.arch, _ids(lm)
         clean = _logits(lm, ids)
         with lm.trace(ids):
-            a.set_heads(lm.nn, 0, a.heads(lm.nn, 0).clone())
+            a.write(lm.nn, "z", 0, a.read(lm.nn, "z", 0).clone())
             same = lm.nn.output.logits.save()
         with lm.trace(ids):
-            z = a.heads(lm.nn, 0).clone()
+            z = a.read(lm.nn, "z", 0).clone()
             z[:, :, 1] = 0
-            a.set_heads(lm.nn, 0, z)
+            a.write(lm.nn, "z", 0, z)
             zeroed = lm.nn.output.logits.save()
         with lm.trace(ids):
-            a.set_q_heads(lm.nn, 1, a.q_heads(lm.nn, 1).clone())
-            a.set_k_heads(lm.nn, 1, a.k_heads(lm.nn, 1).clone())
-            a.set_v_heads(lm.nn, 1, a.v_heads(lm.nn, 1).clone())
+            a.write(lm.nn, "q", 1, a.read(lm.nn, "q", 1).clone())
+            a.write(lm.nn, "k", 1, a.read(lm.nn, "k", 1).clone())
+            a.write(lm.nn, "v", 1, a.read(lm.nn, "v", 1).clone())
             same_qkv = lm.nn.output.logits.save()
         with lm.trace(ids):
-            a.set_v_heads(lm.nn, 1, torch.zeros_like(a.v_heads(lm.nn, 1)))
+            a.write(lm.nn, "v", 1, torch.zeros_like(a.read(lm.nn, "v", 1)))
             zero_v = lm.nn.output.logits.save()
         assert torch.equal(same, clean) and torch.equal(same_qkv, clean)
         assert (zeroed - clean).abs().max() > 1e-4
@@ -218,7 +218,7 @@ class TestFamiliesTraced:
         lm = load_model(_local("llama", tiny_dirs["llama"]), verbose=False)
         with pytest.raises(ValueError, match=r"\[batch, pos, 2, 16\]"):
             with lm.trace(_ids(lm)):
-                lm.arch.set_k_heads(lm.nn, 0, lm.arch.q_heads(lm.nn, 0).clone())
+                lm.arch.write(lm.nn, "k", 0, lm.arch.read(lm.nn, "q", 0).clone())
 
     def test_arch_resolves_on_torch_and_loaded_roots(self, tiny_dirs):
         lm = load_model(_local("llama", tiny_dirs["llama"]), verbose=False)
@@ -227,6 +227,64 @@ class TestFamiliesTraced:
         assert a.o_proj(lm, 1).path == a.o_proj(lm.nn, 1).path
         assert len(a.layers(lm.hf)) == a.n_layers
         assert a.lm_head(lm.hf) is lm.hf.lm_head
+
+
+def test_site_table_covers_every_site_in_forward_order():
+    from entity_tracking.model.arch import SITE_MODULES
+    from entity_tracking.schema import SITES
+
+    assert tuple(SITE_MODULES) == SITES
+
+
+class TestAttentionPattern:
+    """:meth:`Arch.attention_pattern` from recorded queries and keys equals the weights of the
+    model's own eager attention, with each family's rules switched on: a sliding window shorter
+    than the prompt (Qwen2, Gemma3), padding; and Gemma3's ``attn_logit_softcapping``, which its
+    attention ignores (so must the pattern)."""
+
+    OVERRIDES = {
+        "llama": {},
+        "qwen2": {"use_sliding_window": True, "sliding_window": 3,
+                  "layer_types": ["sliding_attention", "full_attention"]},
+        "gemma3": {"sliding_window": 3, "attn_logit_softcapping": 2.0,
+                   "layer_types": ["sliding_attention", "full_attention"]},
+    }
+
+    @pytest.mark.parametrize("family", list(FAMILY_SPECS))
+    def test_pattern_equals_eager_attention(self, family, tiny_dirs):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        hf = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], attn_implementation="eager",
+                                                  **self.OVERRIDES[family]).eval()
+        a = arch_for(hf)
+        tok = AutoTokenizer.from_pretrained(tiny_dirs[family])
+        enc = tok([PROMPTS[0], PROMPTS[1][:30]], return_tensors="pt", padding=True)
+        seen = {}
+        hooks = [a.module(hf, f"{s}_proj", l).register_forward_hook(
+                 lambda m, i, o, key=(s, l): seen.__setitem__(key, o.detach()))
+                 for s in ("q", "k") for l in range(a.n_layers)]
+        try:
+            with torch.no_grad():
+                out = hf(**enc, output_attentions=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        windows = [getattr(a.attn(hf, l), "sliding_window", None) for l in range(a.n_layers)]
+        if family != "llama":
+            assert any(w == 3 for w in windows)  # the window is shorter than the prompts
+        for l in range(a.n_layers):
+            q = a.rope(hf, "q", l, a.split_heads(seen["q", l], a.n_heads))
+            k = a.rope(hf, "k", l, a.split_heads(seen["k", l], a.n_kv_heads))
+            got = a.attention_pattern(hf, l, q, k, attention_mask=enc["attention_mask"])
+            want = out.attentions[l]
+            rows = enc["attention_mask"].bool()  # padded queries' rows are meaningless
+            torch.testing.assert_close(got.transpose(1, 2)[rows], want.transpose(1, 2)[rows], atol=1e-6, rtol=0)
+            # from chosen query positions only: the same rows
+            qpos = torch.tensor([[3, 5], [2, 4]])
+            sub = a.attention_pattern(hf, l, q[torch.arange(2)[:, None], qpos], k, query_positions=qpos,
+                                      attention_mask=enc["attention_mask"])
+            torch.testing.assert_close(sub, got[torch.arange(2)[:, None, None], torch.arange(a.n_heads)[None, :, None],
+                                                qpos[:, None, :]], atol=0, rtol=0)
 
 
 class TestGQA:
@@ -241,8 +299,8 @@ class TestGQA:
             ks, hs = [], []
             with lm.trace(ids):
                 for layer in range(lm.arch.n_layers):  # forward order: k_proj before o_proj
-                    ks.append(lm.arch.k_heads(lm.nn, layer).save())
-                    hs.append(lm.arch.heads(lm.nn, layer).clone().save())
+                    ks.append(lm.arch.read(lm.nn, "k", layer).save())
+                    hs.append(lm.arch.read(lm.nn, "z", layer).clone().save())
                 logits = lm.nn.output.logits.save()
             outs[name] = (ks, hs, logits)
         torch.testing.assert_close(outs["gqa"][2], outs["mha"][2], atol=1e-5, rtol=1e-5)
@@ -298,7 +356,7 @@ class TestAdapter:
         with torch.no_grad():
             want = peft_reference(input_ids=ids).logits
         with lm.trace(ids):
-            h = lm.arch.heads(lm.nn, 1).clone().save()
+            h = lm.arch.read(lm.nn, "z", 1).clone().save()
             got = lm.nn.output.logits.save()
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         assert h.shape[-2:] == (4, 16)

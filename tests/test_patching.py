@@ -131,6 +131,60 @@ class TestIdentityPatches:
         assert (P.last_logits(lm, base) - corrupt_logits).abs().max() > 1e-2  # it did change something
 
 
+class TestWrites:
+    """The write objects, each against an oracle: a blend at its two ends is the base run and
+    the patched run; mean ablation with means of the prompt itself is the identity; a run from
+    a cached prefix is the whole run."""
+
+    def test_blend_at_mask_one_is_the_base_run_and_at_zero_the_patch(self, lm, enc):
+        base, source = enc["base"], enc["source"]
+        n = len(base["input_ids"])
+        src = P.cache_activations(lm, source, sites=("z",), positions=source["query_label_position"])
+        vals = src["z", 0][:, :, [0, 3]]  # layer 0: reaches the last token through layer 1
+        pos = base["query_label_position"]
+        def blended(m):
+            return P.run(lm, base, [P.Blend("z", 0, [0, 3], vals, pos, torch.full((2,), m))]).logits
+        torch.testing.assert_close(blended(1.0), P.last_logits(lm, base), atol=0, rtol=0)
+        patched = P.last_logits(lm, base, [P.HeadPatch("z", 0, [0, 3], vals, pos)])
+        torch.testing.assert_close(blended(0.0), patched, atol=0, rtol=0)
+        assert (patched - P.last_logits(lm, base)).abs().max() > 1e-3  # the two ends differ
+        # differentiable in the mask, with grad=True
+        m = torch.full((2,), 0.5, requires_grad=True)
+        out = P.run(lm, base, [P.Blend("z", 0, [0, 3], vals, pos, m)], grad=True).logits
+        out[torch.arange(n), enc["target"]].sum().backward()
+        assert m.grad is not None and m.grad.abs().sum() > 0
+        with pytest.raises(ValueError, match="one entry per head"):
+            P.run(lm, base, [P.Blend("z", 0, [0, 3], vals, pos, torch.ones(3))])
+
+    def test_mean_of_the_prompt_itself_changes_nothing(self, lm, enc):
+        one = {k: v[:1] for k, v in enc["base"].items()}
+        z = P.cache_activations(lm, one, sites=("z",))
+        S = one["input_ids"].shape[1]
+        keep = torch.zeros(1, S, lm.arch.n_heads, dtype=torch.bool)
+        writes = [P.Mean(l, keep, z["z", l][0]) for l in range(lm.arch.n_layers)]
+        torch.testing.assert_close(P.run(lm, one, writes, all_logits=True).logits,
+                                   P.run(lm, one, all_logits=True).logits, atol=1e-6, rtol=0)
+        # other means do change it, and only where keep is False
+        other = [P.Mean(l, keep, torch.zeros_like(z["z", l][0])) for l in range(lm.arch.n_layers)]
+        assert (P.run(lm, one, other).logits - P.run(lm, one).logits).abs().max() > 1e-3
+        kept = [P.Mean(l, ~keep, torch.zeros_like(z["z", l][0])) for l in range(lm.arch.n_layers)]
+        assert torch.equal(P.run(lm, one, kept).logits, P.run(lm, one).logits)
+
+    def test_a_run_from_a_cached_prefix_is_the_whole_run(self, lm, enc):
+        base, source = enc["base"], enc["source"]
+        src = P.cache_activations(lm, source, sites=("z",), positions=source["query_label_position"])
+        patch = P.HeadPatch("z", 1, None, src["z", 1], base["query_label_position"])
+        seq = base["input_ids"].shape[1]
+        prefix = P.KVPrefix.clean(lm, base, seq - 2)
+        whole = P.run(lm, base, [patch], batch_size=4).logits
+        torch.testing.assert_close(P.run(lm, base, [patch], prefix=prefix, batch_size=4).logits, whole,
+                                   atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="prefix returns last-position logits only"):
+            P.run(lm, base, [patch], [("z", 0)], prefix=prefix)
+        with pytest.raises(ValueError, match="pass the prefix too"):
+            P.run(lm, base, [patch], start=3)
+
+
 class TestPositions:
     def test_per_example_positions_land_where_asked(self, lm, enc):
         base, source = enc["base"], enc["source"]

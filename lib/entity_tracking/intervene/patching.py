@@ -11,8 +11,24 @@ position. Here the components are attention heads, read and written at four site
 ``k_proj``/``v_proj`` outputs, before rotary embeddings). A patch names a site, a layer, some
 heads, one or more positions *per example* (the base position may differ from example to
 example, and from the position the value was read at in the source), and the values to write.
-The same kernel serves activation patching, path patching (:mod:`entity_tracking.methods.path_patching`),
-mean ablation, DCM and CMAP: they differ only in where the values come from.
+
+**One kernel.** :func:`run` is the only place the book runs a model with its activations
+changed. What a run does at a site is a small *write* object with one method,
+``new_value(base)``, that turns the value the site holds into the value the run continues
+with (the shape of pyvene's interventions):
+
+==================  ==========================================================================
+:class:`HeadPatch`  replace some heads at some positions by given values (activation and path
+                    patching, CMAP: values from another run)
+:class:`Blend`      ``mask * base + (1 - mask) * values`` per head, differentiable (DCM)
+:class:`ResidPatch` replace the residual stream at some positions (interchange of whole tokens)
+:class:`Mean`       replace every head not kept by its mean at that position (mean ablation)
+==================  ==========================================================================
+
+The same call records sites (``reads``), keeps the autograd graph (``grad=True``, DCM's
+training), returns the keys and values (``return_kv=True``) and runs only the positions after a
+cached prefix (``prefix``, :class:`KVPrefix`); path patching, mean ablation, DCM, CMAP, binding
+and the attention patterns differ only in the writes they pass and where the values come from.
 
 Conventions:
 
@@ -30,7 +46,7 @@ Conventions:
 * Evaluation is at each example's **last position** (``last_position [batch]``, as built by
   :func:`entity_tracking.task.encode_prompts`); probabilities are a softmax over the whole
   vocabulary.
-* Every run is under ``torch.no_grad()`` and split into chunks of ``batch_size`` examples.
+* Every run is under ``torch.no_grad()`` (unless ``grad=True``) and split into chunks of ``batch_size`` examples.
 
 The residual stream can be written too (:class:`ResidPatch`, sites ``resid_pre`` and
 ``resid_post``: a block's input and output, ``[batch, pos, d_model]``), for interchange at the
@@ -43,11 +59,15 @@ patches and records in any order.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from ..model.arch import Arch, arch_for
 from ..schema import HEAD_SITES, SITES
@@ -58,9 +78,11 @@ __all__ = [
     "RESID_WRITE_SITES",
     "SITES",
     "ActivationCache",
+    "Blend",
     "HeadPatch",
     "KVPrefix",
     "MIN_SUFFIX_ROWS",
+    "Mean",
     "PatchRun",
     "ResidPatch",
     "accuracy",
@@ -73,6 +95,8 @@ __all__ = [
     "run",
     "site_heads",
     "target_probs",
+    "Write",
+    "by_first_position",
 ]
 
 _ORDER = {s: i for i, s in enumerate(SITES)}
@@ -163,16 +187,67 @@ def site_heads(arch: Arch, site: str, heads: Iterable[int]) -> list[int]:
 
 
 def n_site_heads(arch: Arch, site: str) -> int:
-    return arch.n_kv_heads if site in ("k", "v") else arch.n_heads
+    """How many heads per-head ``site`` has: ``n_kv_heads`` for ``k``/``v``, else ``n_heads``."""
+    if site not in HEAD_SITES:
+        raise ValueError(f"site '{site}' has no heads; per-head sites are {HEAD_SITES}")
+    return arch.head_count(site)
 
 
 # --------------------------------------------------------------------------------------------
-# Patches
+# Writes: what an intervention does to one site of one layer
+#
+# Every write is a small object with one method that matters, ``new_value(base)``: given the
+# value the site holds in this run (after earlier writes), the value to continue with (as in
+# pyvene, whose interventions are ``forward(base, source)``). The rest is bookkeeping that lets
+# :func:`run` check, split and shift them: ``resolved`` (checked against the batch), ``rows``
+# (the rows of one chunk), ``shifted`` (for a run that starts at a later position, see
+# :class:`KVPrefix`), ``first_position`` (the earliest position written, per row) and
+# ``is_noop`` (a write that would change nothing is not traced).
+
+
+def _head_index(arch: Arch, site: str, heads: Optional[Sequence[int]], what: str) -> list[int]:
+    if site not in HEAD_SITES:
+        raise ValueError(f"cannot {what} site '{site}'; per-head sites are {HEAD_SITES}")
+    n = n_site_heads(arch, site)
+    hs = list(range(n)) if heads is None else [int(h) for h in heads]
+    for h in hs:
+        arch._check_head(h, n, "key/value" if site in ("k", "v") else "query")
+    return hs
+
+
+def _place(base: torch.Tensor, positions: Optional[torch.Tensor], heads: Optional[list[int]],
+           value: torch.Tensor) -> torch.Tensor:
+    """A copy of ``base`` ``[batch, pos, (head, d_head | d_model)]`` holding ``value`` at
+    ``positions [batch, n_pos]`` (None: every position) and ``heads`` (None: a residual site)."""
+    new = base.clone()
+    bi = torch.arange(base.shape[0], device=base.device)
+    if heads is None:
+        if positions is None:
+            new[:] = value
+        else:
+            new[bi[:, None], positions.to(base.device)] = value
+        return new
+    hs = torch.as_tensor(heads, device=base.device)
+    if positions is None:
+        new[:, :, hs] = value
+    else:
+        new[bi[:, None, None], positions.to(base.device)[:, :, None], hs[None, None, :]] = value
+    return new
+
+
+def _gather(base: torch.Tensor, positions: Optional[torch.Tensor], heads: list[int]) -> torch.Tensor:
+    """``base`` at ``positions [batch, n_pos]`` (None: all) and ``heads``: ``[batch, n_pos, n_sel, d_head]``."""
+    hs = torch.as_tensor(heads, device=base.device)
+    if positions is None:
+        return base[:, :, hs]
+    bi = torch.arange(base.shape[0], device=base.device)
+    return base[bi[:, None, None], positions.to(base.device)[:, :, None], hs[None, None, :]]
 
 
 @dataclass
 class HeadPatch:
-    """Overwrite some heads of one site and layer at chosen per-example positions.
+    """Replace some heads of one site and layer at chosen per-example positions (activation
+    patching: the values usually come from another run, :func:`patch_from_cache`).
 
     Attributes:
         site: ``"z"`` (head output), ``"q"``, ``"k"`` or ``"v"``.
@@ -182,6 +257,9 @@ class HeadPatch:
         values: ``[batch, n_pos, n_sel, d_head]`` with ``positions [batch, n_pos]``, or
             ``[batch, seq, n_sel, d_head]`` with ``positions=None`` (every position).
         positions: base positions per example, ``[batch]`` or ``[batch, n_pos]``; ``None`` = all.
+
+    >>> zero = HeadPatch("z", 1, [3], torch.zeros(8, 1, 1, arch.d_head), batch["last_position"])
+    >>> run(lm, batch, [zero]).logits  # head 1.3 silenced at each prompt's last token
     """
 
     site: str
@@ -192,35 +270,75 @@ class HeadPatch:
 
     def resolved(self, arch: Arch, batch_size: int, seq_len: int) -> "HeadPatch":
         """Checked copy with a non-negative layer, explicit heads and positions ``[batch, n_pos]``."""
-        if self.site not in HEAD_SITES:
-            raise ValueError(f"cannot patch site '{self.site}'; per-head sites are {HEAD_SITES}")
         layer = arch._layer_index(self.layer)
-        n = n_site_heads(arch, self.site)
-        heads = list(range(n)) if self.heads is None else [int(h) for h in self.heads]
-        kind = "key/value" if self.site in ("k", "v") else "query"
-        for h in heads:
-            arch._check_head(h, n, kind)
-        vals = self.values
-        pos = None
+        heads = _head_index(arch, self.site, self.heads, "patch")
+        vals, pos = self.values, None
         if self.positions is not None:
             pos = check_positions(self.positions, seq_len, f"{self.site} patch at layer {layer}")
             if vals.dim() == 3:
                 vals = vals[:, None]
-        want_pos = seq_len if pos is None else pos.shape[1]
-        want = (batch_size, want_pos, len(heads), arch.d_head)
-        if pos is not None and pos.shape[0] != batch_size:
-            raise ValueError(f"{self.site} patch (layer {layer}): positions for {pos.shape[0]} examples, batch has {batch_size}")
+            if pos.shape[0] != batch_size:
+                raise ValueError(f"{self.site} patch (layer {layer}): positions for {pos.shape[0]} examples, "
+                                 f"batch has {batch_size}")
+        want = (batch_size, seq_len if pos is None else pos.shape[1], len(heads), arch.d_head)
         if tuple(vals.shape) != want:
             raise ValueError(
                 f"{self.site} patch (layer {layer}): values must be [batch, "
                 f"{'seq' if pos is None else 'n_pos'}, n_heads_selected, d_head] = {list(want)}, "
                 f"got {list(vals.shape)}"
             )
-        return HeadPatch(self.site, layer, heads, vals, pos)
+        return dataclasses.replace(self, layer=layer, heads=heads, values=vals, positions=pos)
 
-    def rows(self, sl: slice) -> "HeadPatch":
-        return HeadPatch(self.site, self.layer, self.heads, self.values[sl],
-                         None if self.positions is None else self.positions[sl])
+    def rows(self, idx) -> "HeadPatch":
+        """The write for rows ``idx`` (a slice or indices) of the batch."""
+        return dataclasses.replace(self, values=self.values[idx],
+                                   positions=None if self.positions is None else self.positions[idx])
+
+    def shifted(self, start: int) -> "HeadPatch":
+        """The write for a run that feeds only positions ``start`` on."""
+        if self.positions is None:
+            return dataclasses.replace(self, values=self.values[:, start:])
+        return dataclasses.replace(self, positions=self.positions - start)
+
+    def first_position(self, seq_len: int) -> torch.Tensor:
+        """``[batch]``: the earliest position written in each row."""
+        if self.positions is None:
+            return torch.zeros(self.values.shape[0], dtype=torch.long)
+        return self.positions.min(1).values.cpu()
+
+    def is_noop(self) -> bool:
+        return False
+
+    def new_value(self, base: torch.Tensor) -> torch.Tensor:
+        """``base`` ``[batch, pos, n, d_head]`` with the chosen heads and positions replaced."""
+        return _place(base, self.positions, list(self.heads), self.values.to(device=base.device, dtype=base.dtype))
+
+
+@dataclass
+class Blend(HeadPatch):
+    """DCM's interpolation: at the chosen heads and positions the site becomes
+    ``mask * base + (1 - mask) * values`` (``mask [n_sel]``, one entry per head; 1 keeps the
+    run's own value, 0 writes ``values``). Differentiable in ``mask`` (run with ``grad=True``).
+
+    >>> m = torch.ones(2, requires_grad=True)
+    >>> logits = run(lm, base, [Blend("z", 3, [0, 5], source_z, pos, m)], grad=True).logits
+    >>> logits[:, target].sum().backward()  # m.grad: how each head's blend moves the target
+    """
+
+    mask: Optional[torch.Tensor] = None
+
+    def resolved(self, arch: Arch, batch_size: int, seq_len: int) -> "Blend":
+        out = super().resolved(arch, batch_size, seq_len)
+        if self.mask is None or tuple(self.mask.shape) != (len(out.heads),):
+            raise ValueError(f"blend (layer {out.layer}): mask must have one entry per head ({len(out.heads)}), "
+                             f"got {None if self.mask is None else tuple(self.mask.shape)}")
+        return out
+
+    def new_value(self, base: torch.Tensor) -> torch.Tensor:
+        here = _gather(base, self.positions, list(self.heads))
+        m = self.mask.to(base.device)[:, None]  # [n_sel, 1] against [..., n_sel, d_head]
+        return _place(base, self.positions, list(self.heads),
+                      m * here + (1 - m) * self.values.to(device=base.device, dtype=base.dtype))
 
 
 #: Residual sites :class:`ResidPatch` can write (a block's input and output).
@@ -238,6 +356,9 @@ class ResidPatch:
         values: ``[batch, n_pos, d_model]`` with ``positions [batch, n_pos]``, or
             ``[batch, seq, d_model]`` with ``positions=None`` (every position).
         positions: base positions per example, ``[batch]`` or ``[batch, n_pos]``; ``None`` = all.
+
+    >>> src = cache_activations(lm, source, ["resid_post"], [2])["resid_post", 2]
+    >>> run(lm, base, [ResidPatch("resid_post", 2, src)]).logits  # = the source run's logits
     """
 
     site: str
@@ -264,8 +385,68 @@ class ResidPatch:
                              f"{'seq' if pos is None else 'n_pos'}, d_model] = {list(want)}, got {list(vals.shape)}")
         return ResidPatch(self.site, layer, vals, pos)
 
-    def rows(self, sl: slice) -> "ResidPatch":
-        return ResidPatch(self.site, self.layer, self.values[sl], None if self.positions is None else self.positions[sl])
+    rows = HeadPatch.rows
+    shifted = HeadPatch.shifted
+    first_position = HeadPatch.first_position
+    is_noop = HeadPatch.is_noop
+
+    def new_value(self, base: torch.Tensor) -> torch.Tensor:
+        """``base`` ``[batch, pos, d_model]`` with the chosen positions replaced."""
+        return _place(base, self.positions, None, self.values.to(device=base.device, dtype=base.dtype))
+
+
+@dataclass
+class Mean:
+    """Mean ablation of one site and layer: wherever ``keep`` is False the head's value is
+    replaced by ``means`` at that absolute position (:mod:`entity_tracking.methods.ablation`).
+
+    Attributes:
+        layer: layer index (negative counts from the end).
+        keep: bool ``[batch, seq, n_heads]``: True keeps the run's own value.
+        means: ``[seq, n_heads, d_head]``, one mean per position and head.
+        site: a per-head site, ``"z"`` (the head outputs) by default.
+
+    >>> keep = torch.ones(8, seq, arch.n_heads, dtype=torch.bool); keep[:, :, 2] = False
+    >>> run(lm, batch, [Mean(0, keep, means[0])]).logits  # head 0.2 mean-ablated everywhere
+    """
+
+    layer: int
+    keep: torch.Tensor
+    means: torch.Tensor
+    site: str = "z"
+
+    def resolved(self, arch: Arch, batch_size: int, seq_len: int) -> "Mean":
+        layer = arch._layer_index(self.layer)
+        n = len(_head_index(arch, self.site, None, "mean-ablate"))
+        if tuple(self.keep.shape) != (batch_size, seq_len, n) or self.keep.dtype != torch.bool:
+            raise ValueError(f"mean ablation (layer {layer}): keep must be bool [batch, seq, n_heads] = "
+                             f"{[batch_size, seq_len, n]}, got {self.keep.dtype} {list(self.keep.shape)}")
+        if tuple(self.means.shape) != (seq_len, n, arch.d_head):
+            raise ValueError(f"mean ablation (layer {layer}): means must be [seq, n_heads, d_head] = "
+                             f"{[seq_len, n, arch.d_head]}, got {list(self.means.shape)}")
+        return dataclasses.replace(self, layer=layer)
+
+    def rows(self, idx) -> "Mean":
+        return dataclasses.replace(self, keep=self.keep[idx])
+
+    def shifted(self, start: int) -> "Mean":
+        return dataclasses.replace(self, keep=self.keep[:, start:], means=self.means[start:])
+
+    def first_position(self, seq_len: int) -> torch.Tensor:
+        ablated = ~self.keep.all(-1)  # [batch, seq]
+        return torch.where(ablated.any(1), ablated.float().argmax(1), seq_len).cpu()
+
+    def is_noop(self) -> bool:
+        return bool(self.keep.all())
+
+    def new_value(self, base: torch.Tensor) -> torch.Tensor:
+        """``base`` ``[batch, pos, n_heads, d_head]`` with every head not kept replaced by its mean."""
+        keep = self.keep.to(base.device)
+        return torch.where(keep.unsqueeze(-1), base, self.means.to(device=base.device, dtype=base.dtype).unsqueeze(0))
+
+
+#: What :func:`run` accepts as a write.
+Write = Union[HeadPatch, Blend, ResidPatch, Mean]
 
 
 def patch_from_cache(source: "ActivationCache", site: str, layer: int, heads: Optional[Sequence[int]],
@@ -322,30 +503,18 @@ class ActivationCache:
 @dataclass
 class PatchRun:
     """What :func:`run` returns: ``logits [batch, vocab]`` at each example's last position (or
-    ``[batch, seq, vocab]`` with ``all_logits=True``) and the recorded activations."""
+    ``[batch, seq, vocab]`` with ``all_logits=True``), the recorded activations, and with
+    ``return_kv=True`` the ``past_key_values`` of each chunk run (in chunk order)."""
 
     logits: Optional[torch.Tensor]
     cache: ActivationCache
-
-
-def _read(arch: Arch, nn: Any, site: str, layer: int) -> torch.Tensor:
-    return {
-        "resid_pre": arch.resid_pre, "q": arch.q_heads, "k": arch.k_heads, "v": arch.v_heads,
-        "z": arch.heads, "attn_out": arch.attn_out, "resid_post": arch.resid_post,
-    }[site](nn, layer)
-
-
-def _write(arch: Arch, nn: Any, site: str, layer: int, value: torch.Tensor) -> None:
-    {"q": arch.set_q_heads, "k": arch.set_k_heads, "v": arch.set_v_heads, "z": arch.set_heads,
-     "resid_pre": arch.set_resid_pre, "resid_post": arch.set_resid_post}[site](nn, layer, value)
+    kv: Optional[list[Any]] = None
 
 
 def batch_chunks(n: int, batch_size: int, progress: bool, desc: str):
     size = max(1, int(batch_size or n))
     starts = range(0, n, size)
     if progress and len(starts) > 1:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc=desc, leave=False)
     for s in starts:
         yield slice(s, min(n, s + size))
@@ -355,23 +524,34 @@ def lm_parts(lm: Any) -> tuple[Any, Arch, torch.device, dict]:
     nn = getattr(lm, "nn", lm)
     arch = getattr(lm, "arch", None)
     if arch is None:
-
         arch = arch_for(nn)
     device = getattr(lm, "device", None) or torch.device("cpu")
     kwargs = dict(getattr(lm, "trace_kwargs", {}) or {})
     return nn, arch, torch.device(device), kwargs
 
 
+def by_first_position(first: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Chunks of ``batch_size`` row indices, latest ``first [batch]`` positions first: each chunk
+    then shares a longer prefix (:class:`KVPrefix`)."""
+    order = torch.sort(-first, stable=True).indices
+    return [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def run(
     lm: Any,
     batch: BatchLike,
-    patches: Sequence[Union[HeadPatch, "ResidPatch"]] = (),
-    record: Iterable[tuple[str, int]] = (),
+    writes: Sequence[Write] = (),
+    reads: Iterable[tuple[str, int]] = (),
     *,
+    record: Optional[Iterable[tuple[str, int]]] = None,
     record_positions: Optional[torch.Tensor] = None,
     all_logits: bool = False,
     logits: bool = True,
-    batch_size: int = 32,
+    grad: bool = False,
+    return_kv: bool = False,
+    prefix: Optional["KVPrefix"] = None,
+    start: Optional[int] = None,
+    batch_size: Optional[int] = 32,
     progress: bool = False,
     desc: str = "patching",
     out_device: Union[str, torch.device] = "cpu",
@@ -379,28 +559,42 @@ def run(
     skip_layers: Iterable[int] = (),
     skip_value: Optional[torch.Tensor] = None,
 ) -> PatchRun:
-    """Run ``lm`` on ``batch`` with ``patches`` applied; record ``record`` sites.
+    """Run ``lm`` on ``batch`` with ``writes`` applied; record the ``reads`` sites. The one
+    kernel every intervention of the book goes through.
 
     Args:
         lm: a :class:`~entity_tracking.load.LoadedModel` (or an nnsight model).
         batch: input ids ``[batch, seq]`` or an :func:`~entity_tracking.task.encode_prompts` batch.
-        patches: :class:`HeadPatch` es and :class:`ResidPatch` es; applied in forward order, several
-            per (site, layer) allowed.
-        record: ``(site, layer)`` pairs (sites of :data:`SITES`) to cache, *after* patching.
+        writes: :class:`HeadPatch`, :class:`Blend`, :class:`ResidPatch`, :class:`Mean`; applied in
+            forward order, in the order given where several act on one (site, layer).
+        reads: ``(site, layer)`` pairs (sites of :data:`SITES`) to cache, *after* the writes
+            (``record`` is the same argument under its older name).
         record_positions: ``[batch]`` / ``[batch, n_pos]``: cache only these positions.
         all_logits: return ``[batch, seq, vocab]`` instead of the last position's ``[batch, vocab]``.
         logits: return no logits at all when False; the forward pass then stops after the last
-            recorded site (the blocks above it would change nothing that is returned).
-        batch_size: examples per forward pass.
+            read (the blocks above it would change nothing that is returned).
+        grad: keep the autograd graph (no ``torch.no_grad``, nothing detached; the batch runs as
+            one chunk): for a learned write such as a :class:`Blend` mask.
+        return_kv: also return each chunk's ``past_key_values`` (keys after rotary embeddings).
+        prefix: a :class:`KVPrefix` of these prompts: each chunk runs only its positions from
+            ``start`` (default: the earliest position a write touches in the chunk; lowered as
+            :meth:`KVPrefix.suffix` requires) with the prefix's cached keys and values, and gets
+            the whole run's logits. Rows run latest start first (in one chunk, as given: with
+            ``grad``, ``batch_size=None``, or a given ``start`` and one chunk's rows); the caller
+            vouches that the prefix is what this run computes before ``start``.
+        batch_size: examples per forward pass (None: all at once).
         trace_kwargs: extra keyword arguments for the model's forward (e.g. ``past_key_values``,
             ``position_ids``, ``logits_to_keep``); with them the batch runs as one chunk.
         skip_layers, skip_value: blocks not run at all; each outputs ``skip_value``
-            ``[batch, seq, d_model]`` instead (what the first block after them reads). Patches
-            and records must lie above the skipped blocks. Used by fast path patching to start a
-            run at the first block whose input differs from the clean run.
+            ``[batch, seq, d_model]`` instead (what the first block after them reads; with a
+            ``prefix``, cut to the positions run). Writes and reads must lie above them.
 
     Returns:
         :class:`PatchRun` with ``logits`` and an :class:`ActivationCache` (on ``out_device``).
+
+    >>> clean = run(lm, base, reads=[("z", 3)])           # cache["z", 3]: [batch, seq, n_heads, d_head]
+    >>> patch = patch_from_cache(clean.cache, "z", 3, [5], base["last_position"])
+    >>> run(lm, base, [patch]).logits                       # identity patch: the clean logits
     """
     nn, arch, device, tkw = lm_parts(lm)
     b = as_batch(batch)
@@ -408,77 +602,126 @@ def run(
     B, S = ids.shape
     last = check_positions(b["last_position"], S, "last position", mask)[:, 0]
     rpos = None if record_positions is None else check_positions(record_positions, S, "record position", mask)
-    patches = [p.resolved(arch, B, S) for p in patches]
-    record = [(s, arch._layer_index(l)) for s, l in record]
-    for s, _ in record:
+    writes = [w.resolved(arch, B, S) for w in writes]
+    if record is not None:
+        if reads:
+            raise ValueError("give the sites to cache as reads or as record, not both")
+        reads = record
+    reads = [(s, arch._layer_index(l)) for s, l in reads]
+    for s, _ in reads:
         if s not in SITES:
             raise ValueError(f"cannot record site '{s}'; sites are {SITES}")
-    # One ordered program of (layer, site) steps: patches then records at each step.
-    steps = sorted({(p.layer, p.site) for p in patches} | {(l, s) for s, l in record},
-                   key=lambda ls: (ls[0], _ORDER[ls[1]]))
-    by_step = {k: [p for p in patches if (p.layer, p.site) == k] for k in steps}
-    rec_set = {(l, s) for s, l in record}
-    pad_free = bool((mask == 1).all())
     skip_layers = sorted(arch._layer_index(l) for l in skip_layers)
-    if skip_layers:
-        if skip_value is None or tuple(skip_value.shape) != (B, S, arch.d_model):
-            raise ValueError(f"skipping blocks needs skip_value [batch, seq, d_model] = {[B, S, arch.d_model]}")
-        if steps and steps[0][0] <= skip_layers[-1]:
-            raise ValueError(f"patch/record at layer {steps[0][0]} lies in the skipped blocks {skip_layers}")
+    if skip_layers and (skip_value is None or tuple(skip_value.shape) != (B, S, arch.d_model)):
+        raise ValueError(f"skipping blocks needs skip_value [batch, seq, d_model] = {[B, S, arch.d_model]}")
+    if prefix is not None and (reads or all_logits or not logits or trace_kwargs):
+        raise ValueError("a run from a cached prefix returns last-position logits only (no reads, all_logits, "
+                         "logits=False or trace_kwargs)")
+    if start is not None and prefix is None:
+        raise ValueError(f"start={start} says where a run from a cached prefix begins: pass the prefix too")
+    pad_free = bool((mask == 1).all())  # then no chunk passes a mask
     kw = {**tkw, **(trace_kwargs or {})}
+    if return_kv:
+        kw["use_cache"] = True
 
-    pieces: dict[tuple[str, int], list[torch.Tensor]] = {(s, l): [] for s, l in record}
+    def chunk(rows, first: Optional[int]) -> tuple[Optional[torch.Tensor], dict, Any]:
+        cw = [w.rows(rows) for w in writes]
+        cids, cmask, clast = ids[rows], None if pad_free else mask[rows], last[rows]
+        cskip = None if not skip_layers else skip_value[rows]
+        crpos = None if rpos is None else rpos[rows]
+        ckw = kw
+        st = 0
+        if first is not None:
+            st, extra = prefix.take(rows).suffix(len(cids), S, first)
+            if st:
+                cw = [w.shifted(st) for w in cw]
+                cids, cmask, clast = cids[:, st:], None, clast - st
+                cskip = None if cskip is None else cskip[:, st:]
+                ckw = {**kw, **extra}
+        return _trace(nn, arch, device, cids, cmask, clast, cw, reads, crpos, cskip, skip_layers, ckw,
+                      all_logits=all_logits, logits=logits, grad=grad, return_kv=return_kv, out_device=out_device)
+
+    context = contextlib.nullcontext() if grad else torch.no_grad()
+    pieces: dict[tuple[str, int], list[torch.Tensor]] = {(s, l): [] for s, l in reads}
     logit_pieces: list[torch.Tensor] = []
-    with torch.no_grad():
-        for sl in batch_chunks(B, batch_size if not trace_kwargs else B, progress, desc):
-            cid = ids[sl].to(device)
-            inputs = {"input_ids": cid} if pad_free else {"input_ids": cid, "attention_mask": mask[sl].to(device)}
-            cpatches = {k: [p.rows(sl) for p in v] for k, v in by_step.items()}
-            n = cid.shape[0]
-            bi = torch.arange(n, device=device)
-            clast = last[sl].to(device)
-            crpos = None if rpos is None else rpos[sl].to(device)
-            saved: dict[tuple[str, int], Any] = {}
-            out_box: list[Any] = []
-            with nn.trace(inputs, **kw) as tracer:
-                for layer in skip_layers:
-                    arch.layer(nn, layer).skip(skip_value[sl].to(device))
-                for (layer, site) in steps:
-                    cur = _read(arch, nn, site, layer)
-                    if cpatches[(layer, site)]:
-                        new = cur.clone()
-                        for p in cpatches[(layer, site)]:
-                            vals = p.values.to(device=device, dtype=new.dtype)
-                            if isinstance(p, ResidPatch):
-                                if p.positions is None:
-                                    new[:] = vals
-                                else:
-                                    new[bi[:, None], p.positions.to(device)] = vals
-                                continue
-                            hs = torch.as_tensor(p.heads, device=device)
-                            if p.positions is None:
-                                new[:, :, hs] = vals
-                            else:
-                                pos = p.positions.to(device)
-                                new[bi[:, None, None], pos[:, :, None], hs[None, None, :]] = vals
-                        _write(arch, nn, site, layer, new)
-                        cur = new
-                    if (layer, site) in rec_set:
-                        val = cur if crpos is None else cur[bi[:, None], crpos]
-                        saved[(site, layer)] = val.detach().to(out_device).save()
-                if logits:
-                    lg = nn.output.logits
-                    if not all_logits:  # logits_to_keep=n leaves only the last n positions
-                        lg = lg[bi, clast - (S - lg.shape[1])]
-                    out_box.append(lg.detach().to(out_device).save())
-                elif steps:
-                    tracer.stop()  # nothing above the last recorded site is returned
+    kvs: list[Any] = []
+    with context:
+        if prefix is not None:
+            firsts = torch.full((B,), S if start is None else int(start), dtype=torch.long)
+            for w in writes if start is None else ():
+                firsts = torch.minimum(firsts, w.first_position(S))
+            parts = [slice(None)] if grad or not batch_size or batch_size >= B and start is not None \
+                else by_first_position(firsts, batch_size)
+            if progress and len(parts) > 1:
+                parts = tqdm(parts, desc=desc, leave=False)
+            out = None
+            for rows in parts:
+                lg, _, kv = chunk(rows, int(firsts[rows].min()))
+                if out is None and not isinstance(rows, slice):
+                    out = lg.new_zeros(B, lg.shape[-1])
+                if isinstance(rows, slice):  # one chunk in the given order
+                    out = lg
+                else:
+                    out[rows.to(out.device)] = lg
+                kvs.append(kv)
+            return PatchRun(out, ActivationCache({}, attention_mask=mask), kvs if return_kv else None)
+        size = B if (trace_kwargs or grad or not batch_size) else batch_size
+        for sl in batch_chunks(B, size, progress, desc):
+            lg, saved, kv = chunk(sl, None)
             for k, v in saved.items():
                 pieces[k].append(v)
             if logits:
-                logit_pieces.append(out_box[0])
+                logit_pieces.append(lg)
+            kvs.append(kv)
     cache = ActivationCache({k: torch.cat(v) for k, v in pieces.items()}, positions=rpos, attention_mask=mask)
-    return PatchRun(torch.cat(logit_pieces) if logits else None, cache)
+    return PatchRun(torch.cat(logit_pieces) if logits else None, cache, kvs if return_kv else None)
+
+
+def _trace(nn: Any, arch: Arch, device: torch.device, ids: torch.Tensor, mask: Optional[torch.Tensor],
+           last: torch.Tensor, writes: list, reads: list, rpos: Optional[torch.Tensor],
+           skip_value: Optional[torch.Tensor], skip_layers: list[int], kw: dict, *, all_logits: bool,
+           logits: bool, grad: bool, return_kv: bool, out_device) -> tuple[Optional[torch.Tensor], dict, Any]:
+    """One nnsight trace of one chunk: ``(logits, {(site, layer): value}, past_key_values)``.
+    ``mask`` None runs without an attention mask."""
+    writes = [w for w in writes if not w.is_noop()]
+    steps = sorted({(w.layer, w.site) for w in writes} | {(l, s) for s, l in reads},
+                   key=lambda ls: (ls[0], _ORDER[ls[1]]))
+    if skip_layers and steps and steps[0][0] <= skip_layers[-1]:
+        raise ValueError(f"write/read at layer {steps[0][0]} lies in the skipped blocks {skip_layers}")
+    by_step = {k: [w for w in writes if (w.layer, w.site) == k] for k in steps}
+    wanted = {(l, s) for s, l in reads}
+    S = ids.shape[1]
+    inputs = {"input_ids": ids.to(device)}
+    if mask is not None:
+        inputs["attention_mask"] = mask.to(device)
+    bi = torch.arange(ids.shape[0], device=device)
+    clast = last.to(device)
+    crpos = None if rpos is None else rpos.to(device)
+    saved: dict[tuple[str, int], Any] = {}
+    out_box: list[Any] = []
+    with nn.trace(inputs, **kw) as tracer:
+        for layer in skip_layers:
+            arch.layer(nn, layer).skip(skip_value.to(device))
+        for (layer, site) in steps:
+            cur = arch.read(nn, site, layer)
+            if by_step[(layer, site)]:
+                for w in by_step[(layer, site)]:
+                    cur = w.new_value(cur)
+                arch.write(nn, site, layer, cur)
+            if (layer, site) in wanted:
+                val = cur if crpos is None else cur[bi[:, None], crpos]
+                saved[(site, layer)] = val.detach().to(out_device).save()
+        if logits:
+            lg = nn.output.logits
+            if not all_logits:  # logits_to_keep=n leaves only the last n positions
+                lg = lg[bi, clast - (S - lg.shape[1])]
+            out_box.append((lg if grad else lg.detach()).to(out_device).save())
+        elif steps and not return_kv:
+            tracer.stop()  # nothing above the last recorded site is returned
+        if return_kv:
+            out_box.append(nn.output.past_key_values.save())
+    lg = out_box[0] if logits else None
+    return lg, saved, (out_box[-1] if return_kv else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,14 +779,9 @@ class KVPrefix:
     def clean(cls, lm: Any, batch: BatchLike, start: int, *, batch_size: int = 32) -> Optional["KVPrefix"]:
         """The prefix of ``batch`` (unpadded) before ``start``, from whole runs of the model as it is."""
         b = as_batch(batch)
-        nn, _, device, _ = lm_parts(lm)
-        hf = getattr(nn, "_module", nn)
-        caches = []
-        for sl in batch_chunks(int(b["input_ids"].shape[0]), batch_size, False, ""):
-            with torch.no_grad():
-                caches.append(hf(input_ids=b["input_ids"][sl].to(device), attention_mask=b["attention_mask"][sl].to(device),
-                                 use_cache=True).past_key_values)
-        return cls.of_runs(caches, start, int(b["input_ids"].shape[1]), hf.config)
+        nn, arch, device, _ = lm_parts(lm)
+        res = run(lm, b, logits=False, return_kv=True, batch_size=batch_size, out_device=device)
+        return cls.of_runs(res.kv, start, int(b["input_ids"].shape[1]), arch._torch(nn).config)
 
     def take(self, idx) -> "KVPrefix":
         """The prefix of the prompts ``idx`` (indices or a slice)."""
@@ -554,8 +792,6 @@ class KVPrefix:
         (``seq`` tokens long) from ``start`` (default: this prefix's) on: the cache and the
         position ids. ``start`` is lowered to leave at least :data:`MIN_SUFFIX_ROWS` rows x tokens
         and two tokens; 0 means run the rows whole (and no keyword arguments)."""
-        from transformers import DynamicCache
-
         start = min(self.start if start is None else start, seq - max(2, math.ceil(MIN_SUFFIX_ROWS / max(n_rows, 1))))
         if start < 1:
             return 0, {}

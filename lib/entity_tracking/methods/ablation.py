@@ -52,15 +52,14 @@ evaluation prompts (:func:`bootstrap`); paired numbers (a ratio, a difference) r
 prompts for both sides.
 
 **Cost.** All settings to evaluate are flattened into ``(setting, prompt)`` rows and run in
-batches: one nnsight trace per batch writes each layer's ``o_proj`` input once, with a boolean
-keep-mask ``[batch, pos, n_heads]`` built by tensor ops (no per-head Python inside the trace).
+batches through the intervention kernel (:func:`entity_tracking.intervene.patching.run`), with one
+:class:`~entity_tracking.intervene.patching.Mean` write per layer holding a boolean keep-mask
+``[batch, pos, n_heads]`` built by tensor ops (no per-head Python inside the trace).
 Layers where nothing is ablated in the batch are not touched. A setting is run once however often
 it is asked for (and a ``memo`` carries results between calls), and a row runs only from where it
 leaves the run with every head ablated (F(C) and its random baselines, before the circuit's first
-position) or with none (F(M\\K), before K's), from that run's cached keys and values: the same
-logits, a fraction of the tokens. ``patching.py`` did not exist when
-this was written: the batched evaluation helpers here (:func:`evaluate`, :func:`encode_for`) are
-candidates to fold into it.
+position) or with none (F(M\\K), before K's), from that run's cached keys and values (the kernel's
+``prefix``): the same logits, a fraction of the tokens.
 """
 
 from __future__ import annotations
@@ -74,8 +73,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from ..intervene.patching import KVPrefix
+from ..intervene.patching import KVPrefix, Mean, run
 from ..intervene.stats import Estimate, bootstrap, ratio
 from ..io import atomic_path
 from ..schema import EXTENSION_GROUPS, GROUPS, Head
@@ -135,8 +135,6 @@ class AblationError(ValueError):
 def _progress(it: Iterable, progress: bool, **kw) -> Iterable:
     if not progress:
         return it
-    from tqdm.auto import tqdm
-
     return tqdm(it, **kw)
 
 
@@ -233,8 +231,6 @@ def compute_means(lm, prompts, *, batch_size: int = 32, progress: bool = True) -
     Returns:
         :class:`MeanActivations` with ``means`` ``[n_layers, pos, n_heads, d_head]``.
     """
-    import nnsight
-
     batch = encode_for(lm, prompts)
     n = _n_examples(batch)
     lengths = _lengths(batch)
@@ -250,11 +246,10 @@ def compute_means(lm, prompts, *, batch_size: int = 32, progress: bool = True) -
     total = torch.zeros(a.n_layers, seq, a.n_heads, a.d_head, dtype=torch.float64)
     starts = range(0, n, batch_size)
     for s in _progress(starts, progress, desc=f"means ({lm.name})", total=len(starts)):
-        ids = batch["input_ids"][s: s + batch_size].to(lm.device)
-        with torch.no_grad(), lm.trace(input_ids=ids, attention_mask=torch.ones_like(ids)):
-            sums = [a.heads(lm.nn, layer).float().sum(0) for layer in range(a.n_layers)]
-            nnsight.save(sums)
-        total += torch.stack([x.detach().cpu() for x in sums]).double()
+        chunk = {"input_ids": batch["input_ids"][s: s + batch_size]}
+        z = run(lm, chunk, reads=[("z", layer) for layer in range(a.n_layers)], logits=False, batch_size=None,
+                out_device=lm.device).cache
+        total += torch.stack([z["z", layer].float().sum(0).cpu() for layer in range(a.n_layers)]).double()
     return MeanActivations(model=lm.name, means=(total / n).float(), n_prompts=n)
 
 
@@ -495,33 +490,27 @@ def _check_lengths(batch: Mapping[str, torch.Tensor], means: MeanActivations) ->
 
 def _run(lm, ids: torch.Tensor, attn: Optional[torch.Tensor], last: torch.Tensor, keep: Optional[torch.Tensor],
          means: Optional[torch.Tensor], all_positions: bool = False, cache: bool = False,
-         skip_value: Optional[torch.Tensor] = None, n_skip: int = 0, **forward: Any):
-    """One trace. ``keep`` ``[n_layers, R, S, n_heads]`` (None: nothing ablated), ``means``
-    ``[n_layers, S, n_heads, d_head]`` on the model's device and dtype. Returns the last-token
-    logits ``[R, vocab]`` (``[R, S, vocab]`` with ``all_positions``), and with ``cache`` the
-    run's ``past_key_values`` and every block's output ``[R, S, d_model]`` too. ``forward``: more
-    arguments of the forward pass (a suffix run's cache and position ids, ``ids`` being the
-    suffix and ``attn`` None). ``n_skip`` blocks are not run: the first block after them reads
-    ``skip_value`` ``[R, S, d_model]`` (theirs is nothing ablated)."""
+         skip_value: Optional[torch.Tensor] = None, n_skip: int = 0, prefix: Optional[KVPrefix] = None,
+         start: Optional[int] = None):
+    """One run of rows ``ids [R, S]`` through the kernel (:func:`entity_tracking.intervene.patching.run`)
+    with a :class:`~entity_tracking.intervene.patching.Mean` write per layer: ``keep``
+    ``[n_layers, R, S, n_heads]`` (None: nothing ablated), ``means`` ``[n_layers, S, n_heads, d_head]``.
+    Returns the last-token logits ``[R, vocab]`` (``[R, S, vocab]`` with ``all_positions``), and
+    with ``cache`` the run's ``past_key_values`` and every block's output ``[R, S, d_model]`` too.
+    ``prefix``/``start``: run only the positions from ``start`` on, from the prefix's keys and
+    values; ``n_skip`` blocks are not run: the first block after them reads ``skip_value``
+    ``[R, S, d_model]`` (theirs is nothing ablated)."""
     a = lm.arch
-    write = [] if keep is None else [layer for layer in range(n_skip, a.n_layers) if not bool(keep[layer].all())]
-    rows = torch.arange(ids.shape[0], device=ids.device)
-    inputs = {"input_ids": ids} if attn is None else {"input_ids": ids, "attention_mask": attn}
-    resid = []
-    with torch.no_grad(), lm.trace(**inputs, **forward):
-        for layer in range(n_skip):
-            a.layer(lm.nn, layer).skip(skip_value)
-        for layer in range(n_skip, a.n_layers):
-            if layer in write:
-                z = a.heads(lm.nn, layer)
-                k, m = keep[layer].to(z.device), means[layer].to(device=z.device, dtype=z.dtype)  # sharded models
-                a.set_heads(lm.nn, layer, torch.where(k.unsqueeze(-1), z, m.unsqueeze(0)))
-            if cache:
-                resid.append(a.resid_post(lm.nn, layer).save())
-        logits = lm.nn.output.logits
-        out = (logits if all_positions else logits[rows, last]).save()
-        kv = lm.nn.output.past_key_values.save() if cache else None
-    return (out, kv, resid) if cache else out
+    writes = [] if keep is None else [Mean(layer, keep[layer], means[layer]) for layer in range(n_skip, a.n_layers)]
+    batch = {"input_ids": ids, "last_position": last}
+    if attn is not None:
+        batch["attention_mask"] = attn
+    res = run(lm, batch, writes, [("resid_post", layer) for layer in range(a.n_layers)] if cache else (),
+              all_logits=all_positions, return_kv=cache, prefix=prefix, start=start, batch_size=None,
+              out_device=lm.device, skip_layers=range(n_skip), skip_value=skip_value)
+    if cache:
+        return res.logits, res.kv[0], [res.cache["resid_post", layer] for layer in range(a.n_layers)]
+    return res.logits
 
 
 def mean_ablated_logits(lm, prompts, means: Optional[MeanActivations], ablation: Ablation = Ablation(), *,
@@ -716,8 +705,7 @@ def _reference_prefix(lm, batch, mean_t: Optional[torch.Tensor], ablated: bool, 
         keep = torch.zeros(lm.arch.n_layers, len(ids), seq, lm.arch.n_heads, dtype=torch.bool, device=lm.device) \
             if ablated else None
         _, kv, out = _run(lm, ids, batch["attention_mask"][s: s + batch_size].to(lm.device),
-                          batch["last_position"][s: s + batch_size].to(lm.device), keep, mean_t, cache=True,
-                          use_cache=True)
+                          batch["last_position"][s: s + batch_size].to(lm.device), keep, mean_t, cache=True)
         caches.append(kv)
         resid.append(out)
     resid = [torch.cat([r[l] for r in resid]) for l in range(lm.arch.n_layers)]
@@ -784,21 +772,16 @@ def _evaluate_rows(lm, batch: Mapping[str, torch.Tensor], means: Optional[MeanAc
         keep = None
         if any(need[int(c)] for c in cfg.unique()):
             keep = _row_masks(lm.arch, batch, ablations, keys, tables, cfg, ex, seq)
-        start, n_skip, forward = 0, 0, {}
+        prefix, start, n_skip, skip = None, None, 0, None
         if length is not None and int(kind[rows[0]]) in refs and (int(length[rows].min()) > 0 or int(layers[rows].min()) > 0):
             ref, resid = refs[int(kind[rows[0]])]
             if int(length[rows].min()) > 0:
-                start, forward = ref.take(ex).suffix(len(rows), seq, int(length[rows].min()))
+                prefix, start = ref.take(ex), int(length[rows].min())
             n_skip = int(layers[rows].min())
             if n_skip:
-                forward["skip_value"] = resid[n_skip - 1][ex, start:].contiguous()
-        if keep is not None:
-            keep = keep[:, :, start:]
-            keep = None if bool(keep.all()) else keep.to(lm.device)
-        ids = batch["input_ids"][ex, start:].to(lm.device)
-        attn = None if start else batch["attention_mask"][ex].to(lm.device)
-        logits = _run(lm, ids, attn, (batch["last_position"][ex] - start).to(lm.device), keep,
-                      None if mean_t is None else mean_t[:, start:], n_skip=n_skip, **forward)
+                skip = resid[n_skip - 1][ex]
+        logits = _run(lm, batch["input_ids"][ex], batch["attention_mask"][ex], batch["last_position"][ex],
+                      keep, mean_t, n_skip=n_skip, skip_value=skip, prefix=prefix, start=start)
         pred = logits.argmax(-1).cpu()
         predicted[rows] = pred
         correct[rows] = pred == target[ex]

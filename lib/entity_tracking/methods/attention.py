@@ -3,18 +3,20 @@
 Path patching says *that* a head matters; its attention pattern says *what it reads*. A Value
 Fetcher should attend from the last token to the correct object, a Position Detector from the
 query label to the label's occurrence in the context. The fused attention kernels (SDPA, flash)
-never materialise the weights, so this module runs one forward pass with the model's eager
-attention implementation, asks for the weights of every layer, and restores the model's own
-implementation afterwards. It reads only; no activation is changed.
+never materialise the weights, so this module reads the queries and keys of the layers it needs
+through the intervention kernel and recomputes the weights from them with the architecture
+table's :meth:`~entity_tracking.model.arch.Arch.attention_pattern` (the layer's scaling, masks and
+window). It reads only; no activation is changed.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
 
-from ..intervene.patching import as_batch, check_positions
+from ..intervene.patching import as_batch, check_positions, run
 from ..schema import GROUP_LABELS, GROUPS, Head
 
 __all__ = ["BATCH_ENV", "ROLES", "attention_patterns", "describe_head", "explorer", "mass_by_role"]
@@ -23,30 +25,36 @@ __all__ = ["BATCH_ENV", "ROLES", "attention_patterns", "describe_head", "explore
 def attention_patterns(lm, batch, heads: Sequence[Head], query_positions: torch.Tensor,
                        *, batch_size: int = 32) -> torch.Tensor:
     """Attention weights ``[len(heads), batch, seq]`` of each ``(layer, head)`` from each
-    example's query position (``query_positions [batch]``) to every key position."""
+    example's query position (``query_positions [batch]``) to every key position.
+
+    One run through the kernel reads the queries and keys of the layers asked for; the weights
+    are recomputed from them by the layer's own rules (:meth:`~entity_tracking.model.arch.Arch.rope`,
+    :meth:`~entity_tracking.model.arch.Arch.attention_pattern`), whatever attention implementation
+    the model runs with.
+
+    >>> attention_patterns(lm, batch, [(3, 5)], batch["last_position"])[0]  # [batch, seq]
+    """
     b = as_batch(batch)
     ids, mask = b["input_ids"], b["attention_mask"]
     B, S = ids.shape
-    qpos = check_positions(query_positions, S, "query position", mask)[:, 0]
+    qpos = check_positions(query_positions, S, "query position", mask)  # [batch, 1]
     arch = lm.arch
     for layer, head in heads:
         arch._layer_index(layer)
         arch._check_head(head, arch.n_heads, "query")
-    hf = lm.hf
-    previous = hf.config._attn_implementation
+    layers = sorted({arch._layer_index(layer) for layer, _ in heads})
+    cache = run(lm, b, reads=[(site, layer) for layer in layers for site in ("q", "k")], logits=False,
+                batch_size=batch_size, desc="queries and keys").cache
+    rows = torch.arange(B)[:, None]
     out = torch.zeros(len(heads), B, S)
-    try:
-        hf.set_attn_implementation("eager")
-        with torch.no_grad():
-            for s in range(0, B, batch_size):
-                sl = slice(s, min(B, s + batch_size))
-                res = hf(input_ids=ids[sl].to(lm.device), attention_mask=mask[sl].to(lm.device), output_attentions=True)
-                rows = torch.arange(sl.stop - sl.start)
-                for i, (layer, head) in enumerate(heads):
-                    att = res.attentions[layer]  # [batch, n_heads, query, key]
-                    out[i, sl] = att[rows, head, qpos[sl].to(att.device)].float().cpu()
-    finally:
-        hf.set_attn_implementation(previous)
+    with torch.no_grad():
+        for layer in layers:
+            q = arch.rope(lm, "q", layer, cache["q", layer][rows, qpos], position_ids=qpos)  # [batch, 1, n_heads, d_head]
+            k = arch.rope(lm, "k", layer, cache["k", layer])
+            pattern = arch.attention_pattern(lm, layer, q, k, query_positions=qpos, attention_mask=mask)
+            for i, (l, head) in enumerate(heads):
+                if arch._layer_index(l) == layer:
+                    out[i] = pattern[:, head, 0].float().cpu()
     return out
 
 
@@ -99,8 +107,6 @@ def explorer(lm, circuit, batch, query_index: torch.Tensor):
     :func:`describe_head`. Returns None (and shows nothing) when ``$ENTITY_TRACKING_BATCH`` is
     set, as the runner sets it: a batch run has no reader, and a widget cell once left papermill
     waiting for ever for a kernel reply."""
-    import os
-
     if os.environ.get(BATCH_ENV):
         return None
     import ipywidgets as widgets

@@ -30,9 +30,11 @@ the runs; ``semantics_pairs="bootstrap"`` resamples the stored test split instea
 Masks of several models are stored in one file, ``{model: {"group/desideratum": mask}}``,
 written by :func:`write_masks` and read back by :func:`read_selections`.
 
-Gradients flow through the nnsight trace: the blend is written by *replacing* the o_proj
-input (not an in-place write into the model's tensor), the model's weights stay frozen, and the
-loss is differentiated after the trace from the saved logits.
+Every forward pass goes through the intervention kernel (:func:`entity_tracking.intervene.patching.run`)
+with one :class:`~entity_tracking.intervene.patching.Blend` write per layer. Gradients flow through
+the nnsight trace (``grad=True``): the blend is written by *replacing* the o_proj input (not an
+in-place write into the model's tensor), the model's weights stay frozen, and the loss is
+differentiated after the trace from the saved logits.
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import task as D
 from ..intervene.patching import (
+    Blend,
     HeadPatch,
     KVPrefix,
     accuracy,
@@ -60,7 +64,7 @@ from ..schema import GROUPS, Head
 from .verdicts import DCM_MARGIN, DCM_SHARE_FLOOR
 
 __all__ = [
-    "CORE_DESIDERATA", "DCMError", "DCMResult", "base_prefix", "better_mask", "desideratum_accuracy",
+    "CORE_DESIDERATA", "DCMError", "DCMResult", "base_prefix", "better_mask", "blend_writes", "desideratum_accuracy",
     "encode_desideratum", "fresh_pairs", "fresh_seed", "functionality", "learn_masks", "manifest_vocabulary",
     "masked_logits", "read_selections", "select_heads", "semantics", "source_head_outputs", "take_rows",
     "train_mask", "write_masks",
@@ -136,49 +140,38 @@ def base_prefix(lm, base: Mapping[str, torch.Tensor], *, batch_size: int = 32,
     return KVPrefix.clean(lm, b, seq - 2, batch_size=batch_size)
 
 
-def _by_position(positions: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Chunks of ``batch_size`` row indices, latest positions first: each chunk then shares a
-    longer prefix. Only for sums over rows that do not depend on the order (counts, per-row
-    answers), never for a training step's batch."""
-    order = torch.sort(-positions, stable=True).indices
-    return [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
-
-
 def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, torch.Tensor],
                   heads: Sequence[Head], position: str, mask: torch.Tensor,
                   prefix: Optional[KVPrefix] = None) -> torch.Tensor:
     """Last-position logits ``[batch, vocab]`` of the base run with each of ``heads`` (in
     :func:`_by_layer` order, matching ``mask [n_heads]``) set to ``m*base + (1-m)*source`` at
-    the base's ``position``. Differentiable in ``mask``; one forward pass, no chunking.
-    ``prefix``: the :func:`base_prefix` of these rows, to run only the tokens from their
-    earliest patch position."""
+    the base's ``position`` (:func:`blend_writes` through the kernel). Differentiable in
+    ``mask``; one forward pass, no chunking. ``prefix``: the :func:`base_prefix` of these rows,
+    to run only the tokens from their earliest patch position.
+
+    >>> m = torch.ones(len(heads), requires_grad=True)
+    >>> masked_logits(lm, pairs["base"], source_head_outputs(lm, pairs["source"], heads, "last"), heads, "last", m)
+    """
+    return run(lm, base, blend_writes(base, source_z, heads, position, mask), grad=True, prefix=prefix,
+               batch_size=None, out_device=lm.device).logits
+
+
+def blend_writes(base: Mapping[str, torch.Tensor], source_z: Mapping[int, torch.Tensor], heads: Sequence[Head],
+                 position: str, mask: torch.Tensor) -> list[Blend]:
+    """One :class:`~entity_tracking.intervene.patching.Blend` per layer of ``heads`` (in
+    :func:`_by_layer` order, matching ``mask [n_heads]``) at the base's ``position``, blending
+    towards ``source_z`` (``{layer: [batch, n_heads_in_layer, d_head]}``)."""
     b = as_batch(base)
     layers = _by_layer(heads)
     n = sum(len(v) for v in layers.values())
     if mask.shape != (n,):
         raise DCMError(f"mask must have one entry per head ({n}), got shape {tuple(mask.shape)}")
-    nn, arch = lm.nn, lm.arch
-    device = lm.device
     pos = _pos(b, position, "base")
-    start, kw = (0, {}) if prefix is None else prefix.suffix(*b["input_ids"].shape, int(pos.min()))
-    inputs = {"input_ids": b["input_ids"][:, start:].to(device)} if start else \
-        {"input_ids": b["input_ids"].to(device), "attention_mask": b["attention_mask"].to(device)}
-    pos = pos.to(device) - start
-    last = _pos(b, "last", "base").to(device) - start
-    bi = torch.arange(b["input_ids"].shape[0], device=device)
-    offset = 0
-    with nn.trace(inputs, **getattr(lm, "trace_kwargs", {}), **kw):
-        for layer, hs in layers.items():
-            m = mask[offset: offset + len(hs)].to(device)[None, :, None]
-            offset += len(hs)
-            z = arch.heads(nn, layer)
-            new = z.clone()
-            idx = torch.as_tensor(hs, device=device)
-            here = z[bi[:, None], pos[:, None], idx[None, :]]  # [batch, n, d_head]
-            new[bi[:, None], pos[:, None], idx[None, :]] = m * here + (1 - m) * source_z[layer].to(device, z.dtype)
-            arch.set_heads(nn, layer, new)
-        logits = nn.output.logits[bi, last].save()
-    return logits
+    writes, offset = [], 0
+    for layer, hs in layers.items():
+        writes.append(Blend("z", layer, hs, source_z[layer][:, None], pos, mask[offset: offset + len(hs)]))
+        offset += len(hs)
+    return writes
 
 
 @dataclass
@@ -217,17 +210,11 @@ def take_rows(batch: Mapping[str, torch.Tensor], idx) -> dict[str, torch.Tensor]
 
 def _rounded_accuracy(lm, pairs, src_z, heads, position, mask_values, batch_size,
                       prefix: Optional[KVPrefix] = None) -> float:
-    with torch.no_grad():
-        hard = (mask_values >= 0.5).float()
-        n = pairs["base"]["input_ids"].shape[0]
-        correct = 0
-        chunks = [torch.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)] if prefix is None \
-            else _by_position(_pos(as_batch(pairs["base"]), position, "base"), batch_size)
-        for idx in chunks:
-            lg = masked_logits(lm, take_rows(pairs["base"], idx), {l: v[idx] for l, v in src_z.items()}, heads, position,
-                               hard, None if prefix is None else prefix.take(idx))
-            correct += int((lg.argmax(-1).cpu() == pairs["target"][idx]).sum())
-        return correct / max(n, 1)
+    hard = (mask_values >= 0.5).float()
+    writes = blend_writes(pairs["base"], src_z, heads, position, hard)
+    logits = run(lm, pairs["base"], writes, prefix=prefix, batch_size=batch_size, out_device=lm.device).logits
+    n = pairs["base"]["input_ids"].shape[0]
+    return int((logits.argmax(-1).cpu() == pairs["target"]).sum()) / max(n, 1)
 
 
 def better_mask(accuracy: float, n_selected: int, best_accuracy: float, best_n_selected: int) -> bool:
@@ -302,8 +289,6 @@ def train_mask(
     history: list[dict[str, float]] = []
     it = range(total)
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(it, desc=f"DCM ({len(heads)} heads, lambda {lam})", leave=False)
     step = 0
     order = torch.randperm(n, generator=gen)
@@ -388,8 +373,7 @@ def desideratum_accuracy(
         pos = _pos(base, position, "base")
         for layer, hs in _by_layer(heads).items():
             patches.append(HeadPatch("z", layer, hs, src_z[layer][:, None], pos))
-    logits = run(lm, base, patches, batch_size=batch_size, desc="desideratum patching").logits if prefix is None \
-        else _run_from_prefix(lm, base, patches, prefix, batch_size)
+    logits = run(lm, base, patches, prefix=prefix, batch_size=batch_size, desc="desideratum patching").logits
     correct = (logits.argmax(-1) == target).float()
     if mode == "fresh":
         runs = [float(correct[i * k:(i + 1) * k].mean()) for i in range(n_resamples)]
@@ -400,27 +384,6 @@ def desideratum_accuracy(
     mean = sum(runs) / len(runs)
     std = (sum((r - mean) ** 2 for r in runs) / max(len(runs) - 1, 1)) ** 0.5
     return {"mean": mean, "std": std, "runs": runs, "correct": correct.tolist(), "accuracy": accuracy(logits, target)}
-
-
-def _run_from_prefix(lm, base: Mapping[str, torch.Tensor], patches: Sequence[HeadPatch], prefix: KVPrefix,
-                     batch_size: int) -> torch.Tensor:
-    """Last-position logits ``[batch, vocab]`` of ``base`` with ``patches`` (one position per
-    row), as :func:`~entity_tracking.intervene.patching.run` gives them: chunks of ``batch_size`` rows,
-    latest patch positions first, each run from its earliest patch position with ``prefix``."""
-    n, seq = base["input_ids"].shape
-    first = torch.stack([torch.as_tensor(p.positions).reshape(n, -1).min(1).values for p in patches]).min(0).values \
-        if patches else torch.full((n,), seq)
-    out = torch.empty(0)
-    for rows in _by_position(first, batch_size):
-        part_base = take_rows(base, rows)
-        start, kw = prefix.take(rows).suffix(len(rows), seq, int(first[rows].min()))
-        part = [HeadPatch(p.site, p.layer, p.heads, p.values[rows], p.positions[rows] - start) for p in patches]
-        feed = {"input_ids": part_base["input_ids"][:, start:]} if start else part_base
-        logits = run(lm, feed, part, batch_size=batch_size, trace_kwargs=kw or None).logits
-        if not len(out):
-            out = logits.new_empty(n, logits.shape[-1])
-        out[rows.to(out.device)] = logits
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -550,9 +513,6 @@ def learn_masks(lm, circuit, where, spec, groups: Sequence[str] | None = None,
     (desideratum, split), and the source runs of each position there, are made once for every
     group, lambda and seed (``prefix_cache=False``: every forward pass runs every position, the
     oracle)."""
-    from tqdm.auto import tqdm
-
-
     out: dict[tuple[str, str], DCMResult] = {}
     splits = {d: {s: encode_desideratum(lm.tokenizer, where, d, s) for s in ("train", "eval", "test")} for d in desiderata}
     jobs = [(g, d) for g in (groups or GROUPS) for d in desiderata if circuit.groups[g]]
@@ -609,9 +569,6 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
     and those at one position one source run (``prefix_cache=False``: every position is run, the
     oracle); they are run together, and the rows come out in the order of ``selections``.
     """
-    from tqdm.auto import tqdm
-
-
     mode = getattr(spec, "semantics_pairs", "bootstrap")
     if mode not in ("fresh", "bootstrap"):
         raise DCMError(f"semantics_pairs must be 'fresh' or 'bootstrap', got {mode!r}")

@@ -60,7 +60,7 @@ step (group, ours)          sender position        corrupt position             
 Object Writer               previous query label   a random box label            K and V of A
 ==========================  =====================  ============================  ==============
 
-**Two implementations of the same scores.** :func:`path_patching_scores` with
+**Two implementations of the same scores.** :meth:`PathPatcher.scores` with
 ``method="naive"`` does exactly the above, two full forward passes per sender (the test
 oracle). ``method="fast"`` (the default) computes the same numbers much more cheaply, from
 three facts:
@@ -104,6 +104,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from ..intervene.patching import (
     ActivationCache,
@@ -139,7 +141,6 @@ __all__ = [
     "extend_circuit",
     "null_circuit",
     "shuffled_attention",
-    "path_patching_scores",
     "step_scores",
     "top_heads",
 ]
@@ -491,8 +492,6 @@ class PathPatcher:
         senders = [(l, h) for l in range(a.n_layers) for h in range(a.n_heads)]
         it = senders
         if self.progress:
-            from tqdm.auto import tqdm
-
             it = tqdm(senders, desc="path patching (naive)", leave=False)
         for (l, h) in it:
             total = 0.0
@@ -607,8 +606,6 @@ class PathPatcher:
 
     def _progress(self, items: list, what: str):
         if self.progress and len(items) > 1:
-            from tqdm.auto import tqdm
-
             return tqdm(items, desc=f"path patching ({what})", leave=False)
         return items
 
@@ -670,40 +667,15 @@ class PathPatcher:
         return self._full_state
 
     def _clean_pass(self, e: torch.Tensor) -> dict:
-        """Clean forward of examples ``e`` with forward hooks on the blocks and ``o_proj``: see
+        """Clean forward of examples ``e`` through the kernel, reading every layer's
+        ``resid_pre``, ``z``, ``attn_out`` and ``resid_post`` and keeping its keys and values: see
         :meth:`_state` for what it returns (for these examples), plus last-token ``logits``."""
-        a = self.arch
-        hf = a._torch(self.lm)
-        L = a.n_layers
-        got: dict[str, list] = {k: [None] * L for k in ("resid_pre", "z", "attn_out", "resid_post")}
-
-        def first(x):
-            return x[0] if isinstance(x, tuple) else x
-
-        def pre(key, layer, heads=False):
-            def hook(module, args, kwargs):
-                x = args[0] if args else next(iter(kwargs.values()))
-                got[key][layer] = (a.split_heads(x) if heads else x).detach()
-            return hook
-
-        def post(key, layer):
-            def hook(module, args, output):
-                got[key][layer] = first(output).detach()
-            return hook
-
-        handles = []
-        for l in range(L):
-            handles.append(a.layer(hf, l).register_forward_pre_hook(pre("resid_pre", l), with_kwargs=True))
-            handles.append(a.o_proj(hf, l).register_forward_pre_hook(pre("z", l, heads=True), with_kwargs=True))
-            handles.append(a.o_proj(hf, l).register_forward_hook(post("attn_out", l)))
-            handles.append(a.layer(hf, l).register_forward_hook(post("resid_post", l)))
-        try:
-            with torch.no_grad():
-                out = hf(input_ids=self.base["input_ids"].to(self.device)[e], use_cache=True, logits_to_keep=1)
-        finally:
-            for h in handles:
-                h.remove()
-        layers = out.past_key_values.layers
+        L = self.arch.n_layers
+        sites = ("resid_pre", "z", "attn_out", "resid_post")
+        res = run(self.lm, self.base["input_ids"][e.cpu()], reads=[(s, l) for l in range(L) for s in sites],
+                  return_kv=True, batch_size=None, out_device=self.device, trace_kwargs={"logits_to_keep": 1})
+        got: dict[str, list] = {s: [res.cache[s, l] for l in range(L)] for s in sites}
+        layers = res.kv[0].layers
         short = [l for l, layer in enumerate(layers) if layer.keys.shape[-2] != self.seq_len]
         if short:  # a sliding-window layer dropped early keys: the prefix cannot be cut from it
             raise NotImplementedError(
@@ -711,7 +683,7 @@ class PathPatcher:
                 f"the fast kernel's cached prefix needs every key, use method='naive'")
         got["k"] = [layer.keys for layer in layers]
         got["v"] = [layer.values for layer in layers]
-        got["logits"] = out.logits[:, -1]
+        got["logits"] = res.logits
         return got
 
     def _pass2(self, P: int, e: torch.Tensor, prefix_kv, active: dict[int, list[int]],
@@ -752,8 +724,6 @@ class PathPatcher:
         (example-major). Blocks below ``first`` are skipped in the run, so their layers keep the
         untiled prefix (never read; it only gives the cache its length): the tiling copy is made
         only where attention will read it."""
-        from transformers import DynamicCache
-
         cache = DynamicCache(prefix_kv, config=self.arch._torch(self.lm).config)
         for l, layer in enumerate(cache.layers):
             if l >= first:
@@ -804,18 +774,6 @@ def _step_like(site: Optional[str]) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Steps and the circuit
-
-
-def path_patching_scores(lm: Any, base: Any, source: Any, target: torch.Tensor,
-                         sender_position: Union[str, torch.Tensor], corrupt_position: Union[str, torch.Tensor],
-                         receivers: Sequence[Head] = (), site: Optional[str] = None, *, method: str = "fast",
-                         batch_size: int = 32, max_rows: Optional[int] = None, progress: bool = True,
-                         verbose: bool = True, metric: str = "relative") -> torch.Tensor:
-    """Path-patching scores ``[n_layers, n_heads]`` of every sender head (one-shot form of
-    :class:`PathPatcher`); ``method`` ``"fast"`` or ``"naive"`` give the same numbers."""
-    pp = PathPatcher(lm, base, source, target, batch_size=batch_size, max_rows=max_rows, progress=progress,
-                     verbose=verbose, metric=metric)
-    return pp.scores(sender_position, corrupt_position, receivers, site, method)
 
 
 def _patcher_for(lm: Any, pairs: Any, **kw) -> PathPatcher:

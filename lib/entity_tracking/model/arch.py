@@ -7,8 +7,11 @@ numbers needed to split a projection into heads differ per family and per config
 written down exactly once, here, as a table of :class:`Layout` rows (one per family) and the
 :class:`Arch` object that :func:`arch_for` builds from a model or config. Nothing else in the
 code base names ``model.layers[...]`` or a module path: kernels ask the ``Arch`` for an nnsight
-envoy (``arch.o_proj(nn, layer)``) or for a per-head view of a live activation inside a trace
-(``arch.heads(nn, layer)``).
+envoy (``arch.o_proj(nn, layer)``) or read and write an activation *site* inside a trace
+(``arch.read(nn, "z", layer)``, ``arch.write(nn, "z", layer, value)``); one table,
+:data:`SITE_MODULES`, says which module's input or output each site is and how it splits into
+heads. :meth:`Arch.attention_pattern` recomputes a layer's attention weights from recorded
+queries and keys by the layer's own rules, so no method needs a fused kernel to hand them out.
 
 Conventions, shared by every family in the table:
 
@@ -49,8 +52,8 @@ Conventions, shared by every family in the table:
 
 Inside an nnsight trace, read modules **in forward order** within one invoke (layer by layer;
 q, k, v, then o inside a layer) or nnsight raises ``OutOfOrderError``. Reads return live
-tensors: ``arch.heads(...)`` is a *view* of the o_proj input, so ``.clone()`` or ``.save()`` it
-before keeping it. Writes (``arch.set_heads(...)`` and friends) *replace* the module's
+tensors: ``arch.read(nn, "z", l)`` is a *view* of the o_proj input, so ``.clone()`` or ``.save()`` it
+before keeping it. Writes (``arch.write(...)``) *replace* the module's
 input/output with a new tensor rather than editing in place, which is what autograd needs when
 a learned mask (DCM) is trained through the intervention.
 """
@@ -63,11 +66,15 @@ from typing import Any, Optional
 
 import torch
 
+from ..schema import SITES
+
 __all__ = [
     "Arch",
     "FAMILIES",
     "Layout",
     "MODEL_TYPES",
+    "SITE_MODULES",
+    "SiteModule",
     "UnsupportedArchitecture",
     "arch_for",
     "tokenizer_adds_bos",
@@ -107,6 +114,9 @@ class Layout:
     attn_out_norm: Optional[str] = None
     mlp_in_norm: str = "post_attention_layernorm"
     mlp_out_norm: Optional[str] = None
+    #: The model's rotary-embedding module; Gemma3's takes the layer type (sliding or full).
+    rotary: str = "model.rotary_emb"
+    rotary_per_layer_type: bool = False
 
 
 #: One row per family. Llama-1/2/3, Vicuna, Goat, FLoat, SmolLM2 are ``LlamaForCausalLM``;
@@ -120,6 +130,7 @@ FAMILIES: dict[str, Layout] = {
         "gemma3",
         classes=("Gemma3ForCausalLM",),
         qk_norm=True,
+        rotary_per_layer_type=True,
         attn_out_norm="post_attention_layernorm",
         mlp_in_norm="pre_feedforward_layernorm",
         mlp_out_norm="post_feedforward_layernorm",
@@ -139,6 +150,30 @@ LAYER_SITES = ("layer", "attn", "q_proj", "k_proj", "v_proj", "o_proj", "mlp", "
 MODEL_SITES = ("embed", "final_norm", "lm_head")
 #: The norms of the residual block (per layer); a family lacking one has ``None`` in its Layout.
 NORM_SITES = ("attn_in_norm", "attn_out_norm", "mlp_in_norm", "mlp_out_norm")
+
+
+@dataclass(frozen=True)
+class SiteModule:
+    """Where an activation site lives: the module (a :data:`LAYER_SITES` name), whether the site is
+    that module's ``input`` or ``output``, and whether it splits into heads (``"q"``: the query
+    heads, ``"kv"``: the key/value heads; None: a residual-width tensor ``[batch, pos, d_model]``)."""
+
+    module: str
+    end: str
+    heads: Optional[str] = None
+
+
+#: Every activation site (:data:`entity_tracking.schema.SITES`, in forward order within a block):
+#: the one table :meth:`Arch.read` and :meth:`Arch.write` work from.
+SITE_MODULES: dict[str, SiteModule] = {
+    "resid_pre": SiteModule("layer", "input"),  # the block's input (layer 0: the embeddings)
+    "q": SiteModule("q_proj", "output", "q"),  # before rotary embeddings (and Gemma3's q_norm)
+    "k": SiteModule("k_proj", "output", "kv"),
+    "v": SiteModule("v_proj", "output", "kv"),
+    "z": SiteModule("o_proj", "input", "q"),  # per-head outputs, before W_O: the paper's head output
+    "attn_out": SiteModule("o_proj", "output"),  # before any post-attention norm
+    "resid_post": SiteModule("layer", "output"),
+}
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -229,13 +264,6 @@ class Arch:
     @property
     def is_gqa(self) -> bool:
         return self.n_kv_heads < self.n_heads
-
-    @property
-    def bos_offset(self) -> int:
-        """1 if the tokenizer prepends BOS, else 0 (raises if unknown)."""
-        if self.adds_bos is None:
-            raise ValueError("BOS handling unknown: build the Arch with arch_for(model, tokenizer=...)")
-        return int(self.adds_bos)
 
     def kv_head(self, head: int) -> int:
         """The key/value head that query head ``head`` attends with: ``head // group_size``."""
@@ -355,78 +383,122 @@ class Arch:
     def lm_head(self, root: Any) -> Any:
         return self.module(root, "lm_head")
 
-    # -- per-head reads and writes inside an nnsight trace --------------------
+    # -- reads and writes inside an nnsight trace -----------------------------
 
-    def heads(self, nn: Any, layer: int) -> torch.Tensor:
-        """Per-head outputs of ``layer``: the live o_proj input as ``[batch, pos, n_heads, d_head]``.
+    def site_module(self, site: str) -> "SiteModule":
+        """The :data:`SITE_MODULES` row of ``site`` (raises naming the sites)."""
+        try:
+            return SITE_MODULES[site]
+        except KeyError:
+            raise ValueError(f"unknown site '{site}'; sites are {tuple(SITE_MODULES)}") from None
 
-        A view: in-place edits reach the model, but prefer :meth:`set_heads` (autograd-safe).
-        ``.clone()``/``.save()`` it to keep the value past later edits or the trace.
+    def head_count(self, site: str) -> Optional[int]:
+        """How many heads ``site`` splits into: ``n_heads`` (``q``, ``z``), ``n_kv_heads``
+        (``k``, ``v``), or None for a residual-width site ``[batch, pos, d_model]``."""
+        heads = self.site_module(site).heads
+        return None if heads is None else (self.n_kv_heads if heads == "kv" else self.n_heads)
+
+    def _envoy_value(self, nn: Any, site: str, layer: int) -> tuple[Any, str]:
+        row = self.site_module(site)
+        return self.module(nn, row.module, layer), row.end
+
+    def read(self, nn: Any, site: str, layer: int) -> torch.Tensor:
+        """The live activation at ``site`` of ``layer`` inside an nnsight trace.
+
+        Head sites come split, ``[batch, pos, n, d_head]`` (``n`` = :meth:`head_count`): a *view*
+        of the module's tensor, so ``.clone()``/``.save()`` it to keep it past later writes.
+        Residual sites are ``[batch, pos, d_model]``. Read sites in forward order
+        (:data:`SITE_MODULES` lists them so within a layer)::
+
+            with lm.trace(ids):
+                z = arch.read(lm.nn, "z", 3).clone().save()   # [batch, pos, n_heads, d_head]
         """
-        return self.split_heads(self.o_proj(nn, layer).input)
+        mod, end = self._envoy_value(nn, site, layer)
+        value = mod.input if end == "input" else mod.output
+        n = self.head_count(site)
+        return value if n is None else self.split_heads(value, n)
 
-    def set_heads(self, nn: Any, layer: int, value: torch.Tensor) -> None:
-        """Replace the per-head outputs of ``layer`` with ``value`` ``[batch, pos, n_heads, d_head]``."""
-        self._check_shape(value, self.n_heads, "set_heads")
-        self.o_proj(nn, layer).input = self.merge_heads(value)
+    def write(self, nn: Any, site: str, layer: int, value: torch.Tensor) -> None:
+        """Replace the activation at ``site`` of ``layer`` with ``value`` (the shape :meth:`read`
+        returns). The module's input or output is *replaced* by a new tensor, never edited in
+        place, so gradients flow through a written value (DCM trains a mask this way)::
 
-    def q_heads(self, nn: Any, layer: int) -> torch.Tensor:
-        """Queries of ``layer`` (q_proj output, pre-RoPE) as ``[batch, pos, n_heads, d_head]``."""
-        return self.split_heads(self.q_proj(nn, layer).output, self.n_heads)
+            with lm.trace(ids):
+                z = arch.read(lm.nn, "z", 0).clone()
+                z[:, :, 1] = 0                    # knock out head 1 everywhere
+                arch.write(lm.nn, "z", 0, z)
+        """
+        mod, end = self._envoy_value(nn, site, layer)
+        n = self.head_count(site)
+        if n is None:
+            if value.shape[-1] != self.d_model:
+                raise ValueError(f"write {site}: expected [batch, pos, {self.d_model}] (d_model), got {list(value.shape)}")
+        else:
+            self._check_shape(value, n, f"write {site}")
+            value = self.merge_heads(value)
+        if end == "input":
+            mod.input = value
+        else:
+            mod.output = value
 
-    def k_heads(self, nn: Any, layer: int) -> torch.Tensor:
-        """Keys of ``layer`` (k_proj output, pre-RoPE) as ``[batch, pos, n_kv_heads, d_head]``."""
-        return self.split_heads(self.k_proj(nn, layer).output, self.n_kv_heads)
+    # -- attention patterns from recorded queries and keys --------------------
 
-    def v_heads(self, nn: Any, layer: int) -> torch.Tensor:
-        """Values of ``layer`` (v_proj output) as ``[batch, pos, n_kv_heads, d_head]``."""
-        return self.split_heads(self.v_proj(nn, layer).output, self.n_kv_heads)
+    def rope(self, root: Any, site: str, layer: int, x: torch.Tensor,
+             position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Queries or keys as attention uses them: the projection output ``x``
+        ``[batch, pos, n, d_head]`` (``site`` ``"q"`` or ``"k"``, as :meth:`read` gives it) through
+        the family's per-head norm (Gemma3's ``q_norm``/``k_norm``) and the rotary embedding of
+        the model's own ``rotary_emb`` module at ``position_ids`` ``[batch, pos]`` (default
+        ``0 .. pos-1``, what the model uses when given none, padded or not)."""
+        if site not in ("q", "k"):
+            raise ValueError(f"rope: site must be 'q' or 'k', got '{site}'")
+        model = self._torch(root)
+        attn = model.get_submodule(self.path("attn", layer))
+        if self.layout.qk_norm:
+            x = getattr(attn, f"{site}_norm")(x)
+        if position_ids is None:
+            position_ids = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+        rotary = model.get_submodule(self.layout.rotary)
+        layer_type = getattr(attn, "layer_type", None)
+        args = (x, position_ids) + ((layer_type,) if self.layout.rotary_per_layer_type else ())
+        cos, sin = rotary(*args)  # [batch, pos, d_head]
+        cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate each pair of halves
+        return x * cos + rotated * sin
 
-    def set_q_heads(self, nn: Any, layer: int, value: torch.Tensor) -> None:
-        """Replace the queries of ``layer`` with ``value`` ``[batch, pos, n_heads, d_head]``."""
-        self._check_shape(value, self.n_heads, "set_q_heads")
-        self.q_proj(nn, layer).output = self.merge_heads(value)
+    def attention_pattern(self, root: Any, layer: int, q: torch.Tensor, k: torch.Tensor, *,
+                          query_positions: Optional[torch.Tensor] = None,
+                          attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention weights ``[batch, n_heads, n_q, pos]`` of ``layer`` from queries ``q``
+        ``[batch, n_q, n_heads, d_head]`` at ``query_positions`` ``[batch, n_q]`` (default: the
+        last ``n_q`` positions) to keys ``k`` ``[batch, pos, n_kv_heads, d_head]``, both after
+        :meth:`rope`. The layer's own rules, read off its attention module: its ``scaling``, the
+        GQA repeat (:meth:`expand_kv`), a sliding window where it has one, the causal mask and
+        the padding mask ``[batch, pos]``; softmax in float32 as the eager implementation
+        computes it. No attention-logit soft-capping: Gemma3 keeps ``attn_logit_softcapping`` in
+        its config but its attention never applies it (transformers 5; Gemma2's did), and the
+        other families have none.
 
-    def set_k_heads(self, nn: Any, layer: int, value: torch.Tensor) -> None:
-        """Replace the keys of ``layer`` with ``value`` ``[batch, pos, n_kv_heads, d_head]``."""
-        self._check_shape(value, self.n_kv_heads, "set_k_heads")
-        self.k_proj(nn, layer).output = self.merge_heads(value)
-
-    def set_v_heads(self, nn: Any, layer: int, value: torch.Tensor) -> None:
-        """Replace the values of ``layer`` with ``value`` ``[batch, pos, n_kv_heads, d_head]``."""
-        self._check_shape(value, self.n_kv_heads, "set_v_heads")
-        self.v_proj(nn, layer).output = self.merge_heads(value)
-
-    # -- residual stream reads inside an nnsight trace ------------------------
-
-    def resid_pre(self, nn: Any, layer: int) -> torch.Tensor:
-        """Residual stream entering block ``layer`` (its input) ``[batch, pos, d_model]``; read it
-        before anything inside the block."""
-        return self.layer(nn, layer).input
-
-    def attn_out(self, nn: Any, layer: int) -> torch.Tensor:
-        """Attention output of block ``layer`` (o_proj output, before any post-attention norm)
-        ``[batch, pos, d_model]``."""
-        return self.o_proj(nn, layer).output
-
-    def resid_post(self, nn: Any, layer: int) -> torch.Tensor:
-        """Residual stream leaving block ``layer`` (its output) ``[batch, pos, d_model]``."""
-        return self.layer(nn, layer).output
-
-    def set_resid_pre(self, nn: Any, layer: int, value: torch.Tensor) -> None:
-        """Replace the residual stream entering block ``layer`` with ``value`` ``[batch, pos, d_model]``
-        (for ``layer`` 0: the token embeddings as the first block reads them)."""
-        self._check_resid(value, "set_resid_pre")
-        self.layer(nn, layer).input = value
-
-    def set_resid_post(self, nn: Any, layer: int, value: torch.Tensor) -> None:
-        """Replace the residual stream leaving block ``layer`` with ``value`` ``[batch, pos, d_model]``."""
-        self._check_resid(value, "set_resid_post")
-        self.layer(nn, layer).output = value
-
-    def _check_resid(self, value: torch.Tensor, what: str) -> None:
-        if value.shape[-1] != self.d_model:
-            raise ValueError(f"{what}: expected [batch, pos, {self.d_model}] (d_model), got {list(value.shape)}")
+        >>> pat = arch.attention_pattern(lm.hf, 1, arch.rope(lm.hf, "q", 1, q), arch.rope(lm.hf, "k", 1, k))
+        """
+        attn = self._torch(root).get_submodule(self.path("attn", layer))
+        B, n_q = q.shape[:2]
+        S = k.shape[1]
+        if query_positions is None:
+            query_positions = torch.arange(S - n_q, S, device=q.device)[None].expand(B, -1)
+        qpos = torch.as_tensor(query_positions, device=q.device).reshape(B, n_q)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, self.expand_kv(k)) * attn.scaling
+        kpos = torch.arange(S, device=q.device)
+        allowed = kpos[None, None, :] <= qpos[:, :, None]  # [batch, n_q, pos]
+        # Qwen2 and Gemma3 set it per layer on the module; Mistral's config applies to every layer
+        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(attn.config, "sliding_window", None)
+        if window:
+            allowed &= kpos[None, None, :] > qpos[:, :, None] - window
+        if attention_mask is not None:
+            allowed &= attention_mask.to(q.device).bool()[:, None, :]
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        return scores.softmax(-1, dtype=torch.float32).to(q.dtype)
 
     # -- the per-position parts of a block, on plain tensors ------------------
 
