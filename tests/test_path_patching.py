@@ -389,7 +389,7 @@ class TestErrors:
             pp.scores(torch.full((N_EX,), S), enc["source"]["last_position"])
         absent = {**enc, "base": {**enc["base"], "prev_query_label_position": enc["base"]["prev_query_label_position"].clone()}}
         absent["base"]["prev_query_label_position"][1] = -1  # a base whose query label is not in the context
-        with pytest.raises(IndexError, match=r"position -1 \(example 1, base prev_query_label_position\)"):
+        with pytest.raises(IndexError, match=r"position -1 \(example 1, base prev_query_label\)"):
             PP.step_scores(lm, patcher(lm, absent), "structure_reader", [(1, 0)])
         with pytest.raises(IndexError, match="query head 7 out of range"):
             PP.step_scores(lm, pp, "position_transmitter", [(1, 7)])
@@ -398,9 +398,9 @@ class TestErrors:
         with pytest.raises(ValueError, match="unknown step"):
             PP.step_scores(lm, pp, "name_mover")
         with pytest.raises(ValueError, match="no receiver heads"):
-            pp.scores("last_position", "last_position", [], "q")
+            pp.scores("last", "last", [], "q")
         with pytest.raises(ValueError, match=r"receiver site must be None \(logits\) or one of"):
-            pp.scores("last_position", "last_position", [(1, 0)], "o")
+            pp.scores("last", "last", [(1, 0)], "o")
         with pytest.raises(ValueError, match="method must be one of"):
             PP.step_scores(lm, pp, "value_fetcher", method="approximate")
 

@@ -78,7 +78,7 @@ from tqdm.auto import tqdm
 from ..intervene.patching import KVPrefix, Mean, run
 from ..intervene.stats import Estimate, bootstrap, ratio
 from ..io import atomic_path
-from ..schema import EXTENSION_GROUPS, GROUPS, Head
+from ..schema import EXTENSION_GROUPS, GROUPS, Head, position_column
 from ..task.encoding import encode_prompts
 from .circuit import Circuit
 from .verdicts import (
@@ -384,7 +384,7 @@ def _check_circuit(arch, circuit: Circuit, batch: Mapping[str, torch.Tensor], wh
         pos = circuit.positions[g]
         if not circuit.groups[g] or pos == ALL_POSITIONS:
             continue
-        key = f"{pos}_position"
+        key = position_column(pos)
         if key not in batch:
             raise AblationError(
                 f"{what} '{circuit.model}' group {g} acts at '{pos}', but the batch has no '{key}' "
@@ -437,7 +437,7 @@ def _onehots(batch: Mapping[str, torch.Tensor], keys: list[str], rows: torch.Ten
     out = torch.zeros(len(keys), len(rows), seq)
     out[0] = 1.0
     for k, key in enumerate(keys[1:], start=1):
-        pos = torch.as_tensor(batch[f"{key}_position"])[rows]
+        pos = torch.as_tensor(batch[position_column(key)])[rows]
         if pos.dim() == 1:
             pos = pos[:, None]
         ok = pos >= 0

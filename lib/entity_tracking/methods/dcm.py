@@ -60,7 +60,7 @@ from ..intervene.patching import (
     run,
 )
 from ..io import read_json, write_json
-from ..schema import GROUPS, Head
+from ..schema import GROUPS, Head, position_column
 from .verdicts import DCM_MARGIN, DCM_SHARE_FLOOR
 
 __all__ = [
@@ -83,7 +83,7 @@ def _by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
 
 
 def _pos(batch: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
-    name = f"{key}_position"
+    name = position_column(key)
     if name not in batch:
         raise DCMError(f"{what} batch has no '{name}'")
     return check_positions(batch[name], batch["input_ids"].shape[1], f"{what} {key} position",

@@ -121,8 +121,8 @@ from ..intervene.patching import (
     target_probs,
 )
 from ..model.arch import Arch, arch_for
-from ..schema import GROUPS
-from ..task.encoding import encode_pairs
+from ..schema import GROUPS, position_column
+from ..task.encoding import encode_pairs, position_keys, positions_at
 from .circuit import Circuit
 
 __all__ = [
@@ -161,8 +161,9 @@ Head = tuple[int, int]
 class Step:
     """One path-patching step: the group it finds, where senders are patched, and what they
     are scored through (``receiver_site`` ``None`` = the logits, else ``"q"``, ``"v"`` or
-    ``"kv"`` of the top heads of group ``receivers_from``). Positions are keys of
-    :func:`data.encode_prompts` batches."""
+    ``"kv"`` of the top heads of group ``receivers_from``). Positions are position keys
+    (``"last"``, ``"query_label"``; :func:`~entity_tracking.schema.position_column` names their
+    batch columns)."""
 
     group: str
     sender_position: str
@@ -173,18 +174,18 @@ class Step:
 
 #: The paper's four steps, in discovery order.
 STEPS: dict[str, Step] = {
-    "value_fetcher": Step("value_fetcher", "last_position", "last_position", None),
-    "position_transmitter": Step("position_transmitter", "last_position", "last_position", "q", "value_fetcher"),
-    "position_detector": Step("position_detector", "query_label_position", "query_label_position", "v",
+    "value_fetcher": Step("value_fetcher", "last", "last", None),
+    "position_transmitter": Step("position_transmitter", "last", "last", "q", "value_fetcher"),
+    "position_detector": Step("position_detector", "query_label", "query_label", "v",
                               "position_transmitter"),
-    "structure_reader": Step("structure_reader", "prev_query_label_position", "corrupt_label_position", "v",
+    "structure_reader": Step("structure_reader", "prev_query_label", "corrupt_label", "v",
                              "position_detector"),
 }
 
 #: Steps of ours beyond the paper's four (module docstring), run on a found circuit by
 #: :func:`extend_circuit`; the sender position is the group's position in the circuit.
 EXTENSION_STEPS: dict[str, Step] = {
-    "object_writer": Step("object_writer", "prev_query_label_position", "corrupt_label_position", "kv",
+    "object_writer": Step("object_writer", "prev_query_label", "corrupt_label", "kv",
                           "value_fetcher"),
 }
 _ALL_STEPS: dict[str, Step] = {**STEPS, **EXTENSION_STEPS}
@@ -441,13 +442,13 @@ class PathPatcher:
 
     def positions(self, which: str, key: Union[str, torch.Tensor]) -> torch.Tensor:
         """Per-example positions ``[batch]`` of the base (``which="base"``) or source batch:
-        a batch key (``"query_label_position"``) or a tensor; validated against the length."""
+        a position key (``"query_label"``) or a tensor; validated against the length."""
         batch = self.base if which == "base" else self.source
         if isinstance(key, str):
-            if key not in batch:
-                raise KeyError(f"the {which} batch has no '{key}' (keys: {sorted(batch)}); encode it with "
-                               f"data.encode_pairs")
-            pos = batch[key]
+            if position_column(key) not in batch:
+                raise KeyError(f"the {which} batch has no positions for '{key}' (its position keys: "
+                               f"{position_keys(batch)}); encode it with task.encode_pairs")
+            pos = positions_at(batch, key)
         else:
             pos = torch.as_tensor(key)
         what = f"{which} {key}" if isinstance(key, str) else f"{which} position"
@@ -956,7 +957,7 @@ def extend_circuit(
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection rule {selection!r}; rules are {list(SELECTIONS)}")
     step = EXTENSION_STEPS[group]
-    position = step.sender_position.removesuffix("_position")  # the circuit's key for the batch's position
+    position = step.sender_position
     pp = _patcher_for(lm, pairs, batch_size=batch_size, max_rows=max_rows, progress=progress, verbose=verbose,
                       metric=metric)
     receivers = list(circuit.groups[step.receivers_from])
