@@ -52,7 +52,7 @@ from .build import (  # noqa: F401
     recipe_hash,
     replicates,
 )
-from .curriculum import STAGES, Batch, make_arithmetic_batch, make_batch, paper_prompts  # noqa: F401
+from .curriculum import STAGES, Batch, context_length, make_arithmetic_batch, make_batch, paper_prompts  # noqa: F401
 from .finetune import (  # noqa: F401
     FINETUNE_VERSION,
     arithmetic_correct,
@@ -63,6 +63,7 @@ from .finetune import (  # noqa: F401
     heldout_problems,
     qa_batch,
 )
-from .train import entity_accuracy, prompt_accuracy, train_organism, train_threads  # noqa: F401
+from .resample import derangement, resampled_context  # noqa: F401
+from .train import answer_consistency, entity_accuracy, positional_step, prompt_accuracy, train_organism, train_threads  # noqa: F401
 
-__all__ = ["Batch", "FINETUNE_VERSION", "RECIPE_VERSION", "STAGES", "arithmetic_correct", "arithmetic_pairs", "base_dir", "build_all", "control_finetune", "control_objects", "ensure_base", "ensure_built", "ensure_finetune", "entity_accuracy", "finetune", "heldout_problems", "make_arithmetic_batch", "make_batch", "paper_prompts", "prompt_accuracy", "qa_batch", "recipe_hash", "replicates", "train_organism", "train_threads"]
+__all__ = ["Batch", "FINETUNE_VERSION", "RECIPE_VERSION", "STAGES", "answer_consistency", "arithmetic_correct", "arithmetic_pairs", "base_dir", "build_all", "context_length", "control_finetune", "control_objects", "derangement", "ensure_base", "ensure_built", "ensure_finetune", "entity_accuracy", "finetune", "heldout_problems", "make_arithmetic_batch", "make_batch", "paper_prompts", "positional_step", "prompt_accuracy", "qa_batch", "recipe_hash", "replicates", "resampled_context", "train_organism", "train_threads"]

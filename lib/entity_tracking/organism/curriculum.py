@@ -56,6 +56,14 @@ def _query_words(fmt: str, label: str) -> list[str]:
     return [".", "Box", label, "contains", "the"]
 
 
+def context_length(fmt: str, num_boxes: int) -> int:
+    """Tokens before the first query's ``Box`` (or label) in a :func:`make_batch` row of
+    ``num_boxes`` boxes: BOS, the context and the query's ``.``. The same in every row with that
+    box count (one word is one token), so it spans the positions that context resampling
+    (:mod:`entity_tracking.organism.resample`) replaces and the context-ablation test ablates."""
+    return 1 + len(_context_words(fmt, ["o"] * num_boxes, ["L"] * num_boxes)) + 1
+
+
 def paper_prompts(n_contexts: int, num_boxes: int, seed: int, objects: Sequence[str] = OBJECTS):
     """The paper's prompts (§1.1), ``num_boxes`` per context with the query at each box in turn:
     a list of ``(prompt_text, answer_word, query_index)``. The organism's private generator for its
