@@ -197,6 +197,11 @@ class PositionalSpec(_Strict):
                     "is pulled towards the resampled run's (KL, the resampled side held fixed); 0 = off "
                     "(one forward pass a batch)",
     )
+    val_every: int = Field(
+        25, ge=1,
+        description="steps between 7-box validation checks in the paper-format stage (the default recipe checks "
+                    "every 1-3 steps to stop at its target; this one trains to final_max_steps or the target)",
+    )
     min_boxes: int = Field(2, ge=2, le=26, description="box counts of the paper-format stage (one per batch)")
     max_boxes: int = Field(7, ge=2, le=26)
 

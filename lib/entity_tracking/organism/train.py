@@ -228,6 +228,8 @@ def train_organism(
         final = fmt == "paper"
         stage_start = step
         next_check = step + (1 if final else 25)
+        if final and spec.positional is not None:
+            next_check = step + spec.positional.val_every
         while True:
             if step >= limit:
                 break
@@ -256,6 +258,8 @@ def train_organism(
                     # check every step near the target: accuracy jumps within a few steps
                     gap = spec.target_accuracy - val_acc
                     next_check = step + (1 if gap < 0.4 else 3)
+                    if spec.positional is not None:
+                        next_check = step + spec.positional.val_every
                     bar.set_postfix(stage=fmt, loss=f"{loss.item():.3f}", acc7=f"{val_acc:.2f}")
                     if val_acc >= spec.target_accuracy:
                         reached = True

@@ -1,0 +1,122 @@
+"""Experiments towards a positional organism (issue 17): train a recipe with context resampling
+and measure it with the binding chapter's context-ablation test.
+
+One run = the recipe of ``--spec`` (OrganismSpec fields as JSON, ``positional`` among them)
+trained, then measured on the data chapter's held-out 7-box prompts (profile data seed 0): clean
+accuracy, accuracy with every head mean-ablated at every context position
+(:func:`entity_tracking.methods.binding.context_ablation`, means over mean-reference prompts as the
+chapters take them), retention, and both per queried box. Prints one JSON line and writes it,
+with the training log, under ``--out``.
+
+The curriculum prefix (kv, vk, filler) does not depend on ``positional``; ``--prefix-cache``
+trains it once per prefix recipe and starts the paper-format stage from the cached model (with a
+fresh optimizer, so not bit-identical to the recipe run end to end; ``--full`` runs that)::
+
+    python bench/positional_organism.py --name p4-r1 --prefix-cache results/positional-bench/prefix \\
+        --spec '{"final_max_steps": 600, "target_accuracy": 1.0, "positional": {}}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from entity_tracking.config import ModelSpec, OrganismSpec
+from entity_tracking.load import load_model
+from entity_tracking.methods import binding
+from entity_tracking.methods.ablation import compute_means
+from entity_tracking.organism import STAGES, train_organism
+from entity_tracking.organism.build import base_fields
+from entity_tracking.task.samplers import make_eval_prompts, make_mean_reference_prompts
+
+#: Fields of OrganismSpec that only act in the paper-format stage.
+FINAL_FIELDS = ("positional", "final_max_steps", "target_accuracy", "target_boxes")
+
+
+def prefix_key(spec: OrganismSpec) -> str:
+    d = {k: v for k, v in base_fields(spec).items() if k not in FINAL_FIELDS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def train(spec: OrganismSpec, out: Path, prefix_cache: Path | None, full: bool) -> dict:
+    """Train ``spec`` into ``out/model``; returns the training record."""
+    rec: dict = {}
+    t0 = time.perf_counter()
+    if full or prefix_cache is None:
+        res = train_organism(spec, progress=False)
+        rec["prefix_seconds"] = None
+    else:
+        from transformers import AutoModelForCausalLM
+
+        pdir = prefix_cache / f"prefix-{prefix_key(spec)}"
+        if not (pdir / "config.json").is_file():
+            pre = train_organism(spec, progress=False, stages=STAGES[:-1])
+            pre.model.save_pretrained(pdir)
+            (pdir / "prefix.json").write_text(json.dumps({"stage_steps": pre.stage_steps, "seconds": pre.seconds}))
+        meta = json.loads((pdir / "prefix.json").read_text())
+        rec["prefix_steps"], rec["prefix_seconds"] = meta["stage_steps"], round(meta["seconds"], 1)
+        model = AutoModelForCausalLM.from_pretrained(pdir)
+        res = train_organism(spec, progress=False, stages=STAGES[-1:], model=model)
+    rec["train_seconds"] = round(time.perf_counter() - t0, 1)
+    rec["stage_steps"] = res.stage_steps
+    rec["val_curve"] = [(h["step"], h[f"val_acc_{spec.target_boxes}"]) for h in res.history
+                        if f"val_acc_{spec.target_boxes}" in h]
+    res.model.save_pretrained(out / "model")
+    res.tokenizer.save_pretrained(str(out / "model"))
+    return rec
+
+
+def measure(model_dir: Path, n: int, n_ref: int, boxes: int = 7) -> dict:
+    """Clean and context-ablated accuracy on ``n`` held-out prompts, overall and per queried box."""
+    lm = load_model(ModelSpec(name="positional-probe", local_path=str(model_dir)), verbose=False)
+    ev = make_eval_prompts(lm.tokenizer, n, num_boxes=boxes, seed=0)
+    ref = make_mean_reference_prompts(lm.tokenizer, n_ref, num_boxes=boxes, seed=0, n_tokens=ev[0]["n_tokens"])
+    means = compute_means(lm, ref, progress=False)
+    res = binding.context_ablation(lm, ev, means, progress=False)
+    s = res.summary(n_resamples=200)
+    q = torch.tensor([int(p["query_index"]) for p in ev])
+    per_box = {k: [round(float(res.evaluations[k].correct[q == b].float().mean()), 3) for b in range(boxes)]
+               for k in ("clean", "context_ablated")}
+    return {"clean": round(s["clean"].value, 3), "context_ablated": round(s["context_ablated"].value, 3),
+            "retention": round(s["retention_context_ablated"].value, 3),
+            "retention_interval": [round(s["retention_context_ablated"].low, 3),
+                                   round(s["retention_context_ablated"].high, 3)],
+            "label_kept": round(s["context_ablated_label_kept"].value, 3),
+            "query_ablated": round(s["query_ablated"].value, 3), "per_box": per_box}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--spec", default="{}", help="OrganismSpec fields as JSON")
+    ap.add_argument("--out", default="results/positional-bench")
+    ap.add_argument("--prefix-cache", default=None, help="folder of cached curriculum prefixes")
+    ap.add_argument("--full", action="store_true", help="train the recipe end to end (no prefix cache)")
+    ap.add_argument("--measure-only", action="store_true", help="measure the model already in --out/<name>")
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--n-ref", type=int, default=500)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    spec = OrganismSpec(**json.loads(args.spec))
+    out = Path(args.out) / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    rec = {"name": args.name, "spec": json.loads(args.spec), "threads": args.threads}
+    if not args.measure_only:
+        rec.update(train(spec, out, Path(args.prefix_cache) if args.prefix_cache else None, args.full))
+    t = time.perf_counter()
+    rec.update(measure(out / "model", args.n, args.n_ref))
+    rec["measure_seconds"] = round(time.perf_counter() - t, 1)
+    (out / "run.json").write_text(json.dumps(rec, indent=1))
+    print(json.dumps({k: v for k, v in rec.items() if k != "val_curve"}))
+
+
+if __name__ == "__main__":
+    main()
