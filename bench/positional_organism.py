@@ -44,25 +44,31 @@ def prefix_key(spec: OrganismSpec) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def report(rec: dict) -> None:
+    """Training callback: one line per validation check (and per 100 steps), flushed to the log."""
+    if "stage_acc" in rec or "val_acc_7" in rec or rec["step"] % 100 == 0:
+        print(json.dumps(rec), flush=True)
+
+
 def train(spec: OrganismSpec, out: Path, prefix_cache: Path | None, full: bool) -> dict:
     """Train ``spec`` into ``out/model``; returns the training record."""
     rec: dict = {}
     t0 = time.perf_counter()
     if full or prefix_cache is None:
-        res = train_organism(spec, progress=False)
+        res = train_organism(spec, progress=False, callback=report)
         rec["prefix_seconds"] = None
     else:
         from transformers import AutoModelForCausalLM
 
         pdir = prefix_cache / f"prefix-{prefix_key(spec)}"
         if not (pdir / "config.json").is_file():
-            pre = train_organism(spec, progress=False, stages=STAGES[:-1])
+            pre = train_organism(spec, progress=False, stages=STAGES[:-1], callback=report)
             pre.model.save_pretrained(pdir)
             (pdir / "prefix.json").write_text(json.dumps({"stage_steps": pre.stage_steps, "seconds": pre.seconds}))
         meta = json.loads((pdir / "prefix.json").read_text())
         rec["prefix_steps"], rec["prefix_seconds"] = meta["stage_steps"], round(meta["seconds"], 1)
         model = AutoModelForCausalLM.from_pretrained(pdir)
-        res = train_organism(spec, progress=False, stages=STAGES[-1:], model=model)
+        res = train_organism(spec, progress=False, stages=STAGES[-1:], model=model, callback=report)
     rec["train_seconds"] = round(time.perf_counter() - t0, 1)
     rec["stage_steps"] = res.stage_steps
     rec["val_curve"] = [(h["step"], h[f"val_acc_{spec.target_boxes}"]) for h in res.history
