@@ -31,7 +31,7 @@ from entity_tracking.config import ModelSpec, OrganismSpec
 from entity_tracking.load import load_model
 from entity_tracking.methods import binding
 from entity_tracking.methods.ablation import compute_means
-from entity_tracking.organism import STAGES, train_organism
+from entity_tracking.organism import STAGES, resampled_context, train_organism
 from entity_tracking.organism.build import base_fields
 from entity_tracking.task.samplers import make_eval_prompts, make_mean_reference_prompts
 
@@ -87,6 +87,7 @@ def measure(model_dir: Path, n: int, n_ref: int, boxes: int = 7) -> dict:
     res = binding.context_ablation(lm, ev, means, progress=False)
     s = res.summary(n_resamples=200)
     q = torch.tensor([int(p["query_index"]) for p in ev])
+    resampled = resampled_accuracy(lm, ev)
     per_box = {k: [round(float(res.evaluations[k].correct[q == b].float().mean()), 3) for b in range(boxes)]
                for k in ("clean", "context_ablated")}
     return {"clean": round(s["clean"].value, 3), "context_ablated": round(s["context_ablated"].value, 3),
@@ -94,7 +95,26 @@ def measure(model_dir: Path, n: int, n_ref: int, boxes: int = 7) -> dict:
             "retention_interval": [round(s["retention_context_ablated"].low, 3),
                                    round(s["retention_context_ablated"].high, 3)],
             "label_kept": round(s["context_ablated_label_kept"].value, 3),
-            "query_ablated": round(s["query_ablated"].value, 3), "per_box": per_box}
+            "query_ablated": round(s["query_ablated"].value, 3), "resampled": resampled, "per_box": per_box}
+
+
+@torch.no_grad()
+def resampled_accuracy(lm, prompts) -> float:
+    """Accuracy with the context's head outputs taken from another context's prompt (the training
+    intervention, here as a diagnostic beside mean ablation): prompts come in groups of one
+    context, so each row reads the row one group on (same query index, another context)."""
+    enc = lm.tokenizer([p["text"] for p in prompts], return_tensors="pt", padding=True)
+    ids = enc["input_ids"]
+    if not bool(enc["attention_mask"].all()):
+        raise ValueError("resampled_accuracy needs prompts of one length")
+    k = len(prompts[0]["objects"])
+    n_ctx = ids.shape[1] - 4  # everything before the query's "Box <label> contains the"
+    n = (len(prompts) // k) * k
+    src = (torch.arange(n) + k) % n  # the same query index, the next context
+    targets = torch.tensor([lm.tokenizer(" " + p["answer"], add_special_tokens=False)["input_ids"][0] for p in prompts[:n]])
+    with resampled_context(lm.hf, n_ctx, src):
+        pred = lm.hf(input_ids=ids[:n]).logits[:, -1].argmax(-1)
+    return round(float((pred == targets).float().mean()), 3)
 
 
 def main() -> None:
