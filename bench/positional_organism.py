@@ -29,6 +29,7 @@ import torch
 
 from entity_tracking.config import ModelSpec, OrganismSpec
 from entity_tracking.load import load_model
+from entity_tracking.model.arch import arch_for
 from entity_tracking.methods import binding
 from entity_tracking.methods.ablation import compute_means
 from entity_tracking.organism import STAGES, resampled_context, train_organism
@@ -50,7 +51,27 @@ def report(rec: dict) -> None:
         print(json.dumps(rec), flush=True)
 
 
-def train(spec: OrganismSpec, out: Path, prefix_cache: Path | None, full: bool) -> dict:
+def grown(prefix_model, spec: OrganismSpec):
+    """A model of ``spec`` (more layers than ``prefix_model``) that computes what the prefix model
+    computes: the prefix's layers first, then blocks that start as the identity (``residual_init``
+    0 zeroes their writes to the residual stream), so the deeper model keeps the learned prefix and
+    gains room for more hops. Module paths come from the architecture table."""
+    if spec.residual_init != 0.0:
+        raise ValueError("growing needs residual_init 0 (new blocks must start as the identity)")
+    big = train_organism(spec, progress=False, max_total_steps=0).model
+    small_arch, big_arch = arch_for(prefix_model), arch_for(big)
+    if small_arch.n_layers >= big_arch.n_layers:
+        raise ValueError("the grown model must have more layers than the prefix")
+    sd = big.state_dict()
+    for key, value in prefix_model.state_dict().items():
+        if key not in sd or sd[key].shape != value.shape:
+            raise ValueError(f"prefix weight {key} does not fit the grown model")
+        sd[key] = value
+    big.load_state_dict(sd)
+    return big
+
+
+def train(spec: OrganismSpec, out: Path, prefix_cache: Path | None, full: bool, grow_from: int | None = None) -> dict:
     """Train ``spec`` into ``out/model``; returns the training record."""
     rec: dict = {}
     t0 = time.perf_counter()
@@ -60,14 +81,17 @@ def train(spec: OrganismSpec, out: Path, prefix_cache: Path | None, full: bool) 
     else:
         from transformers import AutoModelForCausalLM
 
-        pdir = prefix_cache / f"prefix-{prefix_key(spec)}"
+        pspec = spec.model_copy(update={"n_layers": grow_from}) if grow_from else spec
+        pdir = prefix_cache / f"prefix-{prefix_key(pspec)}"
         if not (pdir / "config.json").is_file():
-            pre = train_organism(spec, progress=False, stages=STAGES[:-1], callback=report)
+            pre = train_organism(pspec, progress=False, stages=STAGES[:-1], callback=report)
             pre.model.save_pretrained(pdir)
             (pdir / "prefix.json").write_text(json.dumps({"stage_steps": pre.stage_steps, "seconds": pre.seconds}))
         meta = json.loads((pdir / "prefix.json").read_text())
         rec["prefix_steps"], rec["prefix_seconds"] = meta["stage_steps"], round(meta["seconds"], 1)
         model = AutoModelForCausalLM.from_pretrained(pdir)
+        if grow_from:
+            model = grown(model, spec)
         res = train_organism(spec, progress=False, stages=STAGES[-1:], model=model, callback=report)
     rec["train_seconds"] = round(time.perf_counter() - t0, 1)
     rec["stage_steps"] = res.stage_steps
@@ -124,6 +148,8 @@ def main() -> None:
     ap.add_argument("--out", default="results/positional-bench")
     ap.add_argument("--prefix-cache", default=None, help="folder of cached curriculum prefixes")
     ap.add_argument("--full", action="store_true", help="train the recipe end to end (no prefix cache)")
+    ap.add_argument("--grow-from", type=int, default=None,
+                    help="start from the cached prefix of this many layers, grown to the spec's n_layers by identity blocks")
     ap.add_argument("--measure-only", action="store_true", help="measure the model already in --out/<name>")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--n-ref", type=int, default=500)
@@ -136,7 +162,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rec = {"name": args.name, "spec": json.loads(args.spec), "threads": args.threads}
     if not args.measure_only:
-        rec.update(train(spec, out, Path(args.prefix_cache) if args.prefix_cache else None, args.full))
+        rec["grow_from"] = args.grow_from
+        rec.update(train(spec, out, Path(args.prefix_cache) if args.prefix_cache else None, args.full, args.grow_from))
     t = time.perf_counter()
     rec.update(measure(out / "model", args.n, args.n_ref))
     rec["measure_seconds"] = round(time.perf_counter() - t, 1)
