@@ -71,7 +71,8 @@ def grown(prefix_model, spec: OrganismSpec):
     return big
 
 
-def train(spec: OrganismSpec, out: Path, prefix_cache: Path | None, full: bool, grow_from: int | None = None) -> dict:
+def train(spec: OrganismSpec, out: Path, prefix_cache: Path | None, full: bool, grow_from: int | None = None,
+          paper_warmup: int | None = None) -> dict:
     """Train ``spec`` into ``out/model``; returns the training record."""
     rec: dict = {}
     t0 = time.perf_counter()
@@ -92,7 +93,10 @@ def train(spec: OrganismSpec, out: Path, prefix_cache: Path | None, full: bool, 
         model = AutoModelForCausalLM.from_pretrained(pdir)
         if grow_from:
             model = grown(model, spec)
-        res = train_organism(spec, progress=False, stages=STAGES[-1:], model=model, callback=report)
+        # the optimizer starts afresh here: a warm-up keeps its first steps (~lr per weight) from
+        # undoing the prefix
+        cont = spec.model_copy(update={"warmup_steps": paper_warmup}) if paper_warmup is not None else spec
+        res = train_organism(cont, progress=False, stages=STAGES[-1:], model=model, callback=report)
     rec["train_seconds"] = round(time.perf_counter() - t0, 1)
     rec["stage_steps"] = res.stage_steps
     rec["val_curve"] = [(h["step"], h[f"val_acc_{spec.target_boxes}"]) for h in res.history
@@ -150,6 +154,8 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="train the recipe end to end (no prefix cache)")
     ap.add_argument("--grow-from", type=int, default=None,
                     help="start from the cached prefix of this many layers, grown to the spec's n_layers by identity blocks")
+    ap.add_argument("--paper-warmup", type=int, default=None,
+                    help="learning-rate warm-up steps of the paper-format stage when it starts from a cached prefix")
     ap.add_argument("--measure-only", action="store_true", help="measure the model already in --out/<name>")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--n-ref", type=int, default=500)
@@ -162,8 +168,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rec = {"name": args.name, "spec": json.loads(args.spec), "threads": args.threads}
     if not args.measure_only:
-        rec["grow_from"] = args.grow_from
-        rec.update(train(spec, out, Path(args.prefix_cache) if args.prefix_cache else None, args.full, args.grow_from))
+        rec["grow_from"], rec["paper_warmup"] = args.grow_from, args.paper_warmup
+        rec.update(train(spec, out, Path(args.prefix_cache) if args.prefix_cache else None, args.full, args.grow_from,
+                         args.paper_warmup))
     t = time.perf_counter()
     rec.update(measure(out / "model", args.n, args.n_ref))
     rec["measure_seconds"] = round(time.perf_counter() - t, 1)
