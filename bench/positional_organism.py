@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from entity_tracking.config import ModelSpec, OrganismSpec
 from entity_tracking.load import load_model
@@ -80,8 +81,6 @@ def train(spec: OrganismSpec, out: Path, prefix_cache: Path | None, full: bool, 
         res = train_organism(spec, progress=False, callback=report)
         rec["prefix_seconds"] = None
     else:
-        from transformers import AutoModelForCausalLM
-
         pspec = spec.model_copy(update={"n_layers": grow_from}) if grow_from else spec
         pdir = prefix_cache / f"prefix-{prefix_key(pspec)}"
         if not (pdir / "config.json").is_file():
