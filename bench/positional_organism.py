@@ -73,7 +73,7 @@ def grown(prefix_model, spec: OrganismSpec):
 
 
 def train(spec: OrganismSpec, out: Path, prefix_cache: Path | None, full: bool, grow_from: int | None = None,
-          paper_warmup: int | None = None) -> dict:
+          paper_warmup: int | None = None, init: Path | None = None) -> dict:
     """Train ``spec`` into ``out/model``; returns the training record."""
     rec: dict = {}
     t0 = time.perf_counter()
@@ -83,13 +83,13 @@ def train(spec: OrganismSpec, out: Path, prefix_cache: Path | None, full: bool, 
     else:
         pspec = spec.model_copy(update={"n_layers": grow_from}) if grow_from else spec
         pdir = prefix_cache / f"prefix-{prefix_key(pspec)}"
-        if not (pdir / "config.json").is_file():
+        if init is None and not (pdir / "config.json").is_file():
             pre = train_organism(pspec, progress=False, stages=STAGES[:-1], callback=report)
             pre.model.save_pretrained(pdir)
             (pdir / "prefix.json").write_text(json.dumps({"stage_steps": pre.stage_steps, "seconds": pre.seconds}))
         meta = json.loads((pdir / "prefix.json").read_text())
         rec["prefix_steps"], rec["prefix_seconds"] = meta["stage_steps"], round(meta["seconds"], 1)
-        model = AutoModelForCausalLM.from_pretrained(pdir)
+        model = AutoModelForCausalLM.from_pretrained(init or pdir)
         if grow_from:
             model = grown(model, spec)
         # the optimizer starts afresh here: a warm-up keeps its first steps (~lr per weight) from
@@ -155,6 +155,8 @@ def main() -> None:
                     help="start from the cached prefix of this many layers, grown to the spec's n_layers by identity blocks")
     ap.add_argument("--paper-warmup", type=int, default=None,
                     help="learning-rate warm-up steps of the paper-format stage when it starts from a cached prefix")
+    ap.add_argument("--init", default=None,
+                    help="continue the paper-format stage from this saved model (another run's model/) instead of the prefix")
     ap.add_argument("--measure-only", action="store_true", help="measure the model already in --out/<name>")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--n-ref", type=int, default=500)
@@ -167,9 +169,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rec = {"name": args.name, "spec": json.loads(args.spec), "threads": args.threads}
     if not args.measure_only:
-        rec["grow_from"], rec["paper_warmup"] = args.grow_from, args.paper_warmup
+        rec["grow_from"], rec["paper_warmup"], rec["init"] = args.grow_from, args.paper_warmup, args.init
         rec.update(train(spec, out, Path(args.prefix_cache) if args.prefix_cache else None, args.full, args.grow_from,
-                         args.paper_warmup))
+                         args.paper_warmup, Path(args.init) if args.init else None))
     t = time.perf_counter()
     rec.update(measure(out / "model", args.n, args.n_ref))
     rec["measure_seconds"] = round(time.perf_counter() - t, 1)
