@@ -144,3 +144,26 @@ def test_short_positional_run_lowers_the_loss(pos):
     losses = [h["loss"] for h in res.history]
     assert len(losses) == 60
     assert sum(losses[-10:]) / 10 < sum(losses[:5]) / 5 - 0.3
+
+
+def test_ordinal_queries_ask_for_the_box_number():
+    """Oracle: every ordinal query ``. Box F =`` is answered by the 1-based index of F's box in
+    its own context; a share of 0 leaves the batch exactly as before (same random stream)."""
+    tok = build_word_tokenizer()
+    vocab = tok.get_vocab()
+    words = {i: w for w, i in vocab.items()}
+    b = O.make_batch(random.Random(0), vocab, "paper", 16, (5, 5), queries=6, ordinal_share=0.5)
+    k = O.context_length("paper", 5)
+    n_ordinal = 0
+    for ids, lab in zip(b.input_ids.tolist(), b.labels.tolist()):
+        ctx = [words[i] for i in ids[:k]]
+        box_labels = [ctx[j + 1] for j in range(len(ctx) - 1) if ctx[j] == "Box"]
+        for t, a in enumerate(lab):
+            if a != -100 and words[ids[t - 1]] == "=":
+                n_ordinal += 1
+                assert words[ids[t - 2]] in box_labels
+                assert words[a] == str(box_labels.index(words[ids[t - 2]]) + 1)
+    assert 0 < n_ordinal < 16 * 6
+    plain = O.make_batch(random.Random(0), vocab, "paper", 16, (5, 5), queries=6)
+    again = O.make_batch(random.Random(0), vocab, "paper", 16, (5, 5), queries=6, ordinal_share=0.0)
+    assert torch.equal(plain.input_ids, again.input_ids)

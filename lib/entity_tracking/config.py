@@ -197,6 +197,11 @@ class PositionalSpec(_Strict):
                     "is pulled towards the resampled run's (KL, the resampled side held fixed); 0 = off "
                     "(one forward pass a batch)",
     )
+    ordinal_share: float = Field(
+        0.0, ge=0, lt=1,
+        description="share of the paper-format queries that ask for the queried box's ordinal number "
+                    "(`. Box F =` -> `3`) instead of its object: direct supervision of where each box sits",
+    )
     val_every: int = Field(
         25, ge=1,
         description="steps between 7-box validation checks in the paper-format stage (the default recipe checks "
@@ -209,6 +214,8 @@ class PositionalSpec(_Strict):
     def _check(self):
         if self.min_boxes > self.max_boxes:
             raise ValueError(f"positional: min_boxes={self.min_boxes} exceeds max_boxes={self.max_boxes}")
+        if self.ordinal_share > 0 and self.max_boxes > 9:
+            raise ValueError("positional: ordinal queries are answered by one digit, so max_boxes must be at most 9")
         return self
 
 

@@ -168,7 +168,8 @@ def positional_step(model, spec: OrganismSpec, rng: random.Random, vocab: dict[s
     when its weight is positive."""
     pos = spec.positional
     n = rng.randint(pos.min_boxes, pos.max_boxes)
-    batch = make_batch(rng, vocab, fmt, spec.batch_size, (n, n), spec.queries_per_context)
+    batch = make_batch(rng, vocab, fmt, spec.batch_size, (n, n), spec.queries_per_context,
+                       ordinal_share=pos.ordinal_share)
     if rng.random() >= pos.resample:
         return model(input_ids=batch.input_ids, labels=batch.labels).loss
     source = None if rng.random() < pos.mean_share else derangement(spec.batch_size, rng)
