@@ -43,6 +43,7 @@ __all__ = [
     "FinetuneSpec",
     "ModelSpec",
     "OrganismSpec",
+    "PositionalSpec",
     "Profile",
     "ProfileError",
     "TinySpec",
@@ -170,6 +171,54 @@ class ControlSpec(_Strict):
         return self
 
 
+class PositionalSpec(_Strict):
+    """Context resampling: the option set that pushes the organism to bind entities *by position*
+    (issue 17; see :mod:`entity_tracking.organism.resample`).
+
+    In the paper-format stage every entity-tracking batch has one box count, so every row has the
+    same template and its context positions line up. On a resampled batch, every head's output
+    (the ``o_proj`` input) at every context position (BOS up to the first query's ``.``) is
+    replaced, in every layer, by the same positions of *another* row of the batch (``mean_share``
+    of the resampled batches use the batch mean instead). Only information that is the same in
+    every prompt at a position -- where it is, not what it holds -- then reaches the queries
+    through the context's attention outputs, so the content route (an object copied onto its
+    label) cannot be learned there.
+    """
+
+    resample: float = Field(1.0, ge=0, le=1, description="share of paper-format entity batches resampled")
+    mean_share: float = Field(
+        0.0, ge=0, le=1,
+        description="share of resampled batches that take the batch mean per position instead of another "
+                    "row (the context-ablation test mean-ablates; this shows the model that case too)",
+    )
+    consistency: float = Field(
+        0.0, ge=0,
+        description="weight of a consistency loss on resampled batches: the clean run's answer distribution "
+                    "is pulled towards the resampled run's (KL, the resampled side held fixed); 0 = off "
+                    "(one forward pass a batch)",
+    )
+    ordinal_share: float = Field(
+        0.0, ge=0, lt=1,
+        description="share of the paper-format queries that ask for the queried box's ordinal number "
+                    "(`. Box F =` -> `3`) instead of its object: direct supervision of where each box sits",
+    )
+    val_every: int = Field(
+        25, ge=1,
+        description="steps between 7-box validation checks in the paper-format stage (the default recipe checks "
+                    "every 1-3 steps to stop at its target; this one trains to final_max_steps or the target)",
+    )
+    min_boxes: int = Field(2, ge=2, le=26, description="box counts of the paper-format stage (one per batch)")
+    max_boxes: int = Field(7, ge=2, le=26)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_boxes > self.max_boxes:
+            raise ValueError(f"positional: min_boxes={self.min_boxes} exceeds max_boxes={self.max_boxes}")
+        if self.ordinal_share > 0 and self.max_boxes > 9:
+            raise ValueError("positional: ordinal queries are answered by one digit, so max_boxes must be at most 9")
+        return self
+
+
 class OrganismSpec(_Strict):
     """The CPU model organism: a small Llama trained from scratch by a staged curriculum
     (:mod:`entity_tracking.organism`). Every field enters the recipe hash of the cached build."""
@@ -195,6 +244,11 @@ class OrganismSpec(_Strict):
     final_max_steps: int = Field(1500, ge=1, description="cap on the steps of the paper-format stage")
     target_accuracy: float = Field(0.66, gt=0, le=1, description="stop when 7-box validation accuracy reaches this")
     target_boxes: int = Field(7, ge=2, le=26)
+    positional: Optional[PositionalSpec] = Field(
+        None,
+        description="context resampling in the paper-format stage (a positional organism, issue 17); "
+                    "None = the content-binding recipe, whose recipe hash does not depend on this field",
+    )
     finetune: FinetuneSpec = FinetuneSpec()
     control: ControlSpec = ControlSpec()
 

@@ -40,6 +40,15 @@ The result is saved with ``save_pretrained`` beside the project's word-level tok
 the recipe, its hash (config + seed + recipe version) and the training log. :func:`ensure_built`
 reuses a build whose hash matches and otherwise trains one (deterministic given the seed and the
 thread count). Measured results and what was tried are in the lab notebook ``notes/organism.md``.
+
+**A positional variant (issue 17, research).** This organism binds *by content* (the object is
+copied onto its label in the context); Llama binds *by position*. ``OrganismSpec.positional``
+(:class:`~entity_tracking.config.PositionalSpec`) changes only the paper-format stage: one box
+count per batch and *context resampling* (:mod:`.resample`): every head's output at every context
+position taken from another prompt, so only where things are, never what they are, reaches the
+queries through the context. Optional: the batch mean instead of another row, a consistency
+loss, and ordinal queries (``. Box F =`` -> ``3``). Left at ``None`` the recipe and its hash are
+exactly the content organism's.
 """
 
 from .build import (  # noqa: F401
@@ -52,7 +61,15 @@ from .build import (  # noqa: F401
     recipe_hash,
     replicates,
 )
-from .curriculum import STAGES, Batch, make_arithmetic_batch, make_batch, paper_prompts  # noqa: F401
+from .curriculum import (  # noqa: F401
+    STAGES,
+    Batch,
+    context_length,
+    make_arithmetic_batch,
+    make_batch,
+    ordinal_query_words,
+    paper_prompts,
+)
 from .finetune import (  # noqa: F401
     FINETUNE_VERSION,
     arithmetic_correct,
@@ -63,6 +80,7 @@ from .finetune import (  # noqa: F401
     heldout_problems,
     qa_batch,
 )
-from .train import entity_accuracy, prompt_accuracy, train_organism, train_threads  # noqa: F401
+from .resample import derangement, resampled_context  # noqa: F401
+from .train import answer_consistency, entity_accuracy, positional_step, prompt_accuracy, train_organism, train_threads  # noqa: F401
 
-__all__ = ["Batch", "FINETUNE_VERSION", "RECIPE_VERSION", "STAGES", "arithmetic_correct", "arithmetic_pairs", "base_dir", "build_all", "control_finetune", "control_objects", "ensure_base", "ensure_built", "ensure_finetune", "entity_accuracy", "finetune", "heldout_problems", "make_arithmetic_batch", "make_batch", "paper_prompts", "prompt_accuracy", "qa_batch", "recipe_hash", "replicates", "train_organism", "train_threads"]
+__all__ = ["Batch", "FINETUNE_VERSION", "RECIPE_VERSION", "STAGES", "answer_consistency", "arithmetic_correct", "arithmetic_pairs", "base_dir", "build_all", "context_length", "control_finetune", "control_objects", "derangement", "ensure_base", "ensure_built", "ensure_finetune", "entity_accuracy", "finetune", "heldout_problems", "make_arithmetic_batch", "make_batch", "ordinal_query_words", "paper_prompts", "positional_step", "prompt_accuracy", "qa_batch", "recipe_hash", "replicates", "resampled_context", "train_organism", "train_threads"]

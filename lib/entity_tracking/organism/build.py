@@ -24,9 +24,13 @@ log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 1
 def base_fields(spec: OrganismSpec) -> dict:
+    """The fields of the base recipe (everything but the fine-tunes'); ``positional`` only when
+    set, so the content-binding recipes keep the hashes they had before that option existed."""
     d = spec.model_dump(mode="json")
     d.pop("finetune", None)
     d.pop("control", None)
+    if d.get("positional") is None:
+        d.pop("positional", None)
     return d
 
 

@@ -89,6 +89,20 @@ def _query_words(fmt: str, label: str) -> list[str]:
     return [".", "Box", label, "contains", "the"]
 
 
+def ordinal_query_words(label: str) -> list[str]:
+    """The ordinal query of the positional recipe's auxiliary questions: ``. Box F =``, answered
+    by the box's 1-based position in the context (a digit; at most 9 boxes)."""
+    return [".", "Box", label, "="]
+
+
+def context_length(fmt: str, num_boxes: int) -> int:
+    """Tokens before the first query's ``Box`` (or label) in a :func:`make_batch` row of
+    ``num_boxes`` boxes: BOS, the context and the query's ``.``. The same in every row with that
+    box count (one word is one token), so it spans the positions that context resampling
+    (:mod:`entity_tracking.organism.resample`) replaces and the context-ablation test ablates."""
+    return 1 + len(_context_words(fmt, ["o"] * num_boxes, ["L"] * num_boxes)) + 1
+
+
 def paper_prompts(n_contexts: int, num_boxes: int, seed: int, objects: Sequence[str] = OBJECTS):
     """The paper's prompts (§1.1), ``num_boxes`` per context with the query at each box in turn:
     a list of ``(prompt_text, answer_word, query_index)``. The organism's private generator for its
@@ -130,11 +144,16 @@ def make_batch(
     boxes: tuple[int, int],
     queries: int,
     objects: Sequence[str] = OBJECTS,
+    ordinal_share: float = 0.0,
 ) -> Batch:
     """One batch of entity-tracking sequences in format ``fmt``: BOS, a context of
     ``boxes[0]..boxes[1]`` distinct (object, label) pairs, then ``queries`` queries drawn with
     replacement, each followed by its answer; only the answers are supervised. ``labels`` are
-    aligned with ``input_ids`` (HF shifts them)."""
+    aligned with ``input_ids`` (HF shifts them).
+
+    ``ordinal_share`` of the queries (paper format only) ask instead for the queried box's ordinal
+    number, ``. Box F =`` -> ``3`` (:func:`ordinal_query_words`): a question only a model that knows
+    *where* each box sits can answer."""
     bos, pad = vocab["<s>"], vocab["<pad>"]
     seqs, labs = [], []
     for _ in range(batch_size):
@@ -145,9 +164,14 @@ def make_batch(
         lab = [-100] * len(ids)
         for _ in range(queries):
             q = rng.randrange(n)
-            qw = [vocab[w] for w in _query_words(fmt, labels[q])]
-            ids += qw + [vocab[objs[q]]]
-            lab += [-100] * len(qw) + [vocab[objs[q]]]
+            if ordinal_share > 0 and fmt == "paper" and rng.random() < ordinal_share:
+                qw = [vocab[w] for w in ordinal_query_words(labels[q])]
+                answer = vocab[str(q + 1)]
+            else:
+                qw = [vocab[w] for w in _query_words(fmt, labels[q])]
+                answer = vocab[objs[q]]
+            ids += qw + [answer]
+            lab += [-100] * len(qw) + [answer]
         seqs.append(ids)
         labs.append(lab)
     return _pad(seqs, labs, pad)

@@ -28,8 +28,10 @@ from .curriculum import (
     Batch,
     make_arithmetic_batch,
     make_batch,
+    context_length,
     make_batch_paper_eval,
 )
+from .resample import derangement, resampled_context
 
 log = logging.getLogger(__name__)
 
@@ -144,22 +146,65 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def answer_consistency(clean_logits: torch.Tensor, resampled_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean KL(p_resampled || p_clean) over the supervised answer positions, the resampled side
+    held fixed: the loss that pulls the clean run's answers towards those the model gives when
+    only positional information is left in the context. Logits ``[batch, pos, vocab]``, labels
+    ``[batch, pos]`` as for the LM loss (position ``t`` predicts label ``t+1``)."""
+    mask = labels[:, 1:] != -100
+    target = torch.log_softmax(resampled_logits[:, :-1][mask].detach(), -1)
+    pred = torch.log_softmax(clean_logits[:, :-1][mask], -1)
+    return torch.nn.functional.kl_div(pred, target, log_target=True, reduction="batchmean")
+
+
+def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def positional_step(model, spec: OrganismSpec, rng: random.Random, vocab: dict[str, int], fmt: str) -> torch.Tensor:
+    """The loss of one entity-tracking batch of the paper-format stage under ``spec.positional``:
+    one box count for the whole batch, its context resampled (:mod:`.resample`) with probability
+    ``resample`` (from the batch mean with probability ``mean_share``), plus the consistency loss
+    when its weight is positive."""
+    pos = spec.positional
+    n = rng.randint(pos.min_boxes, pos.max_boxes)
+    batch = make_batch(rng, vocab, fmt, spec.batch_size, (n, n), spec.queries_per_context,
+                       ordinal_share=pos.ordinal_share)
+    if rng.random() >= pos.resample:
+        return model(input_ids=batch.input_ids, labels=batch.labels).loss
+    source = None if rng.random() < pos.mean_share else derangement(spec.batch_size, rng)
+    with resampled_context(model, context_length(fmt, n), source):
+        logits = model(input_ids=batch.input_ids).logits
+    loss = _lm_loss(logits, batch.labels)
+    if pos.consistency > 0:
+        clean = model(input_ids=batch.input_ids).logits
+        loss = loss + pos.consistency * answer_consistency(clean, logits, batch.labels)
+    return loss
+
+
 def train_organism(
     spec: OrganismSpec,
     progress: bool = True,
     stages: Sequence[str] = STAGES,
     max_total_steps: int | None = None,
     callback: Callable[[dict], None] | None = None,
+    model=None,
 ) -> TrainResult:
     """Train the organism of ``spec`` from scratch (see the module docstring); returns the model
     (in eval mode), the tokenizer and the log. ``stages``/``max_total_steps`` shorten the recipe
-    for tests."""
+    for tests. ``model`` continues training a model of ``spec``'s shape (e.g. one that went
+    through the first stages already, for experiments on the last) instead of a fresh one; the
+    optimizer starts afresh.
+
+    With ``spec.positional`` set, the paper-format stage draws one box count per batch in
+    ``positional.min_boxes..max_boxes`` and resamples the context (:func:`positional_step`); the
+    earlier stages and the arithmetic batches are those of the default recipe."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
     tok = build_word_tokenizer()
     vocab = tok.get_vocab()
-    model = _build_model(spec, len(tok), tok)
+    model = _build_model(spec, len(tok), tok) if model is None else model
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, spec.warmup_steps)))
@@ -184,6 +229,8 @@ def train_organism(
         final = fmt == "paper"
         stage_start = step
         next_check = step + (1 if final else 25)
+        if final and spec.positional is not None:
+            next_check = step + spec.positional.val_every
         while True:
             if step >= limit:
                 break
@@ -191,9 +238,12 @@ def train_organism(
                 break
             if rng.random() < spec.arithmetic_fraction:
                 batch = make_arithmetic_batch(rng, vocab, spec.batch_size)
+                loss = model(input_ids=batch.input_ids, labels=batch.labels).loss
+            elif final and spec.positional is not None:
+                loss = positional_step(model, spec, rng, vocab, fmt)
             else:
                 batch = make_batch(rng, vocab, fmt, spec.batch_size, boxes, spec.queries_per_context)
-            loss = model(input_ids=batch.input_ids, labels=batch.labels).loss
+                loss = model(input_ids=batch.input_ids, labels=batch.labels).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -210,6 +260,8 @@ def train_organism(
                     # check every step near the target: accuracy jumps within a few steps
                     gap = spec.target_accuracy - val_acc
                     next_check = step + (1 if gap < 0.4 else 3)
+                    if spec.positional is not None:
+                        next_check = step + spec.positional.val_every
                     bar.set_postfix(stage=fmt, loss=f"{loss.item():.3f}", acc7=f"{val_acc:.2f}")
                     reached = done = val_acc >= spec.target_accuracy
                 else:
