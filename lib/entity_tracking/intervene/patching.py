@@ -244,6 +244,26 @@ def _gather(base: torch.Tensor, positions: Optional[torch.Tensor], heads: list[i
     return base[bi[:, None, None], positions.to(base.device)[:, :, None], hs[None, None, :]]
 
 
+def _checked_values(site: str, layer: int, values: torch.Tensor, positions: Optional[torch.Tensor],
+                    batch_size: int, seq_len: int, trailing: dict[str, int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A patch's ``values`` and ``positions`` checked against the run: positions become
+    ``[batch, n_pos]`` (values with one position per example gain the ``n_pos`` axis) and the
+    values must be ``[batch, n_pos or seq, *trailing]``; errors name the site, layer and shape."""
+    vals, pos = values, None
+    if positions is not None:
+        pos = check_positions(positions, seq_len, f"{site} patch at layer {layer}")
+        if vals.dim() == 1 + len(trailing):
+            vals = vals[:, None]
+        if pos.shape[0] != batch_size:
+            raise ValueError(f"{site} patch (layer {layer}): positions for {pos.shape[0]} examples, "
+                             f"batch has {batch_size}")
+    want = (batch_size, seq_len if pos is None else pos.shape[1], *trailing.values())
+    if tuple(vals.shape) != want:
+        raise ValueError(f"{site} patch (layer {layer}): values must be [batch, {'seq' if pos is None else 'n_pos'}, "
+                         f"{', '.join(trailing)}] = {list(want)}, got {list(vals.shape)}")
+    return vals, pos
+
+
 @dataclass
 class HeadPatch:
     """Replace some heads of one site and layer at chosen per-example positions (activation
@@ -272,21 +292,8 @@ class HeadPatch:
         """Checked copy with a non-negative layer, explicit heads and positions ``[batch, n_pos]``."""
         layer = arch._layer_index(self.layer)
         heads = _head_index(arch, self.site, self.heads, "patch")
-        vals, pos = self.values, None
-        if self.positions is not None:
-            pos = check_positions(self.positions, seq_len, f"{self.site} patch at layer {layer}")
-            if vals.dim() == 3:
-                vals = vals[:, None]
-            if pos.shape[0] != batch_size:
-                raise ValueError(f"{self.site} patch (layer {layer}): positions for {pos.shape[0]} examples, "
-                                 f"batch has {batch_size}")
-        want = (batch_size, seq_len if pos is None else pos.shape[1], len(heads), arch.d_head)
-        if tuple(vals.shape) != want:
-            raise ValueError(
-                f"{self.site} patch (layer {layer}): values must be [batch, "
-                f"{'seq' if pos is None else 'n_pos'}, n_heads_selected, d_head] = {list(want)}, "
-                f"got {list(vals.shape)}"
-            )
+        vals, pos = _checked_values(self.site, layer, self.values, self.positions, batch_size, seq_len,
+                                    {"n_heads_selected": len(heads), "d_head": arch.d_head})
         return dataclasses.replace(self, layer=layer, heads=heads, values=vals, positions=pos)
 
     def rows(self, idx) -> "HeadPatch":
@@ -371,18 +378,8 @@ class ResidPatch:
         if self.site not in RESID_WRITE_SITES:
             raise ValueError(f"cannot write residual site '{self.site}'; writable residual sites are {RESID_WRITE_SITES}")
         layer = arch._layer_index(self.layer)
-        vals, pos = self.values, None
-        if self.positions is not None:
-            pos = check_positions(self.positions, seq_len, f"{self.site} patch at layer {layer}")
-            if vals.dim() == 2:
-                vals = vals[:, None]
-            if pos.shape[0] != batch_size:
-                raise ValueError(f"{self.site} patch (layer {layer}): positions for {pos.shape[0]} examples, "
-                                 f"batch has {batch_size}")
-        want = (batch_size, seq_len if pos is None else pos.shape[1], arch.d_model)
-        if tuple(vals.shape) != want:
-            raise ValueError(f"{self.site} patch (layer {layer}): values must be [batch, "
-                             f"{'seq' if pos is None else 'n_pos'}, d_model] = {list(want)}, got {list(vals.shape)}")
+        vals, pos = _checked_values(self.site, layer, self.values, self.positions, batch_size, seq_len,
+                                    {"d_model": arch.d_model})
         return ResidPatch(self.site, layer, vals, pos)
 
     rows = HeadPatch.rows
