@@ -264,8 +264,36 @@ def _checked_values(site: str, layer: int, values: torch.Tensor, positions: Opti
     return vals, pos
 
 
+class _ValuesAtPositions:
+    """What :class:`HeadPatch` and :class:`ResidPatch` share: ``values`` written at per-row
+    ``positions`` (``None``: every position), and how such a write is cut to rows or shifted."""
+
+    values: torch.Tensor
+    positions: Optional[torch.Tensor]
+
+    def rows(self, idx) -> "_ValuesAtPositions":
+        """The write for rows ``idx`` (a slice or indices) of the batch."""
+        return dataclasses.replace(self, values=self.values[idx],
+                                   positions=None if self.positions is None else self.positions[idx])
+
+    def shifted(self, start: int) -> "_ValuesAtPositions":
+        """The write for a run that feeds only positions ``start`` on."""
+        if self.positions is None:
+            return dataclasses.replace(self, values=self.values[:, start:])
+        return dataclasses.replace(self, positions=self.positions - start)
+
+    def first_position(self, seq_len: int) -> torch.Tensor:
+        """``[batch]``: the earliest position written in each row."""
+        if self.positions is None:
+            return torch.zeros(self.values.shape[0], dtype=torch.long)
+        return self.positions.min(1).values.cpu()
+
+    def is_noop(self) -> bool:
+        return False
+
+
 @dataclass
-class HeadPatch:
+class HeadPatch(_ValuesAtPositions):
     """Replace some heads of one site and layer at chosen per-example positions (activation
     patching: the values usually come from another run, :func:`patch_from_cache`).
 
@@ -295,26 +323,6 @@ class HeadPatch:
         vals, pos = _checked_values(self.site, layer, self.values, self.positions, batch_size, seq_len,
                                     {"n_heads_selected": len(heads), "d_head": arch.d_head})
         return dataclasses.replace(self, layer=layer, heads=heads, values=vals, positions=pos)
-
-    def rows(self, idx) -> "HeadPatch":
-        """The write for rows ``idx`` (a slice or indices) of the batch."""
-        return dataclasses.replace(self, values=self.values[idx],
-                                   positions=None if self.positions is None else self.positions[idx])
-
-    def shifted(self, start: int) -> "HeadPatch":
-        """The write for a run that feeds only positions ``start`` on."""
-        if self.positions is None:
-            return dataclasses.replace(self, values=self.values[:, start:])
-        return dataclasses.replace(self, positions=self.positions - start)
-
-    def first_position(self, seq_len: int) -> torch.Tensor:
-        """``[batch]``: the earliest position written in each row."""
-        if self.positions is None:
-            return torch.zeros(self.values.shape[0], dtype=torch.long)
-        return self.positions.min(1).values.cpu()
-
-    def is_noop(self) -> bool:
-        return False
 
     def new_value(self, base: torch.Tensor) -> torch.Tensor:
         """``base`` ``[batch, pos, n, d_head]`` with the chosen heads and positions replaced."""
@@ -353,7 +361,7 @@ RESID_WRITE_SITES: tuple[str, ...] = ("resid_pre", "resid_post")
 
 
 @dataclass
-class ResidPatch:
+class ResidPatch(_ValuesAtPositions):
     """Overwrite the residual stream of one block at chosen per-example positions.
 
     Attributes:
@@ -381,11 +389,6 @@ class ResidPatch:
         vals, pos = _checked_values(self.site, layer, self.values, self.positions, batch_size, seq_len,
                                     {"d_model": arch.d_model})
         return ResidPatch(self.site, layer, vals, pos)
-
-    rows = HeadPatch.rows
-    shifted = HeadPatch.shifted
-    first_position = HeadPatch.first_position
-    is_noop = HeadPatch.is_noop
 
     def new_value(self, base: torch.Tensor) -> torch.Tensor:
         """``base`` ``[batch, pos, d_model]`` with the chosen positions replaced."""
