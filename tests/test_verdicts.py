@@ -275,3 +275,15 @@ def test_confidently_wrong_share_counts_prompts_below_the_threshold():
     cut = V.CONFIDENTLY_WRONG.value
     assert V.confidently_wrong_share(torch.tensor([cut / 2, cut, 0.9, 0.0])) == 0.5  # at the threshold is not below
     assert V.confidently_wrong_share([0.5, 0.6]) == 0.0
+
+
+def test_beats_base_picks_each_finetunes_beats_verdict():
+    able = {m: V.Competence(m, {"value": 0.6, "low": 0.5, "high": 0.7}, 100, 1 / 7) for m in ("base", "a", "b")}
+    est = {"value": 0.7, "low": 0.65, "high": 0.75, "n": 100}
+    faith = {("base", m): {"faithfulness": est, "circuit_accuracy": est, "full_accuracy": est} for m in able}
+    claims = V.faithfulness_verdicts(able, faith, "base", ["a", "b"], n_random=2)
+    beats = V.beats_base(claims, ["a", "b"])
+    assert list(beats) == ["a", "b"]
+    assert all(f"in {m} beats the full base model" in v.statement for m, v in beats.items())
+    with pytest.raises(ValueError, match="3 verdicts for 2 fine-tunes"):
+        V.beats_base(claims[:3], ["a", "b"])

@@ -28,7 +28,7 @@ tuned to make a claim hold.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 
@@ -58,6 +58,7 @@ __all__ = [
     "COMPETENCE_RULE",
     "Competence",
     "NOT_TESTABLE",
+    "beats_base",
     "chance",
     "circuit_claim",
     "circuit_verdicts",
@@ -463,6 +464,17 @@ def faithfulness_verdicts(competences: Mapping[str, Competence], faith: Mapping[
                    or Verdict(1, statement, paper, f"{_fmt(s['circuit_accuracy'])} vs {_fmt(base_full)}",
                               exceeds(s["circuit_accuracy"], base_full), rule=beats_rule, sample=sample))
     return out
+
+
+def beats_base(claims: Sequence[Any], finetuned: Iterable[str]) -> dict[str, Any]:
+    """Each fine-tune's "beats the full base model" verdict out of :func:`faithfulness_verdicts`'
+    list (the base's verdict first, then for each fine-tune, in order, its faithfulness verdict and
+    its beats verdict)."""
+    finetuned = list(finetuned)
+    if len(claims) != 1 + 2 * len(finetuned):
+        raise ValueError(f"{len(claims)} verdicts for {len(finetuned)} fine-tunes: expected "
+                         f"faithfulness_verdicts' 1 + 2 per fine-tune")
+    return dict(zip(finetuned, claims[2::2]))
 
 
 #: What an extended circuit's rows (ours) print in the paper's column.
