@@ -16,7 +16,9 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.container import ErrorbarContainer  # noqa: E402
 
+from entity_tracking.io import write_json  # noqa: E402
 from entity_tracking.methods import cmap, paper
+from entity_tracking.methods.circuit import Circuit  # noqa: E402
 from entity_tracking.book import figures as viz
 
 NAN = float("nan")
@@ -186,3 +188,19 @@ def test_faithfulness_nan_intervals_and_no_paper():
     fig = viz.plot_faithfulness({"base": s})
     assert len(fig.axes) == 2
     assert not any(c.get_gid() == "paper" for ax in fig.axes for c in ax.collections)
+
+
+def test_minimality_rows_cap_scores_and_skip_unmeasurable_models(tmp_path):
+    est = {"value": 0.5, "low": 0.4, "high": 0.6}
+    measured = Circuit("a", {"value_fetcher": [(1, 0)]},
+                       meta={"minimality": {"measurable": True, "circuit_accuracy": est, "chance": 0.14, "decision": "pruned"}})
+    at_chance = Circuit("b", {"value_fetcher": [(1, 0)]},
+                        meta={"minimality": {"measurable": False, "circuit_accuracy": est, "chance": 0.14, "decision": "kept all"}})
+    heads = [{"group": "value_fetcher", "head": [1, 0], "score": 250.0, "kept": True},
+             {"group": "value_fetcher", "head": [1, 2], "score": 0.5, "kept": False}]
+    write_json(tmp_path / "minimality_a.json", {"heads": heads})
+    write_json(tmp_path / "minimality_b.json", {"heads": heads})
+    rows, decisions = viz.minimality_rows({"a": measured, "b": at_chance}, tmp_path, ["a", "b"])
+    assert [d["model"] for d in decisions] == ["a", "b"] and decisions[1]["pruning"] == "kept all"
+    assert {r["model"] for r in rows} == {"a"}  # b's candidates were at chance: no bars
+    assert [r["score"] for r in rows] == [viz.MINIMALITY_CAP, 0.5] and rows[0]["head"] == "1.0"

@@ -8,6 +8,7 @@ Colours of token roles are fixed here (:data:`ROLE_COLORS`) so every chapter's f
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -15,11 +16,16 @@ import numpy as np
 import seaborn as sns
 from matplotlib.patches import Patch, Rectangle
 
+from ..intervene.stats import Estimate
+from ..io import read_json
 from ..methods.cmap import FINETUNED_ALONE
 from ..methods.dcm import share_interval
+from ..schema import GROUP_LABELS
 
 __all__ = [
+    "MINIMALITY_CAP",
     "ROLE_COLORS",
+    "minimality_rows",
     "plot_counts",
     "plot_faithfulness",
     "plot_gain_shares",
@@ -478,3 +484,29 @@ def plot_seed_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], chance: 
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+#: Minimality scores are drawn at most this high: a head whose removal costs many times the
+#: threshold needs no exact bar, and one such head would flatten every other bar of its panel.
+MINIMALITY_CAP = 10.0
+
+
+def minimality_rows(circuits: Mapping[str, Any], metrics_dir, models: Iterable[str]) -> tuple[list[dict], list[dict]]:
+    """The faithfulness chapter's minimality evidence: per-head rows to plot (``model``, ``group``,
+    ``head``, ``score`` capped at :data:`MINIMALITY_CAP`, ``kept``) from each model's
+    ``minimality_<model>.json`` under ``metrics_dir``, and one pruning-decision row per model whose
+    circuit records one (``F(C)`` of the candidates, chance, the decision). Models whose candidates
+    were at chance (minimality not measurable) have a decision row and no head rows."""
+    heads, decisions = [], []
+    for name in models:
+        info = circuits[name].meta.get("minimality", {})
+        if "measurable" in info:
+            decisions.append({"model": name, "F(C) of the candidates": f"{Estimate(**info['circuit_accuracy']):.2f}",
+                              "chance": f"{info['chance']:.2f}", "pruning": info["decision"]})
+            if not info["measurable"]:
+                continue
+        f = Path(metrics_dir) / f"minimality_{name}.json"
+        if f.exists():
+            heads += [{"model": name, "group": GROUP_LABELS[h["group"]], "head": f"{h['head'][0]}.{h['head'][1]}",
+                       "score": min(h["score"], MINIMALITY_CAP), "kept": h["kept"]} for h in read_json(f)["heads"]]
+    return heads, decisions
