@@ -17,7 +17,7 @@ box, its role), never which object is bound to which label. The query positions 
 so the query label can still find its match in the context (through the tokens' own embeddings)
 and read *where* it is.
 
-Oracles (``tests/test_organism.py``): on a batch of identical rows resampling changes nothing;
+Oracles (``tests/test_positional.py``): on a batch of identical rows resampling changes nothing;
 on distinct rows it changes the loss.
 
 >>> # with resampled_context(model, n_positions=ctx_len, source=derangement(64, rng)):

@@ -26,9 +26,9 @@ from .curriculum import (
     TRAIN_SALT,
     VAL_SALT,
     Batch,
+    context_length,
     make_arithmetic_batch,
     make_batch,
-    context_length,
     make_batch_paper_eval,
 )
 from .resample import derangement, resampled_context
