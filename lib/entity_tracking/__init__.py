@@ -3,8 +3,9 @@
 
 The layers, each importing only from the ones above it in this list (data flows one way):
 
-``config``, ``io``, ``schema``
-    params profiles; atomic results files; the shared names (heads, groups, positions, sites).
+``config``, ``io``, ``schema``, ``threads``
+    params profiles; atomic results files; the shared names (heads, groups, positions, sites); the
+    CPU threads a chapter may use while others run beside it.
 ``task``
     the entity-tracking prompts and their spans, samplers and desiderata, arithmetic, encoding, files.
 ``model``

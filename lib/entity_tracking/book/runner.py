@@ -8,9 +8,13 @@ each notebook's ``parameters`` cell, and keeps the executed copies in
 **Chapters at once.** A chapter starts as soon as every chapter it reads has finished: the
 ``needs`` of its ``setup_chapter(...)`` call (:func:`chapter_needs`; a notebook without one, the
 landing page, waits for every earlier chapter). Up to ``--jobs`` run at once (default: one per CPU
-core, one where a GPU is present), each kernel with one torch thread (``$ENTITY_TRACKING_THREADS``):
-on the organism's small matrices two threads gained nothing on two shared cores, while two
-independent chapters (circuit and binding; faithfulness, DCM and fine-tuning) use both.
+core, one where a GPU is present), each kernel with one torch thread (``$ENTITY_TRACKING_THREADS``)
+while all of them run: two chapters side by side use two cores better than one chapter with two
+threads. Of the chapters ready at once, the one that starts the longest chain of chapters still to
+run (by their last run times, :func:`critical_paths`) starts first. The cores of the chapters
+not running go to those that are (:mod:`entity_tracking.threads`): the circuit chapter, which
+every other one waits for, runs alone on every core, and so does the last one still running. The
+thread count changes no number of the book.
 
 A chapter is skipped when nothing it depends on changed: its fingerprint hashes the notebook's
 cells, the profile file, the library's source and the fingerprints of every earlier chapter
@@ -83,7 +87,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, TextIO
+from typing import Callable, Iterator, Mapping, Optional, Sequence, TextIO
 
 import yaml
 
@@ -103,6 +107,7 @@ from ..io import (
     read_json,
     write_json,
 )
+from ..threads import SHARE_ENV, write_share
 from .browser import BrowserNotFound, screenshot
 
 __all__ = [
@@ -114,6 +119,7 @@ __all__ = [
     "bootstrap_source",
     "build_book",
     "chapter_needs",
+    "critical_paths",
     "chapters_from_toc",
     "clean_outputs",
     "default_jobs",
@@ -758,6 +764,7 @@ def execute_chapters(
     board = _Board()
     _check_bootstrap(root)
     todo: list[tuple[Chapter, str, str]] = []
+    estimates: dict[str, float] = {}  # each chapter's last run time: the longest chain of chapters starts first
     for i, ch in enumerate(notebooks, 1):
         fp = _fingerprint(ch, pfile, lib, upstream)
         upstream = fp
@@ -765,6 +772,7 @@ def execute_chapters(
         stamp = stamps / f"{ch.stem}.json"
         tag = f"[{i}/{len(notebooks)}] {ch.stem}"
         last = read_json(stamp).get("seconds") if stamp.exists() else None
+        estimates[ch.stem] = float(last or 0.0)
         if only and ch.stem not in only:
             _log(f"{tag}: not selected")
             if out.exists():
@@ -822,18 +830,48 @@ def execute_chapters(
         return ChapterRun(ch, out, "ran", dt)
 
     needs = chapter_needs(notebooks)
+    jobs = jobs or default_jobs()
+    share_file = paths.root / ".thread_share"
+    share_file.parent.mkdir(parents=True, exist_ok=True)
+    env[SHARE_ENV] = str(share_file)
+
+    def share(n_running: int) -> None:  # the cores of the chapters not running go to those that are
+        write_share(share_file, max(kernel_threads(), jobs * kernel_threads() // max(1, n_running)))
+
     with _environment(env):
-        for run in _schedule(todo, needs, jobs or default_jobs(), start, execute, board):
+        for run in _schedule(todo, needs, jobs, start, execute, board,
+                             priority=critical_paths([ch.stem for ch, _, _ in todo], needs, estimates),
+                             on_change=share):
             runs[run.chapter.stem] = run
     return [runs[ch.stem] for ch in notebooks if ch.stem in runs]
 
 
+def critical_paths(stems: Sequence[str], needs: Mapping[str, set[str]],
+                   seconds: Mapping[str, float]) -> dict[str, float]:
+    """For each chapter of ``stems``, the seconds of the longest chain of chapters that starts with
+    it (its own ``seconds`` plus the longest chain among the chapters that need it): started
+    first, the chapters on the longest chain keep the last chapter from running alone at the end.
+
+    >>> critical_paths(["a", "b", "c"], {"b": {"a"}, "c": {"a"}}, {"a": 1, "b": 5, "c": 2})
+    {'a': 6.0, 'b': 5.0, 'c': 2.0}
+    """
+    out: dict[str, float] = {}
+    for stem in reversed(list(stems)):  # needs point to earlier chapters: later ones are done first
+        later = [out[s] for s in out if stem in needs.get(s, set())]
+        out[stem] = float(seconds.get(stem, 0.0)) + max(later, default=0.0)
+    return {s: out[s] for s in stems}
+
+
 def _schedule(todo: list[tuple[Chapter, str, str]], needs: dict[str, set[str]], jobs: int, start, execute,
-              board: _Board) -> list[ChapterRun]:
-    """Run ``execute(*item)`` for every item of ``todo``, ``jobs`` at a time, in toc order as
-    soon as every chapter an item needs and that is still to run has finished (``start(*item)``
-    first, in this thread, so chapters are announced in order); return the runs.
+              board: _Board, priority: Optional[Mapping[str, float]] = None,
+              on_change: Optional[Callable[[int], None]] = None) -> list[ChapterRun]:
+    """Run ``execute(*item)`` for every item of ``todo``, ``jobs`` at a time, as soon as every
+    chapter an item needs and that is still to run has finished (``start(*item)`` first, in this
+    thread, so chapters are announced in order); return the runs. Of the items ready at once the
+    highest ``priority`` starts first (:func:`critical_paths`), in toc order among equals.
+    ``on_change(n)`` is told the number of chapters running each time it changes.
     After a failure nothing new starts, the running ones finish, and the first failure is raised."""
+    rank = {it[0].stem: (-(priority or {}).get(it[0].stem, 0.0), i) for i, it in enumerate(todo)}
     pending = list(todo)
     running: dict[str, threading.Thread] = {}
     done: list[ChapterRun] = []
@@ -848,6 +886,8 @@ def _schedule(todo: list[tuple[Chapter, str, str]], needs: dict[str, set[str]], 
         with finished:
             (errors if isinstance(result, BaseException) else done).append(result)
             del running[item[0].stem]
+            if on_change and running:
+                on_change(len(running))
             finished.notify_all()
 
     with finished:
@@ -857,7 +897,11 @@ def _schedule(todo: list[tuple[Chapter, str, str]], needs: dict[str, set[str]], 
                 if running:
                     board.say(f"a chapter failed: waiting for {', '.join(running)} to finish, starting nothing else")
             blocked = {ch.stem for ch, _, _ in pending} | set(running)
-            for item in [it for it in pending if not needs.get(it[0].stem, set()) & blocked][: jobs - len(running)]:
+            ready = sorted((it for it in pending if not needs.get(it[0].stem, set()) & blocked),
+                           key=lambda it: rank[it[0].stem])[: jobs - len(running)]
+            if ready and on_change:  # before the kernels start, so each reads its share first
+                on_change(len(running) + len(ready))
+            for item in ready:
                 pending.remove(item)
                 start(*item)
                 # a daemon: an interrupted run does not wait for its kernels (they exit with it)
