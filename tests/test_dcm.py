@@ -437,7 +437,25 @@ def test_semantics_from_the_base_prefix_are_those_of_full_runs(tiny, data_dir):
                  "position_detector": "query_label"}
     args = ([("a", tiny)], sel, positions, data_dir, spec, {("position_transmitter", "positional"): ["positional",
                                                                                                  "object_value"]})
-    assert dcm.semantics(*args) == dcm.semantics(*args, prefix_cache=False)
+    assert dcm.semantics(*args, base="a") == dcm.semantics(*args, base="a", prefix_cache=False)
+
+
+def test_the_extra_desiderata_run_in_the_base_model_only_unless_asked_for_every_model(tiny, data_dir):
+    """The paper reports the Transmitters' extra variants for Llama-7B only: by default they are
+    evaluated in the base model and the other models get their core rows alone, the same numbers
+    as with ``extra_models: all``."""
+    sel = {("position_transmitter", "positional"): [(1, 1)], ("value_fetcher", "object_value"): [(1, 0)]}
+    positions = {"position_transmitter": "last", "value_fetcher": "last"}
+    evals = {("position_transmitter", "positional"): ["positional", "no_comma"]}
+    models = [("a", tiny), ("b", tiny)]
+    kw = dict(n_resamples=2, sample_size=4, batch_size=8)
+    paper_rows = dcm.semantics(models, sel, positions, data_dir, DCMSpec(**kw), evals, base="a")
+    every = dcm.semantics(models, sel, positions, data_dir, DCMSpec(extra_models="all", **kw), evals)
+    assert [(r["model"], r["desideratum"]) for r in paper_rows] == [
+        ("a", "positional"), ("a", "no_comma"), ("a", "object_value"), ("b", "positional"), ("b", "object_value")]
+    assert paper_rows == [r for r in every if r["model"] == "a" or r["desideratum"] == r["selected_for"]]
+    with pytest.raises(DCMError, match="base="):
+        dcm.semantics(models, sel, positions, data_dir, DCMSpec(**kw), evals)
 
 
 # --------------------------------------------------------------------------------------------

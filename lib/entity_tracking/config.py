@@ -421,6 +421,17 @@ class DCMSpec(_Strict):
         description="'fresh': every run draws sample_size new pairs from the desideratum generator, as the "
                     "reference code does; 'bootstrap': runs resample the stored test split with replacement",
     )
+    extra_models: Literal["base", "all"] = Field(
+        "base",
+        description="where the Position Transmitters' positional heads are tested on the eleven extra variants "
+                    "of the positional desideratum: in the base model only, as the paper reports them "
+                    "('base'), or in every model of the profile ('all', ours)",
+    )
+    eval_batch_size: int = Field(
+        256, ge=1,
+        description="pairs per forward pass when a mask is scored and in the per-model semantics (no gradient); "
+                    "the answers are those of batch_size, only the passes are fewer",
+    )
 
 
 class CMAPSpec(_Strict):

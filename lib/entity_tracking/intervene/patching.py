@@ -83,6 +83,7 @@ __all__ = [
     "HeadPatch",
     "KVPrefix",
     "MIN_SUFFIX_ROWS",
+    "PREFIX_BUDGET",
     "Mean",
     "PatchRun",
     "ResidPatch",
@@ -736,6 +737,10 @@ def _trace(nn: Any, arch: Arch, device: torch.device, ids: torch.Tensor, mask: O
 MIN_SUFFIX_ROWS = 16
 
 
+#: Bytes a prompts' cached prefix (:meth:`KVPrefix.for_prompts`) may take; beyond it runs go whole.
+PREFIX_BUDGET = 1 << 30
+
+
 @dataclass
 class KVPrefix:
     """Every layer's keys and values ``[batch, n_kv_heads, start, d_head]`` (after rotary
@@ -784,6 +789,20 @@ class KVPrefix:
         nn, arch, device, _ = lm_parts(lm)
         res = run(lm, b, logits=False, return_kv=True, batch_size=batch_size, out_device=device)
         return cls.of_runs(res.kv, start, int(b["input_ids"].shape[1]), arch._torch(nn).config)
+
+    @classmethod
+    def for_prompts(cls, lm: Any, batch: BatchLike, *, batch_size: int = 32,
+                    budget: Optional[int] = None) -> Optional["KVPrefix"]:
+        """The clean prefix of ``batch`` before its last two tokens, which any run of these
+        prompts that writes only from there on, or from any later position, can start from;
+        None where it cannot serve: padded prompts, more than ``budget`` bytes (default
+        :data:`PREFIX_BUDGET`), a sliding attention window."""
+        b = as_batch(batch)
+        n, seq = b["input_ids"].shape
+        budget = PREFIX_BUDGET if budget is None else budget
+        if n == 0 or seq < 3 or not bool((b["attention_mask"] == 1).all()) or not cls.fits(lm, n, seq - 2, budget):
+            return None
+        return cls.clean(lm, b, seq - 2, batch_size=batch_size)
 
     def take(self, idx) -> "KVPrefix":
         """The prefix of the prompts ``idx`` (indices or a slice)."""

@@ -75,7 +75,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..intervene.patching import KVPrefix, Mean, run
+from ..intervene.patching import PREFIX_BUDGET, KVPrefix, Mean, run  # the budget also bounds the two reference runs of one evaluation
 from ..intervene.stats import Estimate, bootstrap, ratio
 from ..io import atomic_path
 from ..schema import EXTENSION_GROUPS, GROUPS, Head, position_column
@@ -655,11 +655,6 @@ def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[
         memo[i] = (c, p)
     return [Evaluation(ab.label or f"setting {k}", memo[i][0].clone(), memo[i][1].clone())
             for k, (ab, i) in enumerate(zip(ablations, ids))]
-
-
-#: Bytes the two reference runs of one evaluation (:func:`_reference_prefix`) may keep; beyond it
-#: every row runs every position and block.
-PREFIX_BUDGET = 1 << 30
 
 
 def _prefix_plan(lm, batch, ablations, keys, tables, need, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from .. import task as D
 from ..intervene.patching import (
+    PREFIX_BUDGET,
     Blend,
     HeadPatch,
     KVPrefix,
@@ -118,10 +119,6 @@ def select_heads(source_z: Mapping[int, torch.Tensor], of: Sequence[Head], heads
     return {l: source_z[l][:, [index[(l, h)] for h in hs]] for l, hs in _by_layer(heads).items()}
 
 
-#: Bytes the base prompts' prefix (:func:`base_prefix`) may take; beyond it DCM runs every position.
-PREFIX_BUDGET = 1 << 30
-
-
 def base_prefix(lm, base: Mapping[str, torch.Tensor], *, batch_size: int = 32,
                 budget: int = PREFIX_BUDGET) -> Optional[KVPrefix]:
     """The keys and values of the base prompts before their last two tokens: the
@@ -132,12 +129,8 @@ def base_prefix(lm, base: Mapping[str, torch.Tensor], *, batch_size: int = 32,
     mask scored and each selection of the semantics repeats the same work before its rows'
     earliest patch position: from this prefix they run only the tokens from there, with the same
     logits and gradients. None where it cannot serve: padded prompts, more than ``budget``
-    bytes, a sliding attention window."""
-    b = as_batch(base)
-    n, seq = b["input_ids"].shape
-    if n == 0 or seq < 3 or not bool((b["attention_mask"] == 1).all()) or not KVPrefix.fits(lm, n, seq - 2, budget):
-        return None
-    return KVPrefix.clean(lm, b, seq - 2, batch_size=batch_size)
+    bytes, a sliding attention window (:meth:`KVPrefix.for_prompts`)."""
+    return KVPrefix.for_prompts(lm, base, batch_size=batch_size, budget=budget)
 
 
 def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, torch.Tensor],
@@ -243,6 +236,7 @@ def train_mask(
     source_z: Optional[Mapping[str, Mapping[int, torch.Tensor]]] = None,
     prefixes: Optional[Mapping[str, Optional[KVPrefix]]] = None,
     prefix_cache: bool = True,
+    eval_batch_size: Optional[int] = None,
 ) -> DCMResult:
     """Learn a DCM mask over ``heads`` (all acting at ``position``) for one desideratum.
 
@@ -258,7 +252,8 @@ def train_mask(
     Every forward pass runs only the tokens from the earliest patch position on, from the base
     prompts' cached keys and values (:func:`base_prefix`, the same numbers as the full run);
     ``prefixes`` gives them per split when already made, ``prefix_cache=False`` runs every
-    position (the oracle).
+    position (the oracle). ``eval_batch_size``: rows per forward pass when a rounded mask is
+    scored (default ``batch_size``; no gradient, the same answers in fewer passes).
     """
     heads = [h for l, hs in _by_layer(heads).items() for h in [(l, x) for x in hs]]
     if not heads:
@@ -266,6 +261,7 @@ def train_mask(
     if relaxation not in ("clamp", "sigmoid"):
         raise DCMError(f"relaxation must be 'clamp' or 'sigmoid', got {relaxation!r}")
     splits = {"train": train, "eval": eval, "test": test}
+    eval_batch_size = eval_batch_size or batch_size
     src = dict(source_z) if source_z is not None else \
         {k: source_head_outputs(lm, v["source"], heads, position, batch_size=batch_size) for k, v in splits.items()}
     if prefixes is None:
@@ -311,7 +307,7 @@ def train_mask(
             mv = current().detach()
             hard = [int(x >= 0.5) for x in mv.tolist()]
             if tuple(hard) not in scored:  # the rounded mask often stays put between evaluations
-                scored[tuple(hard)] = _rounded_accuracy(lm, eval, src["eval"], heads, position, mv, batch_size,
+                scored[tuple(hard)] = _rounded_accuracy(lm, eval, src["eval"], heads, position, mv, eval_batch_size,
                                                         prefix=prefixes["eval"])
             acc = scored[tuple(hard)]
             n_sel = hard.count(0)
@@ -319,7 +315,8 @@ def train_mask(
             if better_mask(acc, n_sel, best[0], best[1]):
                 best = (acc, n_sel, hard, step + 1)
     mask = torch.tensor(best[2], dtype=torch.float32)
-    test_acc = _rounded_accuracy(lm, test, src["test"], heads, position, mask, batch_size, prefix=prefixes["test"])
+    test_acc = _rounded_accuracy(lm, test, src["test"], heads, position, mask, eval_batch_size,
+                                 prefix=prefixes["test"])
     return DCMResult(heads, best[2], position, lam, seed, relaxation, best[0], test_acc, best[3], history)
 
 
@@ -522,13 +519,13 @@ def learn_masks(lm, circuit, where, spec, groups: Sequence[str] | None = None,
     # the jobs of one desideratum together: its base prompts' prefixes, and the source runs of each
     # position, are made once and dropped before the next's; the masks come out in the jobs' order
     for d, same in _grouped(jobs, lambda job: job[1]):
-        whole = {s: base_prefix(lm, b["base"], batch_size=spec.batch_size) if prefix_cache else None
+        whole = {s: base_prefix(lm, b["base"], batch_size=spec.eval_batch_size) if prefix_cache else None
                  for s, b in splits[d].items()}
         sources: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
         for g, _ in same:
             pos = circuit.positions[g]
             if pos not in sources:
-                sources[pos] = {s: source_head_outputs(lm, b["source"], union[pos], pos, batch_size=spec.batch_size)
+                sources[pos] = {s: source_head_outputs(lm, b["source"], union[pos], pos, batch_size=spec.eval_batch_size)
                                 for s, b in splits[d].items()}
             own = {s: select_heads(z, union[pos], circuit.groups[g]) for s, z in sources[pos].items()}
 
@@ -538,7 +535,8 @@ def learn_masks(lm, circuit, where, spec, groups: Sequence[str] | None = None,
                     res = train_mask(lm, circuit.groups[g], pos, splits[d]["train"], splits[d]["eval"],
                                      splits[d]["test"], lam=lam, lr=spec.lr, epochs=spec.epochs,
                                      batch_size=spec.batch_size, eval_every=spec.eval_every, seed=seed,
-                                     relaxation=spec.relaxation, progress=False, source_z=own, prefixes=whole)
+                                     relaxation=spec.relaxation, progress=False, source_z=own, prefixes=whole,
+                                     eval_batch_size=spec.eval_batch_size)
                     if best is None or better_mask(res.eval_accuracy, len(res.selected), best.eval_accuracy,
                                                    len(best.selected)):
                         best = res
@@ -551,7 +549,7 @@ def learn_masks(lm, circuit, where, spec, groups: Sequence[str] | None = None,
 def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, str], Sequence[Head]],
               positions: Mapping[str, str], where, spec,
               desiderata: Mapping[tuple[str, str], Sequence[str]] | None = None, *,
-              prefix_cache: bool = True) -> list[dict[str, Any]]:
+              base: Optional[str] = None, prefix_cache: bool = True) -> list[dict[str, Any]]:
     """Per-model semantics: for every (group, desideratum) selection, patch those heads from source
     to base in every model and report the share of samples giving the target (percent, mean and
     std over ``spec.n_resamples`` runs of ``spec.sample_size`` pairs).
@@ -564,6 +562,9 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
     ``models`` yields ``(name, LoadedModel)`` pairs (a generator may load one model at a time).
     ``desiderata`` optionally maps a selection key to the desiderata whose pairs evaluate it
     (default: the key's own), e.g. the Transmitters' positional heads on the extra variants.
+    With ``spec.extra_models == "base"`` (the paper reports the extra variants for Llama-7B
+    only) a key's desiderata other than its own are evaluated in the model named ``base`` only;
+    ``"all"`` evaluates them in every model.
 
     The selections evaluated on one desideratum share one :func:`base_prefix` of its base prompts,
     and those at one position one source run (``prefix_cache=False``: every position is run, the
@@ -593,28 +594,35 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
         union[eval_desid, positions[group]] += [(int(l), int(h)) for l, h in heads]
     union = {k: _ordered(list(dict.fromkeys(hs))) for k, hs in union.items()}
 
+    extra_in = getattr(spec, "extra_models", "all")
+    if extra_in not in ("base", "all"):
+        raise DCMError(f"extra_models must be 'base' or 'all', got {extra_in!r}")
+    if extra_in == "base" and base is None and any(key[1] != d for key, _, d in jobs):
+        raise DCMError("extra_models='base' evaluates the extra desiderata in the base model only: name it (base=...)")
+
     rows = []
     for name, lm in models:
+        mine = [(i, job) for i, job in enumerate(jobs) if extra_in == "all" or name == base or job[0][1] == job[2]]
         done: dict[int, dict[str, Any]] = {}
-        bar = tqdm(total=len(jobs), desc=f"semantics ({name})", leave=False)
-        for eval_desid, same in _grouped(list(enumerate(jobs)), lambda job: job[1][2]):
+        bar = tqdm(total=len(mine), desc=f"semantics ({name})", leave=False)
+        for eval_desid, same in _grouped(mine, lambda job: job[1][2]):
             if mode == "fresh":
                 pairs = D.encode_pairs(lm.tokenizer, fresh_records(lm.tokenizer, eval_desid), padding_side="right")
             else:
                 pairs = encode_desideratum(lm.tokenizer, where, eval_desid, "test")
             runs = sum(1 for _, (_, heads, _) in same if heads) + any(not heads for _, (_, heads, _) in same)
-            whole = base_prefix(lm, pairs["base"], batch_size=spec.batch_size) if prefix_cache and runs > 1 else None
+            whole = base_prefix(lm, pairs["base"], batch_size=spec.eval_batch_size) if prefix_cache and runs > 1 else None
             sources: dict[str, dict[int, torch.Tensor]] = {}
             unpatched = None
             for i, ((group, _), heads, _) in same:
                 pos = positions[group]
                 if heads and pos not in sources:
                     sources[pos] = source_head_outputs(lm, pairs["source"], union[eval_desid, pos], pos,
-                                                       batch_size=spec.batch_size)
+                                                       batch_size=spec.eval_batch_size)
                 if heads or unpatched is None:  # nothing to patch: the model as it is, run once
                     src = select_heads(sources[pos], union[eval_desid, pos], heads) if heads else None
                     r = desideratum_accuracy(lm, list(heads), pos, pairs, mode=mode, n_resamples=spec.n_resamples,
-                                             sample_size=spec.sample_size, seed=0, batch_size=spec.batch_size,
+                                             sample_size=spec.sample_size, seed=0, batch_size=spec.eval_batch_size,
                                              source_z=src, prefix=whole)
                     if not heads:
                         unpatched = r
@@ -622,7 +630,7 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
                 bar.update()
             del whole, sources
         bar.close()
-        for i, ((group, desid), heads, eval_desid) in enumerate(jobs):
+        for i, ((group, desid), heads, eval_desid) in mine:
             r = done[i]
             rows.append({"group": group, "desideratum": eval_desid, "selected_for": desid, "model": name,
                          "n_heads": len(heads), "mean": 100 * r["mean"], "std": 100 * r["std"],
