@@ -14,6 +14,7 @@ from entity_tracking import task as D
 from entity_tracking.methods.cmap import (
     CMAPError,
     HeadSet,
+    OutputCMAP,
     gain_recovery,
     head_sets,
     head_sets_for,
@@ -93,6 +94,26 @@ def test_input_qkv_equals_output_cmap(models, key, head):
     out = output_cmap(base, ft, batch, {key: [head]})
     inp = input_cmap(base, ft, batch, {key: [head]}, "qkv", **OURS)
     assert torch.allclose(inp, out, atol=1e-5)
+
+
+def test_output_cmap_of_many_sets_from_one_recording_is_output_cmap_bit_for_bit(models):
+    """OutputCMAP records the fine-tuned model once and runs the base from its clean prefix: the
+    logits of every set are those of output_cmap, which runs both models whole for each set."""
+    base, ft, batch = models
+    keys = ["last", "query_label", "prev_query_label"]
+    patcher = OutputCMAP(base, ft, batch, keys, batch_size=3)
+    assert patcher.prefix is not None, "unpadded prompts: the base runs from its prefix"
+    assert torch.equal(patcher.finetuned_logits, last_logits(ft, batch, batch_size=3))
+    sets = [{"last": [(1, 1), (2, 0)]}, {"query_label": [(1, 0), (1, 1)]}, {"prev_query_label": [(0, 3)]},
+            {"last": [(2, 3)], "query_label": [(0, 1)], "prev_query_label": [(1, 2)]}]
+    for heads in sets:
+        assert torch.equal(patcher.logits(heads), output_cmap(base, ft, batch, heads, batch_size=3)), heads
+    again = OutputCMAP(base, ft, batch, keys, batch_size=3, prefix=patcher.prefix)  # one prefix, many fine-tunes
+    assert torch.equal(again.logits(sets[3]), patcher.logits(sets[3]))
+    with pytest.raises(CMAPError, match="'all'"):
+        OutputCMAP(base, ft, batch, ["all"])
+    with pytest.raises(CMAPError, match="no fine-tuned heads were recorded at 'query_label'"):
+        OutputCMAP(base, ft, batch, ["last"]).logits({"query_label": [(1, 0)]})
 
 
 def test_input_cmap_changes_the_output_when_values_differ(models):
@@ -359,6 +380,31 @@ def test_checkpoint_row_with_the_base_accuracy_given_is_the_same_row(models):
     reference = D.make_mean_reference_prompts(base.tokenizer, 12, num_boxes=3, n_tokens=prompts[0]["n_tokens"], seed=2)
     circuit = Circuit("base", {"value_fetcher": [(1, 1), (2, 0)], "position_detector": [(0, 2)]})
     slow = checkpoint_row(base, ft, prompts, reference, circuit, batch_size=5)
+    memo: dict = {}
     fast = checkpoint_row(base, ft, prompts, reference, circuit, batch_size=5,
-                          base_accuracy=eval_accuracy(base, prompts, batch_size=5))
+                          base_accuracy=eval_accuracy(base, prompts, batch_size=5), base_memo=memo)
     assert fast == pytest.approx(slow, rel=0, abs=0, nan_ok=True)
+    assert memo["prefix"] is not None
+    assert checkpoint_row(base, ft, prompts, reference, circuit, batch_size=5, base_memo=memo) == \
+        pytest.approx(slow, rel=0, abs=0, nan_ok=True)
+
+
+def test_checkpoint_row_is_the_row_of_whole_runs(models):
+    """The row's accuracy is the checkpoint's own, and each group's share is that of output_cmap
+    (both models run whole for each group), whatever the fast path shares between them."""
+    from entity_tracking.methods.dynamics import SHARE_COLUMNS, checkpoint_row, eval_accuracy
+
+    base, ft, _ = models
+    prompts = D.make_eval_prompts(base.tokenizer, 12, num_boxes=3, seed=1)
+    reference = D.make_mean_reference_prompts(base.tokenizer, 12, num_boxes=3, n_tokens=prompts[0]["n_tokens"], seed=2)
+    circuit = Circuit("base", {"value_fetcher": [(1, 1), (2, 0)], "position_detector": [(0, 2)],
+                               "structure_reader": [(1, 1)]})
+    row = checkpoint_row(base, ft, prompts, reference, circuit, batch_size=5)
+    batch = D.encode_prompts(base.tokenizer, prompts)
+    acc, base_acc = eval_accuracy(ft, batch, batch_size=5), eval_accuracy(base, batch, batch_size=5)
+    assert row["accuracy"] == acc and row["base accuracy"] == base_acc
+    for g in ("value_fetcher", "position_detector", "structure_reader"):
+        logits = output_cmap(base, ft, batch, heads_by_position(circuit, [g]), batch_size=5)
+        patched = float((logits.argmax(-1) == batch["target"]).float().mean())
+        want = (patched - base_acc) / (acc - base_acc) if abs(acc - base_acc) > 1e-9 else float("nan")
+        assert row[SHARE_COLUMNS[g]] == pytest.approx(want, rel=0, abs=0, nan_ok=True), g

@@ -55,13 +55,14 @@ from __future__ import annotations
 
 import collections.abc
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from ..intervene.patching import (
     HeadPatch,
+    KVPrefix,
     as_batch,
     check_positions,
     check_unpadded,
@@ -76,7 +77,7 @@ from . import paper
 from .circuit import Circuit
 
 __all__ = ["BASE_ALONE", "CMAPError", "FINETUNED_ALONE", "FULL_CIRCUIT", "HeadSet", "check_compatible", "gain_recovery", "head_sets",
-           "head_sets_for", "heads_by_position", "input_cmap", "input_sets", "output_cmap", "paper_accuracy",
+           "head_sets_for", "heads_by_position", "input_cmap", "input_sets", "output_cmap", "OutputCMAP", "paper_accuracy",
            "paper_share", "row_key"]
 
 INPUT_SITES = ("q", "k", "v")
@@ -161,6 +162,57 @@ def output_cmap(
         for layer, hl in layers.items():
             patches.append(HeadPatch("z", layer, hl, cache["z", layer][:, :, hl], pos))
     return run(base, b, patches, batch_size=batch_size, progress=progress, desc="output CMAP").logits
+
+
+class OutputCMAP:
+    """Output CMAP of many head sets from one fine-tuned model into one base model, on one batch:
+    the numbers of :func:`output_cmap` for each set, from fewer forward passes.
+
+    :func:`output_cmap` runs the fine-tuned model for every set; here it runs once, recording
+    every head of every layer at each position key the sets will name (its last-position
+    ``finetuned_logits`` come with it), and the base model runs each set only from the earliest
+    position the set writes, from its clean prefix (``prefix``, :meth:`KVPrefix.for_prompts`,
+    made here unless given: one prefix serves every fine-tuned model of one base; None for
+    padded prompts, then every set runs whole). Sets must name position keys of ``keys``;
+    ``"all"`` (every position) is :func:`output_cmap`'s alone.
+
+    >>> patcher = OutputCMAP(base, ft, batch, ["last", "query_label"])
+    >>> patcher.logits(heads_by_position(circuit, ["value_fetcher"]))  # == output_cmap(base, ft, batch, ...)
+    """
+
+    def __init__(self, base, finetuned, batch: Mapping[str, torch.Tensor], keys: Iterable[str], *,
+                 batch_size: int = 32, prefix: Optional[KVPrefix] = None, progress: bool = False):
+        check_compatible(base, finetuned)
+        self.base, self.batch, self.batch_size, self.progress = base, as_batch(batch), batch_size, progress
+        seq = self.batch["input_ids"].shape[1]
+        self.keys = list(dict.fromkeys(keys))
+        if "all" in self.keys:
+            raise CMAPError("OutputCMAP records the fine-tuned heads at position keys; patch 'all' with output_cmap")
+        cols = [check_positions(_positions(self.batch, k), seq, f"{k} position") for k in self.keys]
+        self._slices, at = {}, 0
+        for k, c in zip(self.keys, cols):
+            self._slices[k] = slice(at, at + c.shape[1])
+            at += c.shape[1]
+        self._positions = torch.cat(cols, dim=1) if cols else torch.zeros(len(self.batch["input_ids"]), 0, dtype=torch.long)
+        ft = run(finetuned, self.batch, (), [("z", l) for l in range(finetuned.arch.n_layers)] if cols else (),
+                 record_positions=self._positions if cols else None, batch_size=batch_size, progress=progress,
+                 desc="caching fine-tuned heads")
+        self.finetuned_logits = ft.logits
+        self._z = ft.cache
+        self.prefix = prefix if prefix is not None else KVPrefix.for_prompts(base, self.batch, batch_size=batch_size)
+
+    def logits(self, heads: Mapping[str, Sequence[Head]]) -> torch.Tensor:
+        """Base-model logits ``[batch, vocab]`` (last position) with the fine-tuned model's
+        outputs of ``heads`` (``{position key: [(layer, head), ...]}``) patched in."""
+        patches: list[HeadPatch] = []
+        for key, hs in heads.items():
+            if key not in self._slices:
+                raise CMAPError(f"no fine-tuned heads were recorded at '{key}' (recorded: {self.keys})")
+            at = self._slices[key]
+            for layer, hl in _by_layer(hs).items():
+                patches.append(HeadPatch("z", layer, hl, self._z["z", layer][:, at][:, :, hl], self._positions[:, at]))
+        return run(self.base, self.batch, patches, prefix=self.prefix, batch_size=self.batch_size,
+                   progress=self.progress, desc="output CMAP").logits
 
 
 def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
@@ -466,8 +518,13 @@ def gain_recovery(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapp
                      "share": sh["value"], "share_low": sh["low"], "share_high": sh["high"],
                      "group": getattr(hs, "group", ""), "desideratum": getattr(hs, "desideratum", "")})
 
+    # output CMAP of every set from one recording of the fine-tuned model (OutputCMAP), unless a
+    # set patches every position
+    keys = [k for hs in sets.values() for k in hs]
+    patcher = OutputCMAP(base, finetuned, batch, keys, batch_size=batch_size) if "all" not in keys else None
     base_c = _correct(last_logits(base, batch, batch_size=batch_size), target)
-    ft_c = _correct(last_logits(finetuned, batch, batch_size=batch_size), target)
+    ft_c = _correct(patcher.finetuned_logits if patcher else last_logits(finetuned, batch, batch_size=batch_size),
+                    target)
     add("model", BASE_ALONE, "", 0, base_c)
     gain = bootstrap(torch.stack([ft_c, base_c]), lambda a: a[0] - a[1], n_resamples=n_bootstrap)
     add("model", FINETUNED_ALONE, "", 0, ft_c, gain.as_dict())
@@ -476,7 +533,7 @@ def gain_recovery(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapp
     for kind, label, sites, hs in tqdm(jobs, desc="CMAP", leave=False):
         n = sum(len(v) for v in hs.values())
         if kind == "output":
-            logits = output_cmap(base, finetuned, batch, hs, batch_size=batch_size)
+            logits = patcher.logits(hs) if patcher else output_cmap(base, finetuned, batch, hs, batch_size=batch_size)
         else:
             logits = input_cmap(base, finetuned, batch, hs, sites, kv_positions=kv_positions, restore=restore,
                                 batch_size=batch_size)

@@ -28,7 +28,7 @@ from ..organism.finetune import arithmetic_correct
 from ..schema import GROUPS
 from .ablation import Ablation, compute_means, encode_for, evaluate
 from .circuit import Circuit
-from .cmap import heads_by_position, output_cmap
+from .cmap import OutputCMAP, heads_by_position
 
 __all__ = ["SHARE_COLUMNS", "Checkpoint", "checkpoints", "checkpoint_row", "eval_accuracy", "gain_by_answer", "replicate_curve",
            "seed_bootstrap"]
@@ -79,15 +79,23 @@ SHARE_COLUMNS: dict[str, str] = {g: f"CMAP share: {g}" for g in GROUPS}
 
 
 def checkpoint_row(base, model, eval_records: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]],
-                   circuit: Circuit, *, batch_size: int = 32, base_accuracy: Optional[float] = None) -> dict[str, Any]:
+                   circuit: Circuit, *, batch_size: int = 32, base_accuracy: Optional[float] = None,
+                   base_memo: Optional[dict] = None) -> dict[str, Any]:
     """Accuracy, base-circuit faithfulness and per-group CMAP gain share of ``model`` (a loaded
     checkpoint) against the loaded ``base`` model on the evaluation prompts. ``base_accuracy``:
     the base model's :func:`eval_accuracy` on them when already known, so that a loop over
-    checkpoints runs the base model once."""
+    checkpoints runs the base model once. ``base_memo``: a dict kept over the checkpoints of one
+    base model on these prompts; the base's clean prefix, from which every group's output CMAP
+    runs (:class:`~entity_tracking.methods.cmap.OutputCMAP`), is made once into it. The
+    checkpoint runs once for its accuracy and every group's head outputs."""
 
     batch = D.encode_prompts(model.tokenizer, eval_records)
     target = batch["target"]
-    acc = eval_accuracy(model, batch, batch_size=batch_size)
+    memo = base_memo if base_memo is not None else {}
+    keys = [circuit.positions[g] for g in GROUPS if circuit.groups[g]]
+    patcher = OutputCMAP(base, model, batch, keys, batch_size=batch_size, prefix=memo.get("prefix"))
+    memo.setdefault("prefix", patcher.prefix)
+    acc = float((patcher.finetuned_logits.argmax(-1) == target).float().mean())
     base_acc = base_accuracy if base_accuracy is not None else eval_accuracy(base, batch, batch_size=batch_size)
     means = compute_means(model, reference, batch_size=batch_size, progress=False)
     full, circ = evaluate(model, eval_records, means, [Ablation(), Ablation(keep=circuit)], batch_size=batch_size,
@@ -99,7 +107,7 @@ def checkpoint_row(base, model, eval_records: Sequence[Mapping[str, Any]], refer
         if not circuit.groups[g]:
             row[SHARE_COLUMNS[g]] = float("nan")
             continue
-        logits = output_cmap(base, model, batch, heads_by_position(circuit, [g]), batch_size=batch_size)
+        logits = patcher.logits(heads_by_position(circuit, [g]))
         patched = float((logits.argmax(-1) == target).float().mean())
         row[SHARE_COLUMNS[g]] = (patched - base_acc) / gain if abs(gain) > 1e-9 else float("nan")
     return row
