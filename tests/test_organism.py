@@ -114,6 +114,30 @@ def test_cache_is_reused_and_hash_tracks_the_recipe(tmp_path, monkeypatch):
     assert model.config.num_hidden_layers == 1 and tok("Box F")["input_ids"][0] == tok.bos_token_id
 
 
+def test_the_base_trains_with_its_recipes_thread_count_which_enters_the_hash(tmp_path, monkeypatch):
+    one, two = tiny_spec(), tiny_spec(train_threads=2)
+    assert "train_threads" not in organism_build.base_fields(one)  # recipes from before the field keep their hashes
+    assert O.recipe_hash(two) != O.recipe_hash(one)
+    assert O.recipe_hash(two, "organism-lora") != O.recipe_hash(one, "organism-lora")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(spec, progress=True):
+        seen.append(torch.get_num_threads())
+        raise Stop
+
+    monkeypatch.setenv("ENTITY_TRACKING_TRAIN_THREADS", "1")  # the recipe's count wins over the environment
+    monkeypatch.setattr(organism_build, "train_organism", record)
+    before = torch.get_num_threads()
+    paths = ResultsPaths(tmp_path)
+    with pytest.raises(Stop):
+        O.ensure_base(two, paths, progress=False)
+    assert seen == [2] and torch.get_num_threads() == before
+    assert not O.base_dir(two, paths).exists()  # nothing half-written
+
+
 def test_gqa_option():
     res = O.train_organism(tiny_spec(n_heads=4, n_kv_heads=2), progress=False, max_total_steps=1)
     assert res.model.config.num_key_value_heads == 2

@@ -244,6 +244,12 @@ class OrganismSpec(_Strict):
     final_max_steps: int = Field(1500, ge=1, description="cap on the steps of the paper-format stage")
     target_accuracy: float = Field(0.66, gt=0, le=1, description="stop when 7-box validation accuracy reaches this")
     target_boxes: int = Field(7, ge=2, le=26)
+    train_threads: int = Field(
+        1, ge=1,
+        description="torch threads that train the base: they fix its floating-point reduction order, so they are "
+                    "part of the recipe (1 = the recipe before this field, whose hash does not depend on it). "
+                    "The fine-tunes train one per core with one thread each",
+    )
     positional: Optional[PositionalSpec] = Field(
         None,
         description="context resampling in the paper-format stage (a positional organism, issue 17); "

@@ -25,10 +25,13 @@ log = logging.getLogger(__name__)
 RECIPE_VERSION = 1
 def base_fields(spec: OrganismSpec) -> dict:
     """The fields of the base recipe (everything but the fine-tunes'); ``positional`` only when
-    set, so the content-binding recipes keep the hashes they had before that option existed."""
+    set and ``train_threads`` only when above 1, so the recipes from before those options existed
+    keep their hashes."""
     d = spec.model_dump(mode="json")
     d.pop("finetune", None)
     d.pop("control", None)
+    if d.get("train_threads") == 1:
+        d.pop("train_threads")
     if d.get("positional") is None:
         d.pop("positional", None)
     return d
@@ -72,7 +75,7 @@ def ensure_base(spec: OrganismSpec, paths: ResultsPaths, progress: bool = True) 
     d = base_dir(spec, paths)
     if is_cached(d, h):
         return d
-    with train_threads() as n_threads:
+    with train_threads(spec.train_threads) as n_threads:
         res = train_organism(spec, progress=progress)
     with atomic_dir(d) as tmp:
         res.model.save_pretrained(tmp)
@@ -149,8 +152,8 @@ def _build_one(spec: ModelSpec, root: str) -> tuple[str, float]:
 
 def build_all(specs: Iterable[ModelSpec], paths: ResultsPaths, workers: int | None = None,
               progress: bool = True) -> dict[str, dict]:
-    """Build (or reuse) every organism model of ``specs``: each base first, then the fine-tunes,
-    ``workers`` at a time in separate processes with one thread each (default
+    """Build (or reuse) every organism model of ``specs``: each base first, alone, with its
+    recipe's ``train_threads``; then the fine-tunes, ``workers`` at a time in separate processes with one thread each (default
     ``$ENTITY_TRACKING_TRAIN_WORKERS`` or the number of CPU cores): independent runs, one per core.
     Returns ``{name: {"seconds": wall time, "cached": bool}}``; a build is deterministic given its
     recipe whatever the number of workers. Other models (hub, local, tiny) are left alone.
@@ -177,9 +180,8 @@ def build_all(specs: Iterable[ModelSpec], paths: ResultsPaths, workers: int | No
             out[s.name] = {"seconds": 0.0, "cached": True}
             continue
         t = time.perf_counter()
-        if not is_cached(base_dir(org, paths), recipe_hash(org)):  # bases first, in this process
-            with train_threads(1):
-                ensure_base(org, paths, progress=progress)
+        if not is_cached(base_dir(org, paths), recipe_hash(org)):  # bases first, in this process, alone
+            ensure_base(org, paths, progress=progress)
         if s.build == "organism":
             out[s.name] = {"seconds": time.perf_counter() - t, "cached": False}
         else:

@@ -102,9 +102,12 @@ THREADS_ENV = "ENTITY_TRACKING_TRAIN_THREADS"
 @contextlib.contextmanager
 def train_threads(n: int | None = None):
     """Run training with ``n`` torch threads (default ``$ENTITY_TRACKING_TRAIN_THREADS`` or 1),
-    restoring the previous count afterwards. The organism's matrices are tiny (d=128): on the
-    project's shared 2-core machine one thread ran 0.33 s/step and two threads 1.5 s/step. The
-    thread count does not change the result here (same stage steps and accuracy with 1 and 2)."""
+    restoring the previous count afterwards. The organism's matrices are tiny (d=128): with two
+    cores to itself the base trains 1.65 times faster on two threads than on one, but on cores
+    shared with other jobs one thread ran 0.33 s/step and two 1.5 s/step; so the fine-tunes train
+    one per core with one thread each. The same thread count gives the same weights bit for bit;
+    another count changes the reduction order (logits differ by ~1e-5 after 120 steps), which is
+    why the base's count is part of its recipe (``OrganismSpec.train_threads``)."""
     n = n or int(os.environ.get(THREADS_ENV, "1"))
     old = torch.get_num_threads()
     torch.set_num_threads(n)
