@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from entity_tracking.config import load_profile
     from entity_tracking.io import ResultsPaths, read_json
     from entity_tracking.load import model_sources
+    from entity_tracking.organism.build import WORKERS_ENV
 
     profile = load_profile("default")
     root = args.keep or Path(tempfile.mkdtemp(prefix="bench-organism-"))
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     built = O.build_all(specs, paths, workers=args.workers, progress=False)
     wall = time.perf_counter() - t
 
-    workers = args.workers or int(os.environ.get(O.WORKERS_ENV, "0")) or os.cpu_count()
+    workers = args.workers or int(os.environ.get(WORKERS_ENV, "0")) or os.cpu_count()
     print(f"results: {root}   fine-tunes at once: {workers}")
     print(f"{'model':28s} {'seconds':>8s}  reached")
     for s in specs:
