@@ -82,7 +82,7 @@ def test_bad_mask_shape_is_named(tiny, pairs):
 @pytest.mark.parametrize("rows", [24, 5, 1])
 def test_a_run_from_the_base_prefix_is_the_full_run(tiny, pairs, position, rows):
     """Fast path: only the tokens from the earliest patch position are run, from the base prompts'
-    cached keys and values; logits and the mask's gradient are the full run's, bit for bit (with
+    cached keys and values; logits and the mask's gradient are the full run's, to float32 round-off (with
     few rows the suffix grows to keep MIN_SUFFIX_ROWS rows x tokens)."""
     prefix = base_prefix(tiny, pairs["base"], batch_size=7)
     assert prefix is not None and prefix.start == pairs["base"]["input_ids"].shape[1] - 2
@@ -95,7 +95,10 @@ def test_a_run_from_the_base_prefix_is_the_full_run(tiny, pairs, position, rows)
         logits = masked_logits(tiny, base, src, GROUP, position, mask, pre)
         (grad,) = torch.autograd.grad(logits[:, 3].sum() + logits.logsumexp(-1).sum(), mask)
         got.append((logits.detach(), grad))
-    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+    # bit for bit where the CPU's kernels round alike for both shapes (measured so on Intel); MKL's
+    # AVX2 path on AMD EPYC differs by a few float32 ulps (1.8e-7 here): a wrong prefix is off by far more
+    torch.testing.assert_close(got[1][0], got[0][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[1][1], got[0][1], atol=1e-6, rtol=1e-5)
     heads = [(1, 0), (0, 2)]
     plain = desideratum_accuracy(tiny, heads, position, pairs, batch_size=5)
     fast = desideratum_accuracy(tiny, heads, position, pairs, batch_size=5, prefix=prefix)

@@ -732,8 +732,9 @@ def _trace(nn: Any, arch: Arch, device: torch.device, ids: torch.Tensor, mask: O
 
 #: A run over a suffix keeps at least this many rows x tokens: below it the CPU's matrix kernels
 #: (MKL's sgemm, measured from d_model 32 to 11008) switch code path and its rows stop matching
-#: the whole run's bit for bit; at or above it they match exactly. It also keeps two tokens: a
-#: single query token takes another attention kernel.
+#: the whole run's bit for bit; at or above it they match exactly on the Intel CPUs we measured
+#: (on an AMD EPYC, MKL's AVX2 path, a few float32 ulps apart at 24 rows). It also keeps two
+#: tokens: a single query token takes another attention kernel.
 MIN_SUFFIX_ROWS = 16
 
 
@@ -751,7 +752,8 @@ class KVPrefix:
     taken once from **whole** runs (:meth:`of_runs`; a run over the prefix alone would compute
     its attention with other kernel shapes), and each run then feeds only the tokens from the
     start with this cache (:meth:`suffix`), getting the whole run's logits -- and gradients --
-    bit for bit on the CPU (:data:`MIN_SUFFIX_ROWS`).
+    bit for bit on the Intel CPUs we measured, to a few float32 ulps on others
+    (:data:`MIN_SUFFIX_ROWS`).
     """
 
     start: int

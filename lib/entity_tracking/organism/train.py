@@ -105,9 +105,11 @@ def train_threads(n: int | None = None):
     restoring the previous count afterwards. The organism's matrices are tiny (d=128): with two
     cores to itself the base trains 1.65 times faster on two threads than on one, but on cores
     shared with other jobs one thread ran 0.33 s/step and two 1.5 s/step; so the fine-tunes train
-    one per core with one thread each. The same thread count gives the same weights bit for bit;
-    another count changes the reduction order (logits differ by ~1e-5 after 120 steps), which is
-    why the base's count is part of its recipe (``OrganismSpec.train_threads``)."""
+    one per core with one thread each. The same thread count gives the same weights bit for bit
+    on one machine; another count changes the reduction order (logits differ by ~1e-5 after 120
+    steps), which is why the base's count is part of its recipe (``OrganismSpec.train_threads``).
+    Another CPU's kernels change it too (notes/organism.md): the recipe does not pin the weights
+    across machines."""
     n = n or int(os.environ.get(THREADS_ENV, "1"))
     old = torch.get_num_threads()
     torch.set_num_threads(n)
