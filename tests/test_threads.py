@@ -111,3 +111,16 @@ def test_the_longest_chain_starts_first_and_the_share_follows_the_running_count(
     assert sorted(runs) == ["binding", "circuit", "cmap", "dcm"]
     assert started[:3] == ["circuit", "dcm", "binding"]  # dcm leads the longer chain
     assert counts[0] == 1 and max(counts) == 2
+
+
+def test_on_a_fresh_checkout_the_chain_with_most_chapters_starts_first():
+    """No chapter has run yet: each counts UNKNOWN_CHAPTER_SECONDS, so dcm (which cmap needs)
+    leads the chapters nothing needs, whatever their order in the book."""
+    from entity_tracking.book.runner import UNKNOWN_CHAPTER_SECONDS as u
+
+    stems = ["circuit", "binding", "faithfulness", "dcm", "cmap", "finetuning"]
+    needs = {s: {"circuit"} for s in ("binding", "faithfulness", "dcm", "finetuning")} | {"cmap": {"dcm", "circuit"}}
+    priority = critical_paths(stems, needs, {s: u for s in stems})
+    assert u > 0
+    assert max(("binding", "faithfulness", "dcm", "finetuning"), key=priority.get) == "dcm"
+    assert priority["circuit"] == 3 * u

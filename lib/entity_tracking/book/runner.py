@@ -195,6 +195,8 @@ SHORT_CELL_LINES = 4
 #: that stops answering, e.g. a widget cell that never replies, once stalled a build); set
 #: ``ENTITY_TRACKING_CELL_TIMEOUT`` (seconds) for slow GPU sweeps on the paper's models.
 CELL_TIMEOUT_S = 3 * 3600
+# the estimated seconds of a chapter with no recorded run (see critical_paths)
+UNKNOWN_CHAPTER_SECONDS = 1.0
 #: Jupyter Book display tags; a cell carrying one is left as its author tagged it.
 DISPLAY_TAGS = frozenset({"hide-input", "hide-output", "hide-cell", "remove-input", "remove-output",
                           "remove-cell", "show-input"})
@@ -764,7 +766,10 @@ def execute_chapters(
     board = _Board()
     _check_bootstrap(root)
     todo: list[tuple[Chapter, str, str]] = []
-    estimates: dict[str, float] = {}  # each chapter's last run time: the longest chain of chapters starts first
+    # each chapter's last run time: the longest chain of chapters starts first. A chapter never run
+    # here (a fresh checkout) counts one second, so the chain with the most chapters still leads
+    # (dcm, which cmap needs, before the chapters nothing needs: the book's long pole)
+    estimates: dict[str, float] = {}
     for i, ch in enumerate(notebooks, 1):
         fp = _fingerprint(ch, pfile, lib, upstream)
         upstream = fp
@@ -772,7 +777,7 @@ def execute_chapters(
         stamp = stamps / f"{ch.stem}.json"
         tag = f"[{i}/{len(notebooks)}] {ch.stem}"
         last = read_json(stamp).get("seconds") if stamp.exists() else None
-        estimates[ch.stem] = float(last or 0.0)
+        estimates[ch.stem] = float(last or UNKNOWN_CHAPTER_SECONDS)
         if only and ch.stem not in only:
             _log(f"{tag}: not selected")
             if out.exists():
