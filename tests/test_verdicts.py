@@ -220,6 +220,12 @@ def test_arithmetic_is_learned_at_its_threshold(em, want):
     assert v.holds == want and v.sample == "3 seeds"
 
 
+def test_an_exact_match_just_under_the_threshold_does_not_print_as_reaching_it():
+    """Three seeds averaging 0.495 do not hold, and the row must not read "exact match 0.50"."""
+    (v,) = V.arithmetic_verdicts({"ft": {"value": 0.495, "low": 0.398, "high": 0.597}}, samples={})
+    assert v.holds == "does not hold" and "0.495" in v.ours and "0.50 " not in v.ours
+
+
 def test_finetuning_verdicts_judge_seeded_finetunes_on_their_last_checkpoint():
     able = V.Competence("m", {"value": 0.6, "low": 0.5, "high": 0.7}, 4, 1 / 7)
     last = {"step": 800, "seeds": 3, "n_prompts": 4, "n_problems": 200, "gain": -0.3, "gain_low": -0.4,

@@ -682,7 +682,8 @@ def arithmetic_verdicts(exact_match: Mapping[str, Mapping[str, float]], *, sampl
                         else "partly" if em["value"] >= ARITHMETIC_LEARNED.value else "does not hold")
         out.append(Verdict(0, f"Arithmetic fine-tuning ({name}) teaches arithmetic",
                            "Goat-7B: near-perfect multi-digit addition and subtraction",
-                           f"exact match {_fmt(em)}", holds, rule=ARITHMETIC_RULE, sample=samples.get(name, "")))
+                           f"exact match {Estimate(em['value'], em['low'], em['high']):.3f}", holds,  # 0.495 is not 0.50
+                           rule=ARITHMETIC_RULE, sample=samples.get(name, "")))
     return out
 
 
