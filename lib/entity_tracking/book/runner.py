@@ -195,7 +195,7 @@ SHORT_CELL_LINES = 4
 #: that stops answering, e.g. a widget cell that never replies, once stalled a build); set
 #: ``ENTITY_TRACKING_CELL_TIMEOUT`` (seconds) for slow GPU sweeps on the paper's models.
 CELL_TIMEOUT_S = 3 * 3600
-# the estimated seconds of a chapter with no recorded run (see critical_paths)
+#: The estimated seconds of a chapter with no recorded run (see :func:`critical_paths`).
 UNKNOWN_CHAPTER_SECONDS = 1.0
 #: Jupyter Book display tags; a cell carrying one is left as its author tagged it.
 DISPLAY_TAGS = frozenset({"hide-input", "hide-output", "hide-cell", "remove-input", "remove-output",

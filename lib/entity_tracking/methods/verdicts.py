@@ -333,9 +333,9 @@ def who(model: str, controls: Iterable[str] = ()) -> str:
     return f"{model} (positive control, ours)" if model in set(controls) else model
 
 
-def _fmt(est: Mapping[str, float]) -> str:
+def _fmt(est: Mapping[str, float], spec: str = ".2f") -> str:
     """An estimate ``{"value", "low", "high"}`` as :class:`~entity_tracking.intervene.stats.Estimate` prints it."""
-    return f"{Estimate(est['value'], est['low'], est['high']):.2f}"
+    return format(Estimate(est["value"], est["low"], est["high"]), spec)
 
 
 def _not_testable(claim: int, statement: str, paper: str, models: Iterable[Competence], sample: str = ""):
@@ -682,7 +682,7 @@ def arithmetic_verdicts(exact_match: Mapping[str, Mapping[str, float]], *, sampl
                         else "partly" if em["value"] >= ARITHMETIC_LEARNED.value else "does not hold")
         out.append(Verdict(0, f"Arithmetic fine-tuning ({name}) teaches arithmetic",
                            "Goat-7B: near-perfect multi-digit addition and subtraction",
-                           f"exact match {Estimate(em['value'], em['low'], em['high']):.3f}", holds,  # 0.495 is not 0.50
+                           f"exact match {_fmt(em, '.3f')}", holds,  # 0.495 is not 0.50
                            rule=ARITHMETIC_RULE, sample=samples.get(name, "")))
     return out
 
