@@ -369,6 +369,12 @@ def test_gain_recovery_shares_of_the_gain_with_paired_intervals(models):
     assert rows["far"]["share"] == pytest.approx(0.0) and rows["far"]["share_high"] == pytest.approx(0.0)
     assert all(r["n_prompts"] == len(b["target"]) for r in rows.values())
     assert {(r["group"], r["desideratum"]) for r in rows.values()} == {("", "")}  # plain mappings: sets of no group
+    # no set to patch (a fine-tune DCM left out): the two models alone, the same rows
+    alone = gain_recovery(base, ft, b, {}, input_sets({}), n_bootstrap=200)
+    assert [r["patched"] for r in alone] == ["base alone", "fine-tuned alone"]
+    for got, want in zip(alone, (rows["base alone"], rows["fine-tuned alone"])):
+        assert got.keys() == want.keys()
+        assert all(got[k] == want[k] or (got[k] != got[k] and want[k] != want[k]) for k in want), (got, want)  # NaN == NaN
 
 
 def test_checkpoint_row_with_the_base_accuracy_given_is_the_same_row(models):

@@ -177,6 +177,38 @@ def test_lora_and_full_finetunes(tmp_path):
     assert any(not torch.equal(ft[k], b[k]) for k in b)
 
 
+def test_steps_lora_sets_the_lora_fine_tunes_length_only(tmp_path):
+    from entity_tracking.io import read_json
+
+    org = tiny_spec(finetune=TINY_FT.model_copy(update={"steps_lora": 2}))
+    assert (org.finetune.steps_of("lora"), org.finetune.steps_of("full")) == (2, 4)
+    assert TINY_FT.steps_of("lora") == TINY_FT.steps  # unset: LoRA trains as long as the full fine-tune
+    # it enters the LoRA recipe alone; unset, it leaves the hashes from before it existed
+    assert O.recipe_hash(org, "organism-lora") != O.recipe_hash(tiny_spec(), "organism-lora")
+    assert O.recipe_hash(org, "organism-full") == O.recipe_hash(tiny_spec(), "organism-full")
+    _, adapter = O.ensure_built(ModelSpec(name="org-lora", build="organism-lora", role="finetuned", organism=org),
+                                ResultsPaths(tmp_path), progress=False)
+    rec = read_json(adapter / "recipe.json")
+    assert [h["step"] for h in rec["history"]] == [1, 2]
+    assert [e["step"] for e in rec["evals"]] == [0, 2]
+    assert sorted(p.name for p in (adapter / "checkpoints").iterdir()) == ["step-0002"]
+
+
+def test_build_all_starts_the_longest_fine_tune_first(tmp_path, monkeypatch):
+    """With one worker the fine-tunes run in the order handed to the pool: longest first, so that
+    with two the short ones fill in at the end instead of a long one running alone."""
+    org = tiny_spec(finetune=TINY_FT.model_copy(update={"steps_lora": 2, "steps": 8}))
+    specs = [ModelSpec(name="org", build="organism", organism=org),
+             ModelSpec(name="org-lora", build="organism-lora", role="finetuned", organism=org),
+             ModelSpec(name="org-ctl", build="organism-control", role="finetuned", control=True, organism=org),
+             ModelSpec(name="org-full", build="organism-full", role="finetuned", organism=org)]
+    order = []
+    monkeypatch.setattr(organism_build, "_build_one", lambda s, root: (order.append(s.name), (s.name, 0.0))[1])
+    O.build_all(specs, ResultsPaths(tmp_path), workers=1, progress=False)
+    # full: 8 steps x 4 rows; LoRA: 2 x 4; control: 150 x 32 (ControlSpec's default)
+    assert order == ["org-ctl", "org-full", "org-lora"]
+
+
 @pytest.fixture(scope="module")
 def default_base(tmp_path_factory):
     """The real default organism, trained once for this module's slow tests (minutes)."""

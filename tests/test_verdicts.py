@@ -146,6 +146,45 @@ def test_a_model_at_chance_is_not_testable_in_every_chapter(tiny):
         assert v.rule == V.COMPETENCE_RULE and ("prompts" in v.sample or "pairs" in v.sample)
 
 
+def test_dcm_claim_about_every_model_is_not_testable_when_dcm_left_one_out():
+    """The DCM chapter studies only the models that do the task: a model it left out (no pattern)
+    still makes 'every model encodes the same' not testable, and the base's own claim is judged."""
+    ok = V.Competence.of("base", {"value": 0.7, "low": 0.66, "high": 0.74}, BOXES, 500)
+    ft_ok = V.Competence.of("ctl", {"value": 0.9, "low": 0.87, "high": 0.92}, BOXES, 500)
+    gone = V.Competence.of("full", {"value": 0.0, "low": 0.0, "high": 0.0}, BOXES, 500)
+    pattern = {m: {"value_fetcher": "value", "position_transmitter": "neither", "position_detector": "neither"}
+               for m in ("base", "ctl")}
+    every, base = V.dcm_verdicts({"base": ok, "ctl": ft_ok, "full": gone}, pattern, "base", sample="s")
+    assert every.holds == V.NOT_TESTABLE and "full does not do the task" in every.ours
+    assert base.holds == "partly" and base.ours.startswith("1 of 3 groups match")
+    every, _ = V.dcm_verdicts({"base": ok, "ctl": ft_ok}, pattern, "base", sample="s")
+    assert every.holds == "holds" and "2 model(s)" in every.ours
+
+
+def test_models_to_study_leaves_out_the_models_at_chance(tmp_path):
+    from entity_tracking.book.chapter import ChapterContext, models_to_study
+    from entity_tracking.config import load_profile
+    from entity_tracking.io import ResultsPaths
+
+    profile = load_profile("ci")
+    names = [m.name for m in profile.models]
+    paths = ResultsPaths(tmp_path)
+    ctx = ChapterContext("dcm", profile, paths, tmp_path, "cpu")
+    at = {"value": 0.9, "low": 0.85, "high": 0.95}
+    comps = {n: V.Competence.of(n, at if i % 2 == 0 else {"value": 0.1, "low": 0.05, "high": 0.15}, BOXES, 100)
+             for i, n in enumerate(names)}
+    V.write_competence(paths.metrics / "competence.json", comps)
+    studied, left_out = models_to_study(ctx)
+    assert studied == names[0::2] and [c.model for c in left_out] == names[1::2]
+    assert all(not c.ok for c in left_out)
+    assert models_to_study(ctx, "all") == (names, [])
+    V.write_competence(paths.metrics / "competence.json", {n: comps[n] for n in names[:-1]})
+    with pytest.raises(ValueError, match=names[-1]):
+        models_to_study(ctx)
+    with pytest.raises(ValueError, match="'competent' or 'all'"):
+        models_to_study(ctx, "some")
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """A tiny model whose answer is written by head 1.2: its o_proj columns are scaled up 30x and

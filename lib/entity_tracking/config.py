@@ -123,8 +123,10 @@ class FinetuneSpec(_Strict):
 
     # Trained until arithmetic is learned or plateaus (issue 14; organism notes): with every weight
     # trained at lr 1e-3, exact match passes 0.5 near step 700 of 800; LoRA on q/k/v/o plateaus
-    # below 0.05 at lr 3e-3 and 1e-2 alike (one seed each, measured before choosing).
-    steps: int = Field(800, ge=1)
+    # below 0.05 at lr 3e-3 and 1e-2 alike (one seed each, measured before choosing); the default
+    # profile trains LoRA for fewer steps (steps_lora, see params/default.yaml).
+    steps: int = Field(800, ge=1, description="steps of the full fine-tune (and of LoRA when steps_lora is null)")
+    steps_lora: Optional[int] = Field(None, ge=1, description="steps of the LoRA fine-tune; null: steps")
     batch_size: int = Field(32, ge=1)
     lr_lora: float = Field(3e-3, gt=0)
     lr_full: float = Field(1e-3, gt=0)
@@ -142,6 +144,10 @@ class FinetuneSpec(_Strict):
         description="seeds of the replicate fine-tunes the fine-tuning chapter trains beside the profile's "
                     "own (seed above), for intervals over seeds; not part of any build's recipe hash",
     )
+
+    def steps_of(self, kind: str) -> int:
+        """Optimizer steps of the ``kind`` (``"lora"`` or ``"full"``) fine-tune."""
+        return self.steps_lora if kind == "lora" and self.steps_lora is not None else self.steps
 
 
 class ControlSpec(_Strict):
@@ -437,6 +443,13 @@ class DCMSpec(_Strict):
         256, ge=1,
         description="pairs per forward pass when a mask is scored and in the per-model semantics (no gradient); "
                     "the answers are those of batch_size, only the passes are fewer",
+    )
+    models: Literal["competent", "all"] = Field(
+        "competent",
+        description="'competent': masks and semantics for the models that do the task (the circuit chapter's "
+                    "competence rule; the paper's models all do), the others listed as not testable, since "
+                    "what their heads 'encode' says nothing about a task they do not do; 'all': every model "
+                    "(the CI profile, whose models are at chance, runs every code path this way)",
     )
 
 

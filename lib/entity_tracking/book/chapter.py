@@ -26,10 +26,11 @@ from typing import Any, Iterable, Optional
 from ..config import ROOT_ENV, Profile, find_repo_root, load_profile
 from ..io import ResultsPaths, read_json, write_json
 from ..load import load_model
-from ..methods.verdicts import VERDICTS, Verdict
+from ..methods.verdicts import VERDICTS, Competence, Verdict, read_competence
 from .runner import chapters_from_toc, run_chapters
 
-__all__ = ["ChapterContext", "Verdict", "load_verdicts", "record_verdicts", "setup_chapter", "show_tables_without_index"]
+__all__ = ["ChapterContext", "Verdict", "load_verdicts", "models_to_study", "record_verdicts", "setup_chapter",
+           "show_tables_without_index"]
 
 
 
@@ -214,3 +215,20 @@ def iter_models(ctx: ChapterContext, names: Optional[Iterable[str]] = None):
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+def models_to_study(ctx: ChapterContext, which: str = "competent") -> tuple[list[str], list[Competence]]:
+    """The profile's models a chapter studies, in profile order, and the :class:`Competence` of
+    those it leaves out. ``which="competent"``: the models that do the task by the circuit
+    chapter's rule (``metrics/competence.json``): how a model does a task it does not do cannot be
+    studied; ``"all"``: every model, none left out."""
+    names = [m.name for m in ctx.profile.models]
+    if which == "all":
+        return names, []
+    if which != "competent":
+        raise ValueError(f"which must be 'competent' or 'all', not {which!r}")
+    comps = read_competence(ctx.paths.metrics / "competence.json")
+    missing = [n for n in names if n not in comps]
+    if missing:
+        raise ValueError(f"{ctx.paths.metrics / 'competence.json'} has no competence for {missing}: rerun the circuit chapter")
+    return [n for n in names if comps[n].ok], [comps[n] for n in names if not comps[n].ok]

@@ -448,6 +448,15 @@ def write_masks(path, masks: Mapping[str, Mapping[tuple[str, str], DCMResult]]):
     return write_json(path, out)
 
 
+def models_with_masks(path) -> list[str]:
+    """The models a :func:`write_masks` file holds masks for (the DCM chapter leaves out the models
+    that do not do the task)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DCMError(f"{path} is not a file of DCM masks: rerun the DCM chapter")
+    return list(data)
+
+
 def read_selections(path, model_name: str) -> dict[tuple[str, str], list[Head]]:
     """The heads DCM selected for ``model_name`` in a :func:`write_masks` file:
     ``{(group, desideratum): [(layer, head), ...]}``. Raises :class:`DCMError` naming the model

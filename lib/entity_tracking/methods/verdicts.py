@@ -611,7 +611,8 @@ def dcm_verdicts(competences: Mapping[str, Competence], pattern: Mapping[str, Ma
     s2 = "VF carries value; PT and PD carry position (base model)"
     p2 = "VF object value 45.6%, PT positional 36.9%, PD positional 44.0% (Llama)"
     out = []
-    models = list(pattern)
+    # every model the claim is about, including those DCM left out because they do not do the task
+    models = list(dict.fromkeys([*pattern, *competences]))
     skip = _not_testable(2, s1, p1, [competences[m] for m in models if m in competences], sample)
     if skip is not None:
         out.append(skip)

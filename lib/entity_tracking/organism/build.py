@@ -45,7 +45,11 @@ def recipe_hash(spec: OrganismSpec, kind: str = "organism") -> str:
     if kind == "organism-control":
         payload.update(kind=kind, control=spec.control.model_dump(mode="json"), ft_version=FINETUNE_VERSION)
     elif kind != "organism":
-        payload.update(kind=kind, finetune=spec.finetune.model_dump(mode="json", exclude={"replicate_seeds"}),
+        # steps_lora is LoRA's alone, and unset it leaves the hashes from before it existed alone
+        skip = {"replicate_seeds"}
+        if kind == "organism-full" or spec.finetune.steps_lora is None:
+            skip.add("steps_lora")
+        payload.update(kind=kind, finetune=spec.finetune.model_dump(mode="json", exclude=skip),
                        ft_version=FINETUNE_VERSION)
     blob = json.dumps(payload, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -142,6 +146,17 @@ def replicates(spec: ModelSpec) -> list[ModelSpec]:
     return out
 
 
+def _work(spec: ModelSpec) -> int:
+    """A fine-tune's rough size (optimizer steps x rows per step), to start the longest first: the
+    fine-tunes otherwise go in the profile's order and a short one started early leaves a long one
+    alone on one core at the end."""
+    org = spec.organism or OrganismSpec()
+    if spec.build == "organism-control":
+        return org.control.steps * org.control.batch_size
+    kind = "lora" if spec.build == "organism-lora" else "full"
+    return org.finetune.steps_of(kind) * org.finetune.batch_size
+
+
 def _build_one(spec: ModelSpec, root: str) -> tuple[str, float]:
     """Child-process entry of :func:`build_all` (one torch thread, no progress bars)."""
     t = time.perf_counter()
@@ -153,8 +168,9 @@ def _build_one(spec: ModelSpec, root: str) -> tuple[str, float]:
 def build_all(specs: Iterable[ModelSpec], paths: ResultsPaths, workers: int | None = None,
               progress: bool = True) -> dict[str, dict]:
     """Build (or reuse) every organism model of ``specs``: each base first, alone, with its
-    recipe's ``train_threads``; then the fine-tunes, ``workers`` at a time in separate processes with one thread each (default
-    ``$ENTITY_TRACKING_TRAIN_WORKERS`` or the number of CPU cores): independent runs, one per core.
+    recipe's ``train_threads``; then the fine-tunes, longest first, ``workers`` at a time in separate
+    processes with one thread each (default ``$ENTITY_TRACKING_TRAIN_WORKERS`` or the number of CPU
+    cores): independent runs, one per core.
     Returns ``{name: {"seconds": wall time, "cached": bool}}``; a build is deterministic given its
     recipe whatever the number of workers. Other models (hub, local, tiny) are left alone.
 
@@ -186,6 +202,7 @@ def build_all(specs: Iterable[ModelSpec], paths: ResultsPaths, workers: int | No
             out[s.name] = {"seconds": time.perf_counter() - t, "cached": False}
         else:
             todo.append(s)
+    todo.sort(key=_work, reverse=True)  # stable: equal sizes keep the profile's order
     workers = max(1, min(len(todo), workers or int(os.environ.get(WORKERS_ENV, "0")) or os.cpu_count() or 1))
     if len(todo) == 1 or workers == 1:
         for s in tqdm(todo, desc="fine-tunes", disable=not progress):

@@ -226,8 +226,9 @@ def finetune(
     """Fine-tune the model in ``base`` on arithmetic and save it to ``out_dir`` (atomically),
     with checkpoints; returns the metadata written to ``out_dir/recipe.json``."""
     org = org or OrganismSpec()
+    steps = spec.steps_of(kind)
     per_step = spec.batch_size * spec.problems_per_sequence
-    pool = arithmetic_pairs(spec.steps * per_step, spec.max_digits, seed=spec.seed * 7919 + 17, ops=spec.ops)
+    pool = arithmetic_pairs(steps * per_step, spec.max_digits, seed=spec.seed * 7919 + 17, ops=spec.ops)
     random.Random(spec.seed).shuffle(pool)  # make_arithmetic cycles the operations in turn
 
     def batch_at(tok, step: int):
@@ -235,7 +236,7 @@ def finetune(
         return qa_batch(tok, [chunk[i : i + spec.problems_per_sequence]
                               for i in range(0, per_step, spec.problems_per_sequence)])
 
-    return _train(base, kind, lr=spec.lr_lora if kind == "lora" else spec.lr_full, steps=spec.steps,
+    return _train(base, kind, lr=spec.lr_lora if kind == "lora" else spec.lr_full, steps=steps,
                   warmup_steps=spec.warmup_steps, checkpoint_every=spec.checkpoint_every, seed=spec.seed,
                   batch_at=batch_at, evaluate=_evaluator(org, spec.max_digits, spec.ops, spec.seed),
                   out_dir=out_dir, desc=f"finetune-{kind}", lora=spec, progress=progress,
