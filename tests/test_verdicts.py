@@ -162,7 +162,7 @@ def test_dcm_claim_about_every_model_is_not_testable_when_dcm_left_one_out():
 
 
 def test_models_to_study_leaves_out_the_models_at_chance(tmp_path):
-    from entity_tracking.book.chapter import ChapterContext, models_to_study
+    from entity_tracking.book.chapter import ChapterContext, left_out_note, models_to_study
     from entity_tracking.config import load_profile
     from entity_tracking.io import ResultsPaths
 
@@ -174,15 +174,30 @@ def test_models_to_study_leaves_out_the_models_at_chance(tmp_path):
     comps = {n: V.Competence.of(n, at if i % 2 == 0 else {"value": 0.1, "low": 0.05, "high": 0.15}, BOXES, 100)
              for i, n in enumerate(names)}
     V.write_competence(paths.metrics / "competence.json", comps)
-    studied, left_out = models_to_study(ctx)
+    studied, left_out = models_to_study(ctx, "competent")
     assert studied == names[0::2] and [c.model for c in left_out] == names[1::2]
     assert all(not c.ok for c in left_out)
-    assert models_to_study(ctx, "all") == (names, [])
+    assert names[1] in left_out_note(left_out) and left_out_note([]) == ""
+    assert profile.study == "all" and models_to_study(ctx) == (names, [])  # the CI profile studies every model
+    competent = ChapterContext("dcm", profile.model_copy(update={"study": "competent"}), paths, tmp_path, "cpu")
+    assert models_to_study(competent) == (studied, left_out)
     V.write_competence(paths.metrics / "competence.json", {n: comps[n] for n in names[:-1]})
     with pytest.raises(ValueError, match=names[-1]):
-        models_to_study(ctx)
+        models_to_study(competent)
     with pytest.raises(ValueError, match="'competent' or 'all'"):
         models_to_study(ctx, "some")
+
+
+def test_faithfulness_rows_of_a_fine_tune_measured_alone_are_not_testable():
+    """The faithfulness chapter measures a model at chance alone (F(M)): its two rows say why."""
+    est = lambda v, lo, hi: {"value": v, "low": lo, "high": hi, "n": 500}
+    base = {"full_accuracy": est(0.7, 0.66, 0.74), "circuit_accuracy": est(0.01, 0.0, 0.02),
+            "faithfulness": est(0.01, 0.0, 0.03)}
+    alone = {"full_accuracy": est(0.0, 0.0, 0.0)}
+    comp = {n: V.Competence.of(n, s["full_accuracy"], BOXES) for n, s in (("base", base), ("full", alone))}
+    got = V.faithfulness_verdicts(comp, {("base", "base"): base, ("base", "full"): alone}, "base", ["full"], n_random=3)
+    assert [v.holds for v in got] == ["does not hold", V.NOT_TESTABLE, V.NOT_TESTABLE]
+    assert all("full does not do the task" in v.ours and v.sample.startswith("500 prompts") for v in got[1:])
 
 
 @pytest.fixture(scope="module")

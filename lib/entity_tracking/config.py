@@ -444,13 +444,6 @@ class DCMSpec(_Strict):
         description="pairs per forward pass when a mask is scored and in the per-model semantics (no gradient); "
                     "the answers are those of batch_size, only the passes are fewer",
     )
-    models: Literal["competent", "all"] = Field(
-        "competent",
-        description="'competent': masks and semantics for the models that do the task (the circuit chapter's "
-                    "competence rule; the paper's models all do), the others listed as not testable, since "
-                    "what their heads 'encode' says nothing about a task they do not do; 'all': every model "
-                    "(the CI profile, whose models are at chance, runs every code path this way)",
-    )
 
 
 class CMAPSpec(_Strict):
@@ -488,6 +481,14 @@ class Profile(_Strict):
     faithfulness: FaithfulnessSpec = FaithfulnessSpec()
     dcm: DCMSpec = DCMSpec()
     cmap: CMAPSpec = CMAPSpec()
+    study: Literal["competent", "all"] = Field(
+        "competent",
+        description="which models the faithfulness and DCM chapters analyse: 'competent', those that do the "
+                    "task by the circuit chapter's competence rule (the paper's models all do), the others "
+                    "measured alone (their accuracy) and their claims not testable, since how a model does a "
+                    "task it does not do cannot be studied; 'all', every model (the CI profile, whose models "
+                    "are at chance, runs every code path this way)",
+    )
 
     @field_validator("models")
     @classmethod

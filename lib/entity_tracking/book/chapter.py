@@ -29,8 +29,8 @@ from ..load import load_model
 from ..methods.verdicts import VERDICTS, Competence, Verdict, read_competence
 from .runner import chapters_from_toc, run_chapters
 
-__all__ = ["ChapterContext", "Verdict", "load_verdicts", "models_to_study", "record_verdicts", "setup_chapter",
-           "show_tables_without_index"]
+__all__ = ["ChapterContext", "Verdict", "left_out_note", "load_verdicts", "models_to_study", "record_verdicts",
+           "setup_chapter", "show_tables_without_index"]
 
 
 
@@ -217,11 +217,12 @@ def iter_models(ctx: ChapterContext, names: Optional[Iterable[str]] = None):
                 torch.cuda.empty_cache()
 
 
-def models_to_study(ctx: ChapterContext, which: str = "competent") -> tuple[list[str], list[Competence]]:
-    """The profile's models a chapter studies, in profile order, and the :class:`Competence` of
-    those it leaves out. ``which="competent"``: the models that do the task by the circuit
-    chapter's rule (``metrics/competence.json``): how a model does a task it does not do cannot be
-    studied; ``"all"``: every model, none left out."""
+def models_to_study(ctx: ChapterContext, which: Optional[str] = None) -> tuple[list[str], list[Competence]]:
+    """The profile's models a chapter analyses, in profile order, and the :class:`Competence` of
+    those it leaves out. ``which`` (default: the profile's ``study``) ``"competent"``: the models
+    that do the task by the circuit chapter's rule (``metrics/competence.json``), since how a model
+    does a task it does not do cannot be studied; ``"all"``: every model, none left out."""
+    which = which or ctx.profile.study
     names = [m.name for m in ctx.profile.models]
     if which == "all":
         return names, []
@@ -232,3 +233,12 @@ def models_to_study(ctx: ChapterContext, which: str = "competent") -> tuple[list
     if missing:
         raise ValueError(f"{ctx.paths.metrics / 'competence.json'} has no competence for {missing}: rerun the circuit chapter")
     return [n for n in names if comps[n].ok], [comps[n] for n in names if not comps[n].ok]
+
+
+def left_out_note(left_out: Iterable[Competence]) -> str:
+    """The Markdown line a chapter shows for the models :func:`models_to_study` left out ("" if none)."""
+    left_out = list(left_out)
+    if not left_out:
+        return ""
+    return ("Measured alone, not analysed, as they do not do the task (the profile's `study: competent`): "
+            + "; ".join(c.reason.removeprefix("not testable: ") for c in left_out) + ".")

@@ -436,7 +436,9 @@ def faithfulness_verdicts(competences: Mapping[str, Competence], faith: Mapping[
     """The faithfulness chapter's verdicts from ``faith[(circuit of, evaluated in)]``, the
     :meth:`~entity_tracking.methods.ablation.FaithfulnessResult.summary` dicts (``faithfulness``,
     ``circuit_accuracy``, ``full_accuracy``: ``{"value", "low", "high"}``); fine-tunes named in
-    ``controls`` are marked as positive controls (ours), with no paper number beside them."""
+    ``controls`` are marked as positive controls (ours), with no paper number beside them. A
+    fine-tune that does not do the task may have ``full_accuracy`` alone (the chapter does not
+    analyse it): its rows are not testable."""
     controls = set(controls)
     rule = f"{COMPETENCE_RULE}; then {FAITHFUL.interval_rule}"
     beats_rule = (f"{COMPETENCE_RULE}; then holds when the circuit's 95% interval lies above the full base "
@@ -459,7 +461,8 @@ def faithfulness_verdicts(competences: Mapping[str, Competence], faith: Mapping[
         s = faith[(base, m)]
         statement = f"The base circuit in {who(m, controls)} beats the full base model"
         paper = CONTROL_PAPER if m in controls else "0.73 (Goat) and 0.72 (FLoat) vs 0.66"
-        sample = f"{int(s['circuit_accuracy'].get('n', 0))} prompts"
+        # a model the chapter left out (it does not do the task) has its F(M) alone
+        sample = f"{int(s.get('circuit_accuracy', s['full_accuracy']).get('n', 0))} prompts"
         out.append(_not_testable(1, statement, paper, [competences[base], competences[m]], sample)
                    or Verdict(1, statement, paper, f"{_fmt(s['circuit_accuracy'])} vs {_fmt(base_full)}",
                               exceeds(s["circuit_accuracy"], base_full), rule=beats_rule, sample=sample))
