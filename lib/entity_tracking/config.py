@@ -122,9 +122,9 @@ class FinetuneSpec(_Strict):
     :mod:`entity_tracking.organism.finetune`. Never shown entity-tracking data."""
 
     # Trained until arithmetic is learned or plateaus (issue 14; organism notes): with every weight
-    # trained at lr 1e-3, exact match passes 0.5 near step 700 of 800; LoRA on q/k/v/o plateaus
-    # below 0.05 at lr 3e-3 and 1e-2 alike (one seed each, measured before choosing); the default
-    # profile trains LoRA for fewer steps (steps_lora, see params/default.yaml).
+    # trained at lr 1e-3, exact match passes 0.5 near step 700 of 800 on one machine's base and
+    # 0.495 at 800 on another's (lr 2e-3 and 3e-3 no better); LoRA on q/k/v/o plateaus below 0.05
+    # at lr 3e-3 and 1e-2 alike. The default profile sets its own lengths (params/default.yaml).
     steps: int = Field(800, ge=1, description="steps of the full fine-tune (and of LoRA when steps_lora is null)")
     steps_lora: Optional[int] = Field(None, ge=1, description="steps of the LoRA fine-tune; null: steps")
     batch_size: int = Field(32, ge=1)
