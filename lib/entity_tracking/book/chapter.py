@@ -240,5 +240,5 @@ def left_out_note(left_out: Iterable[Competence]) -> str:
     left_out = list(left_out)
     if not left_out:
         return ""
-    return ("Measured alone, not analysed, as they do not do the task (the profile's `study: competent`): "
+    return ("Left out of this chapter's analysis, as they do not do the task (the profile's `study: competent`): "
             + "; ".join(c.reason.removeprefix("not testable: ") for c in left_out) + ".")
