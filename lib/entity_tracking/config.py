@@ -485,8 +485,8 @@ class Profile(_Strict):
         "competent",
         description="which models the faithfulness and DCM chapters analyse: 'competent', those that do the "
                     "task by the circuit chapter's competence rule (the paper's models all do), the others "
-                    "measured alone (their accuracy) and their claims not testable, since how a model does a "
-                    "task it does not do cannot be studied; 'all', every model (the CI profile, whose models "
+                    "left out of the analysis (faithfulness still measures their accuracy) and their claims "
+                    "not testable, since how a model does a task it does not do cannot be studied; 'all', every model (the CI profile, whose models "
                     "are at chance, runs every code path this way)",
     )
 
