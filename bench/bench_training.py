@@ -3,8 +3,8 @@
 Builds, from scratch in a temporary results folder (the cache is bypassed), the default profile's
 organism, its LoRA and full arithmetic fine-tunes with their replicate seeds, and the positive
 control, exactly as the data chapter does (``organism.build_all``: the base first, then the
-fine-tunes in parallel, one per core with one thread each). Prints each build's own time, the
-wall-clock total against the 20-minute CPU budget, and what each build reached::
+fine-tunes in parallel, longest first, one per core with one thread each). Prints each build's own
+time, the wall-clock total against the 20-minute CPU budget, and what each build reached::
 
     python bench/bench_training.py [--workers N] [--keep DIR]
 """
