@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from entity_tracking import task as D
 from entity_tracking.methods.cmap import (
     CMAPError,
+    circuit_source,
     HeadSet,
     OutputCMAP,
     gain_recovery,
@@ -286,6 +287,7 @@ def test_head_sets_for_picks_the_circuit():
         head_sets_for("other", "base", "own", circuits, selections)
     with pytest.raises(CMAPError, match="circuit='mine' is not one of"):
         head_sets_for("ft", "base", "mine", circuits, selections)
+    assert (circuit_source("ft", "base", "own"), circuit_source("ft", "base", "base")) == ("ft", "base")
 
 
 def test_groups_map_to_their_positions():

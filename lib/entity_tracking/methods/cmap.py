@@ -76,8 +76,8 @@ from ..task.encoding import position_keys, positions_at
 from . import paper
 from .circuit import Circuit
 
-__all__ = ["BASE_ALONE", "CMAPError", "FINETUNED_ALONE", "FULL_CIRCUIT", "HeadSet", "check_compatible", "gain_recovery", "head_sets",
-           "head_sets_for", "heads_by_position", "input_cmap", "input_sets", "output_cmap", "OutputCMAP", "paper_accuracy",
+__all__ = ["BASE_ALONE", "CMAPError", "FINETUNED_ALONE", "FULL_CIRCUIT", "HeadSet", "check_compatible", "circuit_source",
+           "gain_recovery", "head_sets", "head_sets_for", "heads_by_position", "input_cmap", "input_sets", "output_cmap", "OutputCMAP", "paper_accuracy",
            "paper_share", "row_key"]
 
 INPUT_SITES = ("q", "k", "v")
@@ -444,6 +444,14 @@ def _lookup(source: Source, name: str, what: str) -> Any:
     return source[name]
 
 
+def circuit_source(finetuned: str, base: str, circuit: Literal["own", "base"]) -> str:
+    """The model whose circuit and DCM heads :func:`head_sets_for` patches from ``finetuned``:
+    ``finetuned`` itself (``circuit="own"``) or ``base``."""
+    if circuit not in CIRCUIT_CHOICES:
+        raise CMAPError(f"circuit={circuit!r} is not one of {list(CIRCUIT_CHOICES)}")
+    return finetuned if circuit == "own" else base
+
+
 def head_sets_for(
     finetuned: str,
     base: str,
@@ -467,9 +475,7 @@ def head_sets_for(
     Returns:
         ``(source model name, {label: HeadSet})``.
     """
-    if circuit not in CIRCUIT_CHOICES:
-        raise CMAPError(f"circuit={circuit!r} is not one of {list(CIRCUIT_CHOICES)}")
-    source = finetuned if circuit == "own" else base
+    source = circuit_source(finetuned, base, circuit)
     return source, head_sets(_lookup(circuits, source, "circuit"), _lookup(selections, source, "DCM selections"))
 
 
