@@ -1,14 +1,20 @@
 """Shared statistics of the methods: a point estimate with its bootstrap interval.
 
 Every number the book reports with an interval is an :class:`Estimate` from :func:`bootstrap`, a
-percentile bootstrap over examples (prompts), paired when several per-example vectors are resampled
-together (the same prompts for the circuit and the model, for a fine-tune and its base).
-:func:`ratio` divides resampled accuracies, giving NaN (ignored by the quantiles) where the
-denominator is 0.
+percentile bootstrap over the unit that is independent, paired when several per-example vectors
+are resampled together (the same prompts for the circuit and the model, for a fine-tune and its
+base). The evaluation prompts are not independent: each context (the objects in their boxes) is
+asked about ``num_boxes`` times, so a model that gets one context right tends to get its other
+queries right too. Given ``clusters`` (each prompt's ``context_id``), :func:`bootstrap` resamples
+*contexts* and keeps all queries of a drawn context (a cluster bootstrap), which widens the
+interval by as much as the queries of one context agree. :func:`ratio` divides resampled
+accuracies, giving NaN (ignored by the quantiles) where the denominator is 0.
 
->>> est = bootstrap(torch.tensor([1.0, 0.0, 1.0, 1.0]), n_resamples=200)
->>> f"{est:.2f}"  # doctest: +SKIP
-'0.75 [0.25, 1.00]'
+>>> import torch
+>>> correct = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+>>> est = bootstrap(correct, clusters=[0, 0, 1, 1, 2, 2], n_resamples=200)
+>>> round(est.value, 3), est.n, est.n_clusters
+(0.667, 6, 3)
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ class Estimate:
     high: float
     level: float = 0.95
     n: int = 0
+    n_clusters: int = 0  # the contexts resampled (0: the examples themselves were)
 
     def as_dict(self) -> dict[str, float]:
-        return {"value": self.value, "low": self.low, "high": self.high, "level": self.level, "n": self.n}
+        return {"value": self.value, "low": self.low, "high": self.high, "level": self.level, "n": self.n,
+                "n_clusters": self.n_clusters}
 
     def __format__(self, spec: str) -> str:
         spec = spec or ".2f"
@@ -44,19 +52,26 @@ class Estimate:
 
 def bootstrap(vectors: torch.Tensor | Sequence[torch.Tensor],
               statistic: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, *,
+              clusters: Optional[Sequence[int] | torch.Tensor] = None,
               n_resamples: int = 1000, seed: int = 0, level: float = 0.95, chunk: int = 200) -> Estimate:
-    """Percentile bootstrap over examples of a statistic of per-vector accuracies.
+    """Percentile bootstrap over examples, or over clusters of them, of a statistic of per-vector
+    accuracies.
 
     Args:
         vectors: ``[k, n]`` (or ``k`` tensors of length ``n``) per-example correctness; the same
             resampled examples are used for all ``k`` (paired).
         statistic: maps accuracies ``[k, R]`` to ``[R]``; default: the first vector's accuracy.
             NaN results (e.g. a ratio over a zero resample) are ignored by the quantiles.
+        clusters: ``[n]`` the cluster of each example (the prompts' ``context_id``), or None for
+            independent examples. Given, each resample draws as many clusters as there are, with
+            replacement, and weighs every example by how often its cluster was drawn: the accuracy
+            of a resample is the mean over all queries of the drawn contexts.
         n_resamples: bootstrap resamples ``R``; ``seed`` makes them deterministic.
 
     Returns:
         :class:`Estimate` with the statistic on the original examples and the
-        ``(1-level)/2``, ``(1+level)/2`` quantiles of the resampled statistics.
+        ``(1-level)/2``, ``(1+level)/2`` quantiles of the resampled statistics (``n_clusters``:
+        the clusters resampled, 0 without ``clusters``).
     """
     v = vectors if isinstance(vectors, torch.Tensor) else torch.stack([torch.as_tensor(x) for x in vectors])
     if v.dim() == 1:
@@ -70,11 +85,25 @@ def bootstrap(vectors: torch.Tensor | Sequence[torch.Tensor],
     stat = statistic or (lambda acc: acc[0])
     point = float(stat(v.mean(-1, keepdim=True))[0])
     gen = torch.Generator().manual_seed(seed)
+    if clusters is not None:
+        cl = torch.as_tensor(clusters).reshape(-1)
+        if cl.numel() != n:
+            raise ValueError(f"clusters names {cl.numel()} examples' clusters, the vectors have {n} examples")
+        _, member = torch.unique(cl, return_inverse=True)  # [n] cluster index 0..C-1
+        n_clusters = int(member.max()) + 1
+    else:
+        n_clusters = 0
     out = []
     for s in range(0, n_resamples, chunk):
         r = min(chunk, n_resamples - s)
-        idx = torch.randint(n, (r, n), generator=gen)
-        out.append(stat(v[:, idx].mean(-1)).float())
+        if n_clusters:
+            drawn = torch.randint(n_clusters, (r, n_clusters), generator=gen)
+            counts = torch.zeros(r, n_clusters).scatter_add_(1, drawn, torch.ones(r, n_clusters))
+            w = counts[:, member]  # [r, n]: how often each example's context was drawn
+            out.append(stat((v[:, None, :] * w[None]).sum(-1) / w.sum(-1)).float())
+        else:
+            idx = torch.randint(n, (r, n), generator=gen)
+            out.append(stat(v[:, idx].mean(-1)).float())
     stats = torch.cat(out)
     stats = torch.where(torch.isfinite(stats), stats, torch.full_like(stats, float("nan")))
     if bool(torch.isnan(stats).all()):
@@ -82,7 +111,7 @@ def bootstrap(vectors: torch.Tensor | Sequence[torch.Tensor],
     else:
         q = torch.tensor([(1 - level) / 2, (1 + level) / 2])
         lo, hi = (float(x) for x in torch.nanquantile(stats, q))
-    return Estimate(point, lo, hi, level, n)
+    return Estimate(point, lo, hi, level, n, n_clusters)
 
 
 def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

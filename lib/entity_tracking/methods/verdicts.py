@@ -79,6 +79,7 @@ __all__ = [
     "arithmetic_verdicts",
     "finetuning_verdicts",
     "premise_verdicts",
+    "prompts_sample",
     "who",
 ]
 
@@ -336,6 +337,22 @@ def who(model: str, controls: Iterable[str] = ()) -> str:
 def _fmt(est: Mapping[str, float], spec: str = ".2f") -> str:
     """An estimate ``{"value", "low", "high"}`` as :class:`~entity_tracking.intervene.stats.Estimate` prints it."""
     return format(Estimate(est["value"], est["low"], est["high"]), spec)
+
+
+def prompts_sample(est: Mapping[str, float] | Estimate, unit: str = "prompts") -> str:
+    """The sample behind an estimate, in a verdict row's words: ``"72 contexts x 7 queries"`` when it
+    was resampled by context (its ``n_clusters``), else ``"500 prompts"``.
+
+    >>> prompts_sample({"n": 500, "n_clusters": 72})
+    '72 contexts x 7 queries (500 prompts, bootstrap over contexts)'
+    >>> prompts_sample({"n": 300})
+    '300 prompts'
+    """
+    d = est.as_dict() if isinstance(est, Estimate) else est
+    n, c = int(d.get("n", 0) or 0), int(d.get("n_clusters", 0) or 0)
+    if c:
+        return f"{c} contexts x {round(n / c)} queries ({n} {unit}, bootstrap over contexts)"
+    return f"{n} {unit}"
 
 
 def _not_testable(claim: int, statement: str, paper: str, models: Iterable[Competence], sample: str = ""):
