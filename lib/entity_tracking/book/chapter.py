@@ -29,7 +29,7 @@ from ..load import load_model
 from ..methods.verdicts import VERDICTS, Competence, Verdict, read_competence
 from .runner import chapters_from_toc, run_chapters
 
-__all__ = ["ChapterContext", "Verdict", "left_out_note", "load_verdicts", "models_to_study", "record_verdicts",
+__all__ = ["CLAIM_NAMES", "ChapterContext", "Verdict", "claim_answers", "claim_verdict", "is_ours", "left_out_note", "scope_note", "load_verdicts", "models_to_study", "record_verdicts",
            "setup_chapter", "show_tables_without_index"]
 
 
@@ -171,16 +171,6 @@ def verdict_table(results_root: Path, profile: str):
     ]
     rows.sort(key=lambda r: (r["claim"], r["chapter"]))
 
-    def link(ch: str) -> str:
-        return f'<a href="{html.escape(ch)}.html">{html.escape(ch)}</a>' if ch else ""
-
-    def details(r: dict) -> str:
-        sample, rule = r.get("sample", ""), r.get("rule", "")
-        if not (sample or rule):
-            return ""
-        return (f'<details><summary>{html.escape(sample or "rule")}</summary>{html.escape(rule)}</details>'
-                if rule else html.escape(sample))
-
     return pd.DataFrame(
         [
             {
@@ -189,12 +179,127 @@ def verdict_table(results_root: Path, profile: str):
                 "the paper": html.escape(r["paper"]),
                 "ours": html.escape(r["ours"]),
                 "verdict": r["holds"],
-                "sample and rule": details(r),
-                "evidence": link(r["chapter"]),
+                "sample and rule": _sample_and_rule(r),
+                "evidence": _chapter_link(r["chapter"]),
             }
             for r in rows
         ]
     )
+
+
+def _chapter_link(ch: str) -> str:
+    import html
+
+    return f'<a href="{html.escape(ch)}.html">{html.escape(ch)}</a>' if ch else ""
+
+
+def _sample_and_rule(r: dict) -> str:
+    """A verdict row's sample and rule, one click away (an HTML ``<details>``)."""
+    import html
+
+    sample, rule = r.get("sample", ""), r.get("rule", "")
+    if not (sample or rule):
+        return ""
+    body = "".join(f"<p><b>{k}:</b> {html.escape(v)}</p>" for k, v in (("sample", sample), ("rule", rule)) if v)
+    return f"<details><summary>sample and rule</summary>{body}</details>"
+
+
+#: The claims' short names, as the landing page's compact answer prints them.
+CLAIM_NAMES: dict[int, str] = {0: "Premise", 1: "Same circuit", 2: "Same functionality",
+                               3: "Better positional handling"}
+
+
+def is_ours(row: dict) -> bool:
+    """A verdict row about a positive control or an extension of ours (kept out of the paper's
+    claims): its statement says so."""
+    st = row.get("statement", "")
+    return st.startswith("Ours:") or "(positive control, ours)" in st
+
+
+def claim_verdict(rows: Iterable[dict]) -> str:
+    """One claim's verdict over its rows about the paper's models (:func:`is_ours` rows apart):
+    ``holds`` when every tested row holds, ``does not hold`` when none holds even partly,
+    ``not testable`` / ``not run`` when no row was tested, ``partly`` otherwise (mixed rows)."""
+    rows = [r for r in rows if not is_ours(r)]
+    tested = [r["holds"] for r in rows if r["holds"] not in ("not testable", "not run")]
+    if not tested:
+        kinds = {r["holds"] for r in rows}
+        return "not testable" if "not testable" in kinds else "not run"
+    if all(h == "holds" for h in tested):
+        return "holds"
+    if not any(h in ("holds", "partly") for h in tested):
+        return "does not hold"
+    return "partly"
+
+
+def claim_answers(results_root: Path, profile: str):
+    """The landing page's compact answer: one line per claim, with its verdict over the paper's
+    models (:func:`claim_verdict`), how many of its tests hold, and every test -- its verdict,
+    our number, the sample and rule -- one click away. Rows of ours (positive controls,
+    extensions) are counted apart, so they never decide one of the paper's claims."""
+    import html
+
+    import pandas as pd
+
+    rows = load_verdicts(ResultsPaths(Path(results_root) / profile))
+    out = []
+    for c, text in CLAIMS.items():
+        mine = [r for r in rows if r["claim"] == c]
+        paper_rows = [r for r in mine if not is_ours(r)]
+        held = sum(r["holds"] == "holds" for r in paper_rows)
+        tests = "".join(
+            f"<li><b>{html.escape(r['holds'])}</b>: {html.escape(r['statement'])}: {html.escape(r['ours'])} "
+            f"({_chapter_link(r['chapter'])}){_sample_and_rule(r)}</li>" for r in mine)
+        ours = sum(is_ours(r) for r in mine)
+        out.append({
+            "claim": CLAIM_NAMES.get(c, str(c)),
+            "verdict": claim_verdict(mine),
+            "tests that hold": f"{held} of {len(paper_rows)}" + (f" (+{ours} of ours)" if ours else ""),
+            "the tests": f"<details><summary>{html.escape(text)}</summary><ul>{tests}</ul></details>" if mine
+                         else html.escape(text),
+        })
+    return pd.DataFrame(out)
+
+
+def scope_note(results_root: Path, profile: str) -> str:
+    """What a build shows and what it cannot, in two sentences made of its own numbers: the base
+    model's accuracy against chance (``competence.json``) and how much of it survives every context
+    head mean-ablated (``binding.json``, chapter 2b), and the positive control's gain by queried box
+    (``binding_gain_by_box.json``), where those chapters ran. Nothing here is typed in: a number
+    missing from the results is left out, not guessed."""
+    paths = ResultsPaths(Path(results_root) / profile)
+    m = paths.root / "metrics"
+    comp = read_json(m / "competence.json") if (m / "competence.json").exists() else {}
+    binding = read_json(m / "binding.json") if (m / "binding.json").exists() else {}
+    by_box = read_json(m / "binding_gain_by_box.json") if (m / "binding_gain_by_box.json").exists() else {}
+    if not comp:
+        return f"No chapter of profile `{profile}` has measured its models yet."
+    base = by_box.get("base") or next(iter(comp))
+    c = comp.get(base) or next(iter(comp.values()))
+    a = c["accuracy"]
+
+    def est(e, spec=".2f"):
+        return f"{e['value']:{spec}} [{e['low']:{spec}}, {e['high']:{spec}}]"
+
+    first = (f"Its base model `{base}` answers {est(a)} of the evaluation prompts (chance {c['chance']:.2f}; "
+             f"the paper's Llama-7B 0.66)")
+    ret = binding.get(base, {}).get("retention_context_ablated")
+    if ret:
+        kind = ("so it binds objects to boxes by content, not by position as the paper finds in Llama-7B"
+                if ret["high"] < 0.5 else "so much of its binding survives without the context's content, "
+                "as a positional binding would")
+        first += f", and keeps {est(ret)} of that accuracy with every context head mean-ablated, {kind}"
+    first += ": every chapter measures this model, and where it lacks the paper's mechanism the methods report that."
+    second = ("It cannot say whether arithmetic fine-tuning enhances the paper's positional mechanism in Llama-7B: "
+              "that needs the `paper` profile on a GPU.")
+    for ft, g in by_box.get("finetuned", {}).items():
+        if not g.get("control"):
+            continue
+        seen, unseen = g["seen"], g["unseen"]
+        second = (f"Its positive control (ours) `{ft}` gains {est(g['gain'], '+.2f')} in accuracy: "
+                  f"{est(unseen, '+.2f')} on the boxes {g['unseen_boxes']} its base never saw in training and "
+                  f"{est(seen, '+.2f')} on the boxes it saw; " + second[0].lower() + second[1:])
+    return f"{first} {second}"
 
 
 def iter_models(ctx: ChapterContext, names: Optional[Iterable[str]] = None):

@@ -1,0 +1,64 @@
+"""The landing page's compact answer and its scope note: one line per claim, decided by the rows
+about the paper's models, and two sentences made only of numbers the build measured."""
+
+from __future__ import annotations
+
+from entity_tracking.book.chapter import claim_answers, claim_verdict, is_ours, scope_note
+from entity_tracking.io import write_json
+
+
+def _row(claim, holds, statement="The base circuit is faithful in m", ours="0.90 [0.85, 0.95]"):
+    return {"claim": claim, "statement": statement, "paper": "p", "ours": ours, "holds": holds,
+            "chapter": "faithfulness", "rule": "a rule", "sample": "72 contexts x 7 queries"}
+
+
+def test_a_claim_holds_only_when_every_tested_row_about_the_papers_models_holds():
+    assert claim_verdict([_row(1, "holds"), _row(1, "holds")]) == "holds"
+    assert claim_verdict([_row(1, "holds"), _row(1, "does not hold")]) == "partly"
+    assert claim_verdict([_row(1, "does not hold"), _row(1, "exceeds the model")]) == "does not hold"
+    assert claim_verdict([_row(1, "not testable"), _row(1, "not run")]) == "not testable"
+    assert claim_verdict([]) == "not run"
+    # a row about an untested model does not decide; the tested rows do
+    assert claim_verdict([_row(1, "holds"), _row(1, "not testable")]) == "holds"
+
+
+def test_rows_of_ours_never_decide_a_claim_of_the_paper():
+    control = _row(3, "holds", statement="Patching m-control (positive control, ours)'s circuit recovers its gain")
+    extension = _row(1, "holds", statement="Ours: the paper's circuit + Object Writers is faithful in m")
+    assert is_ours(control) and is_ours(extension) and not is_ours(_row(1, "holds"))
+    assert claim_verdict([control, _row(3, "does not hold")]) == "does not hold"
+    assert claim_verdict([control]) == "not run"
+
+
+def test_the_compact_answer_has_one_line_per_claim_and_hides_rule_and_sample_one_click_away(tmp_path):
+    folder = tmp_path / "prof" / "metrics" / "verdicts"
+    write_json(folder / "faithfulness.json", [_row(1, "holds"), _row(1, "does not hold"),
+                                              _row(1, "holds", statement="Ours: extended, in m")])
+    table = claim_answers(tmp_path, "prof")
+    assert list(table["claim"]) == ["Premise", "Same circuit", "Same functionality", "Better positional handling"]
+    same = table.set_index("claim").loc["Same circuit"]
+    assert same["verdict"] == "partly"
+    assert same["tests that hold"] == "1 of 2 (+1 of ours)"
+    assert "<details>" in same["the tests"] and "72 contexts x 7 queries" in same["the tests"]
+    assert table.set_index("claim").loc["Premise", "verdict"] == "not run"
+
+
+def _est(v, lo, hi):
+    return {"value": v, "low": lo, "high": hi}
+
+
+def test_the_scope_note_is_made_of_the_builds_numbers(tmp_path):
+    m = tmp_path / "prof" / "metrics"
+    assert "has measured" in scope_note(tmp_path, "prof")  # nothing measured: nothing claimed
+    write_json(m / "competence.json", {"base": {"model": "base", "accuracy": _est(0.61, 0.55, 0.67), "n": 500,
+                                                "chance": 1 / 7}})
+    note = scope_note(tmp_path, "prof")
+    assert "0.61 [0.55, 0.67]" in note and "0.14" in note and "by content" not in note
+    write_json(m / "binding.json", {"base": {"retention_context_ablated": _est(0.02, 0.0, 0.05)}})
+    assert "keeps 0.02 [0.00, 0.05]" in scope_note(tmp_path, "prof")
+    assert "by content" in scope_note(tmp_path, "prof")
+    write_json(m / "binding_gain_by_box.json", {"base": "base", "finetuned": {"ctl": {
+        "control": True, "gain": _est(0.1, 0.05, 0.15), "seen": _est(0.01, -0.02, 0.04),
+        "unseen": _est(0.3, 0.2, 0.4), "unseen_boxes": "5-7"}}})
+    note = scope_note(tmp_path, "prof")
+    assert "+0.30 [+0.20, +0.40] on the boxes 5-7" in note and "`ctl`" in note
