@@ -346,8 +346,10 @@ class TestCircuitMetrics:
             assert {g: len(r.groups[g]) for g in GROUPS} == {g: len(c.groups[g]) for g in GROUPS}
         s = res.summary(n_resamples=200, seed=1)
         assert set(s) == {"full_accuracy", "circuit_accuracy", "ablated_accuracy", "faithfulness",
-                          "random_accuracy", "random_faithfulness"}
+                          "random_accuracy", "random_faithfulness", "faithfulness_over_random"}
         assert s["random_accuracy"].value == pytest.approx(res.random_accuracy)
+        over = s["faithfulness"].value - s["random_faithfulness"].value
+        assert s["faithfulness_over_random"].value == pytest.approx(over)
         again = faithfulness(lm, batch, means, c, n_random=10, seed=5, progress=False)
         assert [e.accuracy for e in again.random] == [e.accuracy for e in res.random]
         assert res.to_json(n_resamples=20)["group_sizes"]["value_fetcher"] == 3

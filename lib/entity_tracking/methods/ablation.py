@@ -46,10 +46,13 @@ A position key may also name *several* positions per prompt: a batch entry ``<ke
 shape ``[batch, n]`` (``-1``-padded) puts the group's heads at all of them, which is how
 :mod:`entity_tracking.methods.binding` ablates every context position at once.
 
-**Uncertainty.** Every evaluation keeps its per-example correctness vector
-(:class:`Evaluation`), so every number gets a percentile bootstrap interval by resampling the
-evaluation prompts (:func:`bootstrap`); paired numbers (a ratio, a difference) resample the same
-prompts for both sides.
+**Uncertainty.** Every evaluation keeps its per-example correctness vector and the prompts'
+``context_id`` (:class:`Evaluation`), so every number gets a percentile bootstrap interval by
+resampling the evaluation *contexts*, each with all its queries (:func:`bootstrap` with
+``clusters``; prompts without a ``context_id`` are resampled one by one); paired numbers (a ratio,
+a difference) resample the same contexts for both sides. A circuit's baseline is a paired number
+too: ``faithfulness_over_random`` (:meth:`FaithfulnessResult.summary`) is its faithfulness minus
+that of random circuits of its group sizes on the same resampled contexts, the draws resampled too.
 
 **Cost.** All settings to evaluate are flattened into ``(setting, prompt)`` rows and run in
 batches through the intervention kernel (:func:`entity_tracking.intervene.patching.run`), with one
@@ -106,6 +109,8 @@ __all__ = [
     "circuit_performance",
     "completeness",
     "compute_means",
+    "context_ids",
+    "draws_mean",
     "empty_circuit",
     "encode_for",
     "evaluate",
@@ -121,6 +126,7 @@ __all__ = [
     "random_circuit",
     "random_circuits",
     "setting_key",
+    "shared_clusters",
     "shortfall_by_position",
 ]
 
@@ -542,6 +548,24 @@ def mean_ablated_logits(lm, prompts, means: Optional[MeanActivations], ablation:
     return out.detach().float().cpu()
 
 
+def context_ids(prompts) -> Optional[torch.Tensor]:
+    """Each prompt's ``context_id`` as a LongTensor ``[n]``: read from prompt records (the
+    evaluation records of :mod:`entity_tracking.task` carry it) or from an encoded batch's
+    ``"context_id"`` entry. None when some record has none (e.g. a user's own prompts): their
+    intervals then resample prompts (see :func:`~entity_tracking.intervene.stats.bootstrap`).
+    Ids that are not integers are numbered in order of first appearance."""
+    if isinstance(prompts, Mapping):
+        c = prompts.get("context_id")
+        return None if c is None else torch.as_tensor(c).reshape(-1).long()
+    ids = [p.get("context_id") if isinstance(p, Mapping) else None for p in prompts]
+    if not ids or any(i is None for i in ids):
+        return None
+    if all(isinstance(i, int) or (isinstance(i, torch.Tensor) and i.numel() == 1) for i in ids):
+        return torch.tensor([int(i) for i in ids], dtype=torch.long)
+    number: dict[Any, int] = {}
+    return torch.tensor([number.setdefault(i, len(number)) for i in ids], dtype=torch.long)
+
+
 @dataclass
 class Evaluation:
     """Per-example outcome of one ablation setting.
@@ -550,11 +574,23 @@ class Evaluation:
         label: what was evaluated (e.g. ``"F(C)"``).
         correct: bool ``[n_examples]``: argmax at the last token == target.
         predicted: long ``[n_examples]``: the argmax token id.
+        clusters: long ``[n_examples]``, each prompt's ``context_id`` (:func:`context_ids`), or
+            None. Given, every interval resamples contexts, all queries of a drawn context
+            together (a cluster bootstrap); None (prompts without ``context_id``, e.g. a user's
+            own), it resamples prompts as if they were independent.
     """
 
     label: str
     correct: torch.Tensor
     predicted: torch.Tensor
+    clusters: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.clusters is not None:
+            self.clusters = torch.as_tensor(self.clusters).reshape(-1).long()
+            if self.clusters.numel() != int(self.correct.shape[0]):
+                raise AblationError(f"evaluation {self.label!r}: {self.clusters.numel()} context ids for "
+                                    f"{int(self.correct.shape[0])} prompts")
 
     @property
     def accuracy(self) -> float:
@@ -565,10 +601,26 @@ class Evaluation:
         return int(self.correct.shape[0])
 
     def estimate(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> "Estimate":
-        return bootstrap(self.correct[None], n_resamples=n_resamples, seed=seed, level=level)
+        """The accuracy with its bootstrap interval over contexts (over prompts without ``clusters``)."""
+        return bootstrap(self.correct[None], clusters=self.clusters, n_resamples=n_resamples, seed=seed, level=level)
 
     def __repr__(self) -> str:
         return f"Evaluation({self.label!r}, accuracy={self.accuracy:.3f}, n={self.n})"
+
+
+def shared_clusters(evaluations: Iterable[Optional[Evaluation]]) -> Optional[torch.Tensor]:
+    """The context ids of evaluations compared pairwise (made on the same prompts): the
+    ``clusters`` they share, or None when one of them has none (then the comparison's interval
+    resamples prompts). Raises :class:`AblationError` if they name different contexts or counts."""
+    cs = [e.clusters for e in evaluations if e is not None]
+    if not cs or any(c is None for c in cs):
+        return None
+    first = cs[0]
+    for c in cs[1:]:
+        if c.shape != first.shape or not torch.equal(c, first):
+            raise AblationError("evaluations compared pairwise hold different prompts' context ids "
+                                f"({c.numel()} and {first.numel()}); pair only evaluations of the same prompts")
+    return first
 
 
 def setting_key(arch, ablation: Ablation) -> tuple:
@@ -621,7 +673,8 @@ def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[
             position of every row, the oracle; see :func:`_evaluate_rows`).
 
     Returns:
-        One :class:`Evaluation` per setting, in order.
+        One :class:`Evaluation` per setting, in order, each with the prompts' ``context_id``
+        (:func:`context_ids`; None for records without one) as its ``clusters``.
     """
     batch = encode_for(lm, prompts)
     n = _n_examples(batch)
@@ -653,7 +706,10 @@ def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[
     for i, (c, p) in zip(todo, _evaluate_rows(lm, batch, means, [ablations[ids.index(i)] for i in todo],
                                               batch_size=batch_size, progress=progress, prefix_cache=prefix_cache)):
         memo[i] = (c, p)
-    return [Evaluation(ab.label or f"setting {k}", memo[i][0].clone(), memo[i][1].clone())
+    clusters = context_ids(prompts)
+    if clusters is not None and clusters.numel() != n:
+        raise AblationError(f"the batch's context_id names {clusters.numel()} prompts' contexts, it has {n} prompts")
+    return [Evaluation(ab.label or f"setting {k}", memo[i][0].clone(), memo[i][1].clone(), clusters)
             for k, (ab, i) in enumerate(zip(ablations, ids))]
 
 
@@ -844,6 +900,23 @@ def random_circuits(arch, like: Circuit | Mapping[str, int], n: int = 10, seed: 
 # --------------------------------------------------------------------------------------------
 
 
+def draws_mean(rows: slice, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``acc -> mean accuracy of the random draws in acc[rows]`` for :func:`bootstrap`: on the
+    original examples (``acc`` ``[k, 1]``) every draw once; on each resample, ``d`` draws
+    sampled with replacement (seeded), so an interval over contexts is also one over draws."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def mean(acc: torch.Tensor) -> torch.Tensor:
+        a = acc[rows]
+        if acc.shape[1] == 1:
+            return a.mean(0)
+        pick = torch.randint(a.shape[0], (a.shape[0], acc.shape[1]), generator=gen)
+        return a.gather(0, pick).mean(0)
+
+    return mean
+
+
+
 @dataclass
 class FaithfulnessResult:
     """F(M), F(C), F(∅) and random-circuit accuracies of one circuit evaluated in one model."""
@@ -868,9 +941,19 @@ class FaithfulnessResult:
     def random_accuracy(self) -> float:
         return sum(e.accuracy for e in self.random) / len(self.random) if self.random else float("nan")
 
+    @property
+    def clusters(self) -> Optional[torch.Tensor]:
+        """The evaluation prompts' context ids (:func:`shared_clusters`; None: prompts resampled)."""
+        return shared_clusters([self.full, self.circuit_eval, self.ablated, *self.random])
+
     def summary(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Estimate]:
-        """Every number with a bootstrap interval over the evaluation prompts."""
-        kw = dict(n_resamples=n_resamples, seed=seed, level=level)
+        """Every number with a bootstrap interval over the evaluation contexts (paired: the same
+        resampled contexts for every setting; over prompts when they carry no ``context_id``).
+
+        With random circuits, ``random_accuracy`` and ``random_faithfulness`` (of their mean) and
+        ``faithfulness_over_random``: faithfulness minus the random circuits' faithfulness, the
+        paired baseline comparison, resampling the random draws too (:func:`draws_mean`)."""
+        kw = dict(n_resamples=n_resamples, seed=seed, level=level, clusters=self.clusters)
         vec = torch.stack([self.full.correct, self.circuit_eval.correct, self.ablated.correct]
                           + [e.correct for e in self.random])
         out = {
@@ -882,6 +965,8 @@ class FaithfulnessResult:
         if self.random:
             out["random_accuracy"] = bootstrap(vec, lambda a: a[3:].mean(0), **kw)
             out["random_faithfulness"] = bootstrap(vec, lambda a: ratio(a[3:].mean(0), a[0]), **kw)
+            rand = draws_mean(slice(3, None), seed + 1)
+            out["faithfulness_over_random"] = bootstrap(vec, lambda a: ratio(a[1], a[0]) - ratio(rand(a), a[0]), **kw)
         return out
 
     def to_json(self, **kw) -> dict[str, Any]:
@@ -958,9 +1043,9 @@ class NecessityResult:
     def effect(self, baseline: str = "outside", *, n_resamples: int = 1000, seed: int = 0,
                level: float = 0.95) -> Estimate:
         """The effect size ``drop - random_drop(baseline)`` (accuracy lost to the group beyond
-        what as many random heads lose) with a bootstrap interval over prompts (paired: the
-        same resampled prompts for every setting) and over the random draws. NaN when the
-        baseline could not be drawn.
+        what as many random heads lose) with a bootstrap interval over contexts (paired: the
+        same resampled contexts for every setting; prompts, without ``context_id``) and over the
+        random draws. NaN when the baseline could not be drawn.
 
         With ``d`` draws the statistic of one resample is the mean accuracy of ``d`` draws
         sampled with replacement minus the group-ablated accuracy."""
@@ -979,7 +1064,8 @@ class NecessityResult:
             return acc.gather(0, pick).mean(0) - acc[0]
 
         vec = torch.stack([self.ablated.correct] + [e.correct for e in draws])
-        return bootstrap(vec, stat, n_resamples=n_resamples, seed=seed, level=level)
+        return bootstrap(vec, stat, n_resamples=n_resamples, seed=seed, level=level,
+                         clusters=shared_clusters([self.ablated, *draws]))
 
     def beyond_random(self, baseline: str = "outside") -> bool:
         """The group costs more than random heads by :data:`entity_tracking.methods.verdicts.BEYOND_RANDOM_MARGIN`."""
@@ -1075,8 +1161,16 @@ class CompletenessResult:
                 "model_minus": std([d.model_minus.accuracy for d in self.draws]),
                 "score": std([d.score for d in self.draws])}
 
+    @property
+    def clusters(self) -> Optional[torch.Tensor]:
+        """The evaluation prompts' context ids (:func:`shared_clusters`; None: prompts resampled)."""
+        return shared_clusters([e for d in [*self.draws, *self.groups.values()]
+                                for e in (d.circuit_minus, d.model_minus)])
+
     def summary(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Estimate]:
-        kw = dict(n_resamples=n_resamples, seed=seed, level=level)
+        """Per random draw (means over draws) and per group, F(C\\K), F(M\\K) and their gap, each a
+        paired bootstrap over the evaluation contexts (prompts, without ``context_id``)."""
+        kw = dict(n_resamples=n_resamples, seed=seed, level=level, clusters=self.clusters)
         out: dict[str, Estimate] = {}
         if self.draws:
             c = torch.stack([d.circuit_minus.correct for d in self.draws])
@@ -1170,8 +1264,10 @@ class HeadMinimality:
         return self.score >= self.threshold
 
     def estimate(self, **kw) -> Estimate:
+        """The score with a paired bootstrap interval over contexts (prompts, without ``context_id``)."""
         vec = torch.stack([self.before.correct, self.after.correct])
-        return bootstrap(vec, lambda x: ratio(x[0], x[1]) - 1, **kw)
+        return bootstrap(vec, lambda x: ratio(x[0], x[1]) - 1, clusters=shared_clusters([self.before, self.after]),
+                         **kw)
 
 
 @dataclass

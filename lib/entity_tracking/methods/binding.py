@@ -41,7 +41,8 @@ context occurrence, a position where the paper's circuit keeps only its Structur
 paper's F(C) mean-ablates the heads that wrote it. :func:`entity_tracking.methods.path_patching.extend_circuit`
 adds them as a group of ours (the Object Writers); :func:`extended_faithfulness` evaluates the
 paper's circuit and the extended one under the paper's ablation rule unchanged, side by side on the
-same prompts (paired bootstrap), each against random circuits of its own group sizes, and, for
+same prompts (a paired bootstrap over their contexts), each against random circuits of its own group
+sizes (``extended_over_random``: the extended circuit's margin over its random circuits), and, for
 context, the paper's circuit with *every* head kept at the queried label's context occurrence (what
 the largest Object Writer group could recover). When the extended circuit is not faithful
 (:data:`entity_tracking.methods.verdicts.FAITHFUL`), :func:`extension_shortfall` says what is still missing,
@@ -78,7 +79,7 @@ Example (a tiny random model; its numbers mean nothing, the calls are the chapte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -93,10 +94,13 @@ from .ablation import (
     Ablation,
     Evaluation,
     MeanActivations,
+    context_ids,
+    draws_mean,
     every_head,
     evaluate,
     keep_mask,
     random_circuits,
+    shared_clusters,
     shortfall_by_position,
 )
 from .circuit import Circuit
@@ -280,9 +284,11 @@ class ContextAblation:
 
     def summary(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Estimate]:
         """Accuracy of every setting, and ``retention_<setting>`` = its accuracy / clean accuracy
-        (paired bootstrap over the same prompts), each with a percentile interval."""
-        kw = dict(n_resamples=n_resamples, seed=seed, level=level)
-        out = {k: e.estimate(**kw) for k, e in self.evaluations.items()}
+        (paired bootstrap over the same contexts, all queries of a context together; over prompts
+        when they carry no ``context_id``), each with a percentile interval."""
+        kw = dict(n_resamples=n_resamples, seed=seed, level=level,
+                  clusters=shared_clusters(self.evaluations.values()))
+        out = {k: bootstrap(e.correct[None], **kw) for k, e in self.evaluations.items()}
         clean = self.evaluations["clean"].correct
         for k in SETTINGS[1:]:
             vec = torch.stack([self.evaluations[k].correct, clean])
@@ -311,7 +317,8 @@ def context_ablation(lm, prompts: Sequence[Mapping[str, Any]], means: Optional[M
             clean model's own predictions, to measure agreement with it).
 
     Returns:
-        :class:`ContextAblation`.
+        :class:`ContextAblation`, its intervals over the records' ``context_id`` (over prompts
+        for records without one).
     """
     batch = encode_regions(lm, prompts)
     if targets is not None:
@@ -322,6 +329,8 @@ def context_ablation(lm, prompts: Sequence[Mapping[str, Any]], means: Optional[M
     settings = context_settings(lm.arch, heads)
     evs = evaluate(lm, batch, means, list(settings.values()), batch_size=batch_size, progress=progress,
                    check_model=check_model)
+    clusters = context_ids(prompts)  # the encoded batch holds none: the records' own
+    evs = [replace(e, clusters=clusters) for e in evs]
     n = int(batch["input_ids"].shape[0])
     sites = {k: float((~keep_mask(lm.arch, batch, ab)).sum()) / n for k, ab in settings.items()}
     return ContextAblation(getattr(lm, "name", ""), dict(zip(settings, evs)), sites)
@@ -378,7 +387,8 @@ def accuracy_by_box(lm, prompts: Sequence[Mapping[str, Any]], *, evaluation: Opt
 
     ``evaluation`` reuses a per-prompt :class:`Evaluation` of the same ``prompts`` (e.g. one
     setting of :func:`context_ablation`) instead of running the clean model. A box no prompt
-    queries gets ``n = 0`` and NaN.
+    queries gets ``n = 0`` and NaN. Intervals resample contexts (the evaluation's ``clusters``,
+    else the records' ``context_id``; prompts when neither is known).
     """
     prompts = list(prompts)
     if not prompts:
@@ -393,10 +403,12 @@ def accuracy_by_box(lm, prompts: Sequence[Mapping[str, Any]], *, evaluation: Opt
         raise BindingError(f"the evaluation covers {evaluation.n} prompts, not the {len(prompts)} given")
     q = torch.tensor([int(p["query_index"]) for p in prompts])
     k = max(len(p["objects"]) for p in prompts)
+    clusters = evaluation.clusters if evaluation.clusters is not None else context_ids(prompts)
     out = []
     for b in range(k):
         sel = evaluation.correct[q == b]
-        est = (bootstrap(sel[None], n_resamples=n_resamples, seed=seed, level=level) if len(sel)
+        est = (bootstrap(sel[None], n_resamples=n_resamples, seed=seed, level=level,
+                         clusters=None if clusters is None else clusters[q == b]) if len(sel)
                else Estimate(float("nan"), float("nan"), float("nan"), level, 0))
         out.append(BoxAccuracy(b + 1, int(len(sel)), est))
     return out
@@ -675,11 +687,20 @@ class ExtendedFaithfulness:
     def n(self) -> int:
         return self.full.n
 
+    @property
+    def clusters(self) -> Optional[torch.Tensor]:
+        """The evaluation prompts' context ids (None: prompts without ``context_id``, resampled one by one)."""
+        return shared_clusters([self.full, *self.evaluations.values(),
+                                *(e for evs in self.random.values() for e in evs)])
+
     def summary(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Estimate]:
         """``full_accuracy``; per setting ``<key>_accuracy`` and ``<key>_faithfulness`` (F(C)/F(M); for the
-        random ones, of the mean over draws); ``gain``: extended minus paper faithfulness. Every
-        number is a paired percentile bootstrap over the same prompts."""
-        kw = dict(n_resamples=n_resamples, seed=seed, level=level)
+        random ones, of the mean over draws); ``gain``: extended minus paper faithfulness;
+        ``extended_over_random`` (with random circuits of the extended sizes): extended faithfulness
+        minus theirs, the random draws resampled too. Every number is a paired percentile bootstrap
+        over the same contexts, all queries of a context together (over prompts when they carry no
+        ``context_id``)."""
+        kw = dict(n_resamples=n_resamples, seed=seed, level=level, clusters=self.clusters)
         fixed = [k for k, _ in EXTENDED_SETTINGS if k in self.evaluations]
         rows = [self.full.correct] + [self.evaluations[k].correct for k in fixed]
         spans: dict[str, slice] = {k: slice(1 + i, 2 + i) for i, k in enumerate(fixed)}
@@ -694,6 +715,10 @@ class ExtendedFaithfulness:
             out[f"{k}_faithfulness"] = bootstrap(vec, lambda a, sl=sl: ratio(a[sl].mean(0), a[0]), **kw)
         p, e = spans["paper"], spans["extended"]
         out["gain"] = bootstrap(vec, lambda a: ratio(a[e].mean(0), a[0]) - ratio(a[p].mean(0), a[0]), **kw)
+        if "random_extended" in spans:
+            rand = draws_mean(spans["random_extended"], seed + 1)
+            out["extended_over_random"] = bootstrap(vec, lambda a: ratio(a[e].mean(0), a[0]) - ratio(rand(a), a[0]),
+                                                    **kw)
         return out
 
     def sizes(self) -> dict[str, int]:
@@ -869,7 +894,8 @@ def extension_shortfall(lm, prompts, means: MeanActivations, result: ExtendedFai
                    batch_size=batch_size, progress=progress)
     for j, ev in zip(sizes, evs[1:]):
         vec = torch.stack([evs[0].correct, ev.correct])
-        out.ladder.append({"heads": j, "faithfulness": bootstrap(vec, lambda a: ratio(a[1], a[0]), **kw)})
+        out.ladder.append({"heads": j, "faithfulness": bootstrap(vec, lambda a: ratio(a[1], a[0]),
+                                                                 clusters=shared_clusters([evs[0], ev]), **kw)})
     rows = shortfall_by_position(lm, prompts, means, ext, batch_size=batch_size, progress=progress)
     out.by_position.extend({"setting": r["setting"], "heads_ablated": r["heads_ablated"],
                             "accuracy": r["evaluation"].estimate(**kw)} for r in rows)

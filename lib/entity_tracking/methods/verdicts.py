@@ -45,6 +45,13 @@ __all__ = [
     "CMAP_RECOVERY",
     "CONFIDENTLY_WRONG",
     "CIRCUIT_OVERLAP",
+    "CMAP_OVER_RANDOM",
+    "EXCEEDS_MODEL",
+    "FAITHFUL_CEILING",
+    "FAITHFUL_OVER_RANDOM",
+    "against_random",
+    "faithfulness_grade",
+    "over_random",
     "DCM_MARGIN",
     "DCM_SHARE_FLOOR",
     "FAITHFUL",
@@ -83,8 +90,12 @@ __all__ = [
     "who",
 ]
 
-Holds = Literal["holds", "does not hold", "partly", "not run", "not testable"]
-VERDICTS: tuple[str, ...] = ("holds", "partly", "does not hold", "not testable", "not run")
+Holds = Literal["holds", "does not hold", "partly", "not run", "not testable", "exceeds the model"]
+VERDICTS: tuple[str, ...] = ("holds", "partly", "does not hold", "exceeds the model", "not testable", "not run")
+
+#: The verdict of a circuit that alone beats the model it was cut from (faithfulness wholly above
+#: :data:`FAITHFUL_CEILING`): not "faithful", a finding of its own.
+EXCEEDS_MODEL = "exceeds the model"
 
 #: The verdict of a claim whose model does not do the task.
 NOT_TESTABLE = "not testable"
@@ -166,6 +177,18 @@ CMAP_RECOVERY = Grade(0.8, 0.4, "the paper's full circuit recovers all of the ga
 #: Groups of the four-step chain a circuit must have to be "the paper's circuit".
 GROUP_COUNT = Grade(4, 1, "the paper's circuit has four groups; fewer is part of the chain")
 
+#: Faithfulness above which a circuit alone beats the model: the top of the band :data:`FAITHFUL` starts.
+FAITHFUL_CEILING = Threshold(1.02, "the paper's faithful circuits reach 1.00 at most (0.88-1.00, Table 1): above "
+                                   "1 the circuit alone beats the model (ablating the rest helps), a different "
+                                   "finding; 0.02 is what the paper's rounding of both accuracies to two decimals "
+                                   "can put above 1.00 (0.665 / 0.655 = 1.015)")
+
+#: How much more of the model's accuracy a circuit must keep than random circuits of its group
+#: sizes (paired excess F(C)/F(M) - F(random)/F(M), its 95% interval above this) to be faithful.
+FAITHFUL_OVER_RANDOM = Threshold(0.5, "the share FAITHFUL calls 'part of the work' (0.5) must come from which heads "
+                                      "the circuit holds, not from how many; the paper's circuits keep 0.87-1.00 "
+                                      "more than their random circuits (0.00-0.01 of F(M), Table 1)")
+
 #: A fine-tune must gain at least this much accuracy for CMAP to have a gain to attribute.
 MIN_GAIN = Threshold(0.02, "a gain under 2 points is within a few prompts of the base model on 500 prompts")
 
@@ -174,6 +197,12 @@ ARITHMETIC_LEARNED = Threshold(0.5, "issue 14: a fine-tune that answers half of 
                                     "learned the task it was trained on (Goat-7B is near-perfect on 3-digit +/-)")
 
 #: What a positive control's rows print in the paper's column.
+#: How much more of the gain the full circuit must recover than random head sets of the same sizes at
+#: the same positions (paired excess of shares, its 95% interval above this; :func:`cmap.random_baseline`).
+CMAP_OVER_RANDOM = Threshold(0.4, "the share CMAP_RECOVERY calls part of the gain (0.4) must come from which heads "
+                                  "are patched, not from how many at those positions; the paper reports no random "
+                                  "sets, so its own cut is the margin")
+
 CONTROL_PAPER = "none: a positive control of ours, not in the paper"
 
 #: A group's ablation must cost ``NECESSITY_FACTOR x`` the drop of as many random heads outside
@@ -452,24 +481,28 @@ def faithfulness_verdicts(competences: Mapping[str, Competence], faith: Mapping[
                           base: str, finetuned: Iterable[str], *, n_random: int, controls: Iterable[str] = ()) -> list:
     """The faithfulness chapter's verdicts from ``faith[(circuit of, evaluated in)]``, the
     :meth:`~entity_tracking.methods.ablation.FaithfulnessResult.summary` dicts (``faithfulness``,
-    ``circuit_accuracy``, ``full_accuracy``: ``{"value", "low", "high"}``); fine-tunes named in
+    ``circuit_accuracy``, ``full_accuracy``: ``{"value", "low", "high"}``; with random circuits
+    ``random_faithfulness`` and, paired, ``faithfulness_over_random``), graded by
+    :func:`faithfulness_grade`; fine-tunes named in
     ``controls`` are marked as positive controls (ours), with no paper number beside them. A
     fine-tune that does not do the task may have ``full_accuracy`` alone (the chapter does not
     analyse it): its rows are not testable."""
     controls = set(controls)
-    rule = f"{COMPETENCE_RULE}; then {FAITHFUL.interval_rule}"
+    rule = f"{COMPETENCE_RULE}; then {FAITHFUL_BAND_RULE}"
     beats_rule = (f"{COMPETENCE_RULE}; then holds when the circuit's 95% interval lies above the full base "
                   "model's, partly when only its point estimate is higher")
 
     def faithful(model: str, paper: str) -> Any:
         statement = f"The base circuit is faithful in {'the base model' if model == base else who(model, controls)}"
         s = faith[(base, model)]
-        n = int(s["full_accuracy"].get("n", 0))
-        sample = f"{n} prompts; {n_random} random circuits"
-        return (_not_testable(1, statement, paper, [competences[base], competences[model]] if model != base
-                              else [competences[base]], sample)
-                or Verdict(1, statement, paper, _fmt(s["faithfulness"]), FAITHFUL.interval(s["faithfulness"]),
-                           rule=rule, sample=sample))
+        sample = f"{prompts_sample(s['full_accuracy'])}; {n_random} random circuits"
+        skip = _not_testable(1, statement, paper, [competences[base], competences[model]] if model != base
+                             else [competences[base]], sample)
+        if skip is not None:
+            return skip
+        excess = over_random(s)
+        return Verdict(1, statement, paper, _faith_ours(s["faithfulness"], s.get("random_faithfulness"), excess),
+                       faithfulness_grade(s["faithfulness"], excess), rule=rule, sample=sample)
 
     out = [faithful(base, "1.00 (Llama-7B)")]
     base_full = faith[(base, base)]["full_accuracy"]
@@ -479,7 +512,7 @@ def faithfulness_verdicts(competences: Mapping[str, Competence], faith: Mapping[
         statement = f"The base circuit in {who(m, controls)} beats the full base model"
         paper = CONTROL_PAPER if m in controls else "0.73 (Goat) and 0.72 (FLoat) vs 0.66"
         # a model the chapter left out (it does not do the task) has its F(M) alone
-        sample = f"{int(s.get('circuit_accuracy', s['full_accuracy']).get('n', 0))} prompts"
+        sample = prompts_sample(s.get("circuit_accuracy", s["full_accuracy"]))
         out.append(_not_testable(1, statement, paper, [competences[base], competences[m]], sample)
                    or Verdict(1, statement, paper, f"{_fmt(s['circuit_accuracy'])} vs {_fmt(base_full)}",
                               exceeds(s["circuit_accuracy"], base_full), rule=beats_rule, sample=sample))
@@ -508,8 +541,9 @@ def extended_circuit_verdicts(results: Mapping[str, Mapping[str, Any]], num_boxe
                               controls: Iterable[str] = ()) -> list:
     """Our rows beside the paper's (binding chapter): for each model, whether the paper's circuit
     extended by groups of ours (:func:`entity_tracking.methods.path_patching.extend_circuit`) is faithful
-    (:data:`FAITHFUL` on its interval), and whether the extension makes it more faithful than the
-    paper's circuit (:data:`EXTENSION_GAIN_RULE`). ``results[model]`` is
+    (:func:`faithfulness_grade`: the two-sided band, and beyond random circuits of the extended
+    sizes by ``extended_over_random`` where the summary has it), and whether the extension makes it
+    more faithful than the paper's circuit (:data:`EXTENSION_GAIN_RULE`). ``results[model]`` is
     :meth:`entity_tracking.methods.binding.ExtendedFaithfulness.to_json`; competence is read from its F(M).
     Models named in ``controls`` are marked as positive controls (ours). The paper's own verdicts
     (circuit and faithfulness chapters) are not touched."""
@@ -518,7 +552,9 @@ def extended_circuit_verdicts(results: Mapping[str, Mapping[str, Any]], num_boxe
         s = r["summary"]
         label = who(name, controls)
         added = " + ".join(GROUP_LABELS.get(g, g).replace(" (ours)", "") + "s" for g in r["extension_groups"])
-        sample = f"{r['n_examples']} prompts (paired bootstrap); {r['n_random']} random circuits of each size"
+        full = {**s["full_accuracy"], "n": s["full_accuracy"].get("n") or r["n_examples"]}
+        sample = (f"{prompts_sample(full)}{'' if full.get('n_clusters') else ' (paired bootstrap)'}; "
+                  f"{r['n_random']} random circuits of each size")
         comp = Competence.of(name, s["full_accuracy"], num_boxes, r["n_examples"])
         s1 = f"Ours: the paper's circuit + {added} is faithful in {label}"
         s2 = f"Ours: adding the {added} makes the paper's circuit more faithful in {label}"
@@ -527,12 +563,13 @@ def extended_circuit_verdicts(results: Mapping[str, Mapping[str, Any]], num_boxe
         if skip[0] is not None:
             out += skip
             continue
-        rand = s.get("random_extended_faithfulness")
+        excess = over_random(s, "extended_faithfulness", "random_extended_faithfulness", "extended_over_random")
         sizes = r["group_sizes"]
         out.append(Verdict(1, s1, EXTENSION_PAPER,
-                           f"{_fmt(ext)} with {sizes['extended']} heads; the paper's circuit {_fmt(base)} with "
-                           f"{sizes['paper']}" + (f"; random circuits of its size {_fmt(rand)}" if rand else ""),
-                           FAITHFUL.interval(ext), rule=f"{COMPETENCE_RULE}; then {FAITHFUL.interval_rule}",
+                           _faith_ours(ext, s.get("random_extended_faithfulness"), excess,
+                                       f" with {sizes['extended']} heads; the paper's circuit {_fmt(base)} with "
+                                       f"{sizes['paper']}"),
+                           faithfulness_grade(ext, excess), rule=f"{COMPETENCE_RULE}; then {FAITHFUL_BAND_RULE}",
                            sample=sample))
         out.append(Verdict(1, s2, EXTENSION_PAPER,
                            f"faithfulness {gain['value']:+.2f} [{gain['low']:+.2f}, {gain['high']:+.2f}]",
@@ -603,6 +640,92 @@ def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], n
                                  "key's and the value's, partly when only its point estimate is highest"),
                            sample=sample))
     return out
+def over_random(summary: Mapping[str, Any], circuit_key: str = "faithfulness",
+                random_key: str = "random_faithfulness", paired_key: str = "faithfulness_over_random"
+                ) -> dict[str, float] | None:
+    """A circuit's excess over random circuits of its size, ``{"value", "low", "high"}``: the
+    paired estimate ``summary[paired_key]`` where the summary has it; else (rows from before it)
+    ``summary[circuit_key]`` minus ``summary[random_key]`` with the widest interval the two
+    intervals allow (circuit low minus random high, circuit high minus random low: unpaired, so
+    conservative); None when no random circuit was drawn.
+
+    >>> est = over_random({"faithfulness": {"value": 0.9, "low": 0.8, "high": 1.0},
+    ...                    "random_faithfulness": {"value": 0.1, "low": 0.05, "high": 0.2}})
+    >>> {k: round(v, 2) for k, v in est.items()}
+    {'value': 0.8, 'low': 0.6, 'high': 0.95}
+    """
+    if summary.get(paired_key):
+        return dict(summary[paired_key])
+    if not summary.get(random_key):
+        return None
+    c, r = summary[circuit_key], summary[random_key]
+    return {"value": c["value"] - r["value"], "low": c["low"] - r["high"], "high": c["high"] - r["low"]}
+
+
+def against_random(grade: Holds, excess: Mapping[str, float] | None, margin: Threshold) -> Holds:
+    """A circuit's ``grade`` on its own, held against random head sets of its size by its paired
+    ``excess`` over them (``{"value", "low", "high"}``): kept when the excess's 95% interval lies
+    above ``margin``; at most partly when it lies above 0 only, or when there is no baseline
+    (``excess`` None: nothing shows the heads matter more than their number); "does not hold" when
+    the interval reaches 0 (the circuit is no better than random heads). "not run", "not
+    testable" and :data:`EXCEEDS_MODEL` stay as they are."""
+    if grade in ("not run", NOT_TESTABLE, EXCEEDS_MODEL):
+        return grade
+    if excess is None or any(excess[k] != excess[k] for k in ("value", "low", "high")):
+        return "partly" if grade == "holds" else grade
+    if excess["low"] > margin.value:
+        return grade
+    if excess["low"] > 0:
+        return "partly" if grade == "holds" else grade
+    return "does not hold"
+
+
+def faithfulness_grade(faith: Mapping[str, float], excess: Mapping[str, float] | None) -> Holds:
+    """Faithfulness F(C)/F(M) (``{"value", "low", "high"}``) on a two-sided band, then against
+    random circuits (:func:`against_random` with its ``excess`` over them, :data:`FAITHFUL_OVER_RANDOM`):
+    :data:`EXCEEDS_MODEL` when the whole interval lies above :data:`FAITHFUL_CEILING` (the circuit
+    alone beats the model); otherwise :data:`FAITHFUL` on the interval, where a point estimate
+    above the ceiling whose interval reaches into the band reads partly at most.
+
+    >>> faithfulness_grade({"value": 1.2, "low": 1.1, "high": 1.3}, None)
+    'exceeds the model'
+    >>> faithfulness_grade({"value": 0.95, "low": 0.9, "high": 1.0}, {"value": 0.9, "low": 0.8, "high": 1.0})
+    'holds'
+    >>> faithfulness_grade({"value": 0.95, "low": 0.9, "high": 1.0}, {"value": 0.0, "low": -0.05, "high": 0.05})
+    'does not hold'
+    """
+    if any(faith[k] != faith[k] for k in ("value", "low", "high")):
+        return "not run"
+    if faith["low"] > FAITHFUL_CEILING.value:
+        return EXCEEDS_MODEL
+    band = FAITHFUL.interval(faith)
+    if band == "holds" and faith["value"] > FAITHFUL_CEILING.value:
+        band = "partly"  # above the model on its point estimate; its interval does not settle which
+    return against_random(band, excess, FAITHFUL_OVER_RANDOM)
+
+
+FAITHFUL_BAND_RULE = (f"'{EXCEEDS_MODEL}' when the 95% interval lies above {FAITHFUL_CEILING.value:g} (the circuit "
+                      f"alone beats the model); else holds when the interval lies at or above {FAITHFUL.holds:g} "
+                      f"with the point estimate at most {FAITHFUL_CEILING.value:g}, and the paired excess over "
+                      f"random circuits of its group sizes has its 95% interval above {FAITHFUL_OVER_RANDOM.value:g}; "
+                      f"partly when the interval reaches below {FAITHFUL.holds:g} but not below "
+                      f"{FAITHFUL.partly:g}, or the excess is above 0 only (or was not measured); does not hold "
+                      f"when the interval lies below {FAITHFUL.partly:g} or the excess's interval reaches 0")
+
+
+def _faith_ours(faith: Mapping[str, float], rand: Mapping[str, float] | None,
+                excess: Mapping[str, float] | None, also: str = "") -> str:
+    """A faithfulness verdict's ``ours``: the number (then ``also``), whether it beats the model,
+    and random circuits."""
+    text = _fmt(faith)
+    if faith["low"] > FAITHFUL_CEILING.value:
+        text += " (above the model: the circuit alone beats it)"
+    text += also
+    if rand:
+        text += f"; random circuits of its size {_fmt(rand)}"
+    return text + (f"; over random {_fmt(excess, '+.2f')}" if excess else "; no random circuits")
+
+
 
 
 def write_competence(path, competences: Mapping[str, Competence]) -> None:
