@@ -313,7 +313,9 @@ def test_extended_circuit_rows_are_ours_and_graded_on_intervals():
     assert all(v.statement.startswith("Ours: ") and v.paper == V.EXTENSION_PAPER and v.claim == 1 for v in got)
     faithful, gain, ctl_faithful, ctl_gain, untestable, _ = got
     assert "paper's circuit + Object Writers is faithful in base" in faithful.statement
-    assert faithful.holds == "holds" and faithful.ours.startswith("1.15 [1.10, 1.21] with 25 heads")
+    # 1.15 [1.10, 1.21] lies above the model: a finding of its own, not "holds" (issue 28)
+    assert faithful.holds == V.EXCEEDS_MODEL and faithful.ours.startswith("1.15 [1.10, 1.21] (above the model")
+    assert "with 25 heads" in faithful.ours
     assert "the paper's circuit 0.45 [0.39, 0.51] with 21" in faithful.ours and "0.04 [0.02, 0.06]" in faithful.ours
     assert gain.holds == "holds" and gain.ours == "faithfulness +0.70 [+0.62, +0.78]"
     assert "ctl (positive control, ours)" in ctl_faithful.statement
