@@ -43,8 +43,6 @@ __all__ = [
     "BEYOND_RANDOM_MARGIN",
     "CONTROL_PAPER",
     "CMAP_RECOVERY",
-    "CONFIDENTLY_WRONG",
-    "CIRCUIT_OVERLAP",
     "CMAP_OVER_RANDOM",
     "EXCEEDS_MODEL",
     "FAITHFUL_CEILING",
@@ -52,6 +50,8 @@ __all__ = [
     "against_random",
     "faithfulness_grade",
     "over_random",
+    "CONFIDENTLY_WRONG",
+    "CIRCUIT_OVERLAP",
     "DCM_MARGIN",
     "DCM_SHARE_FLOOR",
     "FAITHFUL",
@@ -96,6 +96,7 @@ VERDICTS: tuple[str, ...] = ("holds", "partly", "does not hold", "exceeds the mo
 #: The verdict of a circuit that alone beats the model it was cut from (faithfulness wholly above
 #: :data:`FAITHFUL_CEILING`): not "faithful", a finding of its own.
 EXCEEDS_MODEL = "exceeds the model"
+
 
 #: The verdict of a claim whose model does not do the task.
 NOT_TESTABLE = "not testable"
@@ -166,17 +167,6 @@ class Grade:
 FAITHFUL = Grade(0.8, 0.5, "the paper calls 0.88-1.00 faithful (Table 1); a circuit keeping half the "
                            "model's accuracy does part of the work")
 
-#: Mean share, over groups, of the base circuit's heads found again in a fine-tune's circuit.
-CIRCUIT_OVERLAP = Grade(0.6, 0.3, "the paper's lowest per-group precision is 0.68 (Value Fetchers, Llama "
-                                  "vs Goat); below 0.3 most heads are new")
-
-#: Share of a fine-tune's gain that output CMAP of its circuit recovers in the base model.
-CMAP_RECOVERY = Grade(0.8, 0.4, "the paper's full circuit recovers all of the gain (0.82 of 0.82); "
-                                "under 0.4 most of the gain lies outside it")
-
-#: Groups of the four-step chain a circuit must have to be "the paper's circuit".
-GROUP_COUNT = Grade(4, 1, "the paper's circuit has four groups; fewer is part of the chain")
-
 #: Faithfulness above which a circuit alone beats the model: the top of the band :data:`FAITHFUL` starts.
 FAITHFUL_CEILING = Threshold(1.02, "the paper's faithful circuits reach 1.00 at most (0.88-1.00, Table 1): above "
                                    "1 the circuit alone beats the model (ablating the rest helps), a different "
@@ -189,6 +179,23 @@ FAITHFUL_OVER_RANDOM = Threshold(0.5, "the share FAITHFUL calls 'part of the wor
                                       "the circuit holds, not from how many; the paper's circuits keep 0.87-1.00 "
                                       "more than their random circuits (0.00-0.01 of F(M), Table 1)")
 
+#: Mean share, over groups, of the base circuit's heads found again in a fine-tune's circuit.
+CIRCUIT_OVERLAP = Grade(0.6, 0.3, "the paper's lowest per-group precision is 0.68 (Value Fetchers, Llama "
+                                  "vs Goat); below 0.3 most heads are new")
+
+#: Share of a fine-tune's gain that output CMAP of its circuit recovers in the base model.
+CMAP_RECOVERY = Grade(0.8, 0.4, "the paper's full circuit recovers all of the gain (0.82 of 0.82); "
+                                "under 0.4 most of the gain lies outside it")
+
+#: How much more of the gain the full circuit must recover than random head sets of the same sizes at
+#: the same positions (paired excess of shares, its 95% interval above this; :func:`cmap.random_baseline`).
+CMAP_OVER_RANDOM = Threshold(0.4, "the share CMAP_RECOVERY calls part of the gain (0.4) must come from which heads "
+                                  "are patched, not from how many at those positions; the paper reports no random "
+                                  "sets, so its own cut is the margin")
+
+#: Groups of the four-step chain a circuit must have to be "the paper's circuit".
+GROUP_COUNT = Grade(4, 1, "the paper's circuit has four groups; fewer is part of the chain")
+
 #: A fine-tune must gain at least this much accuracy for CMAP to have a gain to attribute.
 MIN_GAIN = Threshold(0.02, "a gain under 2 points is within a few prompts of the base model on 500 prompts")
 
@@ -197,12 +204,6 @@ ARITHMETIC_LEARNED = Threshold(0.5, "issue 14: a fine-tune that answers half of 
                                     "learned the task it was trained on (Goat-7B is near-perfect on 3-digit +/-)")
 
 #: What a positive control's rows print in the paper's column.
-#: How much more of the gain the full circuit must recover than random head sets of the same sizes at
-#: the same positions (paired excess of shares, its 95% interval above this; :func:`cmap.random_baseline`).
-CMAP_OVER_RANDOM = Threshold(0.4, "the share CMAP_RECOVERY calls part of the gain (0.4) must come from which heads "
-                                  "are patched, not from how many at those positions; the paper reports no random "
-                                  "sets, so its own cut is the margin")
-
 CONTROL_PAPER = "none: a positive control of ours, not in the paper"
 
 #: A group's ablation must cost ``NECESSITY_FACTOR x`` the drop of as many random heads outside
@@ -477,6 +478,92 @@ def circuit_verdicts(base: Competence, circuit: Circuit, necessity: Any, null: C
     return out
 
 
+def over_random(summary: Mapping[str, Any], circuit_key: str = "faithfulness",
+                random_key: str = "random_faithfulness", paired_key: str = "faithfulness_over_random"
+                ) -> dict[str, float] | None:
+    """A circuit's excess over random circuits of its size, ``{"value", "low", "high"}``: the
+    paired estimate ``summary[paired_key]`` where the summary has it; else (rows from before it)
+    ``summary[circuit_key]`` minus ``summary[random_key]`` with the widest interval the two
+    intervals allow (circuit low minus random high, circuit high minus random low: unpaired, so
+    conservative); None when no random circuit was drawn.
+
+    >>> est = over_random({"faithfulness": {"value": 0.9, "low": 0.8, "high": 1.0},
+    ...                    "random_faithfulness": {"value": 0.1, "low": 0.05, "high": 0.2}})
+    >>> {k: round(v, 2) for k, v in est.items()}
+    {'value': 0.8, 'low': 0.6, 'high': 0.95}
+    """
+    if summary.get(paired_key):
+        return dict(summary[paired_key])
+    if not summary.get(random_key):
+        return None
+    c, r = summary[circuit_key], summary[random_key]
+    return {"value": c["value"] - r["value"], "low": c["low"] - r["high"], "high": c["high"] - r["low"]}
+
+
+def against_random(grade: Holds, excess: Mapping[str, float] | None, margin: Threshold) -> Holds:
+    """A circuit's ``grade`` on its own, held against random head sets of its size by its paired
+    ``excess`` over them (``{"value", "low", "high"}``): kept when the excess's 95% interval lies
+    above ``margin``; at most partly when it lies above 0 only, or when there is no baseline
+    (``excess`` None: nothing shows the heads matter more than their number); "does not hold" when
+    the interval reaches 0 (the circuit is no better than random heads). "not run", "not
+    testable" and :data:`EXCEEDS_MODEL` stay as they are."""
+    if grade in ("not run", NOT_TESTABLE, EXCEEDS_MODEL):
+        return grade
+    if excess is None or any(excess[k] != excess[k] for k in ("value", "low", "high")):
+        return "partly" if grade == "holds" else grade
+    if excess["low"] > margin.value:
+        return grade
+    if excess["low"] > 0:
+        return "partly" if grade == "holds" else grade
+    return "does not hold"
+
+
+def faithfulness_grade(faith: Mapping[str, float], excess: Mapping[str, float] | None) -> Holds:
+    """Faithfulness F(C)/F(M) (``{"value", "low", "high"}``) on a two-sided band, then against
+    random circuits (:func:`against_random` with its ``excess`` over them, :data:`FAITHFUL_OVER_RANDOM`):
+    :data:`EXCEEDS_MODEL` when the whole interval lies above :data:`FAITHFUL_CEILING` (the circuit
+    alone beats the model); otherwise :data:`FAITHFUL` on the interval, where a point estimate
+    above the ceiling whose interval reaches into the band reads partly at most.
+
+    >>> faithfulness_grade({"value": 1.2, "low": 1.1, "high": 1.3}, None)
+    'exceeds the model'
+    >>> faithfulness_grade({"value": 0.95, "low": 0.9, "high": 1.0}, {"value": 0.9, "low": 0.8, "high": 1.0})
+    'holds'
+    >>> faithfulness_grade({"value": 0.95, "low": 0.9, "high": 1.0}, {"value": 0.0, "low": -0.05, "high": 0.05})
+    'does not hold'
+    """
+    if any(faith[k] != faith[k] for k in ("value", "low", "high")):
+        return "not run"
+    if faith["low"] > FAITHFUL_CEILING.value:
+        return EXCEEDS_MODEL
+    band = FAITHFUL.interval(faith)
+    if band == "holds" and faith["value"] > FAITHFUL_CEILING.value:
+        band = "partly"  # above the model on its point estimate; its interval does not settle which
+    return against_random(band, excess, FAITHFUL_OVER_RANDOM)
+
+
+FAITHFUL_BAND_RULE = (f"'{EXCEEDS_MODEL}' when the 95% interval lies above {FAITHFUL_CEILING.value:g} (the circuit "
+                      f"alone beats the model); else holds when the interval lies at or above {FAITHFUL.holds:g} "
+                      f"with the point estimate at most {FAITHFUL_CEILING.value:g}, and the paired excess over "
+                      f"random circuits of its group sizes has its 95% interval above {FAITHFUL_OVER_RANDOM.value:g}; "
+                      f"partly when the interval reaches below {FAITHFUL.holds:g} but not below "
+                      f"{FAITHFUL.partly:g}, or the excess is above 0 only (or was not measured); does not hold "
+                      f"when the interval lies below {FAITHFUL.partly:g} or the excess's interval reaches 0")
+
+
+def _faith_ours(faith: Mapping[str, float], rand: Mapping[str, float] | None,
+                excess: Mapping[str, float] | None, also: str = "") -> str:
+    """A faithfulness verdict's ``ours``: the number (then ``also``), whether it beats the model,
+    and random circuits."""
+    text = _fmt(faith)
+    if faith["low"] > FAITHFUL_CEILING.value:
+        text += " (above the model: the circuit alone beats it)"
+    text += also
+    if rand:
+        text += f"; random circuits of its size {_fmt(rand)}"
+    return text + (f"; over random {_fmt(excess, '+.2f')}" if excess else "; no random circuits")
+
+
 def faithfulness_verdicts(competences: Mapping[str, Competence], faith: Mapping[tuple[str, str], Mapping[str, Any]],
                           base: str, finetuned: Iterable[str], *, n_random: int, controls: Iterable[str] = ()) -> list:
     """The faithfulness chapter's verdicts from ``faith[(circuit of, evaluated in)]``, the
@@ -640,92 +727,6 @@ def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], n
                                  "key's and the value's, partly when only its point estimate is highest"),
                            sample=sample))
     return out
-def over_random(summary: Mapping[str, Any], circuit_key: str = "faithfulness",
-                random_key: str = "random_faithfulness", paired_key: str = "faithfulness_over_random"
-                ) -> dict[str, float] | None:
-    """A circuit's excess over random circuits of its size, ``{"value", "low", "high"}``: the
-    paired estimate ``summary[paired_key]`` where the summary has it; else (rows from before it)
-    ``summary[circuit_key]`` minus ``summary[random_key]`` with the widest interval the two
-    intervals allow (circuit low minus random high, circuit high minus random low: unpaired, so
-    conservative); None when no random circuit was drawn.
-
-    >>> est = over_random({"faithfulness": {"value": 0.9, "low": 0.8, "high": 1.0},
-    ...                    "random_faithfulness": {"value": 0.1, "low": 0.05, "high": 0.2}})
-    >>> {k: round(v, 2) for k, v in est.items()}
-    {'value': 0.8, 'low': 0.6, 'high': 0.95}
-    """
-    if summary.get(paired_key):
-        return dict(summary[paired_key])
-    if not summary.get(random_key):
-        return None
-    c, r = summary[circuit_key], summary[random_key]
-    return {"value": c["value"] - r["value"], "low": c["low"] - r["high"], "high": c["high"] - r["low"]}
-
-
-def against_random(grade: Holds, excess: Mapping[str, float] | None, margin: Threshold) -> Holds:
-    """A circuit's ``grade`` on its own, held against random head sets of its size by its paired
-    ``excess`` over them (``{"value", "low", "high"}``): kept when the excess's 95% interval lies
-    above ``margin``; at most partly when it lies above 0 only, or when there is no baseline
-    (``excess`` None: nothing shows the heads matter more than their number); "does not hold" when
-    the interval reaches 0 (the circuit is no better than random heads). "not run", "not
-    testable" and :data:`EXCEEDS_MODEL` stay as they are."""
-    if grade in ("not run", NOT_TESTABLE, EXCEEDS_MODEL):
-        return grade
-    if excess is None or any(excess[k] != excess[k] for k in ("value", "low", "high")):
-        return "partly" if grade == "holds" else grade
-    if excess["low"] > margin.value:
-        return grade
-    if excess["low"] > 0:
-        return "partly" if grade == "holds" else grade
-    return "does not hold"
-
-
-def faithfulness_grade(faith: Mapping[str, float], excess: Mapping[str, float] | None) -> Holds:
-    """Faithfulness F(C)/F(M) (``{"value", "low", "high"}``) on a two-sided band, then against
-    random circuits (:func:`against_random` with its ``excess`` over them, :data:`FAITHFUL_OVER_RANDOM`):
-    :data:`EXCEEDS_MODEL` when the whole interval lies above :data:`FAITHFUL_CEILING` (the circuit
-    alone beats the model); otherwise :data:`FAITHFUL` on the interval, where a point estimate
-    above the ceiling whose interval reaches into the band reads partly at most.
-
-    >>> faithfulness_grade({"value": 1.2, "low": 1.1, "high": 1.3}, None)
-    'exceeds the model'
-    >>> faithfulness_grade({"value": 0.95, "low": 0.9, "high": 1.0}, {"value": 0.9, "low": 0.8, "high": 1.0})
-    'holds'
-    >>> faithfulness_grade({"value": 0.95, "low": 0.9, "high": 1.0}, {"value": 0.0, "low": -0.05, "high": 0.05})
-    'does not hold'
-    """
-    if any(faith[k] != faith[k] for k in ("value", "low", "high")):
-        return "not run"
-    if faith["low"] > FAITHFUL_CEILING.value:
-        return EXCEEDS_MODEL
-    band = FAITHFUL.interval(faith)
-    if band == "holds" and faith["value"] > FAITHFUL_CEILING.value:
-        band = "partly"  # above the model on its point estimate; its interval does not settle which
-    return against_random(band, excess, FAITHFUL_OVER_RANDOM)
-
-
-FAITHFUL_BAND_RULE = (f"'{EXCEEDS_MODEL}' when the 95% interval lies above {FAITHFUL_CEILING.value:g} (the circuit "
-                      f"alone beats the model); else holds when the interval lies at or above {FAITHFUL.holds:g} "
-                      f"with the point estimate at most {FAITHFUL_CEILING.value:g}, and the paired excess over "
-                      f"random circuits of its group sizes has its 95% interval above {FAITHFUL_OVER_RANDOM.value:g}; "
-                      f"partly when the interval reaches below {FAITHFUL.holds:g} but not below "
-                      f"{FAITHFUL.partly:g}, or the excess is above 0 only (or was not measured); does not hold "
-                      f"when the interval lies below {FAITHFUL.partly:g} or the excess's interval reaches 0")
-
-
-def _faith_ours(faith: Mapping[str, float], rand: Mapping[str, float] | None,
-                excess: Mapping[str, float] | None, also: str = "") -> str:
-    """A faithfulness verdict's ``ours``: the number (then ``also``), whether it beats the model,
-    and random circuits."""
-    text = _fmt(faith)
-    if faith["low"] > FAITHFUL_CEILING.value:
-        text += " (above the model: the circuit alone beats it)"
-    text += also
-    if rand:
-        text += f"; random circuits of its size {_fmt(rand)}"
-    return text + (f"; over random {_fmt(excess, '+.2f')}" if excess else "; no random circuits")
-
-
 
 
 def write_competence(path, competences: Mapping[str, Competence]) -> None:
