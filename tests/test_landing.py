@@ -62,3 +62,22 @@ def test_the_scope_note_is_made_of_the_builds_numbers(tmp_path):
         "unseen": _est(0.3, 0.2, 0.4), "unseen_boxes": "5-7"}}})
     note = scope_note(tmp_path, "prof")
     assert "+0.30 [+0.20, +0.40] on the boxes 5-7" in note and "`ctl`" in note
+
+
+def test_gain_by_box_splits_a_fine_tunes_gain_into_the_boxes_its_base_saw_and_those_it_did_not():
+    import torch
+
+    from entity_tracking.methods.ablation import Evaluation
+    from entity_tracking.methods.binding import gain_by_box
+
+    # 10 contexts x 4 boxes; the fine-tune gains only where box > 2 (never seen by the base)
+    prompts = [{"context_id": c, "query_index": q} for c in range(10) for q in range(4)]
+    box = torch.tensor([p["query_index"] + 1 for p in prompts])
+    base = Evaluation("base", (box <= 2), torch.zeros(len(prompts), dtype=torch.long), clusters=torch.tensor([p["context_id"] for p in prompts]))
+    ft = Evaluation("ft", torch.ones(len(prompts), dtype=torch.bool), base.predicted, clusters=base.clusters)
+    g = gain_by_box(base, ft, prompts, seen_boxes=2, n_resamples=200)
+    assert g["gain"]["value"] == 0.5 and g["gain"]["n_clusters"] == 10
+    assert g["seen"]["value"] == 0.0 and g["unseen"]["value"] == 1.0
+    assert (g["seen_boxes"], g["unseen_boxes"]) == ("1-2", "3-4")
+    assert [b["value"] for b in g["by_box"]] == [0.0, 0.0, 1.0, 1.0]
+    assert gain_by_box(base, ft, prompts)["unseen"] is None

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["Estimate", "bootstrap", "ratio"]
+__all__ = ["Estimate", "bootstrap", "format_estimate", "ratio"]
 
 
 @dataclass(frozen=True)
@@ -116,3 +116,12 @@ def bootstrap(vectors: torch.Tensor | Sequence[torch.Tensor],
 
 def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(1e-30), torch.full_like(num, float("nan")))
+
+
+def format_estimate(est, spec: str = ".2f", missing: str = "not measured") -> str:
+    """An estimate (an :class:`Estimate` or its ``as_dict()``) as ``value [low, high]``;
+    ``missing`` for None (nothing was measured)."""
+    if est is None:
+        return missing
+    d = est.as_dict() if isinstance(est, Estimate) else est
+    return format(Estimate(d["value"], d["low"], d["high"]), spec)

@@ -125,6 +125,8 @@ __all__ = [
     "context_settings",
     "extended_faithfulness",
     "extension_shortfall",
+    "gain_by_box",
+    "trained_boxes",
     "spread_layers",
     "encode_regions",
     "interchange_map",
@@ -411,6 +413,67 @@ def accuracy_by_box(lm, prompts: Sequence[Mapping[str, Any]], *, evaluation: Opt
                          clusters=None if clusters is None else clusters[q == b]) if len(sel)
                else Estimate(float("nan"), float("nan"), float("nan"), level, 0))
         out.append(BoxAccuracy(b + 1, int(len(sel)), est))
+    return out
+
+
+def _box_range(boxes: Sequence[int]) -> str:
+    boxes = sorted(boxes)
+    if not boxes:
+        return "none"
+    return str(boxes[0]) if len(boxes) == 1 else f"{boxes[0]}-{boxes[-1]}"
+
+
+def trained_boxes(model: Any) -> Optional[int]:
+    """The most boxes a model of the project's own recipe saw in training (an organism's
+    ``max_boxes``), or None for a model trained elsewhere (a hub model: unknown)."""
+    org = getattr(model, "organism", None)
+    return int(org.max_boxes) if org is not None and getattr(model, "build", None) else None
+
+
+def gain_by_box(base: Evaluation, finetuned: Evaluation, prompts: Sequence[Mapping[str, Any]], *,
+                seen_boxes: Optional[int] = None, n_resamples: int = 1000, seed: int = 0,
+                level: float = 0.95) -> dict[str, Any]:
+    """Where a fine-tune's gain over its base sits: the paired gain in accuracy (fine-tuned minus
+    base, on the same prompts; intervals resample contexts, paired) over all prompts, per queried
+    box, and -- given ``seen_boxes``, the most boxes the base was trained on -- on the boxes it saw
+    (``1..seen_boxes``) and on those it never saw. A gain made only on unseen boxes teaches the
+    base positions it never had, rather than sharpening what it did.
+
+    Returns ``{"gain", "by_box": [{"box", "n", **estimate}], "seen", "unseen", "seen_boxes",
+    "unseen_boxes"}`` (estimates as dicts; ``seen``/``unseen`` None without ``seen_boxes``).
+
+    >>> # g = gain_by_box(base_eval, control_eval, eval_records, seen_boxes=4); g["unseen"]["value"]
+    """
+    prompts = list(prompts)
+    if base.n != len(prompts) or finetuned.n != len(prompts):
+        raise BindingError(f"gain_by_box: evaluations of {base.n} and {finetuned.n} prompts for {len(prompts)} prompts")
+    missing = [i for i, p in enumerate(prompts) if p.get("query_index") is None]
+    if missing:
+        raise BindingError(f"prompts {missing[:5]} have no query_index (query label absent from the context)")
+    clusters = shared_clusters([base, finetuned])
+    if clusters is None:
+        clusters = context_ids(prompts)
+    vec = torch.stack([finetuned.correct.float(), base.correct.float()])
+    box = torch.tensor([int(p["query_index"]) + 1 for p in prompts])
+    kw = dict(n_resamples=n_resamples, seed=seed, level=level)
+
+    def gain(mask: torch.Tensor) -> Optional[dict[str, Any]]:
+        if not bool(mask.any()):
+            return None
+        return bootstrap(vec[:, mask], lambda a: a[0] - a[1], clusters=None if clusters is None else clusters[mask],
+                         **kw).as_dict()
+
+    k = int(box.max())
+    out: dict[str, Any] = {"gain": gain(torch.ones_like(box, dtype=torch.bool)),
+                           "by_box": [{"box": b, "n": int((box == b).sum()), **(gain(box == b) or {})}
+                                      for b in range(1, k + 1)],
+                           "seen": None, "unseen": None, "seen_boxes": "", "unseen_boxes": ""}
+    if seen_boxes is not None:
+        if seen_boxes < 1:
+            raise BindingError(f"seen_boxes must be at least 1, got {seen_boxes}")
+        out.update(seen=gain(box <= seen_boxes), unseen=gain(box > seen_boxes),
+                   seen_boxes=_box_range(range(1, min(seen_boxes, k) + 1)),
+                   unseen_boxes=_box_range(range(seen_boxes + 1, k + 1)))
     return out
 
 
