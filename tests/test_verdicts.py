@@ -253,12 +253,15 @@ def test_premise_needs_one_model_that_does_the_task():
 
 def test_controls_are_marked_and_kept_out_of_the_paper_claims():
     able = V.Competence("m", {"value": 0.6, "low": 0.5, "high": 0.7}, 100, 1 / 7)
-    base = Circuit("base", {"value_fetcher": [(1, 0), (1, 1)], "position_transmitter": [(0, 1)]})
-    same, new = Circuit("ft", dict(base.groups)), Circuit("ctl", {"value_fetcher": [(1, 3)], "position_transmitter": [(0, 2)]})
+    scores = {g: [[-0.1] * 4, [-0.1] * 4] for g in GROUPS}  # every head lowers p(correct): all of them count
+    base = Circuit("base", {"value_fetcher": [(1, 0), (1, 1)], "position_transmitter": [(0, 1)]}, scores=scores)
+    same = Circuit("ft", dict(base.groups), scores=scores)
+    new = Circuit("ctl", {"value_fetcher": [(1, 3)], "position_transmitter": [(0, 2)]}, scores=scores)
     rows = V.circuit_verdicts(able, base, None, None, {"ft": (able, same), "ctl": (able, new)}, n_path_patching=0,
                               controls=["ctl"])
     paper_row, control_row = rows[1], rows[2]
-    assert "over 1 fine-tuned model" in paper_row.ours and paper_row.holds == "holds"  # the control is not averaged in
+    assert paper_row.statement.startswith("ft's circuit") and paper_row.holds == "holds"  # a row of its own
+    assert "mean share per group 1.00" in paper_row.ours
     assert "ctl (positive control, ours)" in control_row.statement and control_row.paper == V.CONTROL_PAPER
     assert control_row.holds == "does not hold"
     (p,) = V.premise_verdicts(able, {"ctl": (able, {"value": 0.2, "low": 0.1, "high": 0.3})}, controls=["ctl"])

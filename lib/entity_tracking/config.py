@@ -386,7 +386,17 @@ class CircuitSpec(_Strict):
                     "chapter evaluates the extended circuit",
     )
     minimality_threshold: float = Field(0.01, ge=0)
-    minimality_examples: int = Field(100, ge=1)
+    minimality_examples: int = Field(100, ge=1, description="prompts minimality prunes on (at most as many as its split holds)")
+    minimality_split: Literal["selection", "evaluation"] = Field(
+        "selection",
+        description="the prompts minimality prunes on: 'selection' (ours), the base prompts of the path-patching "
+                    "pairs, disjoint from the evaluation prompts faithfulness, necessity and CMAP are scored on; "
+                    "'evaluation', those evaluation prompts themselves (a leak wherever pruning happens; the paper "
+                    "does not say which prompts it pruned on). The other selection steps are fixed: path patching, "
+                    "its null (attention shuffled) and the Object Writer search (binding chapter) run on the "
+                    "path-patching pairs; DCM learns its masks on its desiderata's train split and picks them on "
+                    "their eval split (dcm chapter)",
+    )
     batch_size: int = Field(32, ge=1)
 
 

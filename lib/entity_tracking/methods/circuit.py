@@ -18,6 +18,19 @@ Value Fetchers read it (found by :func:`entity_tracking.methods.path_patching.ex
 (the paper's four first). A circuit without extension groups is exactly the paper's, in memory and
 in its JSON file, and everything written for the paper's four groups (:data:`GROUPS`) reads it
 as before.
+
+**Which heads could have scored** (:meth:`Circuit.scorable`). A path-patching step scores a
+sender through receivers that read the residual stream entering their own layer, so a sender in
+a layer at or above its step's highest receiver layer scores exactly 0: under the paper's
+selection such heads still fill a group (ties go by head index) as padding. The verdicts read a
+group's overlap against chance over the heads that could have scored
+(:func:`entity_tracking.methods.verdicts.overlap_against_chance`).
+
+**Splits (ours).** Every step that *selects* heads runs on prompts disjoint from the evaluation
+prompts its result is scored on: path patching, its null and the Object Writer step on the
+path-patching pairs, and minimality on the pairs' base prompts (:func:`minimality_prompts`,
+``circuit.minimality_split: selection``; ``evaluation`` prunes on the evaluation prompts, as the
+book did before).
 """
 
 from __future__ import annotations
@@ -37,9 +50,30 @@ from ..schema import (
     Head,
 )
 
-__all__ = ["ALL_GROUPS", "EXTENSION_GROUPS", "GROUPS", "GROUP_LABELS", "GROUP_POSITIONS", "Circuit", "Head"]
+__all__ = ["ALL_GROUPS", "EXTENSION_GROUPS", "GROUPS", "GROUP_LABELS", "GROUP_POSITIONS", "MINIMALITY_SPLITS", "Circuit",
+           "Head", "minimality_prompts"]
 
 SCHEMA_VERSION = 1
+
+#: The prompts minimality may prune on (``circuit.minimality_split``): ``"selection"`` (ours), the
+#: base prompts of the path-patching pairs, disjoint from the evaluation prompts; ``"evaluation"``,
+#: the evaluation prompts faithfulness is scored on (a leak wherever pruning happens).
+MINIMALITY_SPLITS = ("selection", "evaluation")
+
+
+def minimality_prompts(split: str, pairs: list[dict[str, Any]], evaluation: list[dict[str, Any]],
+                       n: int) -> list[dict[str, Any]]:
+    """The first ``n`` prompts minimality prunes on: the base prompts of the path-patching
+    ``pairs`` (records with a ``"base"`` prompt) for ``split="selection"``, the ``evaluation``
+    prompts for ``"evaluation"`` (see :data:`MINIMALITY_SPLITS`)."""
+    if split not in MINIMALITY_SPLITS:
+        raise ValueError(f"unknown minimality split {split!r}; splits are {list(MINIMALITY_SPLITS)}")
+    if n < 1:
+        raise ValueError(f"minimality needs at least one prompt, got n={n}")
+    prompts = [p["base"] for p in pairs] if split == "selection" else list(evaluation)
+    if not prompts:
+        raise ValueError(f"no prompts in the '{split}' split to run minimality on")
+    return prompts[:n]
 
 
 def _heads(items: Iterable) -> list[Head]:
@@ -98,6 +132,33 @@ class Circuit:
             raise ValueError(f"circuit '{self.model}' has no path-patching scores for '{group}' to rank its heads by")
         order = sorted(self.groups[group], key=lambda lh: self.scores[group][lh[0]][lh[1]])
         return order if k is None else order[:k]
+
+    def shape(self) -> tuple[int, int]:
+        """``(n_layers, n_heads)`` of the model: from ``meta``, else from a score map."""
+        if "n_layers" in self.meta and "n_heads" in self.meta:
+            return int(self.meta["n_layers"]), int(self.meta["n_heads"])
+        for m in self.scores.values():
+            if m:
+                return len(m), len(m[0])
+        raise ValueError(f"circuit '{self.model}' records neither its model's shape (meta n_layers/n_heads) nor a score map")
+
+    def receivers(self, group: str) -> list[Head] | None:
+        """The receivers of the step that found ``group`` (``meta["receivers"]``, or
+        ``meta["extension"][group]["receivers"]`` for an extension group): ``[]`` for a step that
+        scores through the logits (the Value Fetchers), None when the circuit does not record them."""
+        ext = self.meta.get("extension", {}).get(group)
+        rec = ext.get("receivers") if ext else self.meta.get("receivers", {}).get(group)
+        return None if rec is None else _heads(rec)
+
+    def scorable(self, group: str) -> list[Head]:
+        """The heads that could score at the step that found ``group``, by index: every head for
+        the logits step, else the heads in layers below the step's highest receiver layer (a
+        receiver reads the residual stream entering its layer, so a sender at or above it scores
+        exactly 0). Every head when the circuit records no receivers (a hand-made circuit)."""
+        n_layers, n_heads = self.shape()
+        rec = self.receivers(group)
+        top = n_layers if not rec else max(l % n_layers for l, _ in rec)
+        return [(l, h) for l in range(top) for h in range(n_heads)]
 
     def with_group(self, name: str, heads: Iterable, position: str | None = None,
                    scores: Any = None, meta: dict[str, Any] | None = None) -> "Circuit":

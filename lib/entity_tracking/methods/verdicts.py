@@ -27,14 +27,16 @@ tuned to make a claim hold.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 
 from ..intervene.stats import Estimate, bootstrap
 from ..io import read_json, write_json
-from ..schema import GROUP_LABELS, GROUPS
+from ..schema import GROUP_LABELS, GROUPS, Head
 from .circuit import Circuit
 from .cmap import BASE_ALONE, FINETUNED_ALONE, FULL_CIRCUIT, row_key
 
@@ -81,6 +83,16 @@ __all__ = [
     "write_competence",
     "groups_found",
     "groups_standing_out",
+    "CHANCE_QUANTILES",
+    "OVERLAP_RULE",
+    "head_standing",
+    "hypergeometric",
+    "overlap_against_chance",
+    "overlap_cells",
+    "overlap_grade",
+    "overlap_text",
+    "padding",
+    "real_heads",
     "minimality_measurable",
     "necessity_grade",
     "arithmetic_verdicts",
@@ -355,6 +367,164 @@ def groups_standing_out(circuit: Circuit, null: Circuit) -> dict[str, dict[str, 
     return out
 
 
+def _null_cut(null: Circuit | None, group: str) -> float | None:
+    """The strongest change of p(correct) any head makes in ``group``'s step of the null sweep
+    (score x its mean clean p(correct)); None without a null map for that step (the null sweep
+    runs the paper's four steps only)."""
+    if null is None or not null.scores.get(group):
+        return None
+    return min(x for row in null.scores[group] for x in row) * float(null.meta.get("mean_p_clean", 1.0))
+
+
+def head_standing(circuit: Circuit, null: Circuit | None = None) -> dict[str, dict[Head, bool]]:
+    """Per group, per head: does it stand out? A head stands out when its path-patching score is
+    below ``-SCORE_FLOOR`` (it lowers p(correct) measurably) and, given the ``null`` sweep
+    (:func:`entity_tracking.methods.path_patching.null_circuit`), when it lowers p(correct) more
+    than every head of the null's same step (compared as in :func:`groups_standing_out`: score x
+    mean clean p(correct)). A head of a group without a score map never stands out. Heads that do
+    not stand out are **padding** (:func:`padding`): under the paper's selection a step returns
+    k heads whatever their scores, ties going by head index."""
+    scale = float(circuit.meta.get("mean_p_clean", 1.0))
+    out: dict[str, dict[Head, bool]] = {}
+    for g in circuit.group_names:
+        smap, cut = circuit.scores.get(g), _null_cut(null, g)
+        out[g] = {(l, h): bool(smap) and smap[l][h] < -SCORE_FLOOR.value
+                  and (cut is None or smap[l][h] * scale < cut) for l, h in circuit.groups[g]}
+    return out
+
+
+def real_heads(circuit: Circuit, null: Circuit | None = None) -> dict[str, list[Head]]:
+    """Per group, the heads that stand out (:func:`head_standing`), in the order held: the heads
+    a group's verdicts count."""
+    return {g: [h for h, ok in v.items() if ok] for g, v in head_standing(circuit, null).items()}
+
+
+def padding(circuit: Circuit, null: Circuit | None = None) -> dict[str, list[Head]]:
+    """Per group, the heads that fill it without standing out (:func:`head_standing`): shown as
+    padding, never counted."""
+    return {g: [h for h, ok in v.items() if not ok] for g, v in head_standing(circuit, null).items()}
+
+
+def hypergeometric(population: int, marked: int, drawn: int) -> list[float]:
+    """P(X = x), x = 0..min(marked, drawn): ``drawn`` heads taken at random, without replacement,
+    from ``population`` heads of which ``marked`` are marked; X counts the marked heads drawn.
+
+    >>> [round(p, 3) for p in hypergeometric(4, 2, 2)]
+    [0.167, 0.667, 0.167]
+    """
+    if not 0 <= marked <= population or not 0 <= drawn <= population:
+        raise ValueError(f"hypergeometric needs 0 <= marked, drawn <= population; got {population}, {marked}, {drawn}")
+    total = math.comb(population, drawn)
+    return [math.comb(marked, x) * math.comb(population - marked, drawn - x) / total
+            for x in range(min(marked, drawn) + 1)]
+
+
+def _quantile(dist: Mapping[Any, float], q: float):
+    """The smallest value whose cumulative probability reaches ``q`` (``dist``: value -> probability)."""
+    acc = 0.0
+    for v in sorted(dist):
+        acc += dist[v]
+        if acc >= q - 1e-12:
+            return v
+    return max(dist)
+
+
+#: The chance interval of an overlap: the 2.5% and 97.5% quantiles of its hypergeometric distribution.
+CHANCE_QUANTILES = (0.025, 0.975)
+
+
+def overlap_against_chance(base: Circuit, finetuned: Circuit, null: Circuit | None = None) -> dict[str, Any]:
+    """The share of the base circuit's heads found again in a fine-tune's circuit, counting only
+    heads that stand out (:func:`real_heads`), against the share expected by chance.
+
+    Per group with at least one standing-out base head (a padded group contributes nothing):
+    ``shared`` of the base's ``real`` heads are among the fine-tune's ``drawn`` real heads. Chance
+    draws the fine-tune's heads at random from the heads that could score at its step
+    (:meth:`~entity_tracking.methods.circuit.Circuit.scorable`, ``population``), of which
+    ``marked`` are base heads: ``shared`` is then hypergeometric, with mean ``expected`` and the
+    95% interval ``[low, high]`` (:data:`CHANCE_QUANTILES`). Over groups: ``share``, the mean of
+    the groups' ``shared / real`` (the paper's precision), and its exact chance distribution
+    (groups independent): ``chance`` (its mean), ``chance_low``/``chance_high`` and ``p_value``
+    = P(chance share >= share). ``above_chance``: ``share`` exceeds ``chance_high``."""
+    real_b, real_f = real_heads(base, null), real_heads(finetuned, null)
+    groups: dict[str, dict[str, Any]] = {}
+    dist: dict[Fraction, float] = {Fraction(0): 1.0}
+    counted = [g for g in GROUPS if real_b.get(g)]
+    for g in GROUPS:
+        a, b = set(real_b.get(g, [])), set(real_f.get(g, []))
+        # the fine-tune's step decides what its heads could be drawn from (the base's, when a fine-tune
+        # without score maps has no heads standing out anyway)
+        pop = set((finetuned if finetuned.scores else base).scorable(g)) if a else set()
+        row: dict[str, Any] = {"real": len(a), "drawn": len(b), "shared": len(a & b), "population": len(pop),
+                               "marked": len(a & pop), "padded": not a,
+                               "padding": len(base.groups.get(g, [])) - len(a)}
+        if a:
+            pmf = hypergeometric(len(pop), len(a & pop), len(b))
+            row.update({"precision": len(a & b) / len(a), "expected": sum(x * p for x, p in enumerate(pmf)),
+                        "low": _quantile(dict(enumerate(pmf)), CHANCE_QUANTILES[0]),
+                        "high": _quantile(dict(enumerate(pmf)), CHANCE_QUANTILES[1])})
+            step: dict[Fraction, float] = {}
+            for v, pv in dist.items():
+                for x, px in enumerate(pmf):
+                    key = v + Fraction(x, len(a) * len(counted))
+                    step[key] = step.get(key, 0.0) + pv * px
+            dist = step
+        groups[g] = row
+    if not counted:
+        nan = float("nan")
+        return {"groups": groups, "counted": [], "share": nan, "chance": nan, "chance_low": nan, "chance_high": nan,
+                "p_value": nan, "above_chance": False}
+    share = Fraction(sum(Fraction(groups[g]["shared"], groups[g]["real"]) for g in counted), len(counted))
+    high = _quantile(dist, CHANCE_QUANTILES[1])
+    return {"groups": groups, "counted": counted, "share": float(share),
+            "chance": float(sum(v * p for v, p in dist.items())),
+            "chance_low": float(_quantile(dist, CHANCE_QUANTILES[0])), "chance_high": float(high),
+            "p_value": float(sum(p for v, p in dist.items() if v >= share)), "above_chance": share > high}
+
+
+OVERLAP_RULE = ("counting only heads that stand out (a score below "
+                f"-{SCORE_FLOOR.value:g} that also beats every head of the null sweep's same step; the rest is padding): "
+                f"holds when the mean share per group of the base circuit's heads found again is at least {CIRCUIT_OVERLAP.holds:g} "
+                f"(partly at {CIRCUIT_OVERLAP.partly:g}) "
+                "and the share is above chance (above the 97.5% quantile of the share when the fine-tune's heads are "
+                "drawn at random from the heads that could score at each step: hypergeometric); does not hold at chance; "
+                "a group without a head standing out in the base circuit is left out")
+
+
+def overlap_grade(result: Mapping[str, Any]) -> Holds:
+    """The overlap verdict of an :func:`overlap_against_chance` result under :data:`OVERLAP_RULE`:
+    :data:`CIRCUIT_OVERLAP` on its share, but "does not hold" whenever the share is not above chance
+    (or no base group has a head standing out)."""
+    if not result["counted"] or not result["above_chance"]:
+        return "does not hold"
+    return CIRCUIT_OVERLAP(result["share"])
+
+
+def overlap_cells(result: Mapping[str, Any]) -> dict[str, str]:
+    """An :func:`overlap_against_chance` result as table cells, one per group (by its label):
+    ``"shared/real (chance expected [low, high])"``, or the padding a group held instead, and the
+    mean share with its chance interval and p-value."""
+    cells = {GROUP_LABELS[g]: (f"{o['shared']}/{o['real']} (chance {o['expected']:.1f} [{o['low']}, {o['high']}])"
+                               if not o["padded"] else f"padding only ({o['padding']} heads)")
+             for g, o in result["groups"].items()}
+    cells["mean share (chance [95%], p)"] = (
+        f"{result['share']:.2f} ({result['chance']:.2f} [{result['chance_low']:.2f}, {result['chance_high']:.2f}], "
+        f"p = {result['p_value']:.2g})" if result["counted"] else "nothing to find again")
+    return cells
+
+
+def overlap_text(result: Mapping[str, Any]) -> str:
+    """An :func:`overlap_against_chance` result in a verdict row's words."""
+    if not result["counted"]:
+        return "no group of the base circuit has a head standing out: nothing to find again"
+    cells = overlap_cells(result)
+    per = "; ".join(f"{GROUP_LABELS[g]} {cells[GROUP_LABELS[g]]}" for g in result["counted"])
+    left = [GROUP_LABELS[g] for g, o in result["groups"].items() if o["padded"]]
+    return (f"mean share per group {result['share']:.2f}, chance {result['chance']:.2f} "
+            f"[{result['chance_low']:.2f}, {result['chance_high']:.2f}], p = {result['p_value']:.2g}; {per}"
+            + (f"; left out (padding only): {', '.join(left)}" if left else ""))
+
+
 # --------------------------------------------------------------------------------------------
 # The chapters' verdicts: measured results in, Verdict rows out (each chapter's last cell)
 
@@ -430,8 +600,9 @@ def circuit_verdicts(base: Competence, circuit: Circuit, necessity: Any, null: C
     :class:`~entity_tracking.methods.ablation.NecessityResult` (None when it has none); ``null``: the
     :func:`~entity_tracking.methods.path_patching.null_circuit` of the base model (None: groups count
     when a head scores below zero); ``finetuned``: each fine-tune's competence and circuit.
-    Fine-tunes named in ``controls`` (positive controls, ours) get a row of their own and stay out
-    of the paper's claim about the fine-tuned models."""
+    Every fine-tune gets an overlap row of its own (:func:`overlap_against_chance` under
+    :data:`OVERLAP_RULE`, the base model's null read for every model); those named in ``controls``
+    (positive controls, ours) are marked and print no paper number."""
     s1 = "The base model has a four-group circuit whose Value Fetchers are necessary"
     p1 = "72 heads in 4 groups (Llama-7B)"
     out = []
@@ -445,7 +616,9 @@ def circuit_verdicts(base: Competence, circuit: Circuit, necessity: Any, null: C
             found_text = "groups standing out from the null: "
         else:
             found, found_text = groups_found(circuit), "groups with a head that lowers p(correct): "
-        ours = f"{circuit.n_heads} heads; {found_text}{', '.join(found) or 'none'}"
+        n_real = sum(len(v) for v in real_heads(circuit, null).values())
+        ours = (f"{circuit.n_heads} heads ({n_real} standing out, {circuit.n_heads - n_real} padding); "
+                f"{found_text}{', '.join(found) or 'none'}")
         necessary = beyond = False
         sample = f"{n_path_patching} path-patching pairs"
         if necessity is not None:
@@ -460,21 +633,19 @@ def circuit_verdicts(base: Competence, circuit: Circuit, necessity: Any, null: C
         out.append(Verdict(1, s1, p1, ours, circuit_claim(len(found), necessary, beyond),
                            rule=f"{COMPETENCE_RULE}; then {CIRCUIT_RULE}", sample=sample))
     controls = set(controls)
-    paper_fts = {n: v for n, v in finetuned.items() if n not in controls}
-    sets = ([("The fine-tuned models' circuits contain the base circuit's heads",
-              "0.68-1.00 of Llama's heads per group found in Goat's / FLoat's circuits", paper_fts)] if paper_fts else [])
-    sets += [(f"{who(n, controls)}'s circuit contains the base circuit's heads", CONTROL_PAPER, {n: v})
-             for n, v in finetuned.items() if n in controls]
-    for s2, p2, fts in sets:
-        skip = _not_testable(1, s2, p2, [base, *(c for c, _ in fts.values())])
+    real_total = sum(len(v) for v in real_heads(circuit, null).values())
+    for n, (comp, ft) in finetuned.items():  # one row per fine-tune (LoRA, full, each control)
+        s2 = f"{who(n, controls)}'s circuit contains the base circuit's heads"
+        p2 = CONTROL_PAPER if n in controls else "0.68-1.00 of Llama's heads per group found in Goat's / FLoat's circuits"
+        skip = _not_testable(1, s2, p2, [base, comp])
         if skip is not None:
             out.append(skip)
             continue
-        shares = [o["precision"] for _, c in fts.values() for o in circuit.overlap(c).values() if o["self"]]
-        mean_p = sum(shares) / len(shares) if shares else float("nan")
-        out.append(Verdict(1, s2, p2, f"mean share per group {mean_p:.2f} over {len(fts)} fine-tuned model(s)",
-                           CIRCUIT_OVERLAP(mean_p), rule=f"{COMPETENCE_RULE}; then {CIRCUIT_OVERLAP.rule}",
-                           sample=f"{len(shares)} groups in {len(fts)} fine-tuned model(s)"))
+        res = overlap_against_chance(circuit, ft, null)
+        out.append(Verdict(1, s2, p2, overlap_text(res), overlap_grade(res), rule=f"{COMPETENCE_RULE}; then {OVERLAP_RULE}",
+                           sample=f"{len(res['counted'])} group(s) with a head standing out; {real_total} of the base "
+                                  f"circuit's {circuit.n_heads} heads stand out"
+                                  + ("" if null is not None else " (no null sweep: a score below the floor suffices)")))
     return out
 
 
