@@ -19,19 +19,19 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 
 from .. import task as D
-from ..config import ModelSpec
+from ..config import ModelSpec, OrganismSpec
 from ..intervene.patching import last_logits
 from ..intervene.stats import Estimate, bootstrap
-from ..io import ResultsPaths
+from ..io import ResultsPaths, read_json
 from ..load import load_model, model_sources
-from ..organism.finetune import arithmetic_correct
+from ..organism.finetune import arithmetic_correct, heldout_audit, training_problems
 from ..schema import GROUPS
 from .ablation import Ablation, compute_means, encode_for, evaluate
 from .circuit import Circuit
 from .cmap import OutputCMAP, heads_by_position
 
-__all__ = ["SHARE_COLUMNS", "Checkpoint", "checkpoints", "checkpoint_row", "eval_accuracy", "gain_by_answer", "replicate_curve",
-           "seed_bootstrap"]
+__all__ = ["SHARE_COLUMNS", "Checkpoint", "checkpoints", "checkpoint_row", "context_ids", "eval_accuracy",
+           "exact_match_by_digits_table", "gain_by_answer", "heldout_audit_table", "replicate_curve", "seed_bootstrap"]
 
 _STEP = re.compile(r"step-(\d+)$")
 
@@ -113,7 +113,15 @@ def checkpoint_row(base, model, eval_records: Sequence[Mapping[str, Any]], refer
     return row
 
 
+def context_ids(records: Sequence[Mapping[str, Any]]) -> Optional[list[int]]:
+    """The ``context_id`` of every evaluation prompt record, the clusters of a bootstrap over
+    contexts; None when a record has none (prompts drawn one per context)."""
+    ids = [r.get("context_id") for r in records]
+    return None if any(i is None for i in ids) else [int(i) for i in ids]
+
+
 def seed_bootstrap(vectors: torch.Tensor, statistic: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, *,
+                   clusters: Optional[Sequence[int] | torch.Tensor] = None,
                    n_resamples: int = 1000, seed: int = 0, level: float = 0.95):
     """Two-level percentile bootstrap over training seeds and examples.
 
@@ -123,6 +131,9 @@ def seed_bootstrap(vectors: torch.Tensor, statistic: Optional[Callable[[torch.Te
     (accuracies ``[k, R] -> [R]``; default the first model's accuracy) per drawn seed and averages
     over the drawn seeds. The interval thus holds both the seed-to-seed spread of fine-tuning and
     the sampling error of the prompts; with one seed it is :func:`~entity_tracking.methods.ablation.bootstrap`.
+    ``clusters [n]`` (the prompts' ``context_id``): resample contexts instead of prompts, keeping
+    every query of a drawn context (the same contexts for every seed and model), as
+    :func:`~entity_tracking.intervene.stats.bootstrap` does; the estimate's ``n_clusters`` says how many.
 
     >>> v = torch.tensor([[[1., 1., 0., 1.]], [[1., 0., 0., 1.]], [[1., 1., 1., 1.]]])
     >>> round(seed_bootstrap(v).value, 3)
@@ -137,23 +148,49 @@ def seed_bootstrap(vectors: torch.Tensor, statistic: Optional[Callable[[torch.Te
     point = float(torch.stack([stat(v[s].mean(-1, keepdim=True))[0] for s in range(S)]).mean())
     gen = torch.Generator().manual_seed(seed)
     seeds = torch.randint(S, (n_resamples, S), generator=gen)
-    idx = torch.randint(n, (n_resamples, n), generator=gen)
-    acc = torch.stack([v[:, :, idx[r]].mean(-1) for r in range(n_resamples)], -1)  # [S, k, R]
+    n_clusters = 0
+    if clusters is not None:
+        cl = torch.as_tensor(clusters).reshape(-1)
+        if cl.numel() != n:
+            raise ValueError(f"seed_bootstrap: clusters names {cl.numel()} examples' clusters, the vectors have {n}")
+        _, member = torch.unique(cl, return_inverse=True)
+        n_clusters = int(member.max()) + 1
+        drawn = torch.randint(n_clusters, (n_resamples, n_clusters), generator=gen)
+        counts = torch.zeros(n_resamples, n_clusters).scatter_add_(1, drawn, torch.ones(n_resamples, n_clusters))
+        w = counts[:, member]  # [R, n]: how often each example's context was drawn
+        acc = torch.stack([(v * w[r]).sum(-1) / w[r].sum() for r in range(n_resamples)], -1)  # [S, k, R]
+    else:
+        idx = torch.randint(n, (n_resamples, n), generator=gen)
+        acc = torch.stack([v[:, :, idx[r]].mean(-1) for r in range(n_resamples)], -1)  # [S, k, R]
     per_seed = torch.stack([stat(acc[s]) for s in range(S)])  # [S, R]
     stats = per_seed.gather(0, seeds.T).mean(0)
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2])
     lo, hi = (float(x) for x in torch.nanquantile(stats, q))
-    return Estimate(point, lo, hi, level, n)
+    return Estimate(point, lo, hi, level, n, n_clusters)
 
 
 def replicate_curve(base, specs: Sequence[ModelSpec], paths: ResultsPaths, eval_records: Sequence[Mapping[str, Any]],
                     problems: Sequence[tuple[str, str]], *, batch_size: int = 32, n_resamples: int = 1000) -> list[dict]:
     """Entity-tracking accuracy and arithmetic exact match at every checkpoint of every seed of one
     fine-tune (``specs``: the profile's model and its :func:`~entity_tracking.organism.replicates`),
-    each with a :func:`seed_bootstrap` interval; step 0 is the loaded ``base`` model, and
-    ``gain`` is the paired change of accuracy over it. ``problems``: held-out arithmetic
-    ``(question, answer)`` pairs, the same for every seed. One row per step."""
+    each with a :func:`seed_bootstrap` interval (over contexts when the records carry ``context_id``);
+    step 0 is the loaded ``base`` model, and ``gain`` is the paired change of accuracy over it.
+    ``problems``: held-out arithmetic ``(question, answer)`` pairs, the same for every seed; every row
+    says how many of them occur in the training streams of the seeds
+    (``problems_in_training``, replayed by :func:`~entity_tracking.organism.finetune.training_problems`;
+    0 for the recipe's own held-out set). One row per step."""
 
+    clusters = context_ids(eval_records)
+    n_contexts = len(set(clusters)) if clusters is not None else 0
+    held = [D.problem_key(*D.parse_problem(q)) for q, _ in problems]
+    in_training: Optional[int] = 0  # None: a model whose training stream is not ours to replay
+    for spec in specs:
+        if spec.build not in ("organism-lora", "organism-full"):
+            in_training = None
+            break
+        stream = training_problems((spec.organism or OrganismSpec()).finetune,
+                                   "lora" if spec.build == "organism-lora" else "full")
+        in_training += D.overlap((D.problem_key(r["a"], r["op"], r["b"]) for r in stream), held).count
     batch = D.encode_prompts(base.tokenizer, eval_records)
     target = batch["target"]
 
@@ -174,10 +211,11 @@ def replicate_curve(base, specs: Sequence[ModelSpec], paths: ResultsPaths, eval_
         got = per_step[step]
         et = torch.stack([torch.stack([e, base_et]) for e, _ in got])  # [S, 2, n]
         ar = torch.stack([a[None] for _, a in got])  # [S, 1, m]
-        acc = seed_bootstrap(et, n_resamples=n_resamples)
-        gain = seed_bootstrap(et, lambda a: a[0] - a[1], n_resamples=n_resamples)
+        acc = seed_bootstrap(et, clusters=clusters, n_resamples=n_resamples)
+        gain = seed_bootstrap(et, lambda a: a[0] - a[1], clusters=clusters, n_resamples=n_resamples)
         arith = seed_bootstrap(ar, n_resamples=n_resamples)
-        rows.append({"step": step, "seeds": len(specs) if step == 0 else len(got), "n_prompts": len(eval_records), "n_problems": len(problems),
+        rows.append({"step": step, "seeds": len(specs) if step == 0 else len(got), "n_prompts": len(eval_records),
+                     "n_contexts": n_contexts, "n_problems": len(problems), "problems_in_training": in_training,
                      **{f"accuracy{x}": getattr(acc, y) for x, y in (("", "value"), ("_low", "low"), ("_high", "high"))},
                      **{f"gain{x}": getattr(gain, y) for x, y in (("", "value"), ("_low", "low"), ("_high", "high"))},
                      **{f"arithmetic{x}": getattr(arith, y) for x, y in (("", "value"), ("_low", "low"), ("_high", "high"))}})
@@ -192,14 +230,52 @@ def gain_by_answer(finetuned: torch.Tensor, base: torch.Tensor, records: Sequenc
     knowing those words. Paired bootstrap intervals; one row per split (and all prompts)."""
 
     seen = torch.tensor([r["answer"] in set(trained_objects) for r in records])
+    ids = context_ids(records)
     rows = []
     for label, mask in (("answer seen in fine-tuning", seen), ("answer never seen in fine-tuning", ~seen),
                         ("all prompts", torch.ones_like(seen))):
         if not bool(mask.any()):
             continue
         pair = torch.stack([finetuned[mask].float(), base[mask].float()])
-        acc = bootstrap(pair, n_resamples=n_resamples)
-        gain = bootstrap(pair, lambda a: a[0] - a[1], n_resamples=n_resamples)
+        cl = None if ids is None else torch.tensor(ids)[mask]
+        acc = bootstrap(pair, clusters=cl, n_resamples=n_resamples)
+        gain = bootstrap(pair, lambda a: a[0] - a[1], clusters=cl, n_resamples=n_resamples)
         rows.append({"prompts": label, "n": int(mask.sum()), "fine-tuned": acc.value,
                      "base": float(pair[1].mean()), "gain": gain.value, "gain_low": gain.low, "gain_high": gain.high})
     return rows
+
+
+def exact_match_by_digits_table(specs: Sequence[ModelSpec], paths: ResultsPaths) -> list[dict[str, Any]]:
+    """The final arithmetic exact match of every seed of a fine-tune (``specs``: the profile's model
+    and its :func:`~entity_tracking.organism.replicates`) per operand digit count, as its training log
+    (``recipe.json``, ``arith_acc_by_digits`` at the last checkpoint) recorded it on the recipe's
+    held-out problems. One row per seed: ``fine-tune``, ``seed``, ``step``, ``all``, then one column
+    per digit count (``"1 digit"``, ``"2 digits"``, ...)."""
+    rows = []
+    for spec in specs:
+        model, adapter = model_sources(spec, paths)
+        log_file = Path(adapter or model) / "recipe.json"
+        if not log_file.is_file():
+            raise FileNotFoundError(f"{spec.name}: no training log at {log_file}; build the fine-tune first")
+        last = read_json(log_file)["evals"][-1]
+        by = last.get("arith_acc_by_digits")
+        if by is None:
+            raise ValueError(f"{spec.name}: its training log {log_file} has no arith_acc_by_digits "
+                             "(a fine-tune from before FINETUNE_VERSION 2); rebuild it")
+        rows.append({"fine-tune": spec.name, "seed": (spec.organism or OrganismSpec()).finetune.seed,
+                     "step": last["step"], "all": last["arith_acc"],
+                     **{f"{d} digit{'s' if d != '1' else ''}": v for d, v in by.items()}})
+    return rows
+
+
+def heldout_audit_table(spec: ModelSpec) -> list[dict[str, Any]]:
+    """The held-out audit of an arithmetic fine-tune of the organism (``organism-lora`` or
+    ``organism-full``): for its seed and each replicate seed, how many of the recipe's held-out
+    problems occur in that seed's training stream
+    (:func:`~entity_tracking.organism.finetune.heldout_audit`; it must read 0). One row per seed."""
+    if spec.build not in ("organism-lora", "organism-full"):
+        raise ValueError(f"{spec.name}: build {spec.build!r} is not an arithmetic fine-tune of the organism; "
+                         "only organism-lora and organism-full have a training stream to audit")
+    kind = "lora" if spec.build == "organism-lora" else "full"
+    return [{"fine-tune": spec.name, **{k: v for k, v in row.items() if k != "fine-tune"}}
+            for row in heldout_audit((spec.organism or OrganismSpec()).finetune, kind)]

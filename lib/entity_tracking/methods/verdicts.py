@@ -1005,13 +1005,15 @@ def arithmetic_verdicts(exact_match: Mapping[str, Mapping[str, float]], *, sampl
 
 def finetuning_verdicts(competences: Mapping[str, Competence], base: str, correct: Mapping[str, Any],
                         seed_curves: Mapping[str, Any], *, controls: Iterable[str] = (),
-                        n_resamples: int = 1000) -> list:
+                        clusters: Sequence[int] | None = None, n_resamples: int = 1000) -> list:
     """The fine-tuning chapter's verdicts: whether each arithmetic fine-tune learned arithmetic,
     and whether each fine-tune improves entity tracking. A fine-tune with replicate seeds
     (``seed_curves[name]``: :func:`entity_tracking.methods.dynamics.replicate_curve` rows) is judged on
     its last checkpoint over all seeds; any other (a hub model, the positive control) on its own
-    per-prompt correctness ``correct[name]`` against ``correct[base]`` (paired bootstrap). A profile
-    with no fine-tune gets one "not run" row for the premise."""
+    per-prompt correctness ``correct[name]`` against ``correct[base]`` (paired bootstrap, over
+    contexts when ``clusters``, the prompts' ``context_id``, is given). The arithmetic rows' sample
+    says whether the held-out problems were checked against the seeds' training streams (the
+    rows' ``problems_in_training``). A profile with no fine-tune gets one "not run" row for the premise."""
     if not any(name != base for name in correct):
         return [Verdict(0, "Fine-tuning improves entity tracking", "0.66 → 0.82", "no fine-tuned model in this profile",
                         "not run")]
@@ -1027,12 +1029,22 @@ def finetuning_verdicts(competences: Mapping[str, Competence], base: str, correc
         if rows:
             last = rows[-1]
             gains[name] = (competences[name], est(last, "gain"))
-            samples[name] = (f"{last['seeds']} seeds x {last['n_prompts']} prompts at step {last['step']} "
+            n_ctx = int(last.get("n_contexts") or 0)
+            samples[name] = (f"{last['seeds']} seeds x {n_ctx} contexts x {round(last['n_prompts'] / n_ctx)} queries "
+                             f"at step {last['step']} (bootstrap over seeds and contexts)" if n_ctx else
+                             f"{last['seeds']} seeds x {last['n_prompts']} prompts at step {last['step']} "
                              "(bootstrap over seeds and prompts)")
             learned[name] = est(last, "arithmetic")
             learned_samples[name] = f"{last['seeds']} seeds x {last['n_problems']} held-out problems"
+            if "problems_in_training" in last:  # rows of replicate_curve: checked against the training streams
+                seen = last["problems_in_training"]
+                learned_samples[name] += (" (none in training)" if seen == 0 else " (not checked against training)"
+                                          if seen is None else f" ({seen} found in training)")
         else:
             pair = torch.stack([torch.as_tensor(c).float(), torch.as_tensor(correct[base]).float()])
-            gains[name] = (competences[name], bootstrap(pair, lambda a: a[0] - a[1], n_resamples=n_resamples).as_dict())
+            gain = bootstrap(pair, lambda a: a[0] - a[1], clusters=clusters, n_resamples=n_resamples)
+            gains[name] = (competences[name], gain.as_dict())
+            if clusters is not None:
+                samples[name] = prompts_sample(gain) + ", paired"
     return (arithmetic_verdicts(learned, samples=learned_samples)
             + premise_verdicts(competences[base], gains, controls=controls, samples=samples))

@@ -13,6 +13,15 @@ loads over the base directory; the full build saves a complete model. Each build
 and the 7-box entity-tracking accuracy on the organism's validation prompts: the training log of
 the question "does arithmetic fine-tuning improve entity tracking?". Whether it does is measured,
 not forced; the runs behind the recipe are in ``notes/organism.md``.
+
+**Held out means held out.** A recipe has one set of held-out problems
+(:func:`heldout_problems`), the same for every seed, and every seed's training stream
+(:func:`training_problems`, which :func:`finetune` trains on) is drawn from the same generator
+with every held-out problem filtered out, by problem: ``3 + 4`` is also ``4 + 3``
+(:func:`entity_tracking.task.problem_key`). :func:`heldout_audit` replays the streams and counts
+the held-out problems found in them; the fine-tuning chapter shows it (it reads 0). Exact match is
+logged per operand digit count as well (``arith_acc_by_digits``): with 1-3-digit operands there are
+only 155 one-digit problems of ``+`` and ``-``, so a recipe can learn those by heart and not the rest.
 """
 
 from __future__ import annotations
@@ -20,29 +29,41 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 
 from ..config import ControlSpec, FinetuneSpec, OrganismSpec
 from ..io import atomic_dir, write_json
-from ..task.arithmetic import make_arithmetic
+from ..task.arithmetic import exact_match_by_digits, make_arithmetic, problem_key
+from ..task.splits import overlap
 from ..task.vocab import OBJECTS
-from .curriculum import STAGES, VAL_SALT, make_batch, make_batch_paper_eval
+from .curriculum import STAGES, VAL_SALT, Batch, make_batch, make_batch_paper_eval
 from .train import first_query_accuracy
 
 __all__ = [
     "FINETUNE_VERSION",
+    "HELDOUT_SIZE",
+    "arithmetic_by_digits",
     "arithmetic_correct",
     "arithmetic_pairs",
+    "control_batches",
     "control_finetune",
     "control_objects",
     "finetune",
+    "heldout_audit",
     "heldout_problems",
+    "heldout_records",
     "qa_batch",
+    "training_problems",
 ]
 
-FINETUNE_VERSION = 1
+# 2: the held-out problems are one set per recipe and never occur in any seed's training stream
+# (version 1 drew both from one generator: about half of the held-out problems were trained on)
+FINETUNE_VERSION = 2
+#: Held-out problems per recipe (the first ones of :func:`heldout_records`).
+HELDOUT_SIZE = 200
+HELDOUT_SEED = 99991
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -102,6 +123,13 @@ def arithmetic_correct(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> to
 def arithmetic_accuracy(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> float:
     """Exact-match accuracy of :func:`arithmetic_correct`."""
     return float(arithmetic_correct(model, tokenizer, pairs).float().mean())
+
+
+def arithmetic_by_digits(model, tokenizer, pairs: Sequence[tuple[str, str]], max_digits: int) -> dict[str, float | None]:
+    """Exact match of :func:`arithmetic_correct` per operand digit count, ``{"1": .., "2": .., ...}``
+    up to ``max_digits`` (:func:`entity_tracking.task.exact_match_by_digits`; None where no problem has
+    that many digits)."""
+    return exact_match_by_digits(arithmetic_correct(model, tokenizer, pairs).tolist(), pairs, max_digits)
 
 
 def _val_entity_accuracy(model, tokenizer, org: OrganismSpec, num_boxes: int, n: int = 504) -> float:
@@ -194,19 +222,73 @@ def _train(
     return meta
 
 
-def heldout_problems(spec: FinetuneSpec, n: int = 200) -> list[tuple[str, str]]:
-    """The held-out arithmetic problems of ``spec``'s recipe (those its seed-0 training log scores),
-    the same for every seed: the axis on which the fine-tuning chapter compares seeds."""
-    return arithmetic_pairs(n, spec.max_digits, seed=99991, ops=spec.ops)
+def heldout_records(spec: FinetuneSpec, n: int = HELDOUT_SIZE) -> list[dict[str, Any]]:
+    """The first ``n`` held-out arithmetic problems of ``spec``'s recipe as
+    :func:`~entity_tracking.task.make_arithmetic` records (``a``, ``op``, ``b``, ``question``,
+    ``answer``): the same for every seed, and never in any seed's training stream (the first
+    :data:`HELDOUT_SIZE` are filtered out of it; see :func:`training_problems`)."""
+    if not 1 <= n <= HELDOUT_SIZE:
+        raise ValueError(f"heldout: n={n} held-out problems asked for; the recipe holds out 1..{HELDOUT_SIZE}")
+    return make_arithmetic(n, spec.max_digits, seed=HELDOUT_SEED, ops=list(spec.ops))
 
 
-def _evaluator(org: OrganismSpec, max_digits: int, ops: Sequence[str], seed: int) -> Callable[[Any, Any, int], dict]:
-    """Arithmetic exact match on 200 held-out problems and 3- and 7-box entity-tracking accuracy
-    on the organism's validation prompts: what every fine-tune logs at its checkpoints."""
-    test_pairs = arithmetic_pairs(200, max_digits, seed=seed * 7919 + 99991, ops=ops)
+def heldout_problems(spec: FinetuneSpec, n: int = HELDOUT_SIZE) -> list[tuple[str, str]]:
+    """The held-out problems of :func:`heldout_records` as ``(question, answer)`` pairs: what every
+    seed's training log scores, and the axis on which the fine-tuning chapter compares seeds."""
+    return [(r["question"], r["answer"]) for r in heldout_records(spec, n)]
+
+
+def training_problems(spec: FinetuneSpec, kind: Literal["lora", "full"]) -> list[dict[str, Any]]:
+    """The arithmetic problems the ``kind`` fine-tune of ``spec`` trains on, in the order it trains
+    on them (:func:`finetune` calls this; nothing is trained here): ``steps x batch_size x
+    problems_per_sequence`` records of :func:`~entity_tracking.task.make_arithmetic` from the seed's
+    own stream, drawn until that many remain once every problem of the held-out set is removed
+    (by :func:`~entity_tracking.task.problem_key`, so the commuted ``b + a`` goes too), then shuffled
+    (the generator cycles the operations in turn). Deterministic in ``spec``."""
+    n = spec.steps_of(kind) * spec.batch_size * spec.problems_per_sequence
+    held = {problem_key(r["a"], r["op"], r["b"]) for r in heldout_records(spec)}
+    draw = n + n // 8 + 64
+    while True:
+        drawn = make_arithmetic(draw, spec.max_digits, seed=spec.seed * 7919 + 17, ops=list(spec.ops))
+        pool = [r for r in drawn if problem_key(r["a"], r["op"], r["b"]) not in held]
+        if len(pool) >= n:
+            break
+        if draw > 64 * n + 4096:
+            raise ValueError(f"training_problems: {len(pool)} of {draw} problems with max_digits={spec.max_digits} and "
+                             f"ops={list(spec.ops)} are outside the {len(held)} held-out ones, {n} needed: the held-out "
+                             "set covers the problem space; raise max_digits")
+        draw *= 2
+    pool = pool[:n]
+    random.Random(spec.seed).shuffle(pool)
+    return pool
+
+
+def heldout_audit(spec: FinetuneSpec, kind: Literal["lora", "full"], seeds: Sequence[int] | None = None) -> list[dict]:
+    """How many held-out problems of ``spec``'s recipe occur in the training stream of its ``kind``
+    fine-tune, for each seed (``seeds``: default the recipe's own and its replicates), by
+    :func:`~entity_tracking.task.problem_key`, replaying :func:`training_problems`. One row per seed;
+    ``found in training`` must be 0."""
+    held = heldout_records(spec)
+    rows = []
+    for seed in seeds if seeds is not None else [spec.seed, *spec.replicate_seeds]:
+        stream = training_problems(spec.model_copy(update={"seed": seed}), kind)
+        o = overlap((problem_key(r["a"], r["op"], r["b"]) for r in stream),
+                    (problem_key(r["a"], r["op"], r["b"]) for r in held))
+        rows.append({"fine-tune": kind, "seed": seed, "training problems": o.n_train, "held-out problems": o.n_eval,
+                     "found in training": o.count})
+    return rows
+
+
+def _evaluator(org: OrganismSpec, spec: FinetuneSpec) -> Callable[[Any, Any, int], dict]:
+    """Arithmetic exact match on the recipe's held-out problems (:func:`heldout_problems`, the same for
+    every seed), overall and per operand digit count, and 3- and 7-box entity-tracking accuracy on the
+    organism's validation prompts: what every fine-tune logs at its checkpoints."""
+    test_pairs = heldout_problems(spec)
 
     def evaluate(model, tok, step: int) -> dict:
-        rec = {"arith_acc": arithmetic_accuracy(model, tok, test_pairs)}
+        ok = arithmetic_correct(model, tok, test_pairs)
+        rec: dict[str, Any] = {"arith_acc": float(ok.float().mean()),
+                               "arith_acc_by_digits": exact_match_by_digits(ok.tolist(), test_pairs, spec.max_digits)}
         for nb in sorted({3, org.target_boxes}):
             rec[f"val_acc_{nb}"] = _val_entity_accuracy(model, tok, org, nb)
         return rec
@@ -228,8 +310,7 @@ def finetune(
     org = org or OrganismSpec()
     steps = spec.steps_of(kind)
     per_step = spec.batch_size * spec.problems_per_sequence
-    pool = arithmetic_pairs(steps * per_step, spec.max_digits, seed=spec.seed * 7919 + 17, ops=spec.ops)
-    random.Random(spec.seed).shuffle(pool)  # make_arithmetic cycles the operations in turn
+    pool = [(r["question"], r["answer"]) for r in training_problems(spec, kind)]
 
     def batch_at(tok, step: int):
         chunk = pool[step * per_step : (step + 1) * per_step]
@@ -238,7 +319,7 @@ def finetune(
 
     return _train(base, kind, lr=spec.lr_lora if kind == "lora" else spec.lr_full, steps=steps,
                   warmup_steps=spec.warmup_steps, checkpoint_every=spec.checkpoint_every, seed=spec.seed,
-                  batch_at=batch_at, evaluate=_evaluator(org, spec.max_digits, spec.ops, spec.seed),
+                  batch_at=batch_at, evaluate=_evaluator(org, spec),
                   out_dir=out_dir, desc=f"finetune-{kind}", lora=spec, progress=progress,
                   meta={"kind": f"organism-{kind}", "finetune": spec.model_dump(mode="json"), **(extra_meta or {})})
 
@@ -247,6 +328,17 @@ def control_objects(spec: ControlSpec) -> tuple[str, ...]:
     """The objects the positive control is trained on: every second one of
     :data:`entity_tracking.task.vocab.OBJECTS` (``objects: half``) or all of them."""
     return OBJECTS[0::2] if spec.objects == "half" else OBJECTS
+
+
+def control_batches(spec: ControlSpec, vocab: dict[str, int]) -> Iterator[Batch]:
+    """The positive control's training batches, in the order :func:`control_finetune` trains on them
+    (it calls this; nothing is trained here): paper-format contexts of ``spec.min_boxes..max_boxes``
+    boxes over :func:`control_objects`, from the control's own seeded stream. Endless."""
+    rng = random.Random(spec.seed * 1_000_003 + 0xC0)
+    objects = control_objects(spec)
+    while True:
+        yield make_batch(rng, vocab, STAGES[-1], spec.batch_size, (spec.min_boxes, spec.max_boxes),
+                         spec.queries_per_context, objects)
 
 
 def control_finetune(
@@ -266,18 +358,17 @@ def control_finetune(
     >>> # meta = control_finetune(base_dir, ControlSpec(steps=20), "models/organism-control")
     """
     org = org or OrganismSpec()
-    objects = control_objects(spec)
-    rng = random.Random(spec.seed * 1_000_003 + 0xC0)
-    fmt = STAGES[-1]
+    stream = None
 
     def batch_at(tok, step: int):
-        b = make_batch(rng, tok.get_vocab(), fmt, spec.batch_size, (spec.min_boxes, spec.max_boxes),
-                       spec.queries_per_context, objects)
+        nonlocal stream
+        stream = stream or control_batches(spec, tok.get_vocab())
+        b = next(stream)
         return b.input_ids, b.labels
 
     ft = org.finetune
     return _train(base, "full", lr=spec.lr, steps=spec.steps, warmup_steps=spec.warmup_steps,
                   checkpoint_every=spec.checkpoint_every, seed=spec.seed, batch_at=batch_at,
-                  evaluate=_evaluator(org, ft.max_digits, ft.ops, ft.seed), out_dir=out_dir, desc="finetune-control",
+                  evaluate=_evaluator(org, ft), out_dir=out_dir, desc="finetune-control",
                   progress=progress, meta={"kind": "organism-control", "control": spec.model_dump(mode="json"),
                                            **(extra_meta or {})})

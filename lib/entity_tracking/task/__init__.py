@@ -111,7 +111,7 @@ files.
 """
 
 
-from .arithmetic import make_arithmetic  # noqa: F401
+from .arithmetic import exact_match_by_digits, make_arithmetic, operand_digits, parse_problem, problem_key  # noqa: F401
 from .encoding import encode_pairs, encode_prompts, position_keys, positions_at, token_table, word_token_ids  # noqa: F401
 from .files import (  # noqa: F401
     DESIDERATA_DIR,
@@ -143,6 +143,7 @@ from .prompts import (  # noqa: F401
     render_prompt,
     tokenizer_name,
 )
+from .splits import Overlap, context_key, overlap, record_context_key, words_context_key  # noqa: F401
 from .samplers import (  # noqa: F401
     DESIDERATA,
     Desideratum,
@@ -192,5 +193,8 @@ __all__ = [
     "token_table",
     "tokenizer_name",
     "word_token_ids",
+    # held-out audits (splits) and arithmetic problem keys
+    "Overlap", "context_key", "exact_match_by_digits", "operand_digits", "overlap", "parse_problem", "problem_key",
+    "record_context_key", "words_context_key",
 ]
 

@@ -7,12 +7,17 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+import re
+from typing import Any, Mapping, Sequence
 
 from .prompts import ARITHMETIC_OPS, DataError
 from .samplers import stream_rng
 
-__all__ = ["make_arithmetic"]
+__all__ = ["COMMUTATIVE_OPS", "exact_match_by_digits", "make_arithmetic", "operand_digits", "parse_problem", "problem_key"]
+
+#: Operations whose operands commute: ``3 + 4`` and ``4 + 3`` are one problem.
+COMMUTATIVE_OPS = frozenset({"+", "*"})
+_PROBLEM = re.compile(r"(\d+)\s*([-+*/])\s*(\d+)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,3 +65,57 @@ def make_arithmetic(n: int, max_digits: int = 4, seed: int = 0,
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Problems as keys: what "the same problem" means for a held-out set
+# --------------------------------------------------------------------------------------------
+
+
+def problem_key(a: int, op: str, b: int) -> tuple[int, str, int]:
+    """The canonical form of the problem ``a op b``: two problems with the same key are the same
+    problem, whatever their wording. The operands of ``+`` and ``*`` are sorted (``4 + 3`` is
+    ``3 + 4``), those of ``-`` and ``/`` kept in order.
+
+    >>> problem_key(4, "+", 3) == problem_key(3, "+", 4), problem_key(4, "-", 3) == problem_key(3, "-", 4)
+    (True, False)
+    """
+    if op not in ARITHMETIC_OPS:
+        raise DataError(f"problem_key: unknown operation {op!r} in {a} {op} {b}; one of {ARITHMETIC_OPS}")
+    a, b = int(a), int(b)
+    return (min(a, b), op, max(a, b)) if op in COMMUTATIVE_OPS else (a, op, b)
+
+
+def parse_problem(text: str) -> tuple[int, str, int]:
+    """``(a, op, b)`` of the first problem written in ``text``, in the fine-tuning wording
+    (``What is 12 + 7 ?``) or the organism's pretraining wording (``12 + 7 =``, with or without spaces)."""
+    m = _PROBLEM.search(text)
+    if not m:
+        raise DataError(f"no arithmetic problem 'a op b' in {text!r}")
+    return int(m.group(1)), m.group(2), int(m.group(3))
+
+
+def operand_digits(a: int, b: int) -> int:
+    """The digit count of a problem: that of its longer operand."""
+    return max(len(str(abs(int(a)))), len(str(abs(int(b)))))
+
+
+def _problem_of(p: Mapping[str, Any] | Sequence[str] | str) -> tuple[int, str, int]:
+    if isinstance(p, Mapping):
+        return int(p["a"]), str(p["op"]), int(p["b"])
+    return parse_problem(p if isinstance(p, str) else p[0])
+
+
+def exact_match_by_digits(correct: Sequence[Any], problems: Sequence[Any], max_digits: int) -> dict[str, float | None]:
+    """Exact match per digit count: ``{"1": .., ..., str(max_digits): ..}``, the mean of ``correct``
+    (one boolean per problem) over the problems whose longer operand has that many digits
+    (:func:`operand_digits`); None where the set has no such problem. ``problems``: records of
+    :func:`make_arithmetic`, ``(question, answer)`` pairs or questions."""
+    if len(correct) != len(problems):
+        raise ValueError(f"exact_match_by_digits: {len(correct)} results for {len(problems)} problems")
+    sums: dict[int, list[float]] = {d: [] for d in range(1, max_digits + 1)}
+    for ok, p in zip(correct, problems):
+        a, _, b = _problem_of(p)
+        d = operand_digits(a, b)
+        if d not in sums:
+            raise ValueError(f"exact_match_by_digits: problem {a} ? {b} has {d} digits, above max_digits={max_digits}")
+        sums[d].append(float(ok))
+    return {str(d): (sum(v) / len(v) if v else None) for d, v in sums.items()}
