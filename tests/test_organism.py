@@ -106,6 +106,9 @@ def test_cache_is_reused_and_hash_tracks_the_recipe(tmp_path, monkeypatch):
     other = tiny_spec(finetune=TINY_FT.model_copy(update={"steps": 5}))
     assert O.recipe_hash(spec) == O.recipe_hash(other)
     assert O.recipe_hash(spec, "organism-lora") != O.recipe_hash(other, "organism-lora")
+    # ... except those that define the held-out problems, which the base's pretraining leaves out
+    wider = tiny_spec(finetune=TINY_FT.model_copy(update={"max_digits": TINY_FT.max_digits + 1}))
+    assert O.recipe_hash(spec) != O.recipe_hash(wider)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Container, Optional, Sequence
 
 import torch
 
 from ..model.tokenizer import split_words
+from ..task.arithmetic import problem_key
 from ..task.prompts import DEFAULT_FORM, make_prompt, render_parts
 from ..task.vocab import LABELS, OBJECTS
 
@@ -177,26 +178,39 @@ def make_batch(
     return _pad(seqs, labs, pad)
 
 
-def _arith_problem(rng: random.Random, max_digits: int) -> tuple[list[str], list[str]]:
-    a = rng.randrange(10 ** rng.randint(1, max_digits))
-    b = rng.randrange(10 ** rng.randint(1, max_digits))
-    if rng.random() < 0.5:
-        return [*str(a), "+", *str(b), "="], [*str(a + b)]
-    a, b = max(a, b), min(a, b)
-    return [*str(a), "-", *str(b), "="], [*str(a - b)]
+def _arith_problem(rng: random.Random, max_digits: int, exclude: Container = frozenset()) -> tuple[list[str], list[str], tuple]:
+    """One pretraining problem, drawn again while its :func:`~entity_tracking.task.problem_key` is
+    in ``exclude`` (the fine-tunes' held-out problems): words, answer words, and its key."""
+    while True:
+        a = rng.randrange(10 ** rng.randint(1, max_digits))
+        b = rng.randrange(10 ** rng.randint(1, max_digits))
+        if rng.random() < 0.5:
+            op, answer = "+", a + b
+        else:
+            a, b = max(a, b), min(a, b)
+            op, answer = "-", a - b
+        key = problem_key(a, op, b)
+        if key not in exclude:
+            return [*str(a), op, *str(b), "="], [*str(answer)], key
 
 
 def make_arithmetic_batch(
-    rng: random.Random, vocab: dict[str, int], batch_size: int, max_digits: int = 3, problems: int = 5
+    rng: random.Random, vocab: dict[str, int], batch_size: int, max_digits: int = 3, problems: int = 5,
+    exclude: Container = frozenset(), drawn: Optional[list] = None,
 ) -> Batch:
     """Pretraining arithmetic, ``123 + 45 = 168 . 70 - 7 = 63 .``: the answer digits and the
-    closing period are supervised."""
+    closing period are supervised. No problem whose :func:`~entity_tracking.task.problem_key` is in
+    ``exclude`` is drawn (the base leaves out the fine-tunes' held-out problems,
+    :func:`~entity_tracking.task.heldout_keys`); ``drawn``, a list, receives the key of every problem
+    drawn (to audit the stream)."""
     bos, pad = vocab["<s>"], vocab["<pad>"]
     seqs, labs = [], []
     for _ in range(batch_size):
         ids, lab = [bos], [-100]
         for _ in range(problems):
-            q, a = _arith_problem(rng, max_digits)
+            q, a, key = _arith_problem(rng, max_digits, exclude)
+            if drawn is not None:
+                drawn.append(key)
             qi = [vocab[w] for w in q]
             ai = [vocab[w] for w in a + ["."]]
             ids += qi + ai

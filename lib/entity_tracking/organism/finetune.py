@@ -35,7 +35,7 @@ import torch
 
 from ..config import ControlSpec, FinetuneSpec, OrganismSpec
 from ..io import atomic_dir, write_json
-from ..task.arithmetic import exact_match_by_digits, make_arithmetic, problem_key
+from ..task.arithmetic import HELDOUT_SIZE, exact_match_by_digits, heldout_arithmetic, make_arithmetic, problem_key
 from ..task.splits import overlap
 from ..task.vocab import OBJECTS
 from .curriculum import STAGES, VAL_SALT, Batch, make_batch, make_batch_paper_eval
@@ -61,9 +61,6 @@ __all__ = [
 # 2: the held-out problems are one set per recipe and never occur in any seed's training stream
 # (version 1 drew both from one generator: about half of the held-out problems were trained on)
 FINETUNE_VERSION = 2
-#: Held-out problems per recipe (the first ones of :func:`heldout_records`).
-HELDOUT_SIZE = 200
-HELDOUT_SEED = 99991
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -225,11 +222,11 @@ def _train(
 def heldout_records(spec: FinetuneSpec, n: int = HELDOUT_SIZE) -> list[dict[str, Any]]:
     """The first ``n`` held-out arithmetic problems of ``spec``'s recipe as
     :func:`~entity_tracking.task.make_arithmetic` records (``a``, ``op``, ``b``, ``question``,
-    ``answer``): the same for every seed, and never in any seed's training stream (the first
-    :data:`HELDOUT_SIZE` are filtered out of it; see :func:`training_problems`)."""
-    if not 1 <= n <= HELDOUT_SIZE:
-        raise ValueError(f"heldout: n={n} held-out problems asked for; the recipe holds out 1..{HELDOUT_SIZE}")
-    return make_arithmetic(n, spec.max_digits, seed=HELDOUT_SEED, ops=list(spec.ops))
+    ``answer``): the same for every seed, and never in any training stream (the first
+    :data:`HELDOUT_SIZE` are filtered out of every seed's stream, :func:`training_problems`, and
+    out of the base organism's pretraining arithmetic; see
+    :func:`entity_tracking.task.heldout_arithmetic`)."""
+    return heldout_arithmetic(spec.max_digits, spec.ops, n)
 
 
 def heldout_problems(spec: FinetuneSpec, n: int = HELDOUT_SIZE) -> list[tuple[str, str]]:

@@ -20,6 +20,7 @@ from ..config import OrganismSpec, TinySpec
 from ..model.arch import arch_for
 from ..model.tiny import tiny_config
 from ..model.tokenizer import build_word_tokenizer
+from ..task.arithmetic import heldout_keys
 from ..task.samplers import make_eval_prompts
 from .curriculum import (
     STAGES,
@@ -187,6 +188,14 @@ def positional_step(model, spec: OrganismSpec, rng: random.Random, vocab: dict[s
     return loss
 
 
+def pretraining_exclusions(spec: OrganismSpec) -> frozenset:
+    """The arithmetic problems the base never pretrains on: the held-out problems of its
+    fine-tuning recipe (:func:`entity_tracking.task.heldout_keys` of ``spec.finetune``), by
+    :func:`~entity_tracking.task.problem_key`, so that a fine-tune's exact match on them measures
+    arithmetic learned, not recalled."""
+    return heldout_keys(spec.finetune.max_digits, spec.finetune.ops)
+
+
 def train_organism(
     spec: OrganismSpec,
     progress: bool = True,
@@ -215,6 +224,8 @@ def train_organism(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, spec.warmup_steps)))
     rng = random.Random(spec.seed * 1_000_003 + TRAIN_SALT)
     torch.manual_seed(spec.seed)
+    # the fine-tunes' held-out arithmetic problems are never pretrained on either
+    held_out = pretraining_exclusions(spec)
     boxes = (spec.min_boxes, spec.max_boxes)
 
     # fixed validation sets, disjoint stream from the training data and from the test prompts
@@ -242,7 +253,7 @@ def train_organism(
             if step - stage_start >= (spec.final_max_steps if final else spec.stage_max_steps):
                 break
             if rng.random() < spec.arithmetic_fraction:
-                batch = make_arithmetic_batch(rng, vocab, spec.batch_size)
+                batch = make_arithmetic_batch(rng, vocab, spec.batch_size, exclude=held_out)
                 loss = model(input_ids=batch.input_ids, labels=batch.labels).loss
             elif final and spec.positional is not None:
                 loss = positional_step(model, spec, rng, vocab, fmt)

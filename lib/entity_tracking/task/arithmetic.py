@@ -13,7 +13,8 @@ from typing import Any, Mapping, Sequence
 from .prompts import ARITHMETIC_OPS, DataError
 from .samplers import stream_rng
 
-__all__ = ["COMMUTATIVE_OPS", "exact_match_by_digits", "make_arithmetic", "operand_digits", "parse_problem", "problem_key"]
+__all__ = ["COMMUTATIVE_OPS", "HELDOUT_SEED", "HELDOUT_SIZE", "exact_match_by_digits", "heldout_arithmetic",
+           "heldout_keys", "make_arithmetic", "operand_digits", "parse_problem", "problem_key"]
 
 #: Operations whose operands commute: ``3 + 4`` and ``4 + 3`` are one problem.
 COMMUTATIVE_OPS = frozenset({"+", "*"})
@@ -119,3 +120,28 @@ def exact_match_by_digits(correct: Sequence[Any], problems: Sequence[Any], max_d
             raise ValueError(f"exact_match_by_digits: problem {a} ? {b} has {d} digits, above max_digits={max_digits}")
         sums[d].append(float(ok))
     return {str(d): (sum(v) / len(v) if v else None) for d, v in sums.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The held-out problems: never trained on, by the fine-tunes nor by the base's pretraining
+# --------------------------------------------------------------------------------------------
+
+#: The seed of the held-out stream, and how many problems it holds out.
+HELDOUT_SEED = 99991
+HELDOUT_SIZE = 200
+
+
+def heldout_arithmetic(max_digits: int, ops: Sequence[str], n: int = HELDOUT_SIZE) -> list[dict[str, Any]]:
+    """The first ``n`` held-out arithmetic problems of a fine-tuning recipe with operands of up
+    to ``max_digits`` digits and operations ``ops`` (:func:`make_arithmetic` records): the
+    problems every fine-tune's exact match is measured on, which no training stream of the
+    project holds (the fine-tunes' :func:`~entity_tracking.organism.finetune.training_problems`
+    and the base organism's pretraining arithmetic filter them out by :func:`problem_key`)."""
+    if not 1 <= n <= HELDOUT_SIZE:
+        raise DataError(f"heldout: n={n} held-out problems asked for; a recipe holds out 1..{HELDOUT_SIZE}")
+    return make_arithmetic(n, max_digits, seed=HELDOUT_SEED, ops=list(ops))
+
+
+def heldout_keys(max_digits: int, ops: Sequence[str]) -> frozenset:
+    """The :func:`problem_key` of every held-out problem (:func:`heldout_arithmetic`)."""
+    return frozenset(problem_key(r["a"], r["op"], r["b"]) for r in heldout_arithmetic(max_digits, ops))
