@@ -416,3 +416,93 @@ def test_checkpoint_row_is_the_row_of_whole_runs(models):
         patched = float((logits.argmax(-1) == batch["target"]).float().mean())
         want = (patched - base_acc) / (acc - base_acc) if abs(acc - base_acc) > 1e-9 else float("nan")
         assert row[SHARE_COLUMNS[g]] == pytest.approx(want, rel=0, abs=0, nan_ok=True), g
+
+
+# --------------------------------------------------------------------------------------------
+# Against random head sets (issue 28)
+
+
+def test_random_head_sets_have_the_circuits_sizes_and_positions_and_are_seeded():
+    from entity_tracking.methods.cmap import random_head_sets
+
+    circuit = Circuit("m", {"value_fetcher": [(2, 0), (3, 1), (3, 2)], "position_transmitter": [(1, 3)],
+                            "position_detector": [(1, 0), (2, 2)], "structure_reader": [(0, 1)]})
+    full = head_sets(circuit)["full circuit"]
+    draws = random_head_sets(full, n_layers=4, n_heads=4, n=10, seed=5)
+    assert len(draws) == 10
+    for d in draws:
+        assert list(d) == list(full) and {k: len(v) for k, v in d.items()} == {k: len(v) for k, v in full.items()}
+        assert all(len(set(v)) == len(v) and all(0 <= l < 4 and 0 <= h < 4 for l, h in v) for v in d.values())
+    assert draws == random_head_sets(full, 4, 4, 10, seed=5) and draws != random_head_sets(full, 4, 4, 10, seed=6)
+    assert len({tuple(d["last"]) for d in draws}) > 1  # the draws differ from each other
+    with pytest.raises(CMAPError, match="more than the model's 4"):
+        random_head_sets({"last": [(0, h) for h in range(5)]}, 1, 4)
+
+
+def test_an_identity_patch_recovers_no_gain_and_reads_nan_not_an_error(models):
+    """Fine-tune == base: there is no gain, so every share (per head, circuit, random sets) is NaN
+    and every per-head change is 0."""
+    from entity_tracking.methods.cmap import random_baseline
+
+    base, _, batch = models
+    heads = {"last": [(0, 1), (2, 3)], "query_label": [(1, 0)]}
+    res = random_baseline(base, base, batch, heads, n_random=10, n_bootstrap=50)
+    assert res["n_random"] == 10 and res["positions"] == {"last": 2, "query_label": 1} and res["n_heads"] == 3
+    assert res["base_accuracy"] == res["finetuned_accuracy"]
+    for k in ("circuit", "random", "excess"):
+        assert all(res[k][x] != res[k][x] for x in ("value", "low", "high")), k
+    assert len(res["per_head"]) == 3 and all(r["change"] == 0.0 for r in res["per_head"])
+    assert all(r["share"] != r["share"] for r in res["per_head"])
+    assert [r["label"] for r in res["per_head"]] == ["L0H1 @ last", "L2H3 @ last", "L1H0 @ query_label"]
+
+
+def _bigger_batch(base, ft):
+    prompts = D.make_eval_prompts(base.tokenizer, 42, num_boxes=3, seed=4)
+    b = dict(D.encode_prompts(base.tokenizer, prompts))
+    # the fine-tune's own answers on two prompts of three, the base model's on the third: both models
+    # do better than nothing, and the fine-tune gains
+    ft_answer, base_answer = last_logits(ft, b).argmax(-1), last_logits(base, b).argmax(-1)
+    b["target"] = torch.where(torch.arange(len(prompts)) % 3 == 2, base_answer, ft_answer)
+    return b, [p["context_id"] for p in prompts]
+
+
+def test_a_circuit_equal_to_its_random_sets_does_not_hold_against_its_baseline(models):
+    """Every head of the tiny model at the last position: each random set of that size there is
+    the same set, so the circuit recovers exactly what random sets recover, and CMAP reads
+    "does not hold" against its baseline whatever its own recovery."""
+    from entity_tracking.methods import verdicts as V
+    from entity_tracking.methods.cmap import random_baseline
+
+    base, ft, _ = models
+    b, contexts = _bigger_batch(base, ft)
+    every = [(l, h) for l in range(base.arch.n_layers) for h in range(base.arch.n_heads)]
+    full = HeadSet({"last": every})
+    res = random_baseline(base, ft, b, full, n_random=10, clusters=contexts, n_bootstrap=200)
+    assert all(sorted(d["last"]) == sorted(map(list, every)) for d in res["draws"])
+    assert all(res["excess"][k] == pytest.approx(0.0, abs=1e-6) for k in ("value", "low", "high"))  # float32 means
+    assert res["circuit"]["n_clusters"] == len(set(contexts))
+    rows = gain_recovery(base, ft, b, {"full circuit": full}, n_bootstrap=200, clusters=contexts)
+    gain = rows[1]
+    assert gain["share_low"] > 0, "the fixture's fine-tune must gain over the base on its own answers"
+    got = V.cmap_verdicts({"ft": rows}, 1000, "base", baselines={"ft": res})[0]  # 1000 boxes: chance ~0
+    assert got.holds == "does not hold" and "0.00 [" in got.ours.split("excess ")[1]
+    assert "10 random head sets" in got.sample and "contexts x" in got.sample
+
+
+def test_cmap_recovery_holds_only_beyond_random_by_the_margin():
+    from entity_tracking.methods import verdicts as V
+
+    def row(patched, kind, acc, share=(float("nan"),) * 3):
+        return {"kind": kind, "patched": patched, "sites": "z" if kind == "output" else "", "n_heads": 0,
+                "n_prompts": 504, "n_clusters": 72, "accuracy": acc, "low": acc - 0.04, "high": acc + 0.04,
+                "share": share[0], "share_low": share[1], "share_high": share[2], "group": "", "desideratum": ""}
+
+    rows = [row("base alone", "model", 0.6), row("fine-tuned alone", "model", 0.8, (0.2, 0.15, 0.25)),
+            row("full circuit", "output", 0.79, (0.95, 0.9, 1.0))]
+    base = {"n_random": 10, "random": {"value": 0.1, "low": 0.0, "high": 0.2}}
+    one = lambda excess: V.cmap_verdicts({"ft": rows}, 7, baselines={"ft": {**base, "excess": excess}})[0]  # noqa: E731
+    assert one({"value": 0.85, "low": 0.7, "high": 1.0}).holds == "holds"
+    assert one({"value": 0.3, "low": 0.1, "high": 0.5}).holds == "partly"  # beyond random, by less than the margin
+    assert one({"value": 0.05, "low": -0.1, "high": 0.2}).holds == "does not hold"
+    assert V.cmap_verdicts({"ft": rows}, 7)[0].holds == "partly"  # no baseline: not shown to beat random heads
+    assert one({"value": 0.85, "low": 0.7, "high": 1.0}).sample.startswith("72 contexts x 7 queries")

@@ -461,6 +461,12 @@ class CMAPSpec(_Strict):
 
     batch_size: int = Field(32, ge=1)
     n_bootstrap: int = Field(1000, ge=10)
+    n_random: int = Field(
+        10, ge=10,
+        description="random head sets of the full circuit's sizes at its positions, patched beside it (issue 28: "
+                    "at least 10 draws, so the random sets' share has an interval over draws); seeded by the "
+                    "profile's seed",
+    )
     circuit: Literal["own", "base"] = Field(
         "own",
         description="whose heads are patched from each fine-tuned model: 'own' = that model's own circuit and "

@@ -70,7 +70,7 @@ from ..intervene.patching import (
     run,
     site_heads,
 )
-from ..intervene.stats import bootstrap
+from ..intervene.stats import Estimate, bootstrap
 from ..schema import GROUPS, Head, position_column
 from ..task.encoding import position_keys, positions_at
 from . import paper
@@ -78,7 +78,8 @@ from .circuit import Circuit
 
 __all__ = ["BASE_ALONE", "CMAPError", "FINETUNED_ALONE", "FULL_CIRCUIT", "HeadSet", "check_compatible", "circuit_source",
            "gain_recovery", "head_sets", "head_sets_for", "heads_by_position", "input_cmap", "input_sets", "output_cmap", "OutputCMAP", "paper_accuracy",
-           "paper_share", "row_key"]
+           "paper_share", "per_head_recovery", "per_head_table", "random_baseline", "random_baseline_table",
+           "random_head_sets", "row_key"]
 
 INPUT_SITES = ("q", "k", "v")
 #: ``input_cmap(kv_positions=...)``: keys/values strictly before the head's position (the paper's
@@ -483,21 +484,32 @@ def _correct(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == target).float()
 
 
+def _share(patched: torch.Tensor, base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
+    """The share of the gain ``(patched - base) / (finetuned - base)`` of accuracies ``[R]``; NaN
+    where there is no gain."""
+    gain = finetuned - base
+    ok = gain.abs() > 1e-9
+    return torch.where(ok, (patched - base) / gain.where(ok, torch.ones_like(gain)), torch.full_like(gain, float("nan")))
+
+
 def gain_recovery(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapping[str, Mapping[str, Sequence[Head]]],
                   input_groups: Mapping[str, Mapping[str, Sequence[Head]]] | None = None,
                   input_sites: Sequence[str] = ("q", "k", "v", "qk", "qkv"), *,
                   kv_positions: Literal["before", "through"] = "before",
                   restore: Literal["before_last", "others"] = "before_last", batch_size: int = 32,
-                  n_bootstrap: int = 1000) -> list[dict[str, Any]]:
+                  n_bootstrap: int = 1000, clusters: Optional[Sequence[int] | torch.Tensor] = None
+                  ) -> list[dict[str, Any]]:
     """How much of the fine-tuning gain each patch recovers: the accuracy of the base model, the
     fine-tuned model, output CMAP of every head set and input CMAP of every (set, sites) pair,
     each with a bootstrap interval over the prompts. ``sets`` and ``input_groups`` are
     ``{label: HeadSet}`` (:func:`head_sets`, :func:`input_sets`; a plain ``{position key: heads}``
     mapping is a set of no group). ``kv_positions`` and ``restore`` go to :func:`input_cmap`
-    (defaults: the paper's reference code).
+    (defaults: the paper's reference code). ``clusters`` (each prompt's ``context_id``,
+    :func:`entity_tracking.methods.ablation.context_ids`) makes every interval a bootstrap over
+    contexts (all queries of a drawn context together); None resamples prompts.
 
-    Returns rows ``{"kind", "patched", "sites", "n_heads", "n_prompts", "accuracy", "low", "high",
-    "share", "share_low", "share_high", "group", "desideratum"}``: ``kind`` is ``"model"`` (the
+    Returns rows ``{"kind", "patched", "sites", "n_heads", "n_prompts", "n_clusters", "accuracy", "low",
+    "high", "share", "share_low", "share_high", "group", "desideratum"}``: ``kind`` is ``"model"`` (the
     models alone, ``patched`` = :data:`BASE_ALONE` or :data:`FINETUNED_ALONE`), ``"output"`` or
     ``"input"``; ``patched`` is the set's label, ``group`` and ``desideratum`` its
     :class:`HeadSet` fields (``""`` for the models alone); ``share`` is the share of the fine-tuning gain the
@@ -512,15 +524,13 @@ def gain_recovery(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapp
     nan = float("nan")
 
     def share_of_gain(acc: torch.Tensor) -> torch.Tensor:  # acc [3, R]: patched, base, fine-tuned
-        gain = acc[2] - acc[1]
-        return torch.where(gain.abs() > 1e-9, (acc[0] - acc[1]) / gain.where(gain.abs() > 1e-9, torch.ones_like(gain)),
-                           torch.full_like(gain, nan))
+        return _share(acc[0], acc[1], acc[2])
 
     def add(kind: str, patched: str, sites: str, n: int, correct: torch.Tensor, share=None, hs=None) -> None:
-        est = bootstrap(correct[None], n_resamples=n_bootstrap)
+        est = bootstrap(correct[None], clusters=clusters, n_resamples=n_bootstrap)
         sh = share or {"value": nan, "low": nan, "high": nan}
         rows.append({"kind": kind, "patched": patched, "sites": sites, "n_heads": n, "n_prompts": int(correct.numel()),
-                     "accuracy": est.value, "low": est.low, "high": est.high,
+                     "n_clusters": est.n_clusters, "accuracy": est.value, "low": est.low, "high": est.high,
                      "share": sh["value"], "share_low": sh["low"], "share_high": sh["high"],
                      "group": getattr(hs, "group", ""), "desideratum": getattr(hs, "desideratum", "")})
 
@@ -532,7 +542,7 @@ def gain_recovery(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapp
     ft_c = _correct(patcher.finetuned_logits if patcher else last_logits(finetuned, batch, batch_size=batch_size),
                     target)
     add("model", BASE_ALONE, "", 0, base_c)
-    gain = bootstrap(torch.stack([ft_c, base_c]), lambda a: a[0] - a[1], n_resamples=n_bootstrap)
+    gain = bootstrap(torch.stack([ft_c, base_c]), lambda a: a[0] - a[1], clusters=clusters, n_resamples=n_bootstrap)
     add("model", FINETUNED_ALONE, "", 0, ft_c, gain.as_dict())
     jobs = [("output", label, "z", hs) for label, hs in sets.items()]
     jobs += [("input", label, s, hs) for label, hs in (input_groups or {}).items() for s in input_sites]
@@ -544,7 +554,7 @@ def gain_recovery(base, finetuned, batch: Mapping[str, torch.Tensor], sets: Mapp
             logits = input_cmap(base, finetuned, batch, hs, sites, kv_positions=kv_positions, restore=restore,
                                 batch_size=batch_size)
         c = _correct(logits, target)
-        share = bootstrap(torch.stack([c, base_c, ft_c]), share_of_gain, n_resamples=n_bootstrap)
+        share = bootstrap(torch.stack([c, base_c, ft_c]), share_of_gain, clusters=clusters, n_resamples=n_bootstrap)
         add(kind, label, sites, n, c, share.as_dict(), hs)
     return rows
 
@@ -584,3 +594,157 @@ def paper_share(row: Mapping[str, Any], paper_model: str | None) -> float:
     base = paper.ACCURACY["Llama-7B"]
     gain = paper.ACCURACY[paper_model] - base
     return float("nan") if abs(gain) < 1e-9 else (acc - base) / gain
+
+
+# --------------------------------------------------------------------------------------------
+# Against random head sets: does the circuit recover more than as many heads anywhere?
+
+
+def random_head_sets(heads: Mapping[str, Sequence[Head]], n_layers: int, n_heads: int, n: int = 10, seed: int = 0
+                     ) -> list[dict[str, list[Head]]]:
+    """``n`` random head sets shaped like ``heads`` (``{position key: [(layer, head), ...]}``, e.g. a
+    :class:`HeadSet`): each has as many heads at each position key as ``heads`` has there, drawn
+    uniformly without replacement from all ``n_layers x n_heads`` heads of the model (circuit
+    heads included: a draw is what any heads of that number do at those positions). Seeded: the
+    same ``seed`` gives the same draws.
+
+    >>> [sorted(map(len, d.values())) for d in random_head_sets({"last": [(0, 1), (1, 2)], "query_label": [(0, 0)]}, 2, 4, 2)]
+    [[1, 2], [1, 2]]
+    """
+    if n < 1:
+        raise CMAPError(f"random head sets need at least one draw, got n={n}")
+    total = n_layers * n_heads
+    for key, hs in heads.items():
+        if len(hs) > total:
+            raise CMAPError(f"'{key}' holds {len(hs)} heads, more than the model's {total}")
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        draw = {}
+        for key, hs in heads.items():
+            idx = torch.randperm(total, generator=gen)[:len(hs)].tolist()
+            draw[key] = sorted((i // n_heads, i % n_heads) for i in idx)
+        out.append(draw)
+    return out
+
+
+def _group_of(circuit: Optional[Circuit], key: str, head: Head) -> str:
+    """The circuit groups a head belongs to at position ``key`` (``"a+b"``), ``""`` without a circuit."""
+    if circuit is None:
+        return ""
+    return "+".join(g for g in circuit.group_names if circuit.positions.get(g) == key and head in circuit.groups[g])
+
+
+def per_head_recovery(patcher: OutputCMAP, heads: Mapping[str, Sequence[Head]], target: torch.Tensor, *,
+                      base_correct: Optional[torch.Tensor] = None, circuit: Optional[Circuit] = None,
+                      clusters: Optional[Sequence[int] | torch.Tensor] = None, n_bootstrap: int = 1000,
+                      progress: bool = False) -> list[dict[str, Any]]:
+    """Each head of ``heads`` patched alone at its position from the fine-tuned model (output CMAP,
+    ``patcher``'s recording): its share of the gain with a paired bootstrap interval (over
+    contexts with ``clusters``), and its accuracy change over the base model. Rows ``{"position",
+    "layer", "head", "label", "group", "accuracy", "change", "share", "share_low", "share_high"}``;
+    ``group`` names the circuit group(s) of the head at that position when ``circuit`` is given.
+    Where the fine-tune has no gain over the base (it is the base model, say) every share is NaN
+    and every change 0."""
+    base_c = base_correct if base_correct is not None else _correct(
+        last_logits(patcher.base, patcher.batch, batch_size=patcher.batch_size), target)
+    ft_c = _correct(patcher.finetuned_logits, target)
+    rows = []
+    jobs = [(key, (int(l), int(h))) for key, hs in heads.items() for l, h in hs]
+    for key, head in tqdm(jobs, desc="CMAP per head", leave=False, disable=not progress):
+        c = _correct(patcher.logits({key: [head]}), target)
+        est = bootstrap(torch.stack([c, base_c, ft_c]), lambda a: _share(a[0], a[1], a[2]), clusters=clusters,
+                        n_resamples=n_bootstrap)
+        group = _group_of(circuit, key, head)
+        rows.append({"position": key, "layer": head[0], "head": head[1],
+                     "label": f"L{head[0]}H{head[1]} @ {key}" + (f" ({group})" if group else ""), "group": group, "accuracy": float(c.mean()),
+                     "change": float(c.mean() - base_c.mean()), "share": est.value, "share_low": est.low,
+                     "share_high": est.high})
+    return rows
+
+
+def _draw_mean(first: int, d: int, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A bootstrap statistic's part: the mean accuracy ``[R]`` over the ``d`` draws in rows
+    ``first:`` of ``acc [k, R]``; every draw once at the first call (bootstrap's point
+    estimate), then ``d`` draws resampled with replacement per resample."""
+    gen, state = torch.Generator().manual_seed(seed), {"point": True}
+
+    def mean(acc: torch.Tensor) -> torch.Tensor:
+        if state["point"]:
+            state["point"] = False
+            return acc[first:].mean(0)
+        pick = torch.randint(d, (d, acc.shape[1]), generator=gen) + first
+        return acc.gather(0, pick).mean(0)
+    return mean
+
+
+def random_baseline(base, finetuned, batch: Mapping[str, torch.Tensor], heads: Mapping[str, Sequence[Head]], *,
+                    label: str = FULL_CIRCUIT, n_random: int = 10, seed: int = 0, clusters: Optional[Sequence[int] | torch.Tensor] = None,
+                    circuit: Optional[Circuit] = None, per_head: bool = True, batch_size: int = 32,
+                    n_bootstrap: int = 1000, progress: bool = False) -> dict[str, Any]:
+    """Output CMAP of ``heads`` (the full circuit, say) beside ``n_random`` random head sets of the
+    same sizes at the same positions (:func:`random_head_sets`), all from one recording of the
+    fine-tuned model (:class:`OutputCMAP`), and, with ``per_head``, each head alone
+    (:func:`per_head_recovery`).
+
+    Every number is a share of the fine-tuning gain, ``(acc_patched - acc_base) / (acc_ft -
+    acc_base)``, with a percentile bootstrap interval over prompts (over contexts with
+    ``clusters``, each prompt's ``context_id``) and, for the random sets, over the draws too: a
+    resample draws prompts (contexts) and ``n_random`` draws with replacement, the same prompts for
+    every model and set (paired).
+
+    Returns (JSON-ready) ``{"patched", "positions": {key: heads}, "n_heads", "n_random", "seed",
+    "n_prompts", "n_clusters", "circuit", "random", "excess", "random_shares", "draws",
+    "per_head"}``: ``circuit`` / ``random`` the shares of ``heads`` and of the mean random set,
+    ``excess`` their paired difference (``{"value", "low", "high", ...}``), ``random_shares`` each
+    draw's share, ``draws`` the sets drawn."""
+    check_compatible(base, finetuned)
+    heads = {k: [(int(l), int(h)) for l, h in hs] for k, hs in heads.items() if len(hs)}
+    if not heads:
+        raise CMAPError("random_baseline needs a head set with heads to patch")
+    target = batch["target"]
+    patcher = OutputCMAP(base, finetuned, batch, list(heads), batch_size=batch_size)
+    base_c = _correct(last_logits(base, patcher.batch, batch_size=batch_size), target)
+    ft_c = _correct(patcher.finetuned_logits, target)
+    circ_c = _correct(patcher.logits(heads), target)
+    draws = random_head_sets(heads, base.arch.n_layers, base.arch.n_heads, n_random, seed)
+    rand_c = [_correct(patcher.logits(d), target) for d in tqdm(draws, desc="CMAP random sets", leave=False,
+                                                                disable=not progress)]
+    vec = torch.stack([circ_c, base_c, ft_c, *rand_c])  # [3 + d, n]: circuit, base, fine-tuned, each draw
+    d = len(draws)
+    kw = dict(clusters=clusters, n_resamples=n_bootstrap, seed=seed)
+    circuit_share = bootstrap(vec[:3], lambda a: _share(a[0], a[1], a[2]), **kw)
+    rand_mean = _draw_mean(3, d, seed + 1)
+    random_share = bootstrap(vec, lambda a: _share(rand_mean(a), a[1], a[2]), **kw)
+    rand_mean = _draw_mean(3, d, seed + 1)
+    excess = bootstrap(vec, lambda a: _share(a[0], a[1], a[2]) - _share(rand_mean(a), a[1], a[2]), **kw)
+    n_base, n_ft = base_c.mean().reshape(1), ft_c.mean().reshape(1)
+    out = {"patched": label, "positions": {k: len(v) for k, v in heads.items()}, "n_heads": sum(len(v) for v in heads.values()),
+           "n_random": d, "seed": seed, "n_prompts": int(target.numel()), "n_clusters": circuit_share.n_clusters,
+           "base_accuracy": float(n_base), "finetuned_accuracy": float(n_ft),
+           "circuit": circuit_share.as_dict(), "random": random_share.as_dict(), "excess": excess.as_dict(),
+           "random_shares": [float(_share(c.mean().reshape(1), n_base, n_ft)) for c in rand_c],
+           "draws": [{k: [list(h) for h in v] for k, v in draw.items()} for draw in draws]}
+    if per_head:
+        out["per_head"] = per_head_recovery(patcher, heads, target, base_correct=base_c, circuit=circuit,
+                                            clusters=clusters, n_bootstrap=n_bootstrap, progress=progress)
+    return out
+
+
+def random_baseline_table(baselines: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per fine-tune of :func:`random_baseline` results (``{fine-tune: result}``): the full
+    circuit's share of the gain beside the random sets' and the paired excess, as text, with the
+    sets' sizes and positions."""
+    def fmt(e: Mapping[str, float], spec: str = ".2f") -> str:
+        return format(Estimate(e["value"], e["low"], e["high"]), spec)
+
+    return [{"fine-tuned": ft, "heads (per position)": ", ".join(f"{n} @ {k}" for k, n in r["positions"].items()),
+             "full circuit: share of the gain": fmt(r["circuit"]),
+             f"random sets ({r['n_random']}): share of the gain": fmt(r["random"]),
+             "excess over random (paired)": fmt(r["excess"], "+.2f")} for ft, r in baselines.items()]
+
+
+def per_head_table(baselines: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The per-head rows of :func:`random_baseline` results, one list over fine-tunes (with a
+    ``fine-tuned`` column), for a figure."""
+    return [{"fine-tuned": ft, **row} for ft, r in baselines.items() for row in r.get("per_head", [])]

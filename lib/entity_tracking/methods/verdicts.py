@@ -109,7 +109,6 @@ VERDICTS: tuple[str, ...] = ("holds", "partly", "does not hold", "exceeds the mo
 #: :data:`FAITHFUL_CEILING`): not "faithful", a finding of its own.
 EXCEEDS_MODEL = "exceeds the model"
 
-
 #: The verdict of a claim whose model does not do the task.
 NOT_TESTABLE = "not testable"
 
@@ -676,15 +675,16 @@ def against_random(grade: Holds, excess: Mapping[str, float] | None, margin: Thr
     ``excess`` over them (``{"value", "low", "high"}``): kept when the excess's 95% interval lies
     above ``margin``; at most partly when it lies above 0 only, or when there is no baseline
     (``excess`` None: nothing shows the heads matter more than their number); "does not hold" when
-    the interval reaches 0 (the circuit is no better than random heads). "not run", "not
-    testable" and :data:`EXCEEDS_MODEL` stay as they are."""
+    the interval reaches 0 (the circuit is no better than random heads; "above 0" means beyond
+    float32 rounding of a mean over draws, 1e-6, far below one prompt in any evaluation). "not
+    run", "not testable" and :data:`EXCEEDS_MODEL` stay as they are."""
     if grade in ("not run", NOT_TESTABLE, EXCEEDS_MODEL):
         return grade
     if excess is None or any(excess[k] != excess[k] for k in ("value", "low", "high")):
         return "partly" if grade == "holds" else grade
     if excess["low"] > margin.value:
         return grade
-    if excess["low"] > 0:
+    if excess["low"] > 1e-6:
         return "partly" if grade == "holds" else grade
     return "does not hold"
 
@@ -840,10 +840,22 @@ CMAP_GAIN_RULE = (f"a gain to attribute: the fine-tune's gain over the base is a
                   "95% interval (paired over prompts) is above 0")
 
 
+CMAP_RANDOM_RULE = (f"holds when the full circuit's share of the gain has its 95% interval at or above "
+                    f"{CMAP_RECOVERY.holds:g} and its paired excess over random head sets of the same sizes at the "
+                    f"same positions has its 95% interval above {CMAP_OVER_RANDOM.value:g}; partly when the share's "
+                    f"interval reaches below {CMAP_RECOVERY.holds:g} without lying below {CMAP_RECOVERY.partly:g}, or "
+                    "the excess is above 0 only (or no random sets were patched); does not hold when the share's "
+                    f"interval lies below {CMAP_RECOVERY.partly:g} or the excess's interval reaches 0 (the circuit "
+                    "recovers no more than any heads there)")
+
+
 def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], num_boxes: int, base: str = "base",
-                  controls: Iterable[str] = ()) -> list:
+                  controls: Iterable[str] = (), baselines: Mapping[str, Mapping[str, Any]] | None = None) -> list:
     """The CMAP chapter's verdicts from each fine-tune's :func:`entity_tracking.methods.cmap.gain_recovery` rows
     (with their ``share`` intervals); competence comes from the rows of the models alone.
+    ``baselines[fine-tune]`` is its :func:`entity_tracking.methods.cmap.random_baseline`: the full
+    circuit's recovery is held against random head sets of its sizes and positions
+    (:func:`against_random`, :data:`CMAP_OVER_RANDOM`); a fine-tune without one reads partly at most.
     Fine-tunes named in ``controls`` are marked as positive controls (ours). A profile with no
     fine-tune gets one "not run" row for the claim."""
     if not rows_by_finetune:
@@ -859,7 +871,9 @@ def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], n
                                r["n_prompts"]) for name, r in ((base, base_row), (ft, ft_row))]
         gain = {"value": ft_row["share"], "low": ft_row["share_low"], "high": ft_row["share_high"]}
         n = int(base_row["n_prompts"])
-        sample = f"{n} prompts (paired bootstrap)"
+        sample = prompts_sample({"n": n, "n_clusters": base_row.get("n_clusters", 0)})
+        sample += "" if base_row.get("n_clusters") else " (paired bootstrap)"
+        baseline = (baselines or {}).get(ft)
         s1, p1 = f"Patching {who(ft, controls)}'s circuit recovers its gain", "full circuit recovers 100% of the gain (0.66 → 0.82)"
         p1 = CONTROL_PAPER if ft in controls else p1
         skip = _not_testable(3, s1, p1, comps, sample)
@@ -874,10 +888,14 @@ def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], n
         full = by.get(FULL_CIRCUIT)
         share = ({"value": full["share"], "low": full["share_low"], "high": full["share_high"]} if full
                  else {"value": float("nan"), "low": float("nan"), "high": float("nan")})
-        out.append(Verdict(3, s1, p1, f"full circuit recovers {_fmt(share)} of a {_fmt(gain)} gain",
-                           CMAP_RECOVERY.interval(share),
-                           rule=f"{COMPETENCE_RULE}; then {CMAP_GAIN_RULE}; then {CMAP_RECOVERY.interval_rule}",
-                           sample=sample))
+        excess = baseline["excess"] if baseline else None
+        against = (f"; random head sets of its sizes at its positions {_fmt(baseline['random'])}, excess "
+                   f"{_fmt(excess, '+.2f')}" if baseline else "; no random head sets patched")
+        out.append(Verdict(3, s1, p1, f"full circuit recovers {_fmt(share)} of a {_fmt(gain)} gain" + against,
+                           against_random(CMAP_RECOVERY.interval(share), excess, CMAP_OVER_RANDOM),
+                           rule=f"{COMPETENCE_RULE}; then {CMAP_GAIN_RULE}; then {CMAP_RANDOM_RULE}",
+                           sample=sample + (f"; {baseline['n_random']} random head sets (bootstrap over "
+                                            "draws too)" if baseline else "")))
         qkv = {}
         for site in "qkv":
             r = next((r for r in rows if r["kind"] == "input" and r["sites"] == site
