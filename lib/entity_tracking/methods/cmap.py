@@ -46,6 +46,13 @@ There is no counterfactual prompt: the "source" is the other model.
   has its output restored, and the heads that share the patched key/value at the last position
   keep what they read.
 
+**Against random head sets.** A share of the gain means little alone: patching a dozen of a small
+model's heads at the last token may carry the gain whichever heads they are.
+:func:`random_baseline` patches the full circuit beside random head sets of the same sizes at the
+same positions (:func:`random_head_sets`, seeded) from one recording of the fine-tuned model, with
+the shares' intervals over prompts (contexts) and draws and the circuit's paired excess over the
+random sets, and each circuit head alone (:func:`per_head_recovery`): which heads carry the gain.
+
 Query and key patches are written before rotary embeddings, which are the same in both models.
 For a family with per-head query/key norms (Gemma3) the base model's norm weights then apply to
 the fine-tuned query/key, so ``"qkv"`` no longer equals output CMAP there.
