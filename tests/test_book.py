@@ -27,7 +27,8 @@ def test_index_leads_to_the_landing_page(built_book):
     landing = built_book.parent / redirect.group(1)
     text = landing.read_text()
     assert "three claims" in text.lower()
-    assert "Verdicts" in text and "<table" in text
+    assert "The answer, in this build" in text and "Every verdict" in text and "<table" in text
+    assert "Same circuit" in text and "<details>" in text  # the compact answer, each test one click away
     assert 'profile = "ci"' not in text, "the injected parameters cell should be hidden on the landing page"
 
 
