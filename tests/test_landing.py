@@ -81,3 +81,19 @@ def test_gain_by_box_splits_a_fine_tunes_gain_into_the_boxes_its_base_saw_and_th
     assert (g["seen_boxes"], g["unseen_boxes"]) == ("1-2", "3-4")
     assert [b["value"] for b in g["by_box"]] == [0.0, 0.0, 1.0, 1.0]
     assert gain_by_box(base, ft, prompts)["unseen"] is None
+
+
+def test_a_models_competence_names_the_contexts_its_interval_resampled(tmp_path):
+    import torch
+
+    from entity_tracking.methods import verdicts as V
+    from entity_tracking.methods.ablation import Evaluation
+
+    ids = torch.arange(10).repeat_interleave(7)
+    ev = Evaluation("F(M)", torch.zeros(70, dtype=torch.bool), torch.zeros(70, dtype=torch.long), clusters=ids)
+    comp = V.competence("m", ev, 7, n_resamples=100)
+    assert comp.sample == "10 contexts x 7 queries (70 prompts, bootstrap over contexts)"
+    V.write_competence(tmp_path / "c.json", {"m": comp})
+    assert V.read_competence(tmp_path / "c.json")["m"] == comp
+    row = V._not_testable(1, "s", "p", [comp])
+    assert row.holds == V.NOT_TESTABLE and row.sample == "m: " + comp.sample

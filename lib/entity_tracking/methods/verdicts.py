@@ -294,18 +294,26 @@ def exceeds(ours: dict, reference: dict) -> Holds:
 @dataclass(frozen=True)
 class Competence:
     """A model's accuracy on the task (``{"value", "low", "high"}``, a 95% interval over
-    ``n`` prompts) against chance; ``ok`` when the whole interval lies above chance."""
+    ``n`` prompts, resampled by context when ``n_contexts``) against chance; ``ok`` when the whole
+    interval lies above chance."""
 
     model: str
     accuracy: Mapping[str, float]
     n: int
     chance: float
+    n_contexts: int = 0
 
     @classmethod
     def of(cls, model: str, accuracy: Mapping[str, float], num_boxes: int, n: int | None = None) -> "Competence":
-        """From an accuracy estimate ``{"value", "low", "high"[, "n"]}``."""
+        """From an accuracy estimate ``{"value", "low", "high"[, "n", "n_clusters"]}``."""
         acc = {k: float(accuracy[k]) for k in ("value", "low", "high")}
-        return cls(model, acc, int(n if n is not None else accuracy.get("n", 0)), chance(num_boxes))
+        return cls(model, acc, int(n if n is not None else accuracy.get("n", 0)), chance(num_boxes),
+                   int(accuracy.get("n_clusters", 0) or 0))
+
+    @property
+    def sample(self) -> str:
+        """The prompts behind the accuracy, in a verdict row's words (:func:`prompts_sample`)."""
+        return prompts_sample({"n": self.n, "n_clusters": self.n_contexts})
 
     @property
     def ok(self) -> bool:
@@ -328,7 +336,8 @@ def competence(model: str, evaluation: Any, num_boxes: int, *, n_resamples: int 
     """:class:`Competence` of ``model`` from an :class:`~entity_tracking.methods.ablation.Evaluation`
     of it on the task's prompts (nothing ablated), e.g. F(M)."""
     est = evaluation.estimate(n_resamples=n_resamples, seed=seed)
-    return Competence(model, {"value": est.value, "low": est.low, "high": est.high}, est.n, chance(num_boxes))
+    return Competence(model, {"value": est.value, "low": est.low, "high": est.high}, est.n, chance(num_boxes),
+                      est.n_clusters)
 
 
 COMPETENCE_RULE = "first: every model it is about does the task (accuracy above 1/boxes with its 95% interval)"
@@ -560,7 +569,7 @@ def _not_testable(claim: int, statement: str, paper: str, models: Iterable[Compe
     if reason is None:
         return None
     return Verdict(claim, statement, paper, reason, NOT_TESTABLE, rule=COMPETENCE_RULE,
-                   sample=sample or "; ".join(f"{c.model}: {c.n} prompts" for c in models))
+                   sample=sample or "; ".join(f"{c.model}: {c.sample}" for c in models))
 
 
 NECESSITY_RULE = (f"holds when ablating the group costs > {NECESSITY_FACTOR.value:g} x the drop of as many random "
@@ -627,7 +636,10 @@ def circuit_verdicts(base: Competence, circuit: Circuit, necessity: Any, null: C
             ours += (f"; VF ablated {row['group ablated']:.2f} vs random heads outside the circuit "
                      f"{row['random heads outside the circuit (mean)']:.2f} (effect {_fmt(eff.as_dict())}), "
                      f"of the whole model {row['random heads of the whole model (mean)']:.2f}; full {row['full model']:.2f}")
-            sample = (f"{necessity.full.n} prompts; {len(necessity.random_outside)} random draws outside the circuit, "
+            full = necessity.full
+            n_ctx = 0 if full.clusters is None else int(torch.unique(full.clusters).numel())
+            sample = (f"{prompts_sample({'n': full.n, 'n_clusters': n_ctx})}; {len(necessity.random_outside)} random "
+                      "draws outside the circuit, "
                       f"{len(necessity.random_any)} of the whole model; " + sample)
         out.append(Verdict(1, s1, p1, ours, circuit_claim(len(found), necessary, beyond),
                            rule=f"{COMPETENCE_RULE}; then {CIRCUIT_RULE}", sample=sample))
@@ -920,13 +932,13 @@ def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], n
 
 def write_competence(path, competences: Mapping[str, Competence]) -> None:
     """Write every model's :class:`Competence` (the circuit chapter does, for the later chapters)."""
-    write_json(path, {name: {"model": c.model, "accuracy": dict(c.accuracy), "n": c.n, "chance": c.chance}
-                      for name, c in competences.items()})
+    write_json(path, {name: {"model": c.model, "accuracy": dict(c.accuracy), "n": c.n, "chance": c.chance,
+                             "n_contexts": c.n_contexts} for name, c in competences.items()})
 
 
 def read_competence(path) -> dict[str, Competence]:
     """The :class:`Competence` of every model, as :func:`write_competence` wrote them."""
-    return {name: Competence(d["model"], d["accuracy"], int(d["n"]), float(d["chance"]))
+    return {name: Competence(d["model"], d["accuracy"], int(d["n"]), float(d["chance"]), int(d.get("n_contexts", 0)))
             for name, d in read_json(path).items()}
 
 
