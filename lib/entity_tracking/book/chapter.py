@@ -281,7 +281,7 @@ def scope_note(results_root: Path, profile: str) -> str:
     def est(e, spec=".2f"):
         return f"{e['value']:{spec}} [{e['low']:{spec}}, {e['high']:{spec}}]"
 
-    first = (f"Its base model `{base}` answers {est(a)} of the evaluation prompts (chance {c['chance']:.2f}; "
+    first = (f"This build's base model `{base}` answers {est(a)} of the evaluation prompts (chance {c['chance']:.2f}; "
              f"the paper's Llama-7B 0.66)")
     ret = binding.get(base, {}).get("retention_context_ablated")
     if ret:
@@ -296,7 +296,7 @@ def scope_note(results_root: Path, profile: str) -> str:
         if not g.get("control"):
             continue
         seen, unseen = g["seen"], g["unseen"]
-        second = (f"Its positive control (ours) `{ft}` gains {est(g['gain'], '+.2f')} in accuracy: "
+        second = (f"Its positive control (ours), `{ft}`, gains {est(g['gain'], '+.2f')} in accuracy: "
                   f"{est(unseen, '+.2f')} on the boxes {g['unseen_boxes']} its base never saw in training and "
                   f"{est(seen, '+.2f')} on the boxes it saw; " + second[0].lower() + second[1:])
     return f"{first} {second}"
