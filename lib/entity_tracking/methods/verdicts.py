@@ -574,7 +574,7 @@ def _not_testable(claim: int, statement: str, paper: str, models: Iterable[Compe
 
 NECESSITY_RULE = (f"holds when ablating the group costs > {NECESSITY_FACTOR.value:g} x the drop of as many random "
                   f"heads outside the circuit + {NECESSITY_MARGIN.value:g}, the effect (its drop minus theirs) has a "
-                  "95% interval above 0 (bootstrap over prompts and draws), and it costs more than random heads of "
+                  "95% interval above 0 (bootstrap over contexts and draws), and it costs more than random heads of "
                   f"the whole model; partly when the effect exceeds {BEYOND_RANDOM_MARGIN.value:g} with its interval "
                   "above 0")
 
@@ -803,7 +803,7 @@ def beats_base(claims: Sequence[Any], finetuned: Iterable[str]) -> dict[str, Any
 #: What an extended circuit's rows (ours) print in the paper's column.
 EXTENSION_PAPER = ("none: an extension of ours, not in the paper (the paper's four-group circuit: faithfulness "
                    "1.00 in Llama-7B)")
-EXTENSION_GAIN_RULE = ("holds when the paired 95% interval (over prompts) of the extended circuit's faithfulness "
+EXTENSION_GAIN_RULE = ("holds when the paired 95% interval (over contexts) of the extended circuit's faithfulness "
                        "minus the paper circuit's lies above 0, partly when only its point estimate does")
 
 
@@ -849,7 +849,7 @@ def extended_circuit_verdicts(results: Mapping[str, Mapping[str, Any]], num_boxe
 
 
 CMAP_GAIN_RULE = (f"a gain to attribute: the fine-tune's gain over the base is at least {MIN_GAIN.value:g} and its "
-                  "95% interval (paired over prompts) is above 0")
+                  "95% interval (paired over contexts) is above 0")
 
 
 CMAP_RANDOM_RULE = (f"holds when the full circuit's share of the gain has its 95% interval at or above "
