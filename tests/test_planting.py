@@ -1,0 +1,65 @@
+"""The IIT loss that plants the causal model in designated heads (issue 29, first pieces): its targets
+are the causal model's counterfactuals, and a training step on it lowers it on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entity_tracking import task as D
+from entity_tracking.config import ModelSpec, TinySpec
+from entity_tracking.load import load_model
+from entity_tracking.methods import causal_model as CM
+from entity_tracking.methods.planting import counterfactual_targets, iit_loss
+from entity_tracking.model.tiny import build_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HEADS = [(1, 0), (1, 3)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = build_tiny_model(TinySpec(n_layers=2, n_heads=4, d_model=64, d_mlp=96, seed=7),
+                         tmp_path_factory.mktemp("plant") / "tiny")
+    return load_model(ModelSpec(name="tiny", local_path=str(d)), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def records(tiny):
+    return D.make_desiderata(tiny.tokenizer, "positional", 16, num_boxes=3, seed=4)
+
+
+def test_the_targets_are_the_causal_models_counterfactuals(tiny, records):
+    for variable in ("position", "value"):  # a positional source's query label is absent from its base
+        ids = counterfactual_targets(tiny.tokenizer, records, variable)
+        words = [CM.interchange(r, variable) for r in records]
+        assert ids.tolist() == D.word_token_ids(tiny.tokenizer, words)
+    # on the positional desideratum the position variable predicts exactly the data's targets
+    assert counterfactual_targets(tiny.tokenizer, records, "position").tolist() == [r["target_id"] for r in records]
+
+
+def test_an_iit_step_lowers_the_iit_loss(tiny, records):
+    params = list(tiny.nn.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    before = iit_loss(tiny, records, HEADS, "last", "value")
+    assert before.requires_grad and torch.isfinite(before)
+    for _ in range(5):
+        opt.zero_grad()
+        iit_loss(tiny, records, HEADS, "last", "value").backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+        opt.step()
+    with torch.no_grad():
+        after = iit_loss(tiny, records, HEADS, "last", "value")
+    assert after < before
+
+
+def test_iit_loss_names_what_is_missing(tiny, records):
+    with pytest.raises(ValueError, match="no heads designated"):
+        iit_loss(tiny, records, [], "last", "value")
+    with pytest.raises(CM.CausalModelError, match="unknown variable"):
+        iit_loss(tiny, records, HEADS, "last", "position_transmitter")
+    with pytest.raises(CM.CausalModelError, match="not among the context's labels"):
+        counterfactual_targets(tiny.tokenizer, records, "query_label")
