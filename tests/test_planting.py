@@ -63,3 +63,50 @@ def test_iit_loss_names_what_is_missing(tiny, records):
         iit_loss(tiny, records, HEADS, "last", "position_transmitter")
     with pytest.raises(CM.CausalModelError, match="not among the context's labels"):
         counterfactual_targets(tiny.tokenizer, records, "query_label")
+
+
+def test_the_ground_truth_file_round_trips_and_refuses_a_bad_one(tmp_path):
+    from entity_tracking.methods.planting import GroundTruth
+
+    truth = GroundTruth({"position_detector": [(0, 1)], "position_transmitter": [(0, 2), (1, 1)],
+                         "value_fetcher": [(1, 0), (1, 3)]},
+                        {"position_detector": "query_label", "position_transmitter": "last", "value_fetcher": "last"},
+                        n_layers=2, n_heads=4, meta={"recipe": "test"})
+    path = truth.save(tmp_path)
+    assert path.name == "ground_truth.json"
+    assert GroundTruth.load(tmp_path) == truth
+    assert truth.variable("position_transmitter") == "position" and truth.variable("value_fetcher") == "value"
+    assert len(truth.circuit()) + len(truth.outside()) == 8 and not set(truth.circuit()) & set(truth.outside())
+    with pytest.raises(ValueError, match="planted in both"):
+        GroundTruth({"value_fetcher": [(1, 0)], "position_transmitter": [(1, 0)]},
+                    {"value_fetcher": "last", "position_transmitter": "last"}, n_layers=2, n_heads=4)
+    with pytest.raises(ValueError, match="outside 2 layers"):
+        GroundTruth({"value_fetcher": [(2, 0)]}, {"value_fetcher": "last"}, n_layers=2, n_heads=4)
+    with pytest.raises(ValueError, match="no position"):
+        GroundTruth({"value_fetcher": [(1, 0)]}, {}, n_layers=2, n_heads=4)
+    with pytest.raises(FileNotFoundError, match="no ground truth"):
+        GroundTruth.load(tmp_path / "elsewhere")
+
+
+def test_the_strict_loss_is_the_plain_loss_when_nothing_outside_matters(tiny, records):
+    """Resample-ablating heads whose output is the same on both prompts changes nothing: with the
+    source equal to the base, the strict loss is the model's own cross-entropy on its answers; with
+    real sources it differs, and it trains like the IIT loss."""
+    from entity_tracking.intervene.patching import last_logits
+    from entity_tracking.methods.planting import strict_loss
+
+    outside = [(0, h) for h in range(4)] + [(1, 1), (1, 2)]
+    same = [{**r, "source": r["base"]} for r in records]
+    enc = D.encode_pairs(tiny.tokenizer, same, padding_side="right")
+    with torch.no_grad():
+        plain = torch.nn.functional.cross_entropy(last_logits(tiny, enc["base"]).float(), enc["base"]["target"])
+        assert torch.allclose(strict_loss(tiny, same, outside), plain, atol=1e-5)
+        assert not torch.allclose(strict_loss(tiny, records, outside), plain, atol=1e-5)
+    for p in tiny.nn.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    loss = strict_loss(tiny, records, outside)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny.nn.parameters())
+    with pytest.raises(ValueError, match="no heads outside"):
+        strict_loss(tiny, records, [])

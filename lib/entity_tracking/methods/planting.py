@@ -1,6 +1,6 @@
 """Planting the paper's mechanism in designated heads: the interchange-intervention loss of IIT
 (Geiger et al. 2022) that trains a model to implement :mod:`~entity_tracking.methods.causal_model`
-(issue 29; work in progress: the loss and one training step, not yet a planted model).
+(issue 29; work in progress: the losses and the ground-truth file, not yet a planted model).
 
 For a pair of prompts and a variable of the causal model, the designated heads of that variable
 are run on the source, their outputs written into the base run at the aligned position (the
@@ -9,7 +9,11 @@ Transmitters and Value Fetchers), and the base run is trained to give the causal
 counterfactual answer (:func:`~entity_tracking.methods.causal_model.interchange`): the base's
 object at the source's index for ``position``, the source's object for ``value``. The writes go
 through the one kernel (:func:`entity_tracking.intervene.patching.run`, ``grad=True``), as DCM's
-do; nothing here is a second intervention mechanism.
+do; nothing here is a second intervention mechanism. SIIT's *strict* loss (Gupta et al. 2024)
+asks the opposite of the heads outside the circuit: resample-ablated (their outputs at every
+position taken from another prompt), the base run must still give its own answer
+(:func:`strict_loss`). Which heads implement which variable is written beside the planted model
+(:class:`GroundTruth`, ``ground_truth.json``): the known answer every method is scored against.
 
 >>> # loss = iit_loss(lm, records, heads=[(1, 0), (1, 3)], position="last", variable="value")
 >>> # loss.backward(); optimizer.step()
@@ -17,16 +21,98 @@ do; nothing here is a second intervention mechanism.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..intervene.patching import HeadPatch, run
+from ..io import read_json, write_json
 from ..schema import Head
 from ..task.encoding import encode_pairs, word_token_ids
-from .causal_model import VARIABLES, CausalModelError, interchange
+from .causal_model import GROUP_VARIABLE, VARIABLES, CausalModelError, interchange
 from .dcm import masked_logits, source_head_outputs
 
-__all__ = ["counterfactual_targets", "iit_loss"]
+__all__ = ["GROUND_TRUTH_FILE", "GroundTruth", "counterfactual_targets", "iit_loss", "strict_loss"]
+
+#: The file beside a planted model that names its designated heads.
+GROUND_TRUTH_FILE = "ground_truth.json"
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """The heads planted to implement each group of the paper's circuit, and where.
+
+    ``heads[group]``: ``(layer, head)`` pairs; ``positions[group]``: the position key the group
+    acts at (:func:`entity_tracking.task.positions_at`); each group implements the causal
+    model's variable :data:`~entity_tracking.methods.causal_model.GROUP_VARIABLE` ``[group]``.
+    ``n_layers``/``n_heads`` bound the heads. A head planted in two groups is an error.
+
+    >>> t = GroundTruth({"value_fetcher": [(3, 1)]}, {"value_fetcher": "last"}, n_layers=4, n_heads=8)
+    >>> t.variable("value_fetcher"), t.outside()[:2]
+    ('value', [(0, 0), (0, 1)])
+    """
+
+    heads: Mapping[str, Sequence[Head]]
+    positions: Mapping[str, str]
+    n_layers: int
+    n_heads: int
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", {g: [(int(l), int(h)) for l, h in hs] for g, hs in self.heads.items()})
+        unknown = sorted(set(self.heads) - set(GROUP_VARIABLE))
+        if unknown:
+            raise ValueError(f"ground truth: unknown group(s) {unknown}; groups are {sorted(GROUP_VARIABLE)}")
+        missing = sorted(g for g in self.heads if g not in self.positions)
+        if missing:
+            raise ValueError(f"ground truth: no position for group(s) {missing}")
+        seen: dict[Head, str] = {}
+        for g, hs in self.heads.items():
+            for l, h in hs:
+                if not (0 <= l < self.n_layers and 0 <= h < self.n_heads):
+                    raise ValueError(f"ground truth: head {l}.{h} of {g} is outside {self.n_layers} layers x "
+                                     f"{self.n_heads} heads")
+                if (l, h) in seen:
+                    raise ValueError(f"ground truth: head {l}.{h} is planted in both {seen[(l, h)]} and {g}")
+                seen[(l, h)] = g
+
+    def variable(self, group: str) -> str:
+        """The causal model's variable the group implements."""
+        return GROUP_VARIABLE[group]
+
+    def circuit(self) -> list[Head]:
+        """Every planted head, in layer order."""
+        return sorted(h for hs in self.heads.values() for h in hs)
+
+    def outside(self) -> list[Head]:
+        """Every head of the model that is not planted: what SIIT's strict loss resample-ablates."""
+        inside = set(self.circuit())
+        return [(l, h) for l in range(self.n_layers) for h in range(self.n_heads) if (l, h) not in inside]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"heads": {g: [list(h) for h in hs] for g, hs in self.heads.items()}, "positions": dict(self.positions),
+                "variables": {g: self.variable(g) for g in self.heads}, "n_layers": self.n_layers,
+                "n_heads": self.n_heads, "meta": dict(self.meta)}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "GroundTruth":
+        return cls(obj["heads"], obj["positions"], int(obj["n_layers"]), int(obj["n_heads"]), obj.get("meta", {}))
+
+    def save(self, model_dir: str | os.PathLike) -> Path:
+        """Write ``ground_truth.json`` into the planted model's directory."""
+        path = Path(model_dir) / GROUND_TRUTH_FILE
+        write_json(path, self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike) -> "GroundTruth":
+        path = Path(model_dir) / GROUND_TRUTH_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no ground truth beside this model (only planted models have one)")
+        return cls.from_json(read_json(path))
 
 
 def counterfactual_targets(tokenizer, pairs: Sequence[Mapping[str, Any]], variable: str) -> torch.Tensor:
@@ -59,3 +145,26 @@ def iit_loss(lm, pairs: Sequence[Mapping[str, Any]], heads: Sequence[Head], posi
     mask = torch.zeros(len(heads))  # 0: every designated head takes the source's value
     logits = masked_logits(lm, enc["base"], source_z, heads, position, mask)
     return torch.nn.functional.cross_entropy(logits.float(), target.to(logits.device))
+
+
+def strict_loss(lm, pairs: Sequence[Mapping[str, Any]], outside: Sequence[Head]) -> torch.Tensor:
+    """SIIT's strict loss: cross-entropy, at the base's last token, between the base run with every
+    head of ``outside`` (the heads not planted, :meth:`GroundTruth.outside`) resample-ablated --
+    its output at every position taken from the pair's source prompt -- and the base's own answer.
+    A model whose non-circuit heads carry nothing the task needs pays nothing. Base and source of
+    a pair must have one token length (the desiderata ``positional`` and ``object_value`` do)."""
+    if not outside:
+        raise ValueError("strict_loss: no heads outside the circuit to resample-ablate")
+    enc = encode_pairs(lm.tokenizer, pairs, padding_side="right")
+    base, source = enc["base"], enc["source"]
+    if base["input_ids"].shape != source["input_ids"].shape or not torch.equal(base["last_position"],
+                                                                              source["last_position"]):
+        raise ValueError("strict_loss: base and source prompts differ in token length; resample-ablation takes "
+                         "the source's head outputs position by position, so pair prompts of one length")
+    by_layer: dict[int, list[int]] = {}
+    for l, h in outside:
+        by_layer.setdefault(int(l), []).append(int(h))
+    cache = run(lm, source, (), [("z", l) for l in by_layer], logits=False, batch_size=None).cache
+    writes = [HeadPatch("z", l, hs, cache["z", l][:, :, hs]) for l, hs in sorted(by_layer.items())]
+    logits = run(lm, base, writes, grad=True, batch_size=None, out_device=lm.device).logits
+    return torch.nn.functional.cross_entropy(logits.float(), base["target"].to(logits.device))
