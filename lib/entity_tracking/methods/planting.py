@@ -35,7 +35,8 @@ from ..task.encoding import encode_pairs, word_token_ids
 from .causal_model import GROUP_VARIABLE, VARIABLES, CausalModelError, interchange
 from .dcm import masked_logits, source_head_outputs
 
-__all__ = ["GROUND_TRUTH_FILE", "GroundTruth", "counterfactual_targets", "iit_loss", "strict_loss"]
+__all__ = ["GROUND_TRUTH_FILE", "GroundTruth", "counterfactual_targets", "iit_loss", "interchange_logits",
+           "resample_ablated_logits", "strict_loss"]
 
 #: The file beside a planted model that names its designated heads.
 GROUND_TRUTH_FILE = "ground_truth.json"
@@ -140,12 +141,18 @@ def iit_loss(lm, pairs: Sequence[Mapping[str, Any]], heads: Sequence[Head], posi
     if not heads:
         raise ValueError(f"iit_loss: no heads designated for {variable!r}")
     target = counterfactual_targets(lm.tokenizer, pairs, variable)
+    logits = interchange_logits(lm, pairs, heads, position)
+    return torch.nn.functional.cross_entropy(logits.float(), target.to(logits.device))
+
+
+def interchange_logits(lm, pairs: Sequence[Mapping[str, Any]], heads: Sequence[Head], position: str) -> torch.Tensor:
+    """Last-token logits ``[batch, vocab]`` of each base run with ``heads``' outputs at ``position``
+    taken from its source run (what :func:`iit_loss` trains; under ``torch.no_grad()`` its argmax
+    against :func:`counterfactual_targets` is the interchange accuracy)."""
     enc = encode_pairs(lm.tokenizer, pairs, padding_side="right")
     source_z = source_head_outputs(lm, enc["source"], heads, position)
     mask = torch.zeros(len(heads))  # 0: every designated head takes the source's value
-    logits = masked_logits(lm, enc["base"], source_z, heads, position, mask)
-    return torch.nn.functional.cross_entropy(logits.float(), target.to(logits.device))
-
+    return masked_logits(lm, enc["base"], source_z, heads, position, mask)
 
 def strict_loss(lm, pairs: Sequence[Mapping[str, Any]], outside: Sequence[Head]) -> torch.Tensor:
     """SIIT's strict loss: cross-entropy, at the base's last token, between the base run with every
@@ -153,6 +160,15 @@ def strict_loss(lm, pairs: Sequence[Mapping[str, Any]], outside: Sequence[Head])
     its output at every position taken from the pair's source prompt -- and the base's own answer.
     A model whose non-circuit heads carry nothing the task needs pays nothing. Base and source of
     a pair must have one token length (the desiderata ``positional`` and ``object_value`` do)."""
+    logits, target = resample_ablated_logits(lm, pairs, outside)
+    return torch.nn.functional.cross_entropy(logits.float(), target.to(logits.device))
+
+
+def resample_ablated_logits(lm, pairs: Sequence[Mapping[str, Any]], outside: Sequence[Head]
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [batch, vocab], base answers [batch])``: each base run with every head of
+    ``outside`` resample-ablated from its source (what :func:`strict_loss` trains; under
+    ``torch.no_grad()`` the argmax against the answers is the accuracy the planting keeps)."""
     if not outside:
         raise ValueError("strict_loss: no heads outside the circuit to resample-ablate")
     enc = encode_pairs(lm.tokenizer, pairs, padding_side="right")
@@ -166,5 +182,4 @@ def strict_loss(lm, pairs: Sequence[Mapping[str, Any]], outside: Sequence[Head])
         by_layer.setdefault(int(l), []).append(int(h))
     cache = run(lm, source, (), [("z", l) for l in by_layer], logits=False, batch_size=None).cache
     writes = [HeadPatch("z", l, hs, cache["z", l][:, :, hs]) for l, hs in sorted(by_layer.items())]
-    logits = run(lm, base, writes, grad=True, batch_size=None, out_device=lm.device).logits
-    return torch.nn.functional.cross_entropy(logits.float(), base["target"].to(logits.device))
+    return run(lm, base, writes, grad=True, batch_size=None, out_device=lm.device).logits, base["target"]
