@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     train = D.make_desiderata(tok, "positional", 4000, num_boxes=args.boxes, seed=101)
     held = D.make_desiderata(tok, "positional", 400, num_boxes=args.boxes, seed=202)[:200]
     prompts = D.make_eval_prompts(tok, 504, num_boxes=args.boxes, seed=303)
-    params = list(lm.nn.parameters())
+    params = list(lm.hf.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(log[-1]), flush=True)
     out = args.out / f"steps{args.steps}-lr{args.lr:g}-iit{args.w_iit:g}-strict{args.w_strict:g}"
     out.mkdir(parents=True, exist_ok=True)
-    lm.nn._model.save_pretrained(out) if hasattr(lm.nn, "_model") else None
+    lm.hf.save_pretrained(out)
+    tok.save_pretrained(str(out))
     truth.save(out)
     (out / "log.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "log": log}, indent=1))
     return 0
