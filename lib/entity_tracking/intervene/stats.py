@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["Estimate", "bootstrap", "format_estimate", "ratio"]
+__all__ = ["Estimate", "bootstrap", "cluster_index", "cluster_weights", "format_estimate", "ratio"]
 
 
 @dataclass(frozen=True)
@@ -85,21 +85,12 @@ def bootstrap(vectors: torch.Tensor | Sequence[torch.Tensor],
     stat = statistic or (lambda acc: acc[0])
     point = float(stat(v.mean(-1, keepdim=True))[0])
     gen = torch.Generator().manual_seed(seed)
-    if clusters is not None:
-        cl = torch.as_tensor(clusters).reshape(-1)
-        if cl.numel() != n:
-            raise ValueError(f"clusters names {cl.numel()} examples' clusters, the vectors have {n} examples")
-        _, member = torch.unique(cl, return_inverse=True)  # [n] cluster index 0..C-1
-        n_clusters = int(member.max()) + 1
-    else:
-        n_clusters = 0
+    member, n_clusters = cluster_index(clusters, n)
     out = []
     for s in range(0, n_resamples, chunk):
         r = min(chunk, n_resamples - s)
         if n_clusters:
-            drawn = torch.randint(n_clusters, (r, n_clusters), generator=gen)
-            counts = torch.zeros(r, n_clusters).scatter_add_(1, drawn, torch.ones(r, n_clusters))
-            w = counts[:, member]  # [r, n]: how often each example's context was drawn
+            w = cluster_weights(member, n_clusters, r, gen)
             out.append(stat((v[:, None, :] * w[None]).sum(-1) / w.sum(-1)).float())
         else:
             idx = torch.randint(n, (r, n), generator=gen)
@@ -112,6 +103,26 @@ def bootstrap(vectors: torch.Tensor | Sequence[torch.Tensor],
         q = torch.tensor([(1 - level) / 2, (1 + level) / 2])
         lo, hi = (float(x) for x in torch.nanquantile(stats, q))
     return Estimate(point, lo, hi, level, n, n_clusters)
+
+
+def cluster_index(clusters: Optional[Sequence[int] | torch.Tensor], n: int) -> tuple[Optional[torch.Tensor], int]:
+    """``(member [n], n_clusters)``: each example's cluster numbered ``0..n_clusters-1``, from its
+    cluster ids (``context_id``); ``(None, 0)`` without ``clusters``."""
+    if clusters is None:
+        return None, 0
+    cl = torch.as_tensor(clusters).reshape(-1)
+    if cl.numel() != n:
+        raise ValueError(f"clusters names {cl.numel()} examples' clusters, the vectors have {n} examples")
+    _, member = torch.unique(cl, return_inverse=True)
+    return member, int(member.max()) + 1
+
+
+def cluster_weights(member: torch.Tensor, n_clusters: int, r: int, generator: torch.Generator) -> torch.Tensor:
+    """``[r, n]`` weights of ``r`` cluster-bootstrap resamples: each draws ``n_clusters`` clusters
+    with replacement, and an example weighs as often as its cluster was drawn."""
+    drawn = torch.randint(n_clusters, (r, n_clusters), generator=generator)
+    counts = torch.zeros(r, n_clusters).scatter_add_(1, drawn, torch.ones(r, n_clusters))
+    return counts[:, member]
 
 
 def ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -21,16 +21,16 @@ import torch
 from .. import task as D
 from ..config import ModelSpec, OrganismSpec
 from ..intervene.patching import last_logits
-from ..intervene.stats import Estimate, bootstrap
+from ..intervene.stats import Estimate, bootstrap, cluster_index, cluster_weights
 from ..io import ResultsPaths, read_json
 from ..load import load_model, model_sources
 from ..organism.finetune import arithmetic_correct, heldout_audit, training_problems
 from ..schema import GROUPS
-from .ablation import Ablation, compute_means, encode_for, evaluate
+from .ablation import Ablation, compute_means, context_ids, encode_for, evaluate
 from .circuit import Circuit
 from .cmap import OutputCMAP, heads_by_position
 
-__all__ = ["SHARE_COLUMNS", "Checkpoint", "checkpoints", "checkpoint_row", "context_ids", "eval_accuracy",
+__all__ = ["SHARE_COLUMNS", "Checkpoint", "checkpoints", "checkpoint_row", "eval_accuracy",
            "exact_match_by_digits_table", "gain_by_answer", "heldout_audit_table", "replicate_curve", "seed_bootstrap"]
 
 _STEP = re.compile(r"step-(\d+)$")
@@ -113,13 +113,6 @@ def checkpoint_row(base, model, eval_records: Sequence[Mapping[str, Any]], refer
     return row
 
 
-def context_ids(records: Sequence[Mapping[str, Any]]) -> Optional[list[int]]:
-    """The ``context_id`` of every evaluation prompt record, the clusters of a bootstrap over
-    contexts; None when a record has none (prompts drawn one per context)."""
-    ids = [r.get("context_id") for r in records]
-    return None if any(i is None for i in ids) else [int(i) for i in ids]
-
-
 def seed_bootstrap(vectors: torch.Tensor, statistic: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, *,
                    clusters: Optional[Sequence[int] | torch.Tensor] = None,
                    n_resamples: int = 1000, seed: int = 0, level: float = 0.95):
@@ -148,16 +141,9 @@ def seed_bootstrap(vectors: torch.Tensor, statistic: Optional[Callable[[torch.Te
     point = float(torch.stack([stat(v[s].mean(-1, keepdim=True))[0] for s in range(S)]).mean())
     gen = torch.Generator().manual_seed(seed)
     seeds = torch.randint(S, (n_resamples, S), generator=gen)
-    n_clusters = 0
-    if clusters is not None:
-        cl = torch.as_tensor(clusters).reshape(-1)
-        if cl.numel() != n:
-            raise ValueError(f"seed_bootstrap: clusters names {cl.numel()} examples' clusters, the vectors have {n}")
-        _, member = torch.unique(cl, return_inverse=True)
-        n_clusters = int(member.max()) + 1
-        drawn = torch.randint(n_clusters, (n_resamples, n_clusters), generator=gen)
-        counts = torch.zeros(n_resamples, n_clusters).scatter_add_(1, drawn, torch.ones(n_resamples, n_clusters))
-        w = counts[:, member]  # [R, n]: how often each example's context was drawn
+    member, n_clusters = cluster_index(clusters, n)
+    if n_clusters:
+        w = cluster_weights(member, n_clusters, n_resamples, gen)  # [R, n]
         acc = torch.stack([(v * w[r]).sum(-1) / w[r].sum() for r in range(n_resamples)], -1)  # [S, k, R]
     else:
         idx = torch.randint(n, (n_resamples, n), generator=gen)
@@ -181,7 +167,7 @@ def replicate_curve(base, specs: Sequence[ModelSpec], paths: ResultsPaths, eval_
     0 for the recipe's own held-out set). One row per step."""
 
     clusters = context_ids(eval_records)
-    n_contexts = len(set(clusters)) if clusters is not None else 0
+    n_contexts = int(torch.unique(clusters).numel()) if clusters is not None else 0
     held = [D.problem_key(*D.parse_problem(q)) for q, _ in problems]
     in_training: Optional[int] = 0  # None: a model whose training stream is not ours to replay
     for spec in specs:
@@ -237,7 +223,7 @@ def gain_by_answer(finetuned: torch.Tensor, base: torch.Tensor, records: Sequenc
         if not bool(mask.any()):
             continue
         pair = torch.stack([finetuned[mask].float(), base[mask].float()])
-        cl = None if ids is None else torch.tensor(ids)[mask]
+        cl = None if ids is None else ids[mask]
         acc = bootstrap(pair, clusters=cl, n_resamples=n_resamples)
         gain = bootstrap(pair, lambda a: a[0] - a[1], clusters=cl, n_resamples=n_resamples)
         rows.append({"prompts": label, "n": int(mask.sum()), "fine-tuned": acc.value,

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 
-from ..intervene.stats import Estimate, bootstrap
+from ..intervene.stats import Estimate, bootstrap, format_estimate
 from ..io import read_json, write_json
 from ..schema import GROUP_LABELS, GROUPS, Head
 from .circuit import Circuit
@@ -544,7 +544,7 @@ def who(model: str, controls: Iterable[str] = ()) -> str:
 
 def _fmt(est: Mapping[str, float], spec: str = ".2f") -> str:
     """An estimate ``{"value", "low", "high"}`` as :class:`~entity_tracking.intervene.stats.Estimate` prints it."""
-    return format(Estimate(est["value"], est["low"], est["high"]), spec)
+    return format_estimate(est, spec)
 
 
 def prompts_sample(est: Mapping[str, float] | Estimate, unit: str = "prompts") -> str:

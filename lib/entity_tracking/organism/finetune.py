@@ -44,7 +44,6 @@ from .train import first_query_accuracy
 __all__ = [
     "FINETUNE_VERSION",
     "HELDOUT_SIZE",
-    "arithmetic_by_digits",
     "arithmetic_correct",
     "arithmetic_pairs",
     "control_batches",
@@ -120,13 +119,6 @@ def arithmetic_correct(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> to
 def arithmetic_accuracy(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> float:
     """Exact-match accuracy of :func:`arithmetic_correct`."""
     return float(arithmetic_correct(model, tokenizer, pairs).float().mean())
-
-
-def arithmetic_by_digits(model, tokenizer, pairs: Sequence[tuple[str, str]], max_digits: int) -> dict[str, float | None]:
-    """Exact match of :func:`arithmetic_correct` per operand digit count, ``{"1": .., "2": .., ...}``
-    up to ``max_digits`` (:func:`entity_tracking.task.exact_match_by_digits`; None where no problem has
-    that many digits)."""
-    return exact_match_by_digits(arithmetic_correct(model, tokenizer, pairs).tolist(), pairs, max_digits)
 
 
 def _val_entity_accuracy(model, tokenizer, org: OrganismSpec, num_boxes: int, n: int = 504) -> float:
