@@ -18,8 +18,8 @@ def test_a_claim_holds_only_when_every_tested_row_about_the_papers_models_holds(
     assert claim_verdict([_row(1, "does not hold"), _row(1, "exceeds the model")]) == "does not hold"
     assert claim_verdict([_row(1, "not testable"), _row(1, "not run")]) == "not testable"
     assert claim_verdict([]) == "not run"
-    # a row about an untested model does not decide; the tested rows do
-    assert claim_verdict([_row(1, "holds"), _row(1, "not testable")]) == "holds"
+    # a claim does not hold on the rows that could be tested alone: the others leave it partly
+    assert claim_verdict([_row(1, "holds"), _row(1, "not testable")]) == "partly"
 
 
 def test_rows_of_ours_never_decide_a_claim_of_the_paper():
@@ -57,6 +57,11 @@ def test_the_scope_note_is_made_of_the_builds_numbers(tmp_path):
     write_json(m / "binding.json", {"base": {"retention_context_ablated": _est(0.02, 0.0, 0.05)}})
     assert "keeps 0.02 [0.00, 0.05]" in scope_note(tmp_path, "prof")
     assert "by content" in scope_note(tmp_path, "prof")
+    write_json(m / "binding.json", {"base": {"retention_context_ablated": _est(0.4, 0.3, 0.6)}})
+    assert "neither reading is settled" in scope_note(tmp_path, "prof")  # an interval across the cut
+    write_json(m / "binding.json", {"base": {"retention_context_ablated": _est(0.8, 0.7, 0.9)}})
+    assert "as a positional binding would" in scope_note(tmp_path, "prof")
+    write_json(m / "binding.json", {"base": {"retention_context_ablated": _est(0.02, 0.0, 0.05)}})
     write_json(m / "binding_gain_by_box.json", {"base": "base", "finetuned": {"ctl": {
         "control": True, "gain": _est(0.1, 0.05, 0.15), "seen": _est(0.01, -0.02, 0.04),
         "unseen": _est(0.3, 0.2, 0.4), "unseen_boxes": "5-7"}}})

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Optional
 from ..config import ROOT_ENV, Profile, find_repo_root, load_profile
 from ..io import ResultsPaths, read_json, write_json
 from ..load import load_model
-from ..methods.verdicts import VERDICTS, Competence, Verdict, read_competence
+from ..methods.verdicts import CONTENT_BINDING, VERDICTS, Competence, Verdict, read_competence
 from .runner import chapters_from_toc, run_chapters
 
 __all__ = ["CLAIM_NAMES", "ChapterContext", "Verdict", "claim_answers", "claim_verdict", "is_ours", "left_out_note", "scope_note", "load_verdicts", "models_to_study", "record_verdicts",
@@ -218,15 +218,17 @@ def is_ours(row: dict) -> bool:
 
 def claim_verdict(rows: Iterable[dict]) -> str:
     """One claim's verdict over its rows about the paper's models (:func:`is_ours` rows apart):
-    ``holds`` when every tested row holds, ``does not hold`` when none holds even partly,
-    ``not testable`` / ``not run`` when no row was tested, ``partly`` otherwise (mixed rows)."""
+    ``holds`` only when every row was tested and holds (a claim about the fine-tunes does not
+    hold on the base's row alone), ``does not hold`` when no tested row holds even partly,
+    ``not testable`` / ``not run`` when no row was tested, ``partly`` otherwise (mixed rows, or
+    rows that hold beside rows that could not be tested)."""
     rows = [r for r in rows if not is_ours(r)]
     tested = [r["holds"] for r in rows if r["holds"] not in ("not testable", "not run")]
     if not tested:
         kinds = {r["holds"] for r in rows}
         return "not testable" if "not testable" in kinds else "not run"
     if all(h == "holds" for h in tested):
-        return "holds"
+        return "holds" if len(tested) == len(rows) else "partly"
     if not any(h in ("holds", "partly") for h in tested):
         return "does not hold"
     return "partly"
@@ -285,9 +287,11 @@ def scope_note(results_root: Path, profile: str) -> str:
              f"the paper's Llama-7B 0.66)")
     ret = binding.get(base, {}).get("retention_context_ablated")
     if ret:
+        cut = CONTENT_BINDING.value
         kind = ("so it binds objects to boxes by content, not by position as the paper finds in Llama-7B"
-                if ret["high"] < 0.5 else "so much of its binding survives without the context's content, "
-                "as a positional binding would")
+                if ret["high"] < cut else "so much of its binding survives without the context's content, "
+                "as a positional binding would" if ret["low"] >= cut else
+                "so part of its binding survives without the context's content: neither reading is settled")
         first += f", and keeps {est(ret)} of that accuracy with every context head mean-ablated, {kind}"
     first += ": every chapter measures this model, and where it lacks the paper's mechanism the methods report that."
     second = ("It cannot say whether arithmetic fine-tuning enhances the paper's positional mechanism in Llama-7B: "

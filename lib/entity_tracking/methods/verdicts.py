@@ -53,6 +53,7 @@ __all__ = [
     "faithfulness_grade",
     "over_random",
     "CONFIDENTLY_WRONG",
+    "CONTENT_BINDING",
     "CIRCUIT_OVERLAP",
     "DCM_MARGIN",
     "DCM_SHARE_FLOOR",
@@ -206,6 +207,12 @@ CMAP_OVER_RANDOM = Threshold(0.4, "the share CMAP_RECOVERY calls part of the gai
 
 #: Groups of the four-step chain a circuit must have to be "the paper's circuit".
 GROUP_COUNT = Grade(4, 1, "the paper's circuit has four groups; fewer is part of the chain")
+
+#: Retention of accuracy with every context head mean-ablated (binding chapter) below which a model
+#: binds by content, at or above which its binding survives as a positional one would (the landing
+#: page's scope note reads the whole interval against it; straddling it, neither reading is made).
+CONTENT_BINDING = Threshold(0.5, "the paper's numbers imply Llama-7B keeps most of its accuracy (binding.paper_implied); "
+                                 "a model that loses over half of it needs the context's content to bind")
 
 #: A fine-tune must gain at least this much accuracy for CMAP to have a gain to attribute.
 MIN_GAIN = Threshold(0.02, "a gain under 2 points is within a few prompts of the base model on 500 prompts")
