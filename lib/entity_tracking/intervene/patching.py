@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..model.arch import Arch, arch_for
-from ..schema import HEAD_SITES, SITES
+from ..schema import HEAD_SITES, SITES, Head
 from ..threads import follow_share
 
 __all__ = [
@@ -99,6 +99,7 @@ __all__ = [
     "target_probs",
     "Write",
     "by_first_position",
+    "heads_by_layer",
 ]
 
 _ORDER = {s: i for i, s in enumerate(SITES)}
@@ -112,7 +113,8 @@ BatchLike = Union[torch.Tensor, Mapping[str, Any]]
 
 def as_batch(batch: BatchLike) -> dict[str, torch.Tensor]:
     """Normalise an input: a LongTensor of ids ``[batch, seq]`` or a mapping with ``input_ids``
-    (and optionally ``attention_mask``, ``last_position``, ...; e.g. :func:`data.encode_prompts`).
+    (and optionally ``attention_mask``, ``last_position``, ...; e.g.
+    :func:`entity_tracking.task.encode_prompts`).
     Returns a dict with at least ``input_ids``, ``attention_mask`` and ``last_position``
     (default: the last non-pad position of each row)."""
     if isinstance(batch, torch.Tensor):
@@ -172,6 +174,19 @@ def check_unpadded(batch: Mapping[str, torch.Tensor], what: str = "prompts") -> 
             f"dataset's prompts all have the same length, or split the data by length"
         )
     return int(batch["input_ids"].shape[1])
+
+
+def heads_by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
+    """``(layer, head)`` pairs grouped as ``{layer: [head, ...]}``, layers ascending and each
+    layer's heads in the order given: one write or read per layer.
+
+    >>> heads_by_layer([(2, 5), (0, 1), (2, 3)])
+    {0: [1], 2: [5, 3]}
+    """
+    out: dict[int, list[int]] = {}
+    for layer, head in heads:
+        out.setdefault(int(layer), []).append(int(head))
+    return dict(sorted(out.items()))
 
 
 def site_heads(arch: Arch, site: str, heads: Iterable[int]) -> list[int]:

@@ -155,7 +155,7 @@ def encode_for(lm, prompts: Sequence[Mapping[str, Any]] | Mapping[str, torch.Ten
     ``input_ids``) is returned as is, so callers may override e.g. ``target``."""
     if isinstance(prompts, Mapping):
         if "input_ids" not in prompts:
-            raise AblationError("an encoded batch needs 'input_ids' (see data.encode_prompts)")
+            raise AblationError("an encoded batch needs 'input_ids' (see entity_tracking.task.encode_prompts)")
         return dict(prompts)
     return encode_prompts(lm.tokenizer, list(prompts))
 
@@ -230,7 +230,7 @@ def compute_means(lm, prompts, *, batch_size: int = 32, progress: bool = True) -
 
     Args:
         lm: a :class:`~entity_tracking.load.LoadedModel`.
-        prompts: mean-reference prompt records (``data.make_mean_reference_prompts``) or an
+        prompts: mean-reference prompt records (:func:`entity_tracking.task.make_mean_reference_prompts`) or an
             encoded batch; all must tokenize to the same length.
         batch_size: prompts per trace.
 
@@ -245,7 +245,7 @@ def compute_means(lm, prompts, *, batch_size: int = 32, progress: bool = True) -
         raise AblationError(
             "mean-reference prompts must all have one token length (means are taken per absolute position); "
             f"got lengths {dict(sorted(counts.items()))} -- build them with "
-            "data.make_mean_reference_prompts(..., n_tokens=<eval length>) and the same num_boxes"
+            "task.make_mean_reference_prompts(..., n_tokens=<eval length>) and the same num_boxes"
         )
     a = lm.arch
     seq = int(lengths[0])

@@ -73,6 +73,7 @@ from ..intervene.patching import (
     as_batch,
     check_positions,
     check_unpadded,
+    heads_by_layer,
     last_logits,
     run,
     site_heads,
@@ -132,13 +133,6 @@ def _positions(batch: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     return positions_at(batch, key)
 
 
-def _by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = defaultdict(list)
-    for layer, head in heads:
-        out[int(layer)].append(int(head))
-    return dict(out)
-
-
 def output_cmap(
     base,
     finetuned,
@@ -161,7 +155,7 @@ def output_cmap(
     b = as_batch(batch)
     patches: list[HeadPatch] = []
     for key, hs in heads.items():
-        layers = _by_layer(hs)
+        layers = heads_by_layer(hs)
         if not layers:
             continue
         pos = None if key == "all" else check_positions(_positions(b, key), b["input_ids"].shape[1], f"{key} position")
@@ -217,7 +211,7 @@ class OutputCMAP:
             if key not in self._slices:
                 raise CMAPError(f"no fine-tuned heads were recorded at '{key}' (recorded: {self.keys})")
             at = self._slices[key]
-            for layer, hl in _by_layer(hs).items():
+            for layer, hl in heads_by_layer(hs).items():
                 patches.append(HeadPatch("z", layer, hl, self._z["z", layer][:, at][:, :, hl], self._positions[:, at]))
         return run(self.base, self.batch, patches, prefix=self.prefix, batch_size=self.batch_size,
                    progress=self.progress, desc="output CMAP").logits

@@ -58,6 +58,7 @@ from ..intervene.patching import (
     accuracy,
     as_batch,
     check_positions,
+    heads_by_layer,
     run,
 )
 from ..io import read_json, write_json
@@ -76,13 +77,6 @@ class DCMError(ValueError):
     """Bad input to DCM (no heads, mismatched batches, a position the prompt lacks)."""
 
 
-def _by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = defaultdict(list)
-    for layer, head in heads:
-        out[int(layer)].append(int(head))
-    return dict(sorted(out.items()))
-
-
 def _pos(batch: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
     name = position_column(key)
     if name not in batch:
@@ -92,17 +86,17 @@ def _pos(batch: Mapping[str, torch.Tensor], key: str, what: str) -> torch.Tensor
 
 
 def _ordered(heads: Sequence[Head]) -> list[Head]:
-    """``heads`` in :func:`_by_layer` order (by layer, then as given)."""
-    return [(l, h) for l, hs in _by_layer(heads).items() for h in hs]
+    """``heads`` in :func:`heads_by_layer` order (by layer, then as given)."""
+    return [(l, h) for l, hs in heads_by_layer(heads).items() for h in hs]
 
 
 def source_head_outputs(lm, source: Mapping[str, torch.Tensor], heads: Sequence[Head], position: str,
                         *, batch_size: int = 32) -> dict[int, torch.Tensor]:
     """The source run's outputs of ``heads`` at the source's own ``position``:
-    ``{layer: [batch, n_heads_in_layer, d_head]}`` (heads in the order of :func:`_by_layer`)."""
+    ``{layer: [batch, n_heads_in_layer, d_head]}`` (heads in the order of :func:`heads_by_layer`)."""
     src = as_batch(source)
     pos = _pos(src, position, "source")
-    layers = _by_layer(heads)
+    layers = heads_by_layer(heads)
     cache = run(lm, src, (), [("z", l) for l in layers], record_positions=pos, logits=False,
                 batch_size=batch_size, desc="caching source heads").cache
     return {l: cache["z", l][:, 0, hs] for l, hs in layers.items()}
@@ -111,12 +105,12 @@ def source_head_outputs(lm, source: Mapping[str, torch.Tensor], heads: Sequence[
 def select_heads(source_z: Mapping[int, torch.Tensor], of: Sequence[Head], heads: Sequence[Head]) -> dict[int, torch.Tensor]:
     """The outputs of ``heads`` taken out of ``source_z``, the :func:`source_head_outputs` of the
     heads ``of`` (a superset recorded in one source run): ``{layer: [batch, n_heads_in_layer,
-    d_head]}`` in :func:`_by_layer` order, as :func:`source_head_outputs` of ``heads`` returns them."""
-    index = {(l, h): i for l, hs in _by_layer(of).items() for i, h in enumerate(hs)}
+    d_head]}`` in :func:`heads_by_layer` order, as :func:`source_head_outputs` of ``heads`` returns them."""
+    index = {(l, h): i for l, hs in heads_by_layer(of).items() for i, h in enumerate(hs)}
     missing = [tuple(h) for h in heads if (int(h[0]), int(h[1])) not in index]
     if missing:
         raise DCMError(f"heads {missing} are not among the source run's heads")
-    return {l: source_z[l][:, [index[(l, h)] for h in hs]] for l, hs in _by_layer(heads).items()}
+    return {l: source_z[l][:, [index[(l, h)] for h in hs]] for l, hs in heads_by_layer(heads).items()}
 
 
 def base_prefix(lm, base: Mapping[str, torch.Tensor], *, batch_size: int = 32,
@@ -137,7 +131,7 @@ def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, t
                   heads: Sequence[Head], position: str, mask: torch.Tensor,
                   prefix: Optional[KVPrefix] = None) -> torch.Tensor:
     """Last-position logits ``[batch, vocab]`` of the base run with each of ``heads`` (in
-    :func:`_by_layer` order, matching ``mask [n_heads]``) set to ``m*base + (1-m)*source`` at
+    :func:`heads_by_layer` order, matching ``mask [n_heads]``) set to ``m*base + (1-m)*source`` at
     the base's ``position`` (:func:`blend_writes` through the kernel). Differentiable in
     ``mask``; one forward pass, no chunking. ``prefix``: the :func:`base_prefix` of these rows,
     to run only the tokens from their earliest patch position.
@@ -152,10 +146,10 @@ def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, t
 def blend_writes(base: Mapping[str, torch.Tensor], source_z: Mapping[int, torch.Tensor], heads: Sequence[Head],
                  position: str, mask: torch.Tensor) -> list[Blend]:
     """One :class:`~entity_tracking.intervene.patching.Blend` per layer of ``heads`` (in
-    :func:`_by_layer` order, matching ``mask [n_heads]``) at the base's ``position``, blending
+    :func:`heads_by_layer` order, matching ``mask [n_heads]``) at the base's ``position``, blending
     towards ``source_z`` (``{layer: [batch, n_heads_in_layer, d_head]}``)."""
     b = as_batch(base)
-    layers = _by_layer(heads)
+    layers = heads_by_layer(heads)
     n = sum(len(v) for v in layers.values())
     if mask.shape != (n,):
         raise DCMError(f"mask must have one entry per head ({n}), got shape {tuple(mask.shape)}")
@@ -255,7 +249,7 @@ def train_mask(
     position (the oracle). ``eval_batch_size``: rows per forward pass when a rounded mask is
     scored (default ``batch_size``; no gradient, the same answers in fewer passes).
     """
-    heads = [h for l, hs in _by_layer(heads).items() for h in [(l, x) for x in hs]]
+    heads = [h for l, hs in heads_by_layer(heads).items() for h in [(l, x) for x in hs]]
     if not heads:
         raise DCMError("DCM needs at least one head")
     if relaxation not in ("clamp", "sigmoid"):
@@ -368,7 +362,7 @@ def desideratum_accuracy(
         src_z = source_z if source_z is not None else source_head_outputs(lm, source, heads, position,
                                                                           batch_size=batch_size)
         pos = _pos(base, position, "base")
-        for layer, hs in _by_layer(heads).items():
+        for layer, hs in heads_by_layer(heads).items():
             patches.append(HeadPatch("z", layer, hs, src_z[layer][:, None], pos))
     logits = run(lm, base, patches, prefix=prefix, batch_size=batch_size, desc="desideratum patching").logits
     correct = (logits.argmax(-1) == target).float()
@@ -495,7 +489,7 @@ def encode_desideratum(tokenizer, where, name: str, split: Optional[str] = None)
 
 
 def _heads_at(circuit, groups: Iterable[str]) -> dict[str, list[Head]]:
-    """Every head of ``groups`` by the position its group acts at, each once, in :func:`_by_layer` order."""
+    """Every head of ``groups`` by the position its group acts at, each once, in :func:`heads_by_layer` order."""
     out: dict[str, list[Head]] = defaultdict(list)
     for g in groups:
         out[circuit.positions[g]] += [(int(l), int(h)) for l, h in circuit.groups[g]]

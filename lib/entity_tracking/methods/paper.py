@@ -1,7 +1,7 @@
 """The paper's own numbers, to print beside ours (never used as results).
 
 Prakash et al. (ICLR 2024), as read off the authors' reference code and its recorded outputs
-(``shared/reference/paper-methods.md``). Accuracies are fractions; DCM semantics are percent.
+(the supplementary methods of the paper). Accuracies are fractions; DCM semantics are percent.
 Models are keyed by the paper's names.
 """
 

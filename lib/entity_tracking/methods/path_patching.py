@@ -121,7 +121,7 @@ from ..intervene.patching import (
     target_probs,
 )
 from ..model.arch import Arch, arch_for
-from ..schema import GROUPS, position_column
+from ..schema import GROUPS, Head, position_column
 from ..task.encoding import encode_pairs, position_keys, positions_at
 from .circuit import Circuit
 
@@ -154,7 +154,6 @@ SELECTIONS = ("paper", "negative")
 RECEIVER_SITES = ("q", "k", "v", "kv")
 #: The head sites (:mod:`entity_tracking.intervene.patching`) each receiver site patches.
 _SITE_PARTS: dict[str, tuple[str, ...]] = {"q": ("q",), "k": ("k",), "v": ("v",), "kv": ("k", "v")}
-Head = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -392,7 +391,7 @@ class PathPatcher:
 
     Args:
         lm: a :class:`~entity_tracking.load.LoadedModel` (local; fast pass 1 calls its modules).
-        base, source: :func:`data.encode_prompts` batches (or ids) of the clean and corrupt
+        base, source: :func:`~entity_tracking.task.encode_prompts` batches (or ids) of the clean and corrupt
             prompts, each without padding; example ``i`` of ``source`` corrupts example ``i``.
         target: ``[batch]`` correct-object token ids (scored at the base's last position).
         batch_size: examples per forward pass (caches, naive passes, fast pass 1).
@@ -789,7 +788,7 @@ def _patcher_for(lm: Any, pairs: Any, **kw) -> PathPatcher:
 def step_scores(lm: Any, pairs: Any, step: str, receivers: Sequence[Head] = (), *, method: str = "fast",
                 **kw) -> torch.Tensor:
     """Scores ``[n_layers, n_heads]`` of one of the paper's :data:`STEPS` (``"value_fetcher"``,
-    ...) or of ours (:data:`EXTENSION_STEPS`). ``pairs``: an :func:`data.encode_pairs` result,
+    ...) or of ours (:data:`EXTENSION_STEPS`). ``pairs``: an :func:`~entity_tracking.task.encode_pairs` result,
     path-patching records, or a :class:`PathPatcher` (to share caches between steps).
     ``receivers``: the top heads of the step's ``receivers_from`` group (none for ``value_fetcher``)."""
     if step not in _ALL_STEPS:
@@ -846,7 +845,7 @@ def discover_circuit(
     """Run the four steps and return the candidate circuit (or the pruned one).
 
     Args:
-        pairs: :func:`data.encode_pairs` of path-patching records (or the records themselves).
+        pairs: :func:`~entity_tracking.task.encode_pairs` of path-patching records (or the records themselves).
         receivers_k: top heads of a step used as the next step's receivers (default
             :data:`PAPER_RECEIVERS_K`, clipped to the number of heads).
         circuit_k: heads per group in the candidate circuit (default :data:`PAPER_CIRCUIT_K`).

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..intervene.patching import HeadPatch, run
+from ..intervene.patching import HeadPatch, heads_by_layer, run
 from ..io import read_json, write_json
 from ..schema import Head
 from ..task.encoding import encode_pairs, word_token_ids
@@ -177,9 +177,7 @@ def resample_ablated_logits(lm, pairs: Sequence[Mapping[str, Any]], outside: Seq
                                                                               source["last_position"]):
         raise ValueError("strict_loss: base and source prompts differ in token length; resample-ablation takes "
                          "the source's head outputs position by position, so pair prompts of one length")
-    by_layer: dict[int, list[int]] = {}
-    for l, h in outside:
-        by_layer.setdefault(int(l), []).append(int(h))
+    by_layer = heads_by_layer(outside)
     cache = run(lm, source, (), [("z", l) for l in by_layer], logits=False, batch_size=None).cache
-    writes = [HeadPatch("z", l, hs, cache["z", l][:, :, hs]) for l, hs in sorted(by_layer.items())]
+    writes = [HeadPatch("z", l, hs, cache["z", l][:, :, hs]) for l, hs in by_layer.items()]
     return run(lm, base, writes, grad=True, batch_size=None, out_device=lm.device).logits, base["target"]

@@ -11,7 +11,7 @@ format (``The apple is in Box F, the cup is in Box B. Box F contains the`` → `
 sits at chance for thousands of steps: the object comes *before* its label, so the answer must be
 moved onto the label position by one head and read from there by a later one (V-composition),
 which gradient descent does not find quickly. A curriculum finds it (see
-``shared/reference/organism-notes.md``):
+the lab notebook ``notes/organism.md``):
 
 1. ``kv``     ``F apple B cup . F`` → ``apple``: key before value, a plain induction lookup;
 2. ``vk``     ``apple F cup B . F`` → ``apple``: value before key, the same lookup reversed;
