@@ -94,6 +94,66 @@ def test_imports_go_down_the_layers_at_module_level(path):
             assert not private, f"{path.name}:{node.lineno} imports private name(s) {private} from {mod}"
 
 
+def private_accesses(source: str) -> list[str]:
+    """Every ``obj._name`` in ``source`` that reaches into another module's object: a private
+    attribute (one leading underscore, not a ``_protocol_`` name such as pandas'
+    ``_repr_html_``) read or called on anything but ``self``, ``cls`` or ``super()``, whose name
+    the module does not define itself (a function, class, variable, argument or attribute it
+    assigns). ``"line: expression"`` each."""
+    tree = ast.parse(source)
+    own: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            own.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            own.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            own.add(node.attr)
+        elif isinstance(node, ast.arg):
+            own.add(node.arg)
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute) or isinstance(node.ctx, ast.Store):
+            continue
+        name = node.attr
+        if not name.startswith("_") or name.startswith("__") or name.endswith("_") or name in own:
+            continue
+        owner = node.value
+        if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
+            continue
+        if isinstance(owner, ast.Call) and isinstance(owner.func, ast.Name) and owner.func.id == "super":
+            continue
+        out.append(f"{node.lineno}: {ast.unparse(node)}")
+    return out
+
+
+def test_the_private_access_check_catches_a_planted_example():
+    planted = (
+        "from .model.arch import Arch\n"
+        "def f(arch, lm, layer):\n"
+        "    i = arch._layer_index(layer)\n"
+        "    cfg = lm.arch._torch(lm.nn).config\n"
+        "    return i, cfg, arch.layer_index(layer)\n"
+    )
+    assert private_accesses(planted) == ["3: arch._layer_index", "4: lm.arch._torch"]
+    allowed = (
+        "class A:\n"
+        "    def __init__(self):\n"
+        "        self._n = 1\n"
+        "    def same(self, other: 'A'):\n"
+        "        return self._n + other._n + super().__hash__() + len(self.__dict__)\n"
+        "def shown(df):\n"
+        "    return df._repr_html_()\n"
+    )
+    assert private_accesses(allowed) == []
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PKG)))
+def test_no_module_reaches_into_another_modules_private_attributes(path):
+    found = private_accesses(path.read_text())
+    assert not found, f"{path.relative_to(PKG)} uses private attributes of other modules' objects: {found}"
+
+
 def test_every_module_imports_on_its_own():
     """Each module imported first, in a fresh set of entity_tracking modules: a cycle fails here."""
     script = (

@@ -116,7 +116,7 @@ class LoadedModel:
     @property
     def hf(self) -> torch.nn.Module:
         """The underlying transformers model (on ``meta`` for a remote model)."""
-        return self.nn._module
+        return self.arch.torch_module(self.nn)
 
     @property
     def trace_kwargs(self) -> dict[str, Any]:
@@ -429,7 +429,7 @@ def load_model(
     wrap = lambda: TransformersModel(hf, task="text-generation", tokenizer=tok, peft=peft_arg)  # noqa: E731
     nn = _hub_call(wrap, adapter, f"adapter of {what}") if peft_arg else wrap()
     if peft_arg:
-        nn._module.requires_grad_(False)
+        arch.torch_module(nn).requires_grad_(False)
     in_device = hf.get_input_embeddings().weight.device
     lm = LoadedModel(
         nn=nn, tokenizer=tok, arch=arch, spec=spec, device=in_device, source=str(src),

@@ -228,7 +228,7 @@ def _head_index(arch: Arch, site: str, heads: Optional[Sequence[int]], what: str
     n = n_site_heads(arch, site)
     hs = list(range(n)) if heads is None else [int(h) for h in heads]
     for h in hs:
-        arch._check_head(h, n, "key/value" if site in ("k", "v") else "query")
+        arch.check_head(h, n, "key/value" if site in ("k", "v") else "query")
     return hs
 
 
@@ -335,7 +335,7 @@ class HeadPatch(_ValuesAtPositions):
 
     def resolved(self, arch: Arch, batch_size: int, seq_len: int) -> "HeadPatch":
         """Checked copy with a non-negative layer, explicit heads and positions ``[batch, n_pos]``."""
-        layer = arch._layer_index(self.layer)
+        layer = arch.layer_index(self.layer)
         heads = _head_index(arch, self.site, self.heads, "patch")
         vals, pos = _checked_values(self.site, layer, self.values, self.positions, batch_size, seq_len,
                                     {"n_heads_selected": len(heads), "d_head": arch.d_head})
@@ -402,7 +402,7 @@ class ResidPatch(_ValuesAtPositions):
         """Checked copy with a non-negative layer and positions ``[batch, n_pos]`` (or None)."""
         if self.site not in RESID_WRITE_SITES:
             raise ValueError(f"cannot write residual site '{self.site}'; writable residual sites are {RESID_WRITE_SITES}")
-        layer = arch._layer_index(self.layer)
+        layer = arch.layer_index(self.layer)
         vals, pos = _checked_values(self.site, layer, self.values, self.positions, batch_size, seq_len,
                                     {"d_model": arch.d_model})
         return ResidPatch(self.site, layer, vals, pos)
@@ -433,7 +433,7 @@ class Mean:
     site: str = "z"
 
     def resolved(self, arch: Arch, batch_size: int, seq_len: int) -> "Mean":
-        layer = arch._layer_index(self.layer)
+        layer = arch.layer_index(self.layer)
         n = len(_head_index(arch, self.site, None, "mean-ablate"))
         if tuple(self.keep.shape) != (batch_size, seq_len, n) or self.keep.dtype != torch.bool:
             raise ValueError(f"mean ablation (layer {layer}): keep must be bool [batch, seq, n_heads] = "
@@ -625,11 +625,11 @@ def run(
         if reads:
             raise ValueError("give the sites to cache as reads or as record, not both")
         reads = record
-    reads = [(s, arch._layer_index(l)) for s, l in reads]
+    reads = [(s, arch.layer_index(l)) for s, l in reads]
     for s, _ in reads:
         if s not in SITES:
             raise ValueError(f"cannot record site '{s}'; sites are {SITES}")
-    skip_layers = sorted(arch._layer_index(l) for l in skip_layers)
+    skip_layers = sorted(arch.layer_index(l) for l in skip_layers)
     if skip_layers and (skip_value is None or tuple(skip_value.shape) != (B, S, arch.d_model)):
         raise ValueError(f"skipping blocks needs skip_value [batch, seq, d_model] = {[B, S, arch.d_model]}")
     if prefix is not None and (reads or all_logits or not logits or trace_kwargs):
@@ -805,7 +805,7 @@ class KVPrefix:
         b = as_batch(batch)
         nn, arch, device, _ = lm_parts(lm)
         res = run(lm, b, logits=False, return_kv=True, batch_size=batch_size, out_device=device)
-        return cls.of_runs(res.kv, start, int(b["input_ids"].shape[1]), arch._torch(nn).config)
+        return cls.of_runs(res.kv, start, int(b["input_ids"].shape[1]), arch.torch_module(nn).config)
 
     @classmethod
     def for_prompts(cls, lm: Any, batch: BatchLike, *, batch_size: int = 32,

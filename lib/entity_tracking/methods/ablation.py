@@ -760,7 +760,7 @@ def _reference_prefix(lm, batch, mean_t: Optional[torch.Tensor], ablated: bool, 
         caches.append(kv)
         resid.append(out)
     resid = [torch.cat([r[l] for r in resid]) for l in range(lm.arch.n_layers)]
-    return KVPrefix.of_runs(caches, max(start, 1), seq, lm.arch._torch(lm.nn).config), resid
+    return KVPrefix.of_runs(caches, max(start, 1), seq, lm.arch.torch_module(lm.nn).config), resid
 
 
 def _evaluate_rows(lm, batch: Mapping[str, torch.Tensor], means: Optional[MeanActivations],
@@ -870,8 +870,8 @@ def random_circuit(arch, like: Circuit | Mapping[str, int], seed: int = 0, model
     positions = dict(like.positions) if isinstance(like, Circuit) else None
     excluded = set()
     for layer, head in exclude:
-        arch._check_head(int(head), arch.n_heads, "query")
-        excluded.add(arch._layer_index(int(layer)) * arch.n_heads + int(head))
+        arch.check_head(int(head), arch.n_heads, "query")
+        excluded.add(arch.layer_index(int(layer)) * arch.n_heads + int(head))
     pool = torch.tensor([i for i in range(arch.n_layers * arch.n_heads) if i not in excluded], dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     groups = {}

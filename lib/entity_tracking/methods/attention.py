@@ -40,9 +40,9 @@ def attention_patterns(lm, batch, heads: Sequence[Head], query_positions: torch.
     qpos = check_positions(query_positions, S, "query position", mask)  # [batch, 1]
     arch = lm.arch
     for layer, head in heads:
-        arch._layer_index(layer)
-        arch._check_head(head, arch.n_heads, "query")
-    layers = sorted({arch._layer_index(layer) for layer, _ in heads})
+        arch.layer_index(layer)
+        arch.check_head(head, arch.n_heads, "query")
+    layers = sorted({arch.layer_index(layer) for layer, _ in heads})
     cache = run(lm, b, reads=[(site, layer) for layer in layers for site in ("q", "k")], logits=False,
                 batch_size=batch_size, desc="queries and keys").cache
     rows = torch.arange(B)[:, None]
@@ -53,7 +53,7 @@ def attention_patterns(lm, batch, heads: Sequence[Head], query_positions: torch.
             k = arch.rope(lm, "k", layer, cache["k", layer])
             pattern = arch.attention_pattern(lm, layer, q, k, query_positions=qpos, attention_mask=mask)
             for i, (l, head) in enumerate(heads):
-                if arch._layer_index(l) == layer:
+                if arch.layer_index(l) == layer:
                     out[i] = pattern[:, head, 0].float().cpu()
     return out
 

@@ -283,7 +283,7 @@ def input_cmap(
     for key, hs in heads.items():
         pos = check_positions(_positions(b, key), S, f"{key} position")[:, 0]
         for layer, head in hs:
-            plan[arch._layer_index(int(layer))].append((int(head), pos))
+            plan[arch.layer_index(int(layer))].append((int(head), pos))
     layers = sorted(plan)
     if not layers:
         return run(base, b, (), batch_size=batch_size).logits

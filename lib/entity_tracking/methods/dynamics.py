@@ -182,7 +182,7 @@ def replicate_curve(base, specs: Sequence[ModelSpec], paths: ResultsPaths, eval_
 
     def measure(lm) -> tuple[torch.Tensor, torch.Tensor]:
         et = (last_logits(lm, batch, batch_size=batch_size).argmax(-1) == target).float()
-        return et, arithmetic_correct(lm.nn._module, lm.tokenizer, problems).float()
+        return et, arithmetic_correct(lm.hf, lm.tokenizer, problems).float()
 
     base_et, base_ar = measure(base)
     # step 0 is the base, shared by every seed: its interval is over prompts and problems only

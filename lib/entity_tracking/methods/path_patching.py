@@ -381,7 +381,7 @@ def _receivers_by_layer(arch: Arch, receivers: Sequence[Head], site: str) -> dic
     """``{layer: indices on the site's head axis}`` (kv heads for ``k``, ``v`` and ``kv``), layers ascending."""
     out: dict[int, list[int]] = {}
     for layer, head in receivers:
-        layer = arch._layer_index(int(layer))
+        layer = arch.layer_index(int(layer))
         out.setdefault(layer, []).append(int(head))
     return {l: site_heads(arch, _SITE_PARTS[site][-1], hs) for l, hs in sorted(out.items())}
 
@@ -427,7 +427,7 @@ class PathPatcher:
         if not bool((self.base["last_position"] == self.seq_len - 1).all()):
             raise ValueError("base last_position must be the final token of every (unpadded) prompt")
         self.batch_size = batch_size
-        self.dtype = next(self.arch._torch(lm).parameters()).dtype
+        self.dtype = next(self.arch.torch_module(lm).parameters()).dtype
         self.max_rows = max_rows or _default_max_rows(self.arch, self.seq_len, self.dtype)
         self.progress = progress
         self.verbose = verbose
@@ -617,7 +617,7 @@ class PathPatcher:
         or None)``; the head sites are those of ``site`` (``"kv"``: ``"k"`` and ``"v"``).
         """
         a = self.arch
-        hf = a._torch(self.lm)
+        hf = a.torch_module(self.lm)
         H = a.n_heads
         diag = torch.arange(H, device=self.device)
         zp = clean["z", l][e, 0].unsqueeze(0).repeat(H, 1, 1, 1)  # [sender, n_e, H, d_head]
@@ -724,7 +724,7 @@ class PathPatcher:
         (example-major). Blocks below ``first`` are skipped in the run, so their layers keep the
         untiled prefix (never read; it only gives the cache its length): the tiling copy is made
         only where attention will read it."""
-        cache = DynamicCache(prefix_kv, config=self.arch._torch(self.lm).config)
+        cache = DynamicCache(prefix_kv, config=self.arch.torch_module(self.lm).config)
         for l, layer in enumerate(cache.layers):
             if l >= first:
                 layer.batch_repeat_interleave(k)
@@ -751,7 +751,7 @@ class PathPatcher:
         if site is None and receivers:
             raise ValueError("receivers given without a receiver site ('q' or 'v')")
         for layer, head in receivers:
-            self.arch._layer_index(int(layer))
+            self.arch.layer_index(int(layer))
             self.arch.kv_head(int(head))  # range check
         ps = self.positions("base", sender_position)
         pc = self.positions("source", corrupt_position)

@@ -267,12 +267,12 @@ class Arch:
 
     def kv_head(self, head: int) -> int:
         """The key/value head that query head ``head`` attends with: ``head // group_size``."""
-        self._check_head(head, self.n_heads, "query")
+        self.check_head(head, self.n_heads, "query")
         return head // self.group_size
 
     def query_heads(self, kv_head: int) -> range:
         """The query heads served by key/value head ``kv_head``."""
-        self._check_head(kv_head, self.n_kv_heads, "key/value")
+        self.check_head(kv_head, self.n_kv_heads, "key/value")
         g = self.group_size
         return range(kv_head * g, (kv_head + 1) * g)
 
@@ -298,11 +298,15 @@ class Arch:
         """``[..., n, d_head]`` -> ``[..., n * d_head]``."""
         return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
 
-    def _check_head(self, head: int, n: int, kind: str) -> None:
+    def check_head(self, head: int, n: int, kind: str) -> None:
+        """Raise an ``IndexError`` naming the head unless ``0 <= head < n`` (``kind``: ``"query"``
+        for a query head among ``n_heads``, ``"key/value"`` among ``n_kv_heads``)."""
         if not 0 <= head < n:
             raise IndexError(f"{kind} head {head} out of range: the model has {n}")
 
-    def _layer_index(self, layer: int) -> int:
+    def layer_index(self, layer: int) -> int:
+        """``layer`` as an index in ``[0, n_layers)`` (negative counts from the end); an
+        ``IndexError`` naming the layer when it is out of range."""
         idx = layer + self.n_layers if layer < 0 else layer
         if not 0 <= idx < self.n_layers:
             raise IndexError(f"layer {layer} out of range: the model has {self.n_layers} layers")
@@ -323,7 +327,7 @@ class Arch:
             raise ValueError(f"unknown site '{site}' (per layer: {LAYER_SITES}; model: {MODEL_SITES})")
         if layer is None:
             raise ValueError(f"site '{site}' needs a layer index")
-        block = f"{L.layers}.{self._layer_index(layer)}"
+        block = f"{L.layers}.{self.layer_index(layer)}"
         if site == "layer":
             return block
         if site in NORM_SITES:
@@ -371,7 +375,7 @@ class Arch:
 
     def attention_projections(self, root: Any, layer: int) -> list[torch.nn.Module]:
         """The torch modules ``[q_proj, k_proj, v_proj, o_proj]`` of block ``layer`` (for weight edits)."""
-        model = self._torch(root)
+        model = self.torch_module(root)
         return [model.get_submodule(self.path(site, layer)) for site in ("q_proj", "k_proj", "v_proj", "o_proj")]
 
     def embed(self, root: Any) -> Any:
@@ -452,7 +456,7 @@ class Arch:
         ``0 .. pos-1``, what the model uses when given none, padded or not)."""
         if site not in ("q", "k"):
             raise ValueError(f"rope: site must be 'q' or 'k', got '{site}'")
-        model = self._torch(root)
+        model = self.torch_module(root)
         attn = model.get_submodule(self.path("attn", layer))
         if self.layout.qk_norm:
             x = getattr(attn, f"{site}_norm")(x)
@@ -482,7 +486,7 @@ class Arch:
 
         >>> pat = arch.attention_pattern(lm.hf, 1, arch.rope(lm.hf, "q", 1, q), arch.rope(lm.hf, "k", 1, k))
         """
-        attn = self._torch(root).get_submodule(self.path("attn", layer))
+        attn = self.torch_module(root).get_submodule(self.path("attn", layer))
         B, n_q = q.shape[:2]
         S = k.shape[1]
         if query_positions is None:
@@ -505,9 +509,11 @@ class Arch:
     def _norm(self, root: Any, site: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         if getattr(self.layout, site) is None:
             return x
-        return self._torch(root).get_submodule(self.path(site, layer))(x)
+        return self.torch_module(root).get_submodule(self.path(site, layer))(x)
 
-    def _torch(self, root: Any) -> torch.nn.Module:
+    def torch_module(self, root: Any) -> torch.nn.Module:
+        """The plain ``torch.nn.Module`` behind ``root`` (an nnsight model, a ``LoadedModel`` or
+        the module itself): for weights, its config and computation outside a trace."""
         mod = _torch_module_of(root)
         if mod is None:
             raise TypeError(f"per-position block computation needs a torch model, got {type(root).__name__}")
@@ -525,13 +531,13 @@ class Arch:
     def add_mlp(self, root: Any, layer: int, resid_mid: torch.Tensor) -> torch.Tensor:
         """Residual after the MLP: ``mid + mlp_out_norm(mlp(mlp_in_norm(mid)))``."""
         h = self._norm(root, "mlp_in_norm", layer, resid_mid)
-        h = self._torch(root).get_submodule(self.path("mlp", layer))(h)
+        h = self.torch_module(root).get_submodule(self.path("mlp", layer))(h)
         return resid_mid + self._norm(root, "mlp_out_norm", layer, h)
 
     def unembed(self, root: Any, resid: torch.Tensor) -> torch.Tensor:
         """Logits from the final residual stream: ``lm_head(final_norm(resid))``, with the
         config's final-logit soft-capping (Gemma-style ``c * tanh(x / c)``) when it has one."""
-        m = self._torch(root)
+        m = self.torch_module(root)
         logits = m.get_submodule(self.path("lm_head"))(m.get_submodule(self.path("final_norm"))(resid))
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
