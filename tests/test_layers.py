@@ -18,7 +18,7 @@ PKG = Path(entity_tracking.__file__).parent
 
 #: The layers, lowest first: a module may import from its own layer or any layer before it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("config", "io", "schema", "threads"),
+    ("config", "io", "schema"),
     ("task",),
     ("model",),
     ("organism",),

@@ -1,4 +1,4 @@
-"""Threads shared between chapters (entity_tracking.threads) and the runner's order of chapters.
+"""Threads shared between chapters (entity_tracking.book.threads) and the runner's order of chapters.
 
 The runner gives a chapter running alone every core; that is only sound if the thread count
 changes no number: the kernel's logits and a DCM mask's gradient are bitwise equal with one and
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from entity_tracking import task as D
-from entity_tracking import threads
+from entity_tracking.book import threads
 from entity_tracking.book.runner import _schedule, critical_paths
 from entity_tracking.config import ModelSpec, TinySpec
 from entity_tracking.intervene.patching import Mean, run
@@ -47,6 +47,37 @@ def test_the_share_is_followed_when_it_changes(restore_threads, tmp_path):
     assert threads.follow_share() is None  # unchanged: one stat, nothing set
     threads.write_share(share, 1)
     assert threads.follow_share() == 1 and torch.get_num_threads() == 1
+
+
+def test_the_kernel_leaves_the_thread_count_to_the_book(restore_threads, tmp_path, tiny):
+    share = tmp_path / "share"
+    n = torch.get_num_threads()
+    threads.write_share(share, n + 1)
+    restore_threads.setenv(threads.SHARE_ENV, str(share))
+    run(tiny, torch.tensor([[1, 2, 3, 4]]))
+    assert torch.get_num_threads() == n
+
+
+def test_a_chapter_kernel_follows_the_share_before_every_cell(restore_threads, tmp_path):
+    class Events:
+        def __init__(self):
+            self.hooks = []
+
+        def register(self, event, fn):
+            self.hooks.append((event, fn))
+
+    class Shell:
+        events = Events()
+
+    shell = Shell()
+    assert threads.follow_share_in_cells(shell) and threads.follow_share_in_cells(shell)
+    assert [e for e, _ in shell.events.hooks] == ["pre_run_cell"]  # registered once
+    assert not threads.follow_share_in_cells(None)
+    share = tmp_path / "share"
+    restore_threads.setenv(threads.SHARE_ENV, str(share))
+    threads.write_share(share, 2)
+    shell.events.hooks[0][1]()
+    assert torch.get_num_threads() == 2
 
 
 def test_a_share_below_one_is_refused(tmp_path):

@@ -3,9 +3,8 @@
 
 The layers, each importing only from the ones above it in this list (data flows one way):
 
-``config``, ``io``, ``schema``, ``threads``
-    params profiles; atomic results files; the shared names (heads, groups, positions, sites); the
-    CPU threads a chapter may use while others run beside it.
+``config``, ``io``, ``schema``
+    params profiles; atomic results files; the shared names (heads, groups, positions, sites).
 ``task``
     the entity-tracking prompts and their spans, samplers and desiderata, arithmetic, encoding, files.
 ``model``

@@ -28,6 +28,7 @@ from ..io import ResultsPaths, read_json, write_json
 from ..load import load_model
 from ..methods.verdicts import CONTENT_BINDING, VERDICTS, Competence, Verdict, read_competence
 from .runner import chapters_from_toc, run_chapters
+from .threads import follow_share, follow_share_in_cells
 
 __all__ = ["CLAIM_NAMES", "ChapterContext", "Verdict", "claim_answers", "claim_verdict", "is_ours", "left_out_note", "scope_note", "load_verdicts", "models_to_study", "record_verdicts",
            "setup_chapter", "show_tables_without_index"]
@@ -106,6 +107,12 @@ def setup_chapter(chapter: str, profile: str | os.PathLike, needs: Iterable[str]
     """
     import torch
 
+    try:  # the torch threads the runner gives this chapter, followed before every cell
+        from IPython import get_ipython
+    except ImportError:  # plain Python: no cells
+        get_ipython = lambda: None  # noqa: E731
+    follow_share_in_cells(get_ipython())
+    follow_share()
     root = find_repo_root()
     os.environ.setdefault(ROOT_ENV, str(root))
     prof = load_profile(profile, root)

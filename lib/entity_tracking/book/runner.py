@@ -12,7 +12,7 @@ core, one where a GPU is present), each kernel with one torch thread (``$ENTITY_
 while all of them run: two chapters side by side use two cores better than one chapter with two
 threads. Of the chapters ready at once, the one that starts the longest chain of chapters still to
 run (by their last run times, :func:`critical_paths`) starts first. The cores of the chapters
-not running go to those that are (:mod:`entity_tracking.threads`): the circuit chapter, which
+not running go to those that are (:mod:`entity_tracking.book.threads`): the circuit chapter, which
 every other one waits for, runs alone on every core, and so does the last one still running. The
 thread count changes no number of the book.
 
@@ -107,8 +107,8 @@ from ..io import (
     read_json,
     write_json,
 )
-from ..threads import SHARE_ENV, write_share
 from .browser import BrowserNotFound, screenshot
+from .threads import SHARE_ENV, write_share
 
 __all__ = [
     "Chapter",

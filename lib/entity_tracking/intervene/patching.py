@@ -71,7 +71,6 @@ from transformers import DynamicCache
 
 from ..model.arch import Arch, arch_for
 from ..schema import HEAD_SITES, SITES, Head
-from ..threads import follow_share
 
 __all__ = [
     "HEAD_SITES",
@@ -613,7 +612,6 @@ def run(
     >>> patch = patch_from_cache(clean.cache, "z", 3, [5], base["last_position"])
     >>> run(lm, base, [patch]).logits                       # identity patch: the clean logits
     """
-    follow_share()  # the CPU threads the book's runner gives this chapter now (no number changes)
     nn, arch, device, tkw = lm_parts(lm)
     b = as_batch(batch)
     ids, mask = b["input_ids"], b["attention_mask"]

@@ -6,9 +6,11 @@ runs: with two chapters running, each does best with one thread per core it has;
 circuit chapter, which every other chapter waits for, or the last chapter still running) a
 chapter can use them all. The runner therefore keeps a small file, named by
 ``$ENTITY_TRACKING_THREAD_SHARE``, holding the torch thread count each running chapter may use
-now, and rewrites it whenever a chapter starts or ends. :func:`follow_share` (called by the
-intervention kernel before every run) reads it and sets ``torch.set_num_threads`` to it when it
-changed; without the variable (a notebook opened by hand, the tests) it does nothing.
+now, and rewrites it whenever a chapter starts or ends. :func:`follow_share` reads it and sets
+``torch.set_num_threads`` to it when it changed; without the variable (a notebook opened by hand,
+the tests) it does nothing. The chapter's setup (:func:`entity_tracking.book.setup_chapter`) makes
+the kernel call it before every cell (:func:`follow_share_in_cells`): the thread count is the
+book's business, and the intervention kernel and the methods never touch it.
 
 Changing the thread count changes no number of the book: on the organism the kernel's logits,
 mean-ablation accuracies and DCM masks are bitwise equal with one and two threads
@@ -25,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["SHARE_ENV", "follow_share", "write_share"]
+__all__ = ["SHARE_ENV", "follow_share", "follow_share_in_cells", "write_share"]
 
 #: The file the runner keeps the per-chapter thread count in.
 SHARE_ENV = "ENTITY_TRACKING_THREAD_SHARE"
@@ -70,3 +72,14 @@ def follow_share() -> Optional[int]:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def follow_share_in_cells(shell) -> bool:
+    """Make the IPython ``shell`` (a chapter's kernel) call :func:`follow_share` before every cell
+    it runs, once however often it is asked; False where there is no shell (plain Python)."""
+    if shell is None:
+        return False
+    if not getattr(shell, "_entity_tracking_follows_share", False):
+        shell.events.register("pre_run_cell", lambda *_: follow_share())
+        shell._entity_tracking_follows_share = True
+    return True
