@@ -13,7 +13,7 @@ from entity_tracking.methods.ablation import compute_means, necessity
 from entity_tracking.config import find_repo_root, load_profile
 from entity_tracking.io import ResultsPaths
 from entity_tracking.load import load_model
-from entity_tracking.methods.path_patching import METRICS, STEPS, PathPatcher, discover_circuit, step_scores, top_heads
+from entity_tracking.methods.path_patching import METRICS, STEPS, PathPatcher, metric_named, discover_circuit, step_scores, top_heads
 
 REPO = find_repo_root(Path(__file__).parent)
 
@@ -31,7 +31,7 @@ def test_fast_equals_naive_on_the_organism(metric):
     Value Fetchers and the others), within 1e-4."""
     _, lm = _organism()
     pairs = D.encode_pairs(lm.tokenizer, D.make_path_patching_pairs(lm.tokenizer, 24, num_boxes=7, seed=4))
-    pp = PathPatcher(lm, pairs["base"], pairs["source"], pairs["target"], metric=metric, progress=False, verbose=False)
+    pp = PathPatcher(lm, pairs["base"], pairs["source"], pairs["target"], metric=METRICS[metric], progress=False, verbose=False)
     fast = {}
     for g, s in STEPS.items():
         # receivers: the previous step's top heads, or the top Value Fetchers where it has none
@@ -53,7 +53,7 @@ def test_ablating_found_value_fetchers_costs_far_more_than_random_heads():
     tok = lm.tokenizer
     pairs = D.encode_pairs(tok, D.make_path_patching_pairs(tok, 100, num_boxes=7, seed=1))
     circuit = discover_circuit(lm, pairs, model_name="organism", receivers_k=prof.circuit.receivers,
-                               circuit_k=prof.circuit.candidates, metric=prof.circuit.metric,
+                               circuit_k=prof.circuit.candidates, metric=metric_named(prof.circuit.metric),
                                verbose=False, progress=False)
     assert circuit.groups["value_fetcher"], circuit.scores["value_fetcher"]
     evals = D.make_eval_prompts(tok, 300, num_boxes=7, seed=2)

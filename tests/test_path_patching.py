@@ -149,11 +149,11 @@ class TestKeyAndValueReceivers:
         c = PP.discover_circuit(lm, enc, receivers_k={"value_fetcher": 2, "position_transmitter": 2,
                                                       "position_detector": 2},
                                 circuit_k={"value_fetcher": 2, "position_transmitter": 1, "position_detector": 1,
-                                           "structure_reader": 1}, metric="pooled", **kw)
+                                           "structure_reader": 1}, metric=PP.pooled, **kw)
         e = PP.extend_circuit(lm, enc, c, k=3, **kw)
         assert {g: e.groups[g] for g in GROUPS} == c.groups and c.group_names == GROUPS
         assert e.group_names == GROUPS + ("object_writer",) and e.positions["object_writer"] == "prev_query_label"
-        want = PP.step_scores(lm, patcher(lm, enc, metric="pooled"), "object_writer", c.groups["value_fetcher"])
+        want = PP.step_scores(lm, patcher(lm, enc, metric=PP.pooled), "object_writer", c.groups["value_fetcher"])
         assert torch.allclose(torch.tensor(e.scores["object_writer"]), want, atol=1e-6)
         assert e.groups["object_writer"] == PP.top_heads(want, 3, "paper")
         ext = e.meta["extension"]["object_writer"]
@@ -229,13 +229,11 @@ class TestScoresByConstruction:
     def test_pooled_metric_is_not_dominated_by_confidently_wrong_prompts(self, dirs):
         """A head that cuts p(correct) 0.9 -> 0.1 on a right prompt and lifts 0.001 -> 0.01 on a
         wrong one: the paper's mean of ratios calls it helpful (+4), the pooled metric harmful."""
-        lm = model(dirs, "llama-mha")
         pcl, p = torch.tensor([0.9, 0.001]), torch.tensor([0.1, 0.01])
-        scores = {}
-        for metric in PP.METRICS:
-            pp = patcher(lm, encode(lm, n=2), metric=metric)
-            pp._p_clean = pcl
-            scores[metric] = float(pp._score(p, pcl).mean())
+        logits = torch.stack([p, 1 - p], 1).log()  # p(target = token 0) is p
+        clean = PP.Clean(pcl, pcl.mean(), lambda: torch.stack([pcl, 1 - pcl], 1).log())
+        scores = {name: float(metric(logits, torch.zeros(2, dtype=torch.long), clean).mean())
+                  for name, metric in PP.METRICS.items()}
         assert scores["relative"] == pytest.approx(((0.1 - 0.9) / 0.9 + (0.01 - 0.001) / 0.001) / 2)
         assert scores["relative"] > 4
         assert scores["pooled"] == pytest.approx((p - pcl).sum() / pcl.sum())
@@ -247,14 +245,34 @@ class TestScoresByConstruction:
         absolute change, i.e. relative scores weighted by each prompt's clean probability."""
         lm = model(dirs, name)
         enc = encode(lm)
-        pooled = patcher(lm, enc, metric="pooled")
+        pooled = patcher(lm, enc, metric=PP.metric_named("pooled"))
         for step, recv in RECEIVERS.items():
             fast = PP.step_scores(lm, pooled, step, recv, method="fast")
             naive = PP.step_scores(lm, pooled, step, recv, method="naive")
             assert (fast - naive).abs().max() < TOL, step
             assert naive.abs().max() > 1e-4, step
-        with pytest.raises(ValueError, match="metric must be one of"):
-            patcher(lm, enc, metric="logit_diff")
+        with pytest.raises(ValueError, match="unknown path-patching metric 'logit_diff'; the metrics are"):
+            PP.metric_named("logit_diff")
+        with pytest.raises(TypeError, match="metric_named"):
+            patcher(lm, enc, metric="pooled")
+
+    def test_a_metric_of_ones_own_fast_equals_naive(self, dirs):
+        """A user's metric, the change of the target's logit (a logit difference against the clean
+        run), plugs in as a callable; the fast kernel gives the naive scores under it too."""
+        lm = model(dirs, "llama-mha")
+
+        def logit_difference(logits, target, clean):
+            return (logits.gather(1, target[:, None]) - clean.logits.gather(1, target[:, None]))[:, 0]
+
+        pp = patcher(lm, encode(lm), metric=logit_difference)
+        for step, recv in RECEIVERS.items():
+            fast = PP.step_scores(lm, pp, step, recv, method="fast")
+            naive = PP.step_scores(lm, pp, step, recv, method="naive")
+            assert (fast - naive).abs().max() < TOL, step
+            assert naive.abs().max() > 1e-4, step
+        c = PP.discover_circuit(lm, pp, receivers_k={"value_fetcher": 2, "position_transmitter": 2,
+                                                     "position_detector": 2}, progress=False, verbose=False)
+        assert c.meta["metric"] == "logit_difference"
 
 
 class TestDiscoverCircuit:

@@ -16,7 +16,7 @@ head ``(l, h)`` at a sender position ``p_s``:
 
 The score of the sender is the mean over examples of ``(p_patched - p_clean) / p_clean``, where
 ``p`` is the probability (softmax over the whole vocabulary) of the correct object at the last
-token (``metric="relative"``, the paper's). Heads with the **most negative** scores carry the path:
+token (the metric :func:`relative`, the paper's). Heads with the **most negative** scores carry the path:
 the paper takes the ``k`` lowest scores of a step as its group whatever their sign
 (``selection="paper"``, the default); ``selection="negative"`` (ours) keeps only scores below
 zero, so a model without the path gets a smaller or empty group (:func:`top_heads`).
@@ -24,9 +24,12 @@ The paper's mean of ratios suits a model that is rarely confidently wrong. On on
 (the CPU organism gives the answer less than 5% probability in a quarter of its prompts), those
 prompts dominate the mean: a head whose patch moves 0.001 to 0.01 scores +9 there and outweighs
 ten prompts where it cuts 0.9 to 0.1, so the heads that do the work can score *positive*.
-``metric="pooled"`` scores the relative change of the *mean* probability instead,
+The metric :func:`pooled` scores the relative change of the *mean* probability instead,
 ``sum(p_patched - p_clean) / sum(p_clean)``: the same scale, every prompt weighted by its clean
-probability, and no blow-up. For the first step, whose
+probability, and no blow-up. A metric is a callable (as in TransformerLens): any function of the
+patched logits, the target and the clean run (:class:`Clean`) whose mean over the prompts is the
+score, e.g. a logit difference (:data:`Metric`); a profile names one of the two provided by its name
+(:func:`metric_named`). For the first step, whose
 "receiver" is the logits, pass 1's logits are scored directly (the sender's direct effect via
 the residual stream and the MLPs). The circuit is found backwards from the logits in four steps
 (:data:`STEPS`); each step's top heads are the receivers of the next:
@@ -126,9 +129,11 @@ from ..task.encoding import encode_pairs, position_keys, positions_at
 from .circuit import Circuit
 
 __all__ = [
+    "Clean",
     "EXTENSION_STEPS",
     "METHODS",
     "METRICS",
+    "Metric",
     "PAPER_CIRCUIT_K",
     "PAPER_RECEIVERS_K",
     "STEPS",
@@ -139,15 +144,16 @@ __all__ = [
     "discover_circuit",
     "estimate_cost",
     "extend_circuit",
+    "metric_named",
     "null_circuit",
+    "pooled",
+    "relative",
     "shuffled_attention",
     "step_scores",
     "top_heads",
 ]
 
 METHODS = ("fast", "naive")
-#: Path-patching scores: the paper's mean relative change, or the relative change of the mean.
-METRICS = ("relative", "pooled")
 #: Group selection: the paper's k lowest scores whatever their sign, or only negative scores (ours).
 SELECTIONS = ("paper", "negative")
 #: Receiver sites: a receiver's query, key or value, or its key and value together ("kv").
@@ -194,6 +200,78 @@ PAPER_RECEIVERS_K: dict[str, int] = {"value_fetcher": 20, "position_transmitter"
 #: Candidate group sizes handed to minimality pruning (paper, Llama-7B).
 PAPER_CIRCUIT_K: dict[str, int] = {"value_fetcher": 58, "position_transmitter": 10, "position_detector": 25,
                                    "structure_reader": 5}
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+
+
+class Clean:
+    """The clean run at the rows a metric scores (one row per prompt, or per sender and prompt).
+
+    Attributes:
+        p: ``[rows]`` the clean probability of the target at the last token.
+        p_mean: the mean clean probability of the target over the whole dataset (0-d).
+        logits: ``[rows, vocab]`` the clean last-position logits (gathered on first use).
+    """
+
+    def __init__(self, p: torch.Tensor, p_mean: torch.Tensor, logits: Callable[[], torch.Tensor]):
+        self.p, self.p_mean, self._logits = p, p_mean, logits
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self._logits()
+
+
+#: A path-patching metric: ``metric(logits [rows, vocab], target [rows], clean: Clean) -> [rows]``,
+#: the patched run's last-position logits scored against the clean run; a sender's score is the
+#: mean of these terms over the prompts, and the heads with the lowest scores carry the path.
+Metric = Callable[[torch.Tensor, torch.Tensor, Clean], torch.Tensor]
+
+
+def relative(logits: torch.Tensor, target: torch.Tensor, clean: Clean) -> torch.Tensor:
+    """The paper's metric: each prompt's relative change of p(target), ``(p - p_clean) / p_clean``.
+
+    >>> p = torch.tensor([0.1, 0.01])  # p(target) patched; clean 0.9 and 0.001: the wrong prompt dominates
+    >>> logits, target = torch.stack([p, 1 - p], 1).log(), torch.zeros(2, dtype=torch.long)
+    >>> relative(logits, target, Clean(torch.tensor([0.9, 0.001]), None, None))
+    tensor([-0.8889,  9.0000])
+    """
+    return (target_probs(logits, target) - clean.p) / clean.p
+
+
+def pooled(logits: torch.Tensor, target: torch.Tensor, clean: Clean) -> torch.Tensor:
+    """Ours: ``(p - p_clean) / mean(p_clean)``, whose mean over the prompts is the relative change
+    of the *mean* probability (module docstring).
+
+    >>> p, pc = torch.tensor([0.1, 0.01]), torch.tensor([0.9, 0.001])
+    >>> logits, target = torch.stack([p, 1 - p], 1).log(), torch.zeros(2, dtype=torch.long)
+    >>> pooled(logits, target, Clean(pc, pc.mean(), None)).mean()
+    tensor(-0.8779)
+    """
+    return (target_probs(logits, target) - clean.p) / clean.p_mean
+
+
+#: The metrics a profile names (``circuit.metric``): the paper's mean relative change, or the
+#: relative change of the mean.
+METRICS: dict[str, Metric] = {"relative": relative, "pooled": pooled}
+
+
+def metric_named(name: str) -> Metric:
+    """The provided metric called ``name`` (a profile's ``circuit.metric``).
+
+    >>> metric_named("pooled") is pooled
+    True
+    """
+    if name not in METRICS:
+        raise ValueError(f"unknown path-patching metric {name!r}; the metrics are {list(METRICS)} "
+                         f"(or pass a callable of your own, see Metric)")
+    return METRICS[name]
+
+
+def metric_name(metric: Metric) -> str:
+    """The name a circuit's ``meta`` records for ``metric`` (its function name)."""
+    return getattr(metric, "__name__", type(metric).__name__)
+
 
 _LOG = "[entity_tracking.methods.path_patching]"
 _DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
@@ -398,16 +476,18 @@ class PathPatcher:
         max_rows: (sender, example) rows per fast pass-2 forward (default: a 1 GiB budget).
         cache_budget: bytes allowed for keeping the clean run's key/value cache and residual
             stream of the whole dataset across steps (default 2 GiB; beyond it, per group).
-        metric: ``"relative"`` (the paper's mean of per-prompt relative changes) or
-            ``"pooled"`` (relative change of the mean probability); see the module docstring.
+        metric: a :data:`Metric`: :func:`relative` (the paper's mean of per-prompt relative
+            changes), :func:`pooled` (relative change of the mean probability) or your own.
     """
 
     def __init__(self, lm: Any, base: Any, source: Any, target: torch.Tensor, *, batch_size: int = 32,
                  max_rows: Optional[int] = None, progress: bool = True, verbose: bool = True,
-                 cache_budget: int = 2 << 30, metric: str = "relative"):
-        if metric not in METRICS:
-            raise ValueError(f"path-patching metric must be one of {METRICS}, got {metric!r}")
+                 cache_budget: int = 2 << 30, metric: Metric = relative):
+        if not callable(metric):
+            raise TypeError(f"a path-patching metric is a callable (relative, pooled or your own), got {metric!r}; "
+                            f"a profile's name becomes one with metric_named({metric!r})")
         self.metric = metric
+        self.metric_name = metric_name(metric)
         self.lm = lm
         self.nn, self.arch, self.device, _ = lm_parts(lm)
         if getattr(lm, "remote", False):
@@ -432,6 +512,7 @@ class PathPatcher:
         self.progress = progress
         self.verbose = verbose
         self._p_clean: Optional[torch.Tensor] = None
+        self._clean_logits: Optional[torch.Tensor] = None
         self._full: dict[str, Any] = {}
         self._at: dict[tuple[str, tuple], Any] = {}
         self._full_state: Optional[tuple] = None
@@ -459,15 +540,20 @@ class PathPatcher:
     def p_clean(self) -> torch.Tensor:
         """``[batch]`` clean probability of the target at the last token."""
         if self._p_clean is None:
-            logits = run(self.lm, self.base, batch_size=self.batch_size, desc="clean run").logits
-            self._p_clean = target_probs(logits, self.target)
+            self._clean(run(self.lm, self.base, batch_size=self.batch_size, desc="clean run").logits)
         return self._p_clean
 
-    def _score(self, p: torch.Tensor, rows_p_clean: torch.Tensor) -> torch.Tensor:
-        """Per-row terms whose mean over the dataset is the score (``metric``)."""
-        if self.metric == "pooled":
-            return (p - rows_p_clean) / self.p_clean.mean().to(p.device)
-        return (p - rows_p_clean) / rows_p_clean
+    def _clean(self, logits: torch.Tensor) -> None:
+        """Keep the clean run's last-position logits ``[batch, vocab]`` (the first ones made)."""
+        if self._p_clean is None:
+            self._clean_logits = logits
+            self._p_clean = target_probs(logits, self.target)
+
+    def _score(self, logits: torch.Tensor, rows: Union[slice, torch.Tensor]) -> torch.Tensor:
+        """The metric's terms ``[rows]`` of patched ``logits`` ``[rows, vocab]`` for the prompts ``rows``."""
+        dev = logits.device
+        clean = Clean(self.p_clean.to(dev)[rows], self.p_clean.mean().to(dev), lambda: self._clean_logits.to(dev)[rows])
+        return self.metric(logits, self.target.to(dev)[rows], clean)
 
     # -- naive ------------------------------------------------------------------------------
 
@@ -477,8 +563,8 @@ class PathPatcher:
             res = run(self.lm, batch, record=[("z", l) for l in range(self.arch.n_layers)],
                       logits=which == "base", batch_size=self.batch_size, desc=f"{which} cache")
             self._full[which] = res.cache
-            if which == "base" and self._p_clean is None:
-                self._p_clean = target_probs(res.logits, self.target)
+            if which == "base":
+                self._clean(res.logits)
         return self._full[which]
 
     def naive_scores(self, sender_pos: torch.Tensor, corrupt_pos: torch.Tensor,
@@ -486,7 +572,6 @@ class PathPatcher:
         """The oracle: two full forward passes per sender and chunk of examples. ``[n_layers, n_heads]``."""
         a = self.arch
         clean, corrupt = self._full_z("base"), self._full_z("source")
-        p_clean = self.p_clean
         recv = _receivers_by_layer(a, receivers, site) if site else {}
         scores = torch.zeros(a.n_layers, a.n_heads)
         senders = [(l, h) for l in range(a.n_layers) for h in range(a.n_heads)]
@@ -514,7 +599,7 @@ class PathPatcher:
                               logits=False, batch_size=n).cache
                     patches = [HeadPatch(s, l2, hs, rec[s, l2][:, :, hs], ps) for l2, hs in recv.items() for s in parts]
                     logits = run(self.lm, chunk, patches, batch_size=n).logits
-                total += float(self._score(target_probs(logits, self.target[sl]), p_clean[sl]).sum())
+                total += float(self._score(logits, sl).sum())
             scores[l, h] = total / self.n
         return scores
 
@@ -545,8 +630,8 @@ class PathPatcher:
         res = run(self.lm, batch, record=[(s, l) for l in range(self.arch.n_layers) for s in sites],
                   record_positions=torch.stack(list(columns), 1), logits=which == "base",
                   batch_size=self.batch_size, desc=f"{which} cache", out_device=self.device)
-        if which == "base" and self._p_clean is None:
-            self._p_clean = target_probs(res.logits, self.target)
+        if which == "base":
+            self._clean(res.logits)
         for j, col in enumerate(columns):
             data = {k: v[:, j:j + 1] for k, v in res.cache.data.items()}
             self._at[(which, tuple(col.tolist()))] = ActivationCache(data, col[:, None], res.cache.attention_mask)
@@ -588,8 +673,7 @@ class PathPatcher:
                     for sl in batch_chunks(len(at_last), self.batch_size, False, ""):
                         e = at_last[sl]
                         _, logits = self._pass1(l, e, clean, corrupt, {}, None, logits=True)
-                        p = target_probs(logits.reshape(H * len(e), -1), self.target.to(dev)[e].repeat(H))
-                        sums[l] += self._score(p, self.p_clean.to(dev)[e].repeat(H)).view(H, -1).sum(1)
+                        sums[l] += self._score(logits.reshape(H * len(e), -1), e.repeat(H)).view(H, -1).sum(1)
             else:
                 groups = []  # (receiver position, examples): one clean prefix per group
                 per = max(1, self.max_rows // H)
@@ -662,8 +746,7 @@ class PathPatcher:
                      for sl in batch_chunks(self.n, self.batch_size, False, "")]
             self._full_state = {key: [torch.cat([p[key][l] for p in parts]) for l in range(self.arch.n_layers)]
                                 for key in parts[0] if key != "logits"}
-            if self._p_clean is None:
-                self._p_clean = target_probs(torch.cat([p["logits"] for p in parts]), self.target.to(self.device))
+            self._clean(torch.cat([p["logits"] for p in parts]))
         return self._full_state
 
     def _clean_pass(self, e: torch.Tensor) -> dict:
@@ -699,7 +782,6 @@ class PathPatcher:
         first = min(values)
         suffix = self.base["input_ids"].to(dev)[e, P:]
         T = suffix.shape[1]
-        target, p_clean = self.target.to(dev)[e], self.p_clean.to(dev)[e]
         sums = torch.zeros(H, device=dev)
         for ssl in batch_chunks(H, max(1, self.max_rows // n_e), False, ""):
             k = ssl.stop - ssl.start
@@ -715,8 +797,7 @@ class PathPatcher:
             skip = clean_resid[first - 1].repeat_interleave(k, 0) if first > 0 else None
             logits = run(self.lm, suffix.repeat_interleave(k, 0), patches, trace_kwargs=kw, out_device=dev,
                          skip_layers=range(first) if first > 0 else (), skip_value=skip).logits
-            p = target_probs(logits, target.repeat_interleave(k))
-            sums[ssl] += self._score(p, p_clean.repeat_interleave(k)).view(n_e, k).sum(0)
+            sums[ssl] += self._score(logits, e.repeat_interleave(k)).view(n_e, k).sum(0)
         return sums
 
     def _tiled_cache(self, prefix_kv, k: int, first: int):
@@ -835,7 +916,7 @@ def discover_circuit(
     method: str = "fast",
     drop_vf_pt_overlap: bool = True,
     prune: Optional[Callable[[Circuit], Circuit]] = None,
-    metric: str = "relative",
+    metric: Metric = relative,
     selection: str = "paper",
     batch_size: int = 32,
     max_rows: Optional[int] = None,
@@ -853,7 +934,7 @@ def discover_circuit(
             Fetchers (the paper's candidate sets do).
         prune: minimality pruning, ``Circuit -> Circuit`` (e.g. built on mean ablation,
             :mod:`entity_tracking.methods.ablation`); ``None`` returns the candidates.
-        metric: ``"relative"`` (the paper's) or ``"pooled"`` (:class:`PathPatcher`); ignored
+        metric: :func:`relative` (the paper's), :func:`pooled` or your own (:data:`Metric`); ignored
             when ``pairs`` is a :class:`PathPatcher`, which has its own.
         selection: how a step's scores become a group (:func:`top_heads`): ``"paper"`` (the
             reference's k lowest scores, whatever their sign; every step runs from its k
@@ -896,7 +977,7 @@ def discover_circuit(
         meta={
             "method": "path_patching",
             "kernel": method,
-            "metric": pp.metric,
+            "metric": pp.metric_name,
             "selection": selection,
             "receivers_k": {k: int(v) for k, v in rk.items()},
             "circuit_k": {k: int(v) for k, v in ck.items()},
@@ -925,7 +1006,7 @@ def extend_circuit(
     *,
     k: int,
     method: str = "fast",
-    metric: Optional[str] = None,
+    metric: Optional[Metric] = None,
     selection: Optional[str] = None,
     batch_size: int = 32,
     max_rows: Optional[int] = None,
@@ -938,8 +1019,9 @@ def extend_circuit(
 
     Args:
         pairs: as for :func:`discover_circuit` (a :class:`PathPatcher` shares its caches).
-        metric, selection: default to the ones ``circuit`` was found with (its ``meta``), else the
-            paper's (``"relative"``, ``"paper"``): the new group is chosen by the same rule as the others.
+        metric, selection: default to the ones ``circuit`` was found with (its ``meta`` names them;
+            a metric by :func:`metric_named`), else the paper's (:func:`relative`, ``"paper"``): the
+            new group is chosen by the same rule as the others.
 
     Returns:
         a copy of ``circuit`` whose paper groups are unchanged, holding ``group`` at the step's
@@ -951,7 +1033,7 @@ def extend_circuit(
         raise ValueError(f"unknown extension step {group!r}; extension steps are {list(EXTENSION_STEPS)}")
     if int(k) < 0:
         raise ValueError(f"k must be >= 0, got {k}")
-    metric = metric or circuit.meta.get("metric", "relative")
+    metric = metric or metric_named(circuit.meta.get("metric", "relative"))
     selection = selection or circuit.meta.get("selection", "paper")
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection rule {selection!r}; rules are {list(SELECTIONS)}")
@@ -965,7 +1047,7 @@ def extend_circuit(
     else:
         scores = torch.zeros(pp.arch.n_layers, pp.arch.n_heads)
     heads = top_heads(scores, k, selection)
-    meta = {"step": asdict(step), "receivers": [list(h) for h in receivers], "k": int(k), "metric": pp.metric,
+    meta = {"step": asdict(step), "receivers": [list(h) for h in receivers], "k": int(k), "metric": pp.metric_name,
             "selection": selection, "kernel": method, "n_examples": pp.n, "mean_p_clean": float(pp.p_clean.mean())}
     return circuit.with_group(group, heads, position, scores=scores.tolist(),
                               meta={"extension": {**circuit.meta.get("extension", {}), group: meta}})
