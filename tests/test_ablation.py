@@ -19,8 +19,9 @@ import torch
 from entity_tracking.methods.ablation import ALL_POSITIONS, Ablation, AblationError, MeanActivations, NecessityResult, Evaluation, circuit_performance, completeness, compute_means, empty_circuit, encode_for, evaluate, faithfulness, full_circuit, keep_mask, mean_ablated_logits, minimality, necessity, outside_at_positions, pruner, random_circuit, random_circuits, shortfall_by_position
 from entity_tracking.intervene.stats import bootstrap
 from entity_tracking.model.arch import arch_for
-from entity_tracking.schema import GROUP_POSITIONS, GROUPS
+from entity_tracking.schema import GROUP_LABELS, GROUP_POSITIONS, GROUPS
 from entity_tracking.methods.circuit import Circuit
+from entity_tracking.methods import verdicts as V
 from entity_tracking.config import ModelSpec, TinySpec
 from entity_tracking.task.samplers import make_eval_prompts, make_mean_reference_prompts
 from entity_tracking.model.tiny import build_tiny_model
@@ -371,6 +372,12 @@ class TestCircuitMetrics:
         assert any(d.removed.n_heads > 0 for d in res.draws)
         s = res.summary(n_resamples=50)
         assert s["random_score"].value == 0.0 and s["random_score"].high == 0.0
+        frame = res.to_frame()  # what a chapter displays: one row per K, no keys to parse
+        assert list(frame["K"]) == ["random K"] * 3 + [GROUP_LABELS[g] for g in GROUPS]
+        assert list(frame["score"]) == [d.score for d in res.draws] + [d.score for d in res.groups.values()]
+        row = res.scores_row(n_resamples=50)
+        assert list(row) == ["random K", *(GROUP_LABELS[g] for g in GROUPS)]
+        assert row[GROUP_LABELS["value_fetcher"]] == s["value_fetcher_score"]
 
     def test_completeness_limits_and_groups(self, lm, batch, means):
         c = _circuit()
@@ -548,10 +555,12 @@ class TestNecessity:
         again = evaluate(lm, batch, means, [Ablation(ablate=d) for d in draws], progress=False)
         assert [e.accuracy for e in res.random_outside] == [e.accuracy for e in again]
         r = res.random_drop("outside")
-        assert res.far_more("outside") == (res.drop > 2 * r + 0.1)
-        assert res.far_more("outside", factor=0.0, margin=-1.0)  # any drop beats a -1 bar
-        assert res.is_necessary() == (res.far_more("outside") and res.drop > res.random_drop("any"))
-        assert res.to_json()["necessary"] == res.is_necessary()
+        assert V.far_more(res, "outside") == (res.drop > 2 * r + 0.1)
+        assert V.far_more(res, "outside", factor=0.0, margin=-1.0)  # any drop beats a -1 bar
+        assert V.is_necessary(res) == (V.far_more(res, "outside") and res.drop > res.random_drop("any"))
+        assert V.necessity_json(res)["necessary"] == V.is_necessary(res)
+        assert "necessary" not in res.to_json()  # the result holds measurements, the verdicts are verdicts'
+        assert res.to_frame().to_dict("records") == [res.row()]
         row = res.row()
         assert row["heads"] == 3 and row["group ablated"] == res.ablated.accuracy
         assert res.to_json()["head_list"] == [list(h) for h in c.groups["value_fetcher"]]
@@ -584,7 +593,7 @@ class TestNecessity:
         assert res.ablated.accuracy == nothing.accuracy
         # every draw of 15 of 15 heads is the group itself; no head is left outside the circuit
         assert [e.accuracy for e in res.random_any] == [res.ablated.accuracy] * 2
-        assert res.random_outside == [] and not res.far_more("outside") and not res.is_necessary()
+        assert res.random_outside == [] and not V.far_more(res, "outside") and not V.is_necessary(res)
         assert math.isnan(res.random_drop("outside"))
 
     def test_errors(self, lm, batch, means):
@@ -651,8 +660,8 @@ class TestMinimality:
         n = res.circuit_accuracy.n
         for n_correct, boxes, measurable in [(n, 7, True), (0, 7, False), (n // 2, 2, False), (n // 2, 26, True)]:
             res.circuit_accuracy = Evaluation("F(C)", torch.arange(n) < n_correct, torch.zeros(n, dtype=torch.long))
-            assert res.measurable(boxes) is measurable, (n_correct, boxes)
-            kept = res.chosen(boxes)
+            assert V.minimality_holds(res, boxes) is measurable, (n_correct, boxes)
+            kept = V.chosen_circuit(res, boxes)
             assert kept.groups == (res.pruned.groups if measurable else c.groups)
             info = kept.meta["minimality"]
             assert info["measurable"] is measurable and kept.meta["pruned"] is measurable

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from entity_tracking import task as D
+from entity_tracking.methods import verdicts as V
 from entity_tracking.methods.ablation import compute_means, necessity
 from entity_tracking.config import find_repo_root, load_profile
 from entity_tracking.io import ResultsPaths
@@ -61,5 +62,5 @@ def test_ablating_found_value_fetchers_costs_far_more_than_random_heads():
     res = necessity(lm, evals, means, circuit, "value_fetcher", n_random=10, seed=0, progress=False)
     row = res.row()
     assert res.full.accuracy > 0.5, row
-    assert res.far_more("outside"), row
+    assert V.far_more(res, "outside"), row
     assert res.drop > res.random_drop("any"), row

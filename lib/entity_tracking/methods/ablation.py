@@ -81,16 +81,9 @@ from tqdm.auto import tqdm
 from ..intervene.patching import PREFIX_BUDGET, KVPrefix, Mean, run  # the budget also bounds the two reference runs of one evaluation
 from ..intervene.stats import Estimate, bootstrap, ratio
 from ..io import atomic_path
-from ..schema import EXTENSION_GROUPS, GROUPS, Head, position_column
+from ..schema import EXTENSION_GROUPS, GROUP_LABELS, GROUPS, Head, position_column
 from ..task.encoding import encode_prompts
 from .circuit import Circuit
-from .verdicts import (
-    BEYOND_RANDOM_MARGIN,
-    NECESSITY_FACTOR,
-    NECESSITY_MARGIN,
-    chance,
-    minimality_measurable,
-)
 
 __all__ = [
     "ALL_POSITIONS",
@@ -1033,13 +1026,6 @@ class NecessityResult:
             raise ValueError(f"baseline must be 'outside' or 'any', got {baseline!r}")
         return self.full.accuracy - self._mean(self.random_outside if baseline == "outside" else self.random_any)
 
-    def far_more(self, baseline: str = "outside", factor: float = float(NECESSITY_FACTOR),
-                 margin: float = float(NECESSITY_MARGIN)) -> bool:
-        """The group costs "far more" than random heads: ``drop > factor * random_drop + margin``
-        (false when the baseline could not be drawn; the defaults are :mod:`entity_tracking.methods.verdicts`')."""
-        r = self.random_drop(baseline)
-        return bool(r == r and self.drop > factor * r + margin)
-
     def effect(self, baseline: str = "outside", *, n_resamples: int = 1000, seed: int = 0,
                level: float = 0.95) -> Estimate:
         """The effect size ``drop - random_drop(baseline)`` (accuracy lost to the group beyond
@@ -1067,16 +1053,6 @@ class NecessityResult:
         return bootstrap(vec, stat, n_resamples=n_resamples, seed=seed, level=level,
                          clusters=shared_clusters([self.ablated, *draws]))
 
-    def beyond_random(self, baseline: str = "outside") -> bool:
-        """The group costs more than random heads by :data:`entity_tracking.methods.verdicts.BEYOND_RANDOM_MARGIN`."""
-        r = self.random_drop(baseline)
-        return bool(r == r and self.drop > r + float(BEYOND_RANDOM_MARGIN))
-
-    def is_necessary(self) -> bool:
-        """The group is necessary: it costs "far more" than random heads outside the circuit
-        (:meth:`far_more`) and more than random heads of the whole model."""
-        return self.far_more("outside") and self.drop > self.random_drop("any")
-
     def row(self) -> dict[str, Any]:
         """One table row (the circuit chapter's)."""
         return {"model": self.model, "group": self.group, "heads": len(self.heads),
@@ -1084,12 +1060,18 @@ class NecessityResult:
                 "random heads outside the circuit (mean)": self._mean(self.random_outside),
                 "random heads of the whole model (mean)": self._mean(self.random_any)}
 
+    def to_frame(self):
+        """The measurements as a one-row table (pandas), for display."""
+        import pandas as pd
+
+        return pd.DataFrame([self.row()])
+
     def to_json(self) -> dict[str, Any]:
+        """The measurements (:func:`entity_tracking.methods.verdicts.necessity_json` adds the verdicts)."""
         return {**self.row(), "head_list": [list(h) for h in self.heads],
                 "random_outside_accuracies": [e.accuracy for e in self.random_outside],
                 "random_any_accuracies": [e.accuracy for e in self.random_any],
-                "n_examples": self.full.n, "far_more_than_outside": self.far_more("outside"),
-                "far_more_than_any": self.far_more("any"), "necessary": self.is_necessary()}
+                "n_examples": self.full.n}
 
 
 def necessity(lm, prompts, means: MeanActivations, circuit: Circuit, group: str = "value_fetcher", *,
@@ -1186,6 +1168,22 @@ class CompletenessResult:
             out[f"{g}_model_minus"] = bootstrap(vec, lambda a: a[1], **kw)
             out[f"{g}_score"] = bootstrap(vec, lambda a: (a[0] - a[1]).abs(), **kw)
         return out
+
+    def to_frame(self):
+        """Every removed set K as a row, for display (pandas): ``K`` (``"random K"`` for each random
+        draw, else the group's label), F(C\\K), F(M\\K) and the gap ``score``."""
+        import pandas as pd
+
+        named = [("random K", d) for d in self.draws] + [(GROUP_LABELS.get(g, g), d) for g, d in self.groups.items()]
+        return pd.DataFrame([{"K": k, "F(C\\K)": d.circuit_minus.accuracy, "F(M\\K)": d.model_minus.accuracy,
+                              "score": d.score} for k, d in named], columns=["K", "F(C\\K)", "F(M\\K)", "score"])
+
+    def scores_row(self, **kw) -> dict[str, Estimate]:
+        """The completeness scores with their intervals (:meth:`summary`), as one table row: the
+        random draws' mean (``"random K"``) and each group's, under its label."""
+        est = self.summary(**kw)
+        row = {"random K": est["random_score"]} if "random_score" in est else {}
+        return {**row, **{GROUP_LABELS.get(g, g): est[f"{g}_score"] for g in self.groups}}
 
     def to_json(self, **kw) -> dict[str, Any]:
         return {
@@ -1286,25 +1284,6 @@ class MinimalityResult:
     @property
     def scores(self) -> dict[tuple[str, Head], float]:
         return {(h.group, h.head): h.score for h in self.heads}
-
-    def measurable(self, num_boxes: int, *, n_resamples: int = 1000, seed: int = 0) -> bool:
-        """Whether the drops mean anything: F(C) above chance with its 95% interval
-        (:func:`entity_tracking.methods.verdicts.minimality_measurable`)."""
-        low = self.circuit_accuracy.estimate(n_resamples=n_resamples, seed=seed).low
-        return minimality_measurable(low, num_boxes)
-
-    def chosen(self, num_boxes: int, **kw) -> Circuit:
-        """The circuit the book keeps: the pruned one when minimality is :meth:`measurable`,
-        else the unpruned candidates. Its ``meta["minimality"]`` says which, with F(C)."""
-        ok = self.measurable(num_boxes, **kw)
-        est = self.circuit_accuracy.estimate(**kw)
-        kept = self.pruned if ok else self.circuit
-        meta = {**self.pruned.meta, "pruned": ok}
-        meta["minimality"] = {**meta.get("minimality", {}), "measurable": ok, "circuit_accuracy": est.as_dict(),
-                              "chance": chance(num_boxes),
-                              "decision": "pruned" if ok else "kept the candidates: F(C) is not above chance"}
-        return Circuit(kept.model, {g: list(kept.groups[g]) for g in kept.group_names}, dict(kept.positions),
-                       dict(kept.scores), meta)
 
     def summary(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict[tuple[str, Head], Estimate]:
         return {(h.group, h.head): h.estimate(n_resamples=n_resamples, seed=seed, level=level) for h in self.heads}

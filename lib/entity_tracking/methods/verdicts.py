@@ -37,6 +37,7 @@ import torch
 from ..intervene.stats import Estimate, bootstrap, format_estimate
 from ..io import read_json, write_json
 from ..schema import GROUP_LABELS, GROUPS, Head
+from .ablation import Evaluation, MinimalityResult, NecessityResult
 from .circuit import Circuit
 from .cmap import BASE_ALONE, FINETUNED_ALONE, FULL_CIRCUIT, row_key
 
@@ -225,7 +226,7 @@ ARITHMETIC_LEARNED = Threshold(0.5, "issue 14: a fine-tune that answers half of 
 CONTROL_PAPER = "none: a positive control of ours, not in the paper"
 
 #: A group's ablation must cost ``NECESSITY_FACTOR x`` the drop of as many random heads outside
-#: the circuit, plus ``NECESSITY_MARGIN``, to be "necessary" (:meth:`ablation.NecessityResult.far_more`).
+#: the circuit, plus ``NECESSITY_MARGIN``, to be "necessary" (:func:`far_more`).
 NECESSITY_FACTOR = Threshold(2.0, "twice the cost of as many random heads is an effect, not a draw")
 NECESSITY_MARGIN = Threshold(0.1, "and at least 10 points of accuracy, so a near-zero baseline cannot make a "
                                   "1-point drop 'necessary'")
@@ -269,6 +270,55 @@ def minimality_measurable(circuit_low: float, num_boxes: int) -> bool:
     -- those ratios compare noise with noise, so minimality cannot say which heads matter and
     the circuit keeps its candidates."""
     return circuit_low > chance(num_boxes)
+
+
+def minimality_holds(result: MinimalityResult, num_boxes: int, *, n_resamples: int = 1000, seed: int = 0) -> bool:
+    """Whether a minimality run's drops mean anything: its F(C) above chance with its 95% interval
+    (:func:`minimality_measurable`)."""
+    low = result.circuit_accuracy.estimate(n_resamples=n_resamples, seed=seed).low
+    return minimality_measurable(low, num_boxes)
+
+
+def chosen_circuit(result: MinimalityResult, num_boxes: int, **kw) -> Circuit:
+    """The circuit the book keeps: the pruned one when minimality is measurable
+    (:func:`minimality_holds`), else the unpruned candidates. Its ``meta["minimality"]`` says
+    which, with F(C) and chance. ``kw``: the bootstrap's ``n_resamples`` and ``seed``."""
+    ok = minimality_holds(result, num_boxes, **kw)
+    est = result.circuit_accuracy.estimate(**kw)
+    kept = result.pruned if ok else result.circuit
+    meta = {**result.pruned.meta, "pruned": ok}
+    meta["minimality"] = {**meta.get("minimality", {}), "measurable": ok, "circuit_accuracy": est.as_dict(),
+                          "chance": chance(num_boxes),
+                          "decision": "pruned" if ok else "kept the candidates: F(C) is not above chance"}
+    return Circuit(kept.model, {g: list(kept.groups[g]) for g in kept.group_names}, dict(kept.positions),
+                   dict(kept.scores), meta)
+
+
+def far_more(result: NecessityResult, baseline: str = "outside", factor: float = float(NECESSITY_FACTOR),
+             margin: float = float(NECESSITY_MARGIN)) -> bool:
+    """The group costs "far more" than random heads: ``drop > factor * random_drop + margin``
+    (false when the baseline could not be drawn)."""
+    r = result.random_drop(baseline)
+    return bool(r == r and result.drop > factor * r + margin)
+
+
+def beyond_random(result: NecessityResult, baseline: str = "outside") -> bool:
+    """The group costs more than random heads by :data:`BEYOND_RANDOM_MARGIN`."""
+    r = result.random_drop(baseline)
+    return bool(r == r and result.drop > r + float(BEYOND_RANDOM_MARGIN))
+
+
+def is_necessary(result: NecessityResult) -> bool:
+    """The group is necessary: it costs "far more" than random heads outside the circuit
+    (:func:`far_more`) and more than random heads of the whole model."""
+    return far_more(result, "outside") and result.drop > result.random_drop("any")
+
+
+def necessity_json(result: NecessityResult) -> dict[str, Any]:
+    """A :class:`~entity_tracking.methods.ablation.NecessityResult`'s measurements with the verdicts
+    on them (:func:`far_more` against both baselines, :func:`is_necessary`)."""
+    return {**result.to_json(), "far_more_than_outside": far_more(result, "outside"),
+            "far_more_than_any": far_more(result, "any"), "necessary": is_necessary(result)}
 
 
 def groups_found(circuit: Circuit) -> list[str]:
@@ -339,7 +389,7 @@ class Competence:
                 f"[{a['low']:.2f}, {a['high']:.2f}], chance {self.chance:.2f})")
 
 
-def competence(model: str, evaluation: Any, num_boxes: int, *, n_resamples: int = 1000, seed: int = 0) -> Competence:
+def competence(model: str, evaluation: Evaluation, num_boxes: int, *, n_resamples: int = 1000, seed: int = 0) -> Competence:
     """:class:`Competence` of ``model`` from an :class:`~entity_tracking.methods.ablation.Evaluation`
     of it on the task's prompts (nothing ablated), e.g. F(M)."""
     est = evaluation.estimate(n_resamples=n_resamples, seed=seed)
@@ -586,7 +636,7 @@ NECESSITY_RULE = (f"holds when ablating the group costs > {NECESSITY_FACTOR.valu
                   "above 0")
 
 
-def necessity_grade(necessity: Any, *, n_resamples: int = 1000, seed: int = 0) -> tuple[Holds, Any]:
+def necessity_grade(necessity: NecessityResult, *, n_resamples: int = 1000, seed: int = 0) -> tuple[Holds, Estimate]:
     """Is a group necessary? ``(verdict, effect)`` for a
     :class:`~entity_tracking.methods.ablation.NecessityResult` under :data:`NECESSITY_RULE`; the effect
     is its :meth:`~entity_tracking.methods.ablation.NecessityResult.effect` estimate over random heads
@@ -594,7 +644,7 @@ def necessity_grade(necessity: Any, *, n_resamples: int = 1000, seed: int = 0) -
     eff = necessity.effect("outside", n_resamples=n_resamples, seed=seed)
     if eff.value != eff.value:
         return "not run", eff
-    if necessity.is_necessary() and eff.low > 0:
+    if is_necessary(necessity) and eff.low > 0:
         return "holds", eff
     return ("partly" if eff.low > 0 and eff.value > BEYOND_RANDOM_MARGIN.value else "does not hold"), eff
 
@@ -608,7 +658,7 @@ CIRCUIT_RULE = ("holds: all four groups stand out from the null sweep (a head lo
                 f"out with Value Fetchers beyond random (effect > {BEYOND_RANDOM_MARGIN.value:g}, interval above 0)")
 
 
-def circuit_verdicts(base: Competence, circuit: Circuit, necessity: Any, null: Circuit | None,
+def circuit_verdicts(base: Competence, circuit: Circuit, necessity: NecessityResult | None, null: Circuit | None,
                      finetuned: Mapping[str, tuple[Competence, Circuit]], *, n_path_patching: int,
                      n_resamples: int = 1000, controls: Iterable[str] = ()) -> list:
     """The circuit chapter's verdicts. ``necessity``: the base circuit's Value Fetchers'
