@@ -6,8 +6,8 @@ group of heads at the last token and one at the query label, learns a mask
 (:func:`entity_tracking.methods.dcm.train_mask`, the book's settings: 2 epochs, batches of 32, eval every
 4 steps) and scores three head selections on fresh-style pairs
 (:func:`~entity_tracking.methods.dcm.desideratum_accuracy`, as the semantics do), each twice: running
-every position (``prefix_cache=False``) and only the tokens from the earliest patch position on
-(:func:`~entity_tracking.methods.dcm.base_prefix`). Prints the CPU time of each (this process's: robust on a
+every position (``cached=False``) and only the tokens from the earliest patch position on
+(a cached :class:`~entity_tracking.intervene.patching.Session` of the base prompts). Prints the CPU time of each (this process's: robust on a
 machine shared with other jobs), the speed ratios full/prefix, and checks that masks, accuracies
 and per-pair answers are the same::
 
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     lm = organism_sized(args)
 
     from entity_tracking import task as D
+    from entity_tracking.intervene.patching import Session
     from entity_tracking.methods import dcm
 
     n = args.pairs
@@ -53,11 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     for fast in (False, True):
         c0 = time.process_time()
         masks = [dcm.train_mask(lm, heads, pos, split["train"], split["eval"], split["test"], epochs=2,
-                                batch_size=32, eval_every=4, progress=False, prefix_cache=fast).to_json()
+                                batch_size=32, eval_every=4, progress=False, cached=fast).to_json()
                  for pos, heads in groups.items()]
         c1 = time.process_time()
-        prefix = dcm.base_prefix(lm, enc["base"]) if fast else None
-        scored = [dcm.desideratum_accuracy(lm, heads, pos, enc, prefix=prefix) for pos, heads in selections]
+        session = Session(lm, enc["base"], cached=fast, desc="desideratum patching")
+        scored = [dcm.desideratum_accuracy(lm, heads, pos, enc, session=session) for pos, heads in selections]
         c2 = time.process_time()
         times[fast] = (c1 - c0, c2 - c1)
         got[fast] = (masks, scored)

@@ -26,7 +26,7 @@ import torch
 
 from entity_tracking import task as D
 from entity_tracking.config import ModelSpec
-from entity_tracking.intervene.patching import last_logits, run
+from entity_tracking.intervene.patching import Session, last_logits, run
 from entity_tracking.load import load_model
 from entity_tracking.methods.planting import (GroundTruth, counterfactual_targets, iit_loss, interchange_logits,
                                               resample_ablated_logits, strict_loss)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(1, args.steps + 1):
         batch = rng.sample(train, args.batch)
         enc = D.encode_prompts(tok, [p["base"] for p in batch])
-        logits = run(lm, enc, (), grad=True, batch_size=None, out_device=lm.device).logits
+        logits = run(Session(lm, enc, batch_size=None, out_device=lm.device), grad=True).logits
         loss = torch.nn.functional.cross_entropy(logits.float(), enc["target"])
         for g, heads in truth.heads.items():
             loss = loss + args.w_iit * iit_loss(lm, batch, heads, truth.positions[g], truth.variable(g))

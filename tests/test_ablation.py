@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from entity_tracking.methods.ablation import ALL_POSITIONS, Ablation, AblationError, MeanActivations, NecessityResult, Evaluation, circuit_performance, completeness, compute_means, empty_circuit, encode_for, evaluate, faithfulness, full_circuit, keep_mask, mean_ablated_logits, minimality, necessity, outside_at_positions, pruner, random_circuit, random_circuits, shortfall_by_position
+from entity_tracking.intervene import patching as P
 from entity_tracking.intervene.stats import bootstrap
 from entity_tracking.model.arch import arch_for
 from entity_tracking.schema import GROUP_LABELS, GROUP_POSITIONS, GROUPS
@@ -129,13 +130,14 @@ def _hooked_logits(model, batch, means, circuit=None, removed=None):
     return logits[torch.arange(B), batch["last_position"]]
 
 
-def _counting(run, rows: list):
-    """``ablation._run`` that records how many rows of settings each trace runs (not the rows of
-    the reference runs whose keys and values prefixes are cut from)."""
-    def counted(lm, ids, *a, **k):
-        if not k.get("cache"):
-            rows.append(len(ids))
-        return run(lm, ids, *a, **k)
+def _counting(rows: list):
+    """``Session.predict_rows`` that records how many rows of settings each evaluation runs (not
+    the rows of the reference runs they share work with)."""
+    real = P.Session.predict_rows
+
+    def counted(self, prompts, *a, **k):
+        rows.append(len(prompts))
+        return real(self, prompts, *a, **k)
     return counted
 
 
@@ -243,8 +245,8 @@ class TestWhatIsAblated:
                     Ablation(ablate=Circuit("K", {"value_fetcher": [(2, 4)]}), label="K"),
                     Ablation(ablate=renamed, label="K, other group"), Ablation(ablate=Circuit("none", {}))]
         assert A.setting_key(lm.arch, settings[3]) == A.setting_key(lm.arch, settings[4])
-        rows, real = [], A._run
-        monkeypatch.setattr(A, "_run", _counting(real, rows))
+        rows, real = [], P.Session.predict_rows
+        monkeypatch.setattr(P.Session, "predict_rows", _counting(rows))
         memo: dict = {}
         together = evaluate(lm, batch, means, settings, batch_size=5, progress=False, memo=memo)
         n = len(batch["input_ids"])
@@ -259,7 +261,7 @@ class TestWhatIsAblated:
         rows.clear()
         evaluate(lm, other, means, [Ablation()], batch_size=5, progress=False, memo=memo)
         assert sum(rows) == n, "other prompts or targets are not served from the memo"
-        monkeypatch.setattr(A, "_run", real)
+        monkeypatch.setattr(P.Session, "predict_rows", real)
         for ab, ev in zip(settings, together):
             (alone,) = evaluate(lm, batch, means, [ab], batch_size=64, progress=False)
             assert torch.equal(ev.predicted, alone.predicted) and torch.equal(ev.correct, alone.correct)
@@ -278,13 +280,13 @@ class TestWhatIsAblated:
                                                                 positions={"value_fetcher": ALL_POSITIONS})),
                     Ablation(ablate=outside_at_positions(lm.arch, c, ["query_label"]))]
         settings += [Ablation(keep=r) for r in random_circuits(lm.arch, c, 4, seed=3)]
-        calls, real = [], A._run
-        monkeypatch.setattr(A, "_run", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+        calls, real = [], P._execute
+        monkeypatch.setattr(P, "_execute", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
         fast = evaluate(lm, batch, means, settings, batch_size=6, progress=False)
-        assert any(kw.get("cache") for kw in calls) and any(kw.get("prefix") is not None for kw in calls)
-        assert any(kw.get("n_skip") for kw in calls), "the head ablated everywhere starts above block 0"
-        monkeypatch.setattr(A, "_run", real)
-        slow = evaluate(lm, batch, means, settings, batch_size=6, progress=False, prefix_cache=False)
+        assert any(kw.get("return_kv") for kw in calls) and any(kw.get("prefix") is not None for kw in calls)
+        assert any(list(kw.get("skip_layers", ())) for kw in calls), "the head ablated everywhere starts above block 0"
+        monkeypatch.setattr(P, "_execute", real)
+        slow = evaluate(lm, batch, means, settings, batch_size=6, progress=False, cached=False)
         for a, b in zip(fast, slow):
             assert torch.equal(a.predicted, b.predicted), a.label
 
@@ -531,11 +533,11 @@ class TestOutsideAtPositions:
 
         c, memo = _circuit(), {}
         faithfulness(lm, batch, means, c, n_random=2, progress=False, memo=memo)
-        rows, real = [], A._run
-        monkeypatch.setattr(A, "_run", _counting(real, rows))
+        rows, real = [], P.Session.predict_rows
+        monkeypatch.setattr(P.Session, "predict_rows", _counting(rows))
         got = shortfall_by_position(lm, batch, means, c, progress=False, memo=memo)
         assert sum(rows) == (len(got) - 2) * len(batch["input_ids"]), "F(M) and F(C) came from the memo"
-        monkeypatch.setattr(A, "_run", real)
+        monkeypatch.setattr(P.Session, "predict_rows", real)
         plain = shortfall_by_position(lm, batch, means, c, progress=False)
         assert all(torch.equal(a["evaluation"].predicted, b["evaluation"].predicted) for a, b in zip(got, plain))
 

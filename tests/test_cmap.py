@@ -103,13 +103,13 @@ def test_output_cmap_of_many_sets_from_one_recording_is_output_cmap_bit_for_bit(
     base, ft, batch = models
     keys = ["last", "query_label", "prev_query_label"]
     patcher = OutputCMAP(base, ft, batch, keys, batch_size=3)
-    assert patcher.prefix is not None, "unpadded prompts: the base runs from its prefix"
+    assert patcher.session.prefix is not None, "unpadded prompts: the base runs from its clean prefix"
     assert torch.equal(patcher.finetuned_logits, last_logits(ft, batch, batch_size=3))
     sets = [{"last": [(1, 1), (2, 0)]}, {"query_label": [(1, 0), (1, 1)]}, {"prev_query_label": [(0, 3)]},
             {"last": [(2, 3)], "query_label": [(0, 1)], "prev_query_label": [(1, 2)]}]
     for heads in sets:
         assert torch.equal(patcher.logits(heads), output_cmap(base, ft, batch, heads, batch_size=3)), heads
-    again = OutputCMAP(base, ft, batch, keys, batch_size=3, prefix=patcher.prefix)  # one prefix, many fine-tunes
+    again = OutputCMAP(base, ft, batch, keys, batch_size=3, session=patcher.session)  # one session, many fine-tunes
     assert torch.equal(again.logits(sets[3]), patcher.logits(sets[3]))
     with pytest.raises(CMAPError, match="'all'"):
         OutputCMAP(base, ft, batch, ["all"])
@@ -392,7 +392,7 @@ def test_checkpoint_row_with_the_base_accuracy_given_is_the_same_row(models):
     fast = checkpoint_row(base, ft, prompts, reference, circuit, batch_size=5,
                           base_accuracy=eval_accuracy(base, prompts, batch_size=5), base_memo=memo)
     assert fast == pytest.approx(slow, rel=0, abs=0, nan_ok=True)
-    assert memo["prefix"] is not None
+    assert memo["session"].prefix is not None
     assert checkpoint_row(base, ft, prompts, reference, circuit, batch_size=5, base_memo=memo) == \
         pytest.approx(slow, rel=0, abs=0, nan_ok=True)
 

@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from entity_tracking import task as D
 from entity_tracking.methods import dcm
 from entity_tracking.config import DataSpec, DCMSpec, ModelSpec, TinySpec
-from entity_tracking.methods.dcm import DCMError, DCMResult, base_prefix, better_mask, desideratum_accuracy, fresh_pairs, masked_logits, read_selections, source_head_outputs, take_rows, train_mask, write_masks
+from entity_tracking.methods.dcm import DCMError, DCMResult, better_mask, desideratum_accuracy, fresh_pairs, masked_logits, read_selections, source_head_outputs, take_rows, train_mask, write_masks
 from entity_tracking.io import read_json, write_json
 from entity_tracking.model.tiny import build_tiny_model
 from entity_tracking.load import load_model
-from entity_tracking.intervene.patching import HeadPatch, last_logits, run
+from entity_tracking.intervene.patching import HeadPatch, Session, last_logits, run
 
 N_LAYERS, N_HEADS, D_MODEL = 2, 4, 64
 D_HEAD = D_MODEL // N_HEADS
@@ -56,11 +56,11 @@ def test_mask_of_zeros_is_patching_the_whole_group(tiny, pairs, position):
     got = masked_logits(tiny, pairs["base"], src, GROUP, position, torch.zeros(len(GROUP)))
     # the oracle: plain activation patching of every group head, source read at its own position
     by_layer = {0: [2], 1: list(range(N_HEADS))}
-    cache = run(tiny, pairs["source"], (), [("z", l) for l in by_layer],
-                record_positions=pairs["source"][f"{position}_position"], logits=False).cache
+    cache = run(tiny, reads=[("z", l) for l in by_layer], batch=pairs["source"],
+                positions=pairs["source"][f"{position}_position"], logits=None).cache
     patches = [HeadPatch("z", l, hs, cache["z", l][:, :, hs], pairs["base"][f"{position}_position"])
                for l, hs in by_layer.items()]
-    want = run(tiny, pairs["base"], patches).logits
+    want = run(tiny, patches, batch=pairs["base"]).logits
     assert torch.allclose(got, want, atol=1e-5)
     assert not torch.allclose(got, last_logits(tiny, pairs["base"]), atol=1e-4)
 
@@ -84,13 +84,14 @@ def test_a_run_from_the_base_prefix_is_the_full_run(tiny, pairs, position, rows)
     """Fast path: only the tokens from the earliest patch position are run, from the base prompts'
     cached keys and values; logits and the mask's gradient are the full run's, to float32 round-off (with
     few rows the suffix grows to keep MIN_SUFFIX_ROWS rows x tokens)."""
-    prefix = base_prefix(tiny, pairs["base"], batch_size=7)
+    whole = Session(tiny, pairs["base"], batch_size=7, cached=True)
+    prefix = whole.prefix
     assert prefix is not None and prefix.start == pairs["base"]["input_ids"].shape[1] - 2
     idx = torch.arange(rows)
     base = take_rows(pairs["base"], idx)
     src = {l: v[idx] for l, v in source_head_outputs(tiny, pairs["source"], GROUP, position).items()}
     got = []
-    for pre in (None, prefix.take(idx)):
+    for pre in (None, whole.rows(idx)):
         mask = torch.tensor([0.2, 0.9, 0.5, 0.0, 0.7], requires_grad=True)
         logits = masked_logits(tiny, base, src, GROUP, position, mask, pre)
         (grad,) = torch.autograd.grad(logits[:, 3].sum() + logits.logsumexp(-1).sum(), mask)
@@ -101,7 +102,8 @@ def test_a_run_from_the_base_prefix_is_the_full_run(tiny, pairs, position, rows)
     torch.testing.assert_close(got[1][1], got[0][1], atol=1e-6, rtol=1e-5)
     heads = [(1, 0), (0, 2)]
     plain = desideratum_accuracy(tiny, heads, position, pairs, batch_size=5)
-    fast = desideratum_accuracy(tiny, heads, position, pairs, batch_size=5, prefix=prefix)
+    fast = desideratum_accuracy(tiny, heads, position, pairs, batch_size=5,
+                                session=Session(tiny, pairs["base"], batch_size=5, cached=True))
     assert fast == plain
 
 
@@ -109,7 +111,7 @@ def test_no_prefix_for_padded_prompts(tiny):
     recs = D.make_desiderata(tiny.tokenizer, "positional", 6, num_boxes=3, seed=2)
     longer = D.make_desiderata(tiny.tokenizer, "positional", 6, num_boxes=4, seed=2)
     enc = D.encode_pairs(tiny.tokenizer, recs + longer, padding_side="right")
-    assert base_prefix(tiny, enc["base"]) is None
+    assert Session(tiny, enc["base"], cached=True).prefix is None
 
 
 @pytest.fixture(scope="module")
@@ -237,8 +239,8 @@ def test_each_rounded_mask_is_evaluated_once(planted, planted_pairs, monkeypatch
     enc, group, carrier, keep = planted_pairs
     calls, real = [], dcm._rounded_accuracy
 
-    def spy(lm, pairs, src, heads, position, mask_values, batch_size, **kw):
-        acc = real(lm, pairs, src, heads, position, mask_values, batch_size, **kw)
+    def spy(session, pairs, src, heads, position, mask_values):
+        acc = real(session, pairs, src, heads, position, mask_values)
         calls.append((pairs is ev, tuple(int(x >= 0.5) for x in mask_values.tolist()), acc))
         return acc
 
@@ -312,7 +314,7 @@ def test_desideratum_accuracy_fresh_runs_are_the_draws(tiny, data_dir):
     recs = [r for i in range(3) for r in fresh_pairs(data_dir, tiny.tokenizer, "positional", 8, draw=i)]
     enc = D.encode_pairs(tiny.tokenizer, recs, padding_side="right")
     # targets that make the runs differ: draw i is right on i + 2 of its 8 samples
-    base_pred = run(tiny, enc["base"], ()).logits.argmax(-1)
+    base_pred = run(tiny, batch=enc["base"]).logits.argmax(-1)
     target = base_pred.clone() + 1
     for i in range(3):
         target[8 * i: 8 * i + i + 2] = base_pred[8 * i: 8 * i + i + 2]
@@ -423,7 +425,7 @@ def test_learn_masks_runs_each_source_once_and_learns_the_masks_of_per_mask_sour
         splits = {s: dcm.encode_desideratum(tiny.tokenizer, data_dir, d, s) for s in ("train", "eval", "test")}
         slow = [train_mask(tiny, circuit.groups[g], circuit.positions[g], splits["train"], splits["eval"], splits["test"],
                            lam=lam, lr=spec.lr, epochs=spec.epochs, batch_size=spec.batch_size,
-                           eval_every=spec.eval_every, seed=seed, progress=False, prefix_cache=False)
+                           eval_every=spec.eval_every, seed=seed, progress=False, cached=False)
                 for lam in spec.lambdas for seed in spec.seeds]
         best = slow[0]
         for r in slow[1:]:
@@ -440,7 +442,7 @@ def test_semantics_from_the_base_prefix_are_those_of_full_runs(tiny, data_dir):
                  "position_detector": "query_label"}
     args = ([("a", tiny)], sel, positions, data_dir, spec, {("position_transmitter", "positional"): ["positional",
                                                                                                  "object_value"]})
-    assert dcm.semantics(*args, base="a") == dcm.semantics(*args, base="a", prefix_cache=False)
+    assert dcm.semantics(*args, base="a") == dcm.semantics(*args, base="a", cached=False)
 
 
 def test_the_extra_desiderata_run_in_the_base_model_only_unless_asked_for_every_model(tiny, data_dir):

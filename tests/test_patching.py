@@ -84,7 +84,7 @@ class TestCleanRuns:
 
 
     def test_a_run_without_logits_stops_early_and_records_the_same(self, lm, enc):
-        """Fast path: with ``logits=False`` the forward pass stops after the last recorded site;
+        """Fast path: with ``logits=None`` the forward pass stops after the last recorded site;
         the records equal those of a run through the whole model, with and without patches."""
         b = enc["base"]
         rec = [("z", 0), ("resid_post", 0), ("q", 1)]
@@ -93,9 +93,9 @@ class TestCleanRuns:
         hook = lm.hf.model.norm.register_forward_hook(lambda *a: calls.append(1))  # the final norm
         try:
             for patches in ((), (patch,)):
-                full = P.run(lm, b, patches, rec, batch_size=4)
+                full = P.run(P.Session(lm, b, batch_size=4), patches, rec)
                 n = len(calls)
-                early = P.run(lm, b, patches, rec, logits=False, batch_size=4)
+                early = P.run(P.Session(lm, b, batch_size=4), patches, rec, logits=None)
                 assert len(calls) == n, "the run without logits went through the final norm"
                 assert early.logits is None
                 for key in full.cache.keys():
@@ -143,18 +143,18 @@ class TestWrites:
         vals = src["z", 0][:, :, [0, 3]]  # layer 0: reaches the last token through layer 1
         pos = base["query_label_position"]
         def blended(m):
-            return P.run(lm, base, [P.Blend("z", 0, [0, 3], vals, pos, torch.full((2,), m))]).logits
+            return P.run(lm, batch=base, writes=[P.Blend("z", 0, [0, 3], vals, pos, torch.full((2,), m))]).logits
         torch.testing.assert_close(blended(1.0), P.last_logits(lm, base), atol=0, rtol=0)
         patched = P.last_logits(lm, base, [P.HeadPatch("z", 0, [0, 3], vals, pos)])
         torch.testing.assert_close(blended(0.0), patched, atol=0, rtol=0)
         assert (patched - P.last_logits(lm, base)).abs().max() > 1e-3  # the two ends differ
         # differentiable in the mask, with grad=True
         m = torch.full((2,), 0.5, requires_grad=True)
-        out = P.run(lm, base, [P.Blend("z", 0, [0, 3], vals, pos, m)], grad=True).logits
+        out = P.run(lm, batch=base, writes=[P.Blend("z", 0, [0, 3], vals, pos, m)], grad=True).logits
         out[torch.arange(n), enc["target"]].sum().backward()
         assert m.grad is not None and m.grad.abs().sum() > 0
         with pytest.raises(ValueError, match="one entry per head"):
-            P.run(lm, base, [P.Blend("z", 0, [0, 3], vals, pos, torch.ones(3))])
+            P.run(lm, batch=base, writes=[P.Blend("z", 0, [0, 3], vals, pos, torch.ones(3))])
 
     def test_mean_of_the_prompt_itself_changes_nothing(self, lm, enc):
         one = {k: v[:1] for k, v in enc["base"].items()}
@@ -162,27 +162,67 @@ class TestWrites:
         S = one["input_ids"].shape[1]
         keep = torch.zeros(1, S, lm.arch.n_heads, dtype=torch.bool)
         writes = [P.Mean(l, keep, z["z", l][0]) for l in range(lm.arch.n_layers)]
-        torch.testing.assert_close(P.run(lm, one, writes, all_logits=True).logits,
-                                   P.run(lm, one, all_logits=True).logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(P.run(lm, writes, batch=one, logits="all").logits,
+                                   P.run(lm, batch=one, logits="all").logits, atol=1e-6, rtol=0)
         # other means do change it, and only where keep is False
         other = [P.Mean(l, keep, torch.zeros_like(z["z", l][0])) for l in range(lm.arch.n_layers)]
-        assert (P.run(lm, one, other).logits - P.run(lm, one).logits).abs().max() > 1e-3
+        assert (P.run(lm, other, batch=one).logits - P.run(lm, batch=one).logits).abs().max() > 1e-3
         kept = [P.Mean(l, ~keep, torch.zeros_like(z["z", l][0])) for l in range(lm.arch.n_layers)]
-        assert torch.equal(P.run(lm, one, kept).logits, P.run(lm, one).logits)
+        assert torch.equal(P.run(lm, kept, batch=one).logits, P.run(lm, batch=one).logits)
 
-    def test_a_run_from_a_cached_prefix_is_the_whole_run(self, lm, enc):
+    def test_a_cached_session_runs_what_the_uncached_oracle_runs(self, lm, enc):
+        """A cached session starts a head-writing run late, from the prompts' clean keys and values
+        (made on first use); its logits are the whole run's (to float32 round-off: MKL's AVX2 path
+        differs by a few ulps between shapes), and so are those of a run of some of its rows."""
         base, source = enc["base"], enc["source"]
         src = P.cache_activations(lm, source, sites=("z",), positions=source["query_label_position"])
         patch = P.HeadPatch("z", 1, None, src["z", 1], base["query_label_position"])
         seq = base["input_ids"].shape[1]
-        prefix = P.KVPrefix.clean(lm, base, seq - 2)
-        whole = P.run(lm, base, [patch], batch_size=4).logits
-        torch.testing.assert_close(P.run(lm, base, [patch], prefix=prefix, batch_size=4).logits, whole,
-                                   atol=1e-5, rtol=1e-5)
+        session = P.Session(lm, base, batch_size=4, cached=True)
+        whole = P.run(lm, [patch], batch=base).logits
+        torch.testing.assert_close(P.run(session, [patch]).logits, whole, atol=1e-5, rtol=1e-5)
+        assert session.prefix is not None and session.prefix.start == seq - 2
+        rows = torch.tensor([3, 0, 5])
+        torch.testing.assert_close(P.run(session.rows(rows), [patch.rows(rows)]).logits, whole[rows], atol=1e-5, rtol=1e-5)
+        assert P.Session(lm, base).prefix is None  # uncached: nothing is kept
+        with pytest.raises(ValueError, match="without batch="):
+            P.run(session, [patch], batch=base)
+        with pytest.raises(ValueError, match="needs the prompts"):
+            P.run(lm, [patch])
         with pytest.raises(ValueError, match="prefix returns last-position logits only"):
-            P.run(lm, base, [patch], [("z", 0)], prefix=prefix)
-        with pytest.raises(ValueError, match="pass the prefix too"):
-            P.run(lm, base, [patch], start=3)
+            P._execute(lm, P.as_batch(base), [patch], [("z", 0)], prefix=session.prefix)
+
+    def test_the_kernel_takes_at_most_eight_parameters(self):
+        import inspect
+
+        assert len(inspect.signature(P.run).parameters) <= 8
+
+    def test_a_residual_write_skips_the_blocks_below_it_from_the_kept_clean_run(self, lm, enc):
+        base, source = enc["base"], enc["source"]
+        src = P.cache_activations(lm, source, sites=("resid_post",), layers=[1])["resid_post", 1]
+        at = base["query_label_position"][:, None]
+        write = P.ResidPatch("resid_post", 1, src[torch.arange(len(at))[:, None], at], at)
+        session = P.Session(lm, base, batch_size=4, cached=True)
+        session.clean([("resid_post", 1)])
+        calls = []
+        hook = lm.hf.model.layers[0].mlp.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            fast = P.run(session, [write]).logits
+        finally:
+            hook.remove()
+        assert not calls, "block 0's MLP ran although the clean run's output of block 1 was kept"
+        torch.testing.assert_close(fast, P.run(lm, [write], batch=base).logits, atol=1e-5, rtol=1e-5)
+
+    def test_a_tiled_session_runs_each_row_k_times_from_the_clean_run(self, lm, enc):
+        base = enc["base"]
+        n, seq = base["input_ids"].shape
+        rows, k = torch.tensor([1, 4]), 3
+        at = torch.full((len(rows) * k, 1), seq - 3, dtype=torch.long)
+        values = torch.randn(len(rows) * k, 1, 2, lm.arch.d_head, generator=torch.Generator().manual_seed(0))
+        write = P.HeadPatch("v", 1, [0, 1], values, at)
+        tiled = P.run(P.Session(lm, base, batch_size=4).rows(rows).tile(k), [write]).logits
+        oracle = P.run(lm, [write], batch=P.Session(lm, base).rows(rows.repeat_interleave(k)).batch).logits
+        torch.testing.assert_close(tiled, oracle, atol=1e-5, rtol=1e-5)
 
 
 class TestPositions:
@@ -194,7 +234,7 @@ class TestPositions:
         spos = source["corrupt_label_position"]
         assert not torch.equal(bpos, spos)  # the positions really differ per example
         patch = P.patch_from_cache(src, "z", 0, [2], bpos, spos)
-        res = P.run(lm, base, [patch], [("z", 0)])
+        res = P.run(lm, [patch], [("z", 0)], batch=base)
         clean = P.cache_activations(lm, base, sites=("z",))
         want = clean["z", 0].clone()
         b = torch.arange(B)
@@ -207,7 +247,7 @@ class TestPositions:
         base = enc["base"]
         pos = torch.stack([base["query_label_position"], base["last_position"]], 1)  # [batch, 2]
         zeros = torch.zeros(pos.shape[0], 2, 1, lm.arch.d_head)
-        res = P.run(lm, base, [P.HeadPatch("q", 1, [3], zeros, pos)], [("q", 1)])
+        res = P.run(lm, [P.HeadPatch("q", 1, [3], zeros, pos)], [("q", 1)], batch=base)
         b = torch.arange(pos.shape[0])[:, None]
         assert res.cache["q", 1][b, pos, 3].abs().max() == 0
         assert res.cache["q", 1][:, 0, 3].abs().max() > 0

@@ -54,7 +54,7 @@ def test_the_kernel_leaves_the_thread_count_to_the_book(restore_threads, tmp_pat
     n = torch.get_num_threads()
     threads.write_share(share, n + 1)
     restore_threads.setenv(threads.SHARE_ENV, str(share))
-    run(tiny, torch.tensor([[1, 2, 3, 4]]))
+    run(tiny, batch=torch.tensor([[1, 2, 3, 4]]))
     assert torch.get_num_threads() == n
 
 
@@ -105,12 +105,12 @@ def test_logits_and_mask_gradients_do_not_depend_on_the_thread_count(tiny):
     pairs = D.encode_pairs(tiny.tokenizer, D.make_path_patching_pairs(tiny.tokenizer, 64, 7, seed=3),
                            padding_side="right")
     base = pairs["base"]
-    means = run(tiny, base, reads=[("z", 0)], all_logits=True).cache["z", 0].mean(0)
+    means = run(tiny, reads=[("z", 0)], batch=base, logits="all").cache["z", 0].mean(0)
     keep = torch.zeros(*base["input_ids"].shape, tiny.arch.n_heads, dtype=torch.bool)
     heads = [(0, 1), (1, 2)]
 
     def compute():
-        logits = run(tiny, base, [Mean(0, keep, means)], all_logits=True).logits
+        logits = run(tiny, [Mean(0, keep, means)], batch=base, logits="all").logits
         src = source_head_outputs(tiny, pairs["source"], heads, "last")
         mask = torch.full((2,), 0.5, requires_grad=True)
         out = masked_logits(tiny, base, src, heads, "last", mask)

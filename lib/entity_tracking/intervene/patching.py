@@ -25,10 +25,17 @@ with (the shape of pyvene's interventions):
 :class:`Mean`       replace every head not kept by its mean at that position (mean ablation)
 ==================  ==========================================================================
 
-The same call records sites (``reads``), keeps the autograd graph (``grad=True``, DCM's
-training), returns the keys and values (``return_kv=True``) and runs only the positions after a
-cached prefix (``prefix``, :class:`KVPrefix`); path patching, mean ablation, DCM, CMAP, binding
-and the attention patterns differ only in the writes they pass and where the values come from.
+The same call records sites (``reads``, at chosen ``positions``) and keeps the autograd graph
+(``grad=True``, DCM's training); path patching, mean ablation, DCM, CMAP, binding and the
+attention patterns differ only in the writes they pass and where the values come from.
+
+**How it runs is the session's business.** ``run(lm, writes, reads, batch=prompts)`` runs every
+position of every prompt through every block; ``run(session, writes, reads)`` runs them in a
+:class:`Session` of the model on its prompts, which, cached, shares work between the runs: a run
+that writes only from position ``p`` (or block ``l``) on starts there, from the clean run's keys
+and values (:class:`KVPrefix`) or block outputs, with the same logits. Methods state what to
+write and what to read; the session owns the speed, and the uncached run is the oracle it is
+tested against.
 
 Conventions:
 
@@ -77,6 +84,8 @@ __all__ = [
 
     "RESID_WRITE_SITES",
     "SITES",
+    "STATE_SITES",
+    "Session",
     "ActivationCache",
     "Blend",
     "HeadPatch",
@@ -455,6 +464,15 @@ class Mean:
     def is_noop(self) -> bool:
         return bool(self.keep.all())
 
+    def differs(self, other: Optional["Mean"]) -> torch.Tensor:
+        """``[batch, seq]`` bool: where a run with this write differs from one with ``other`` at
+        this site and layer (None: nothing written there), for :meth:`Session.predict_rows`."""
+        if other is None:
+            return ~self.keep.all(-1)
+        if other.means is self.means or torch.equal(other.means, self.means):
+            return (self.keep != other.keep).any(-1)
+        return ~self.keep.all(-1) | ~other.keep.all(-1)
+
     def new_value(self, base: torch.Tensor) -> torch.Tensor:
         """``base`` ``[batch, pos, n_heads, d_head]`` with every head not kept replaced by its mean."""
         keep = self.keep.to(base.device)
@@ -554,83 +572,90 @@ def by_first_position(first: torch.Tensor, batch_size: int) -> list[torch.Tensor
 
 
 def run(
-    lm: Any,
-    batch: BatchLike,
+    target: Any,
     writes: Sequence[Write] = (),
     reads: Iterable[tuple[str, int]] = (),
     *,
-    record: Optional[Iterable[tuple[str, int]]] = None,
-    record_positions: Optional[torch.Tensor] = None,
-    all_logits: bool = False,
-    logits: bool = True,
+    batch: Optional[BatchLike] = None,
     grad: bool = False,
-    return_kv: bool = False,
-    prefix: Optional["KVPrefix"] = None,
-    start: Optional[int] = None,
-    batch_size: Optional[int] = 32,
-    progress: bool = False,
-    desc: str = "patching",
-    out_device: Union[str, torch.device] = "cpu",
-    trace_kwargs: Optional[dict] = None,
-    skip_layers: Iterable[int] = (),
-    skip_value: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
+    logits: Optional[str] = "last",
 ) -> PatchRun:
-    """Run ``lm`` on ``batch`` with ``writes`` applied; record the ``reads`` sites. The one
-    kernel every intervention of the book goes through.
+    """Run a model on prompts with ``writes`` applied; record the ``reads`` sites. The one kernel
+    every intervention of the book goes through.
 
     Args:
-        lm: a :class:`~entity_tracking.load.LoadedModel` (or an nnsight model).
-        batch: input ids ``[batch, seq]`` or an :func:`~entity_tracking.task.encode_prompts` batch.
+        target: a :class:`Session` (a model on its prompts, with what makes its runs fast), or a
+            :class:`~entity_tracking.load.LoadedModel` (or an nnsight model) with ``batch``: then
+            the prompts run whole, 32 at a time (the uncached oracle every session equals).
         writes: :class:`HeadPatch`, :class:`Blend`, :class:`ResidPatch`, :class:`Mean`; applied in
             forward order, in the order given where several act on one (site, layer).
-        reads: ``(site, layer)`` pairs (sites of :data:`SITES`) to cache, *after* the writes
-            (``record`` is the same argument under its older name).
-        record_positions: ``[batch]`` / ``[batch, n_pos]``: cache only these positions.
-        all_logits: return ``[batch, seq, vocab]`` instead of the last position's ``[batch, vocab]``.
-        logits: return no logits at all when False; the forward pass then stops after the last
-            read (the blocks above it would change nothing that is returned).
+        reads: ``(site, layer)`` pairs (sites of :data:`SITES`) to cache, *after* the writes.
+        batch: with a model, its input ids ``[batch, seq]`` or an
+            :func:`~entity_tracking.task.encode_prompts` batch.
         grad: keep the autograd graph (no ``torch.no_grad``, nothing detached; the batch runs as
             one chunk): for a learned write such as a :class:`Blend` mask.
-        return_kv: also return each chunk's ``past_key_values`` (keys after rotary embeddings).
-        prefix: a :class:`KVPrefix` of these prompts: each chunk runs only its positions from
-            ``start`` (default: the earliest position a write touches in the chunk; lowered as
-            :meth:`KVPrefix.suffix` requires) with the prefix's cached keys and values, and gets
-            the whole run's logits. Rows run latest start first (in one chunk, as given: with
-            ``grad``, ``batch_size=None``, or a given ``start`` and one chunk's rows); the caller
-            vouches that the prefix is what this run computes before ``start``.
-        batch_size: examples per forward pass (None: all at once).
-        trace_kwargs: extra keyword arguments for the model's forward (e.g. ``past_key_values``,
-            ``position_ids``, ``logits_to_keep``); with them the batch runs as one chunk.
-        skip_layers, skip_value: blocks not run at all; each outputs ``skip_value``
-            ``[batch, seq, d_model]`` instead (what the first block after them reads; with a
-            ``prefix``, cut to the positions run). Writes and reads must lie above them.
+        positions: ``[batch]`` / ``[batch, n_pos]``: cache the reads only at these positions.
+        logits: ``"last"`` (``[batch, vocab]`` at each prompt's last position), ``"all"``
+            (``[batch, seq, vocab]``) or None (no logits: the forward pass stops after the last
+            read, since the blocks above it would change nothing that is returned).
 
     Returns:
-        :class:`PatchRun` with ``logits`` and an :class:`ActivationCache` (on ``out_device``).
+        :class:`PatchRun` with ``logits`` and an :class:`ActivationCache`.
 
-    >>> clean = run(lm, base, reads=[("z", 3)])           # cache["z", 3]: [batch, seq, n_heads, d_head]
+    >>> clean = run(lm, reads=[("z", 3)], batch=base)      # cache["z", 3]: [batch, seq, n_heads, d_head]
     >>> patch = patch_from_cache(clean.cache, "z", 3, [5], base["last_position"])
-    >>> run(lm, base, [patch]).logits                       # identity patch: the clean logits
+    >>> run(lm, [patch], batch=base).logits                 # identity patch: the clean logits
     """
+    if isinstance(target, Session):
+        if batch is not None:
+            raise ValueError("a session runs its own prompts: pass run(session, ...) without batch=, "
+                             "or run(lm, ..., batch=...)")
+        session = target
+    elif batch is None:
+        raise ValueError("run(lm, ...) needs the prompts: batch=..., or a Session(lm, batch)")
+    else:
+        session = Session(target, batch, cached=False)
+    return session.run(writes, reads, grad=grad, positions=positions, logits=logits)
+
+
+def _execute(lm: Any, b: Mapping[str, torch.Tensor], writes: Sequence[Write], reads: Iterable[tuple[str, int]],
+             record_positions: Optional[torch.Tensor] = None, *, logits: Optional[str] = "last", grad: bool = False,
+             return_kv: bool = False, prefix: Optional["KVPrefix"] = None, start: Optional[int] = None,
+             batch_size: Optional[int] = 32, progress: bool = False, desc: str = "patching",
+             out_device: Union[str, torch.device] = "cpu", trace_kwargs: Optional[dict] = None,
+             skip_layers: Iterable[int] = (), skip_value: Any = None) -> PatchRun:
+    """The kernel's schedule, for :class:`Session` alone: run ``b`` (an :func:`as_batch` batch) in
+    chunks of ``batch_size`` rows (None: one chunk; one chunk also with ``grad`` or
+    ``trace_kwargs``: extra forward keyword arguments such as a key/value cache).
+
+    ``prefix``: a :class:`KVPrefix` of these prompts: each chunk runs only its positions from
+    ``start`` (default: the earliest position a write touches in the chunk; lowered as
+    :meth:`KVPrefix.suffix` requires) with the prefix's keys and values, and gets the whole
+    run's last-position logits. Rows run latest start first (in one chunk, as given: with
+    ``grad``, ``batch_size=None``, or a given ``start`` and one chunk's rows).
+    ``skip_layers``, ``skip_value``: blocks not run at all; each outputs ``skip_value``
+    ``[batch, seq, d_model]`` (or a function of a chunk's rows giving theirs) instead, what the
+    first block after them reads (with a ``prefix``, cut to the positions run). Writes and reads
+    must lie above them. ``return_kv``: also each chunk's ``past_key_values``."""
     nn, arch, device, tkw = lm_parts(lm)
-    b = as_batch(batch)
+    if logits not in ("last", "all", None):
+        raise ValueError(f"logits must be 'last', 'all' or None, got {logits!r}")
+    all_logits, want_logits = logits == "all", logits is not None
     ids, mask = b["input_ids"], b["attention_mask"]
     B, S = ids.shape
     last = check_positions(b["last_position"], S, "last position", mask)[:, 0]
     rpos = None if record_positions is None else check_positions(record_positions, S, "record position", mask)
     writes = [w.resolved(arch, B, S) for w in writes]
-    if record is not None:
-        if reads:
-            raise ValueError("give the sites to cache as reads or as record, not both")
-        reads = record
     reads = [(s, arch.layer_index(l)) for s, l in reads]
     for s, _ in reads:
         if s not in SITES:
             raise ValueError(f"cannot record site '{s}'; sites are {SITES}")
     skip_layers = sorted(arch.layer_index(l) for l in skip_layers)
-    if skip_layers and (skip_value is None or tuple(skip_value.shape) != (B, S, arch.d_model)):
+    if skip_layers and (skip_value is None or not callable(skip_value)
+                        and tuple(skip_value.shape) != (B, S, arch.d_model)):
         raise ValueError(f"skipping blocks needs skip_value [batch, seq, d_model] = {[B, S, arch.d_model]}")
-    if prefix is not None and (reads or all_logits or not logits or trace_kwargs):
+    if prefix is not None and (reads or all_logits or not want_logits or trace_kwargs):
         raise ValueError("a run from a cached prefix returns last-position logits only (no reads, all_logits, "
                          "logits=False or trace_kwargs)")
     if start is not None and prefix is None:
@@ -643,7 +668,7 @@ def run(
     def chunk(rows, first: Optional[int]) -> tuple[Optional[torch.Tensor], dict, Any]:
         cw = [w.rows(rows) for w in writes]
         cids, cmask, clast = ids[rows], None if pad_free else mask[rows], last[rows]
-        cskip = None if not skip_layers else skip_value[rows]
+        cskip = None if not skip_layers else skip_value(rows) if callable(skip_value) else skip_value[rows]
         crpos = None if rpos is None else rpos[rows]
         ckw = kw
         st = 0
@@ -655,7 +680,8 @@ def run(
                 cskip = None if cskip is None else cskip[:, st:]
                 ckw = {**kw, **extra}
         return _trace(nn, arch, device, cids, cmask, clast, cw, reads, crpos, cskip, skip_layers, ckw,
-                      all_logits=all_logits, logits=logits, grad=grad, return_kv=return_kv, out_device=out_device)
+                      all_logits=all_logits, logits=want_logits, grad=grad, return_kv=return_kv,
+                      out_device=out_device)
 
     context = contextlib.nullcontext() if grad else torch.no_grad()
     pieces: dict[tuple[str, int], list[torch.Tensor]] = {(s, l): [] for s, l in reads}
@@ -686,11 +712,11 @@ def run(
             lg, saved, kv = chunk(sl, None)
             for k, v in saved.items():
                 pieces[k].append(v)
-            if logits:
+            if want_logits:
                 logit_pieces.append(lg)
             kvs.append(kv)
     cache = ActivationCache({k: torch.cat(v) for k, v in pieces.items()}, positions=rpos, attention_mask=mask)
-    return PatchRun(torch.cat(logit_pieces) if logits else None, cache, kvs if return_kv else None)
+    return PatchRun(torch.cat(logit_pieces) if want_logits else None, cache, kvs if return_kv else None)
 
 
 def _trace(nn: Any, arch: Arch, device: torch.device, ids: torch.Tensor, mask: Optional[torch.Tensor],
@@ -802,7 +828,7 @@ class KVPrefix:
         """The prefix of ``batch`` (unpadded) before ``start``, from whole runs of the model as it is."""
         b = as_batch(batch)
         nn, arch, device, _ = lm_parts(lm)
-        res = run(lm, b, logits=False, return_kv=True, batch_size=batch_size, out_device=device)
+        res = _execute(lm, b, (), (), logits=None, return_kv=True, batch_size=batch_size, out_device=device)
         return cls.of_runs(res.kv, start, int(b["input_ids"].shape[1]), arch.torch_module(nn).config)
 
     @classmethod
@@ -839,13 +865,395 @@ class KVPrefix:
 
 
 # --------------------------------------------------------------------------------------------
+# The session: one model on one batch of prompts, and what makes many runs on them fast
+
+_UNSET = object()
+
+#: Sites every layer of a session's kept clean run holds (:meth:`Session.clean_state`).
+STATE_SITES: tuple[str, ...] = ("resid_pre", "z", "attn_out", "resid_post")
+
+
+class Session:
+    """One model on one batch of prompts, and everything that makes many runs on them fast.
+
+    A method says what to write and what to read, ``run(session, writes, reads)``; the session
+    decides how to run it. An intervention at position ``p`` of layer ``l`` changes nothing
+    before ``p`` (attention is causal) and nothing below ``l``, so a run shares those parts with
+    a run that differs only from there on. With ``cached=True`` the session uses that:
+
+    * **a late start**: a run that writes heads runs only its positions from the earliest one its
+      writes touch (:meth:`HeadPatch.first_position`), from the prompts' clean keys and values
+      before their last two tokens (:attr:`prefix`, made on first use), with the whole run's
+      last-position logits (and gradients);
+    * **skipped blocks**: a run that overwrites the residual stream (:class:`ResidPatch`) where
+      the session holds the clean run's value (:meth:`clean`) does not run the blocks below it:
+      the first block above reads the clean residual stream with the write in it;
+    * **reference runs** (:meth:`predict_rows`): many runs of the prompts, each sharing its first
+      positions (and blocks) with one of a few whole runs made once.
+
+    Rows run ``batch_size`` at a time (None: all at once). A session over some of the prompts
+    (:meth:`rows`, repeats allowed) shares what this one has made, and :meth:`tile` repeats each
+    of them for several runs at once from the clean run kept whole (:meth:`clean_state`), which
+    is path patching's second pass. ``cached=False`` (the default) runs every position of every
+    row through every block: the oracle the cached runs are tested against.
+
+    Args:
+        lm: a :class:`~entity_tracking.load.LoadedModel` (or an nnsight model).
+        batch: input ids ``[batch, seq]`` or an :func:`~entity_tracking.task.encode_prompts` batch.
+        out_device: where logits and reads are returned.
+        budget: bytes the session may keep of the clean run (default :data:`PREFIX_BUDGET`).
+
+    >>> session = Session(lm, pairs["base"], cached=True)  # the clean prefix is made on the first run
+    >>> run(session, [HeadPatch("z", 1, [3], values, pairs["base"]["last_position"])]).logits
+    """
+
+    def __init__(self, lm: Any, batch: BatchLike, *, batch_size: Optional[int] = 32, cached: bool = False,
+                 out_device: Union[str, torch.device] = "cpu", progress: bool = False, desc: str = "patching",
+                 budget: Optional[int] = None):
+        self.lm = lm
+        self.batch = as_batch(batch)
+        self.batch_size, self.cached, self.out_device = batch_size, cached, out_device
+        self.progress, self.desc = progress, desc
+        self.budget = PREFIX_BUDGET if budget is None else budget
+        self._parent: Optional[Session] = None
+        self._index: Optional[torch.Tensor] = None
+        self._repeat = 1
+        self._prefix: Any = _UNSET
+        self._clean: dict[tuple[str, int], torch.Tensor] = {}
+        self._state: Any = _UNSET
+        self._rows_kept: Any = _UNSET
+
+    @property
+    def n(self) -> int:
+        """How many rows (prompts) the session runs."""
+        return int(self.batch["input_ids"].shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.batch["input_ids"].shape[1])
+
+    def _options(self) -> dict[str, Any]:
+        return dict(batch_size=self.batch_size, progress=self.progress, desc=self.desc, out_device=self.out_device)
+
+    def _pad_free(self) -> bool:
+        return bool((self.batch["attention_mask"] == 1).all())
+
+    # -- sub-sessions ----------------------------------------------------------------------
+
+    def rows(self, index) -> "Session":
+        """A session over rows ``index`` (indices, repeats allowed, or a slice) of these prompts,
+        sharing what this session has made (its prefix, clean reads and clean run)."""
+        index = torch.arange(self.n)[index] if isinstance(index, slice) else torch.as_tensor(index, dtype=torch.long)
+        sub = Session(self.lm, {k: v[index.to(v.device)] if isinstance(v, torch.Tensor) and v.shape[:1] == (self.n,)
+                                else v for k, v in self.batch.items()},
+                      batch_size=self.batch_size, cached=self.cached, out_device=self.out_device,
+                      progress=self.progress, desc=self.desc, budget=self.budget)
+        sub._parent, sub._index = self, index
+        return sub
+
+    def tile(self, k: int) -> "Session":
+        """These rows, each repeated ``k`` times (row-major: row ``i * k + j`` is copy ``j`` of row
+        ``i``), for ``k`` runs of each prompt in one forward pass that all start at one position.
+        Its runs start exactly at their writes' first position, from this session's clean run
+        (:meth:`clean_state`, else one clean pass over these rows), and skip the blocks below
+        their first write, which read the clean residual stream."""
+        sub = self.rows(torch.arange(self.n).repeat_interleave(k))
+        sub._repeat = k
+        return sub
+
+    # -- what the session keeps --------------------------------------------------------------
+
+    @property
+    def prefix(self) -> Optional["KVPrefix"]:
+        """The clean keys and values of the prompts before their last two tokens
+        (:meth:`KVPrefix.for_prompts`), made on first use; None uncached or where it cannot serve
+        (padded prompts, more than ``budget`` bytes, a sliding attention window)."""
+        if self._prefix is _UNSET:
+            if self._parent is not None:
+                p = self._parent.prefix
+                self._prefix = None if p is None else p.take(self._index)
+            elif self.cached:
+                self._prefix = KVPrefix.for_prompts(self.lm, self.batch, batch_size=self.batch_size,
+                                                    budget=self.budget)
+            else:
+                self._prefix = None
+        return self._prefix
+
+    def clean(self, reads: Iterable[tuple[str, int]]) -> "PatchRun":
+        """The clean run (nothing written) with ``reads`` recorded; a cached session keeps them,
+        so that later runs writing the residual stream there skip the blocks below."""
+        res = _execute(self.lm, self.batch, (), list(reads), **self._options())
+        if self.cached:
+            self._clean.update(res.cache.data)
+        return res
+
+    def _clean_rows(self, key: tuple[str, int], rows) -> Optional[torch.Tensor]:
+        """The kept clean value at ``key`` for rows ``rows`` of this session (None if not kept)."""
+        if key in self._clean:
+            return self._clean[key][rows]
+        if self._parent is None:
+            return None
+        return self._parent._clean_rows(key, self._index[rows])
+
+    def clean_state(self) -> Optional[dict[str, list[torch.Tensor]]]:
+        """The clean run of every prompt kept whole (made once, ``batch_size`` prompts at a time),
+        or None beyond ``budget`` bytes: per layer the keys and values ``[batch, n_kv_heads, seq,
+        d_head]`` (the model's cache: after rotary embeddings), :data:`STATE_SITES` (``z``
+        ``[batch, seq, n_heads, d_head]``, the others ``[batch, seq, d_model]``) and the
+        last-position ``logits``."""
+        if self._parent is not None:
+            st = self._parent.clean_state()
+            return None if st is None else {k: [t[self._index.to(t.device)] for t in v] for k, v in st.items()}
+        if self._state is _UNSET:
+            self._state = None
+            if self._state_bytes() <= self.budget:
+                parts = [self._clean_pass(torch.arange(sl.start, sl.stop))
+                         for sl in batch_chunks(self.n, self.batch_size or self.n, False, "")]
+                self._state = {key: [torch.cat([p[key][l] for p in parts]) for l in range(len(parts[0][key]))]
+                               for key in parts[0]}
+        return self._state
+
+    def _state_bytes(self) -> int:
+        _, a, _, _ = lm_parts(self.lm)
+        nb = torch.finfo(next(a.torch_module(self.lm).parameters()).dtype).bits // 8
+        per_token = 2 * a.n_kv_heads * a.d_head + 3 * a.d_model + a.n_heads * a.d_head
+        return self.n * a.n_layers * self.seq_len * per_token * nb
+
+    def _clean_pass(self, rows: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """One clean forward of ``rows``: :meth:`clean_state`'s entries for them."""
+        _, a, _, _ = lm_parts(self.lm)
+        L, S = a.n_layers, self.seq_len
+        res = _execute(self.lm, as_batch(self.batch["input_ids"][rows.cpu()]),
+                       (), [(s, l) for l in range(L) for s in STATE_SITES], return_kv=True, batch_size=None,
+                       out_device=self.out_device, trace_kwargs={"logits_to_keep": 1})
+        got: dict[str, list] = {s: [res.cache[s, l] for l in range(L)] for s in STATE_SITES}
+        layers = res.kv[0].layers
+        short = [l for l, layer in enumerate(layers) if layer.keys.shape[-2] != S]
+        if short:  # a sliding-window layer dropped early keys: the prefix cannot be cut from it
+            raise NotImplementedError(
+                f"prompts of {S} tokens exceed the sliding attention window of layer {short[0]}; a run "
+                f"from the clean keys and values needs every key: run uncached")
+        got["k"] = [layer.keys for layer in layers]
+        got["v"] = [layer.values for layer in layers]
+        got["logits"] = [res.logits]
+        return got
+
+    def _rows_state(self) -> dict[str, list[torch.Tensor]]:
+        """The clean keys, values and block outputs of this session's rows: from the kept clean
+        run of the session they come from, else from one clean pass over them (kept)."""
+        if self._rows_kept is _UNSET:
+            root, index = self, torch.arange(self.n)
+            while root._parent is not None:
+                root, index = root._parent, root._index[index]
+            st = root.clean_state()
+            if st is None:
+                self._rows_kept = self._clean_pass(torch.arange(self.n))
+            else:
+                self._rows_kept = {k: [t[index.to(t.device)] for t in st[k]] for k in ("k", "v", "resid_post")}
+        return self._rows_kept
+
+    # -- running -------------------------------------------------------------------------------
+
+    def run(self, writes: Sequence[Write] = (), reads: Iterable[tuple[str, int]] = (), *, grad: bool = False,
+            positions: Optional[torch.Tensor] = None, logits: Optional[str] = "last") -> "PatchRun":
+        """:func:`run` on this session's prompts (see the class docstring for how)."""
+        writes, reads = list(writes), list(reads)
+        if self._repeat > 1:
+            return self._run_tiled(writes, reads, grad, positions, logits)
+        late = self.cached and logits == "last" and not reads
+        if any(isinstance(w, ResidPatch) for w in writes):
+            skipped = self._run_skipping(writes) if late and not grad else None
+            if skipped is not None:
+                return skipped
+            late = False  # a residual write skips blocks or runs whole, it never starts late
+        return _execute(self.lm, self.batch, writes, reads, positions, logits=logits, grad=grad,
+                        prefix=self.prefix if late else None, **self._options())
+
+    def _run_skipping(self, writes: list) -> Optional["PatchRun"]:
+        """One residual write run from the kept clean residual stream at its site and layer, the
+        blocks below it not run; None where that is not possible."""
+        _, a, _, _ = lm_parts(self.lm)
+        if len(writes) != 1:
+            return None
+        w = writes[0].resolved(a, self.n, self.seq_len)
+        below = range(w.layer + 1 if w.site == "resid_post" else w.layer)
+        if not below or self._clean_rows((w.site, w.layer), slice(0, 1)) is None:
+            return None
+
+        def skip_value(rows):
+            return w.rows(rows).new_value(self._clean_rows((w.site, w.layer), rows))
+
+        return _execute(self.lm, self.batch, (), (), skip_layers=below, skip_value=skip_value, **self._options())
+
+    def _run_tiled(self, writes: list, reads: list, grad: bool, positions, logits) -> "PatchRun":
+        """A tiled session's run (:meth:`tile`): last-position logits only."""
+        if reads or grad or positions is not None or logits != "last" or not writes:
+            raise ValueError("a tiled session runs writes for last-position logits only")
+        nn, a, device, _ = lm_parts(self.lm)
+        S = self.seq_len
+        first_pos = int(min(int(w.first_position(S).min()) for w in writes))
+        first = min(a.layer_index(w.layer) for w in writes)
+        st = self._parent._rows_state()
+        k = self._repeat
+        suffix = self.batch["input_ids"][:, first_pos:].to(device)
+        rows, T = suffix.shape
+        kw: dict[str, Any] = {"position_ids": torch.arange(first_pos, first_pos + T, device=device).expand(rows, T),
+                              "logits_to_keep": 1}
+        if first_pos > 0:
+            # blocks below the first write are skipped: their layers keep the untiled prefix (never
+            # read; it only gives the cache its length), so the tiling copy is made only where
+            # attention will read it
+            cache = DynamicCache([(kk[:, :, :first_pos], vv[:, :, :first_pos]) for kk, vv in zip(st["k"], st["v"])],
+                                 config=a.torch_module(self.lm).config)
+            for l, layer in enumerate(cache.layers):
+                if l >= first:
+                    layer.batch_repeat_interleave(k)
+            kw["past_key_values"] = cache
+        skip = st["resid_post"][first - 1][:, first_pos:].repeat_interleave(k, 0) if first > 0 else None
+        return _execute(self.lm, as_batch(suffix), [w.shifted(first_pos) for w in writes], (),
+                        trace_kwargs=kw, out_device=self.out_device,
+                        skip_layers=range(first) if first > 0 else (), skip_value=skip)
+
+    def predict_rows(self, prompts: torch.Tensor, writes: Callable[[torch.Tensor], Sequence[Write]],
+                     like: Sequence[Callable[[torch.Tensor], Sequence[Write]]] = ()) -> torch.Tensor:
+        """The argmax token ``[R]`` at the last position of ``R`` runs: row ``r`` runs prompt
+        ``prompts[r]`` with the writes ``writes(rows)`` makes for a chunk of rows (their batch axis
+        the chunk's rows). Rows run ``batch_size`` at a time.
+
+        Cached, with prompts of one length, rows share work with whole *reference* runs of the
+        prompts: the clean run and each of ``like`` (``like[i](prompts)`` makes its writes for some
+        prompts, e.g. every head mean-ablated). Each row follows the reference its writes agree
+        with over the most leading positions (:meth:`Mean.differs`; the clean run on a tie); a
+        reference is run, once, when the positions it spares its rows (and, for the clean run, the
+        blocks below a row's first write) outweigh its own cost. Rows then run in chunks that share
+        the most, each only from its first differing position, from the reference's keys and
+        values, and above its first differing block, from the reference's block outputs: the same
+        logits as the whole runs (see :class:`KVPrefix`)."""
+        nn, a, device, _ = lm_parts(self.lm)
+        n, seq, L = self.n, self.seq_len, a.n_layers
+        R, bs = int(prompts.shape[0]), int(self.batch_size or prompts.shape[0])
+        chunks = [torch.arange(s, min(R, s + bs)) for s in range(0, R, bs)]
+        length = layers = kind = None
+        refs: dict[int, tuple[Optional[KVPrefix], list[torch.Tensor]]] = {}
+        if self.cached and self._pad_free():
+            length, layers, kind = self._agreement(prompts, writes, like)
+            length, layers = length.clamp(max=seq - 2), layers.clamp(max=L - 1)
+            width = torch.finfo(next(a.torch_module(self.lm).parameters()).dtype).bits // 8
+            for k in range(len(like) + 1):  # a reference pays off when its rows skip more of the model than it runs
+                mine = kind == k
+                start = int(length[mine].max()) if bool(mine.any()) else 0
+                saved = int((length[mine] * L + (seq - length[mine]) * layers[mine]).sum())
+                size = n * L * (2 * a.n_kv_heads * a.d_head * start + seq * a.d_model) * width  # keys, values, blocks
+                if saved > n * seq * L and size <= self.budget // 2:
+                    ref = self._reference(like[k - 1] if k else None, start)
+                    if ref[0] is not None:
+                        refs[k] = ref
+            # rows of one reference run together, those sharing the most first; the rest as given
+            group = torch.tensor([k if k in refs and (int(l) > 0 or int(b) > 0) else -1
+                                  for k, l, b in zip(kind.tolist(), length, layers)])
+            length = torch.where(group >= 0, length, torch.zeros_like(length))
+            layers = torch.where(group >= 0, layers, torch.zeros_like(layers))
+            chunks = []
+            for g in (*range(len(like) + 1), -1):
+                rows = (group == g).nonzero()[:, 0]
+                rows = rows[torch.sort(-(length[rows] * (L + 1) + layers[rows]), stable=True).indices]
+                chunks += [rows[s: s + bs] for s in range(0, len(rows), bs)]
+        b = self.batch
+        predicted = torch.zeros(R, dtype=torch.long)
+        it = tqdm(chunks, desc=self.desc, total=len(chunks)) if self.progress else chunks
+        for rows in it:
+            ex = prompts[rows]
+            prefix, start, n_skip, skip = None, None, 0, None
+            if length is not None and int(kind[rows[0]]) in refs and \
+                    (int(length[rows].min()) > 0 or int(layers[rows].min()) > 0):
+                ref, resid = refs[int(kind[rows[0]])]
+                if int(length[rows].min()) > 0:
+                    prefix, start = ref.take(ex), int(length[rows].min())
+                n_skip = int(layers[rows].min())
+                if n_skip:
+                    skip = resid[n_skip - 1][ex]
+            ws = [w for w in writes(rows) if a.layer_index(w.layer) >= n_skip]
+            chunk = {"input_ids": b["input_ids"][ex], "attention_mask": b["attention_mask"][ex],
+                     "last_position": b["last_position"][ex]}
+            logits = _execute(self.lm, chunk, ws, (), prefix=prefix, start=start, batch_size=None,
+                              out_device=self.out_device, skip_layers=range(n_skip), skip_value=skip).logits
+            predicted[rows] = logits.argmax(-1).cpu()
+        return predicted
+
+    def _agreement(self, prompts: torch.Tensor, writes: Callable, like: Sequence[Callable]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row, in order: ``(length, layers, kind)``, each ``[R]``: the reference it follows
+        (``kind`` 0 the clean run, ``i`` the run of ``like[i - 1]``), how many leading positions
+        it runs as that reference does and (the clean run only) how many leading blocks."""
+        _, a, _, _ = lm_parts(self.lm)
+        n, seq, L = self.n, self.seq_len, a.n_layers
+        R = int(prompts.shape[0])
+
+        def first(mask: torch.Tensor, none: int) -> torch.Tensor:  # first True per row of [rows, k]
+            return torch.where(mask.any(1), mask.float().argmax(1), none)
+
+        lengths, layers, kinds = [], [], []
+        for s in range(0, R, n):
+            rows = torch.arange(s, min(R, s + n))
+            ws = {(w.site, a.layer_index(w.layer)): w for w in writes(rows)}
+            differ = [_differs(w, None) for w in ws.values()]
+            clean = first(torch.stack(differ).any(0), seq) if differ else torch.full((len(rows),), seq)
+            touched = torch.zeros(len(rows), L, dtype=torch.bool)
+            for (_, l), d in zip(ws, differ):
+                touched[:, l] |= d.any(1)
+            candidates = [clean]
+            for ref in like:
+                rws = {(w.site, a.layer_index(w.layer)): w for w in ref(prompts[rows])}
+                d = torch.stack([_differs(ws.get(key), rws.get(key)) for key in {**ws, **rws}]).any(0)
+                candidates.append(first(d, seq))
+            cand = torch.stack(candidates)  # [refs, rows]
+            kind = torch.zeros(len(rows), dtype=torch.long)
+            for k in range(1, len(candidates)):  # the clean run on a tie
+                kind = torch.where(cand[k] > cand.gather(0, kind[None])[0], k, kind)
+            lengths.append(cand.gather(0, kind[None])[0])
+            layers.append(torch.where(kind == 0, first(touched, L), torch.zeros(len(rows), dtype=torch.long)))
+            kinds.append(kind)
+        return torch.cat(lengths), torch.cat(layers), torch.cat(kinds)
+
+    def _reference(self, like: Optional[Callable], start: int) -> tuple[Optional["KVPrefix"], list[torch.Tensor]]:
+        """The prompts' :class:`KVPrefix` before ``start`` from whole runs with ``like``'s writes
+        (None: the clean run), ``batch_size`` prompts at a time, and every block's output
+        ``[n, seq, d_model]`` in those runs."""
+        nn, a, _, _ = lm_parts(self.lm)
+        n, seq = self.n, self.seq_len
+        b, bs = self.batch, int(self.batch_size or n)
+        caches, resid = [], []
+        for s in range(0, n, bs):
+            rows = torch.arange(s, min(n, s + bs))
+            chunk = {"input_ids": b["input_ids"][s: s + bs], "attention_mask": b["attention_mask"][s: s + bs],
+                     "last_position": b["last_position"][s: s + bs]}
+            res = _execute(self.lm, chunk, [] if like is None else like(rows),
+                           [("resid_post", l) for l in range(a.n_layers)], return_kv=True, batch_size=None,
+                           out_device=self.out_device)
+            caches.append(res.kv[0])
+            resid.append([res.cache["resid_post", l] for l in range(a.n_layers)])
+        resid = [torch.cat([r[l] for r in resid]) for l in range(a.n_layers)]
+        return KVPrefix.of_runs(caches, max(start, 1), seq, a.torch_module(nn).config), resid
+
+
+def _differs(write: Any, reference: Any) -> torch.Tensor:
+    """``[batch, seq]`` bool: where a run with ``write`` at one (site, layer) differs from one with
+    ``reference`` there (None: nothing written)."""
+    if write is None:
+        write, reference = reference, None
+    if not hasattr(write, "differs"):
+        raise TypeError(f"{type(write).__name__} cannot be compared with a reference run; only Mean can")
+    return write.differs(reference)
+
+
+# --------------------------------------------------------------------------------------------
 # Convenience wrappers and metrics
 
 
 def last_logits(lm: Any, batch: BatchLike, patches: Sequence[HeadPatch] = (), *, batch_size: int = 32,
                 progress: bool = False) -> torch.Tensor:
     """Logits ``[batch, vocab]`` at each example's last position, with ``patches`` applied."""
-    return run(lm, batch, patches, batch_size=batch_size, progress=progress, desc="logits").logits
+    return run(Session(lm, batch, batch_size=batch_size, progress=progress, desc="logits"), patches).logits
 
 
 def cache_activations(lm: Any, batch: BatchLike, sites: Iterable[str] = ("z",),
@@ -861,8 +1269,8 @@ def cache_activations(lm: Any, batch: BatchLike, sites: Iterable[str] = ("z",),
     _, arch, _, _ = lm_parts(lm)
     layers = range(arch.n_layers) if layers is None else list(layers)
     record = [(s, l) for l in layers for s in sites]
-    res = run(lm, batch, patches, record, record_positions=positions, logits=with_logits,
-              batch_size=batch_size, progress=progress, desc="caching")
+    res = run(Session(lm, batch, batch_size=batch_size, progress=progress, desc="caching"), patches, record,
+              positions=positions, logits="last" if with_logits else None)
     return (res.cache, res.logits) if with_logits else res.cache
 
 

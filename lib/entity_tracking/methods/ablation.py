@@ -54,15 +54,12 @@ a difference) resample the same contexts for both sides. A circuit's baseline is
 too: ``faithfulness_over_random`` (:meth:`FaithfulnessResult.summary`) is its faithfulness minus
 that of random circuits of its group sizes on the same resampled contexts, the draws resampled too.
 
-**Cost.** All settings to evaluate are flattened into ``(setting, prompt)`` rows and run in
-batches through the intervention kernel (:func:`entity_tracking.intervene.patching.run`), with one
-:class:`~entity_tracking.intervene.patching.Mean` write per layer holding a boolean keep-mask
-``[batch, pos, n_heads]`` built by tensor ops (no per-head Python inside the trace).
-Layers where nothing is ablated in the batch are not touched. A setting is run once however often
-it is asked for (and a ``memo`` carries results between calls), and a row runs only from where it
-leaves the run with every head ablated (F(C) and its random baselines, before the circuit's first
-position) or with none (F(M\\K), before K's), from that run's cached keys and values (the kernel's
-``prefix``): the same logits, a fraction of the tokens.
+**Running it.** All settings to evaluate are flattened into ``(setting, prompt)`` rows, each a run
+of the prompt with one :class:`~entity_tracking.intervene.patching.Mean` write per layer holding a
+boolean keep-mask ``[batch, pos, n_heads]`` built by tensor ops, and handed together to the
+intervention kernel's session (:meth:`entity_tracking.intervene.patching.Session.predict_rows`),
+which decides how to run them fast. A setting is run once however often it is asked for, and a
+``memo`` carries results between calls.
 """
 
 from __future__ import annotations
@@ -78,7 +75,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..intervene.patching import PREFIX_BUDGET, KVPrefix, Mean, run  # the budget also bounds the two reference runs of one evaluation
+from ..intervene.patching import Mean, Session, run
 from ..intervene.stats import Estimate, bootstrap, ratio
 from ..io import atomic_path
 from ..schema import EXTENSION_GROUPS, GROUP_LABELS, GROUPS, Head, position_column
@@ -246,8 +243,8 @@ def compute_means(lm, prompts, *, batch_size: int = 32, progress: bool = True) -
     starts = range(0, n, batch_size)
     for s in _progress(starts, progress, desc=f"means ({lm.name})", total=len(starts)):
         chunk = {"input_ids": batch["input_ids"][s: s + batch_size]}
-        z = run(lm, chunk, reads=[("z", layer) for layer in range(a.n_layers)], logits=False, batch_size=None,
-                out_device=lm.device).cache
+        z = run(Session(lm, chunk, batch_size=None, out_device=lm.device),
+                reads=[("z", layer) for layer in range(a.n_layers)], logits=None).cache
         total += torch.stack([z["z", layer].float().sum(0).cpu() for layer in range(a.n_layers)]).double()
     return MeanActivations(model=lm.name, means=(total / n).float(), n_prompts=n)
 
@@ -435,7 +432,7 @@ def _onehots(batch: Mapping[str, torch.Tensor], keys: list[str], rows: torch.Ten
     is ``[batch]`` (one position per prompt) or ``[batch, n]`` (several, ``-1``-padded)."""
     out = torch.zeros(len(keys), len(rows), seq)
     out[0] = 1.0
-    for k, key in enumerate(keys[1:], start=1):
+    for k, key in enumerate(keys[1:], 1):
         pos = torch.as_tensor(batch[position_column(key)])[rows]
         if pos.dim() == 1:
             pos = pos[:, None]
@@ -487,31 +484,6 @@ def _check_lengths(batch: Mapping[str, torch.Tensor], means: MeanActivations) ->
         )
 
 
-def _run(lm, ids: torch.Tensor, attn: Optional[torch.Tensor], last: torch.Tensor, keep: Optional[torch.Tensor],
-         means: Optional[torch.Tensor], all_positions: bool = False, cache: bool = False,
-         skip_value: Optional[torch.Tensor] = None, n_skip: int = 0, prefix: Optional[KVPrefix] = None,
-         start: Optional[int] = None):
-    """One run of rows ``ids [R, S]`` through the kernel (:func:`entity_tracking.intervene.patching.run`)
-    with a :class:`~entity_tracking.intervene.patching.Mean` write per layer: ``keep``
-    ``[n_layers, R, S, n_heads]`` (None: nothing ablated), ``means`` ``[n_layers, S, n_heads, d_head]``.
-    Returns the last-token logits ``[R, vocab]`` (``[R, S, vocab]`` with ``all_positions``), and
-    with ``cache`` the run's ``past_key_values`` and every block's output ``[R, S, d_model]`` too.
-    ``prefix``/``start``: run only the positions from ``start`` on, from the prefix's keys and
-    values; ``n_skip`` blocks are not run: the first block after them reads ``skip_value``
-    ``[R, S, d_model]`` (theirs is nothing ablated)."""
-    a = lm.arch
-    writes = [] if keep is None else [Mean(layer, keep[layer], means[layer]) for layer in range(n_skip, a.n_layers)]
-    batch = {"input_ids": ids, "last_position": last}
-    if attn is not None:
-        batch["attention_mask"] = attn
-    res = run(lm, batch, writes, [("resid_post", layer) for layer in range(a.n_layers)] if cache else (),
-              all_logits=all_positions, return_kv=cache, prefix=prefix, start=start, batch_size=None,
-              out_device=lm.device, skip_layers=range(n_skip), skip_value=skip_value)
-    if cache:
-        return res.logits, res.kv[0], [res.cache["resid_post", layer] for layer in range(a.n_layers)]
-    return res.logits
-
-
 def mean_ablated_logits(lm, prompts, means: Optional[MeanActivations], ablation: Ablation = Ablation(), *,
                         all_positions: bool = False, check_model: bool = True) -> torch.Tensor:
     """Logits of ``lm`` on ``prompts`` (one trace) under ``ablation``.
@@ -535,8 +507,9 @@ def mean_ablated_logits(lm, prompts, means: Optional[MeanActivations], ablation:
         else:
             keep = keep.to(lm.device)
             mean_t = means.means.to(device=lm.device, dtype=lm.dtype)
-    out = _run(lm, batch["input_ids"].to(lm.device), batch["attention_mask"].to(lm.device),
-               batch["last_position"].to(lm.device), keep, mean_t, all_positions=all_positions)
+    writes = [] if keep is None else [Mean(layer, keep[layer], mean_t[layer]) for layer in range(lm.arch.n_layers)]
+    out = run(Session(lm, batch, batch_size=None, out_device=lm.device), writes,
+              logits="all" if all_positions else "last").logits
     assert out.shape[0] == n
     return out.detach().float().cpu()
 
@@ -644,7 +617,7 @@ def _digest(tensors: Mapping[str, Any]) -> str:
 
 def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[Ablation], *,
              batch_size: int = 32, progress: bool = True, check_model: bool = True,
-             memo: Optional[dict] = None, prefix_cache: bool = True) -> list[Evaluation]:
+             memo: Optional[dict] = None, cached: bool = True) -> list[Evaluation]:
     """Accuracy of ``lm`` on ``prompts`` under each of ``ablations``, batched across settings.
 
     Rows ``(setting, prompt)`` are run ``batch_size`` at a time, each row with its own keep-mask,
@@ -661,9 +634,9 @@ def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[
             of the encoded prompts and of the means, and the setting; a later call given the same
             dict reuses them (e.g. F(M) for faithfulness, then necessity, then the shortfall).
             Share one dict only while the models' weights stay as they are.
-        prefix_cache: run each row only from where it leaves the run with nothing or every head
-            ablated, from that run's cached keys and values (the same logits; False runs every
-            position of every row, the oracle; see :func:`_evaluate_rows`).
+        cached: let the runs share their first positions and blocks with the run with nothing,
+            or every head, ablated (:meth:`~entity_tracking.intervene.patching.Session.predict_rows`:
+            the same logits; False runs every position of every row, the oracle).
 
     Returns:
         One :class:`Evaluation` per setting, in order, each with the prompts' ``context_id``
@@ -697,7 +670,7 @@ def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[
     memo = {} if memo is None else memo
     todo = list(dict.fromkeys(i for i in ids if i not in memo))
     for i, (c, p) in zip(todo, _evaluate_rows(lm, batch, means, [ablations[ids.index(i)] for i in todo],
-                                              batch_size=batch_size, progress=progress, prefix_cache=prefix_cache)):
+                                              batch_size=batch_size, progress=progress, cached=cached)):
         memo[i] = (c, p)
     clusters = context_ids(prompts)
     if clusters is not None and clusters.numel() != n:
@@ -706,129 +679,38 @@ def evaluate(lm, prompts, means: Optional[MeanActivations], ablations: Sequence[
             for k, (ab, i) in enumerate(zip(ablations, ids))]
 
 
-def _prefix_plan(lm, batch, ablations, keys, tables, need, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row ``(setting, prompt)``, in row order, what it computes exactly as a reference run
-    does: ``kind`` 1, the run with nothing ablated, before its first ablated site (``length``
-    leading positions, e.g. F(M\\K) before K's positions; and ``layers`` leading blocks, e.g. a
-    group ablated everywhere above them); ``kind`` 0, the run with every head ablated (``length``
-    leading positions, e.g. F(C) before the circuit's first position). Returns ``(length,
-    layers, kind)``, each ``[rows]``."""
-    n = _n_examples(batch)
-    L = lm.arch.n_layers
-    ex = torch.arange(n)
-    lengths, layers, kinds = [], [], []
-    for i in range(len(ablations)):
-        if not need[i]:
-            lengths.append(torch.full((n,), seq))
-            layers.append(torch.full((n,), L))
-            kinds.append(torch.ones(n, dtype=torch.long))
-            continue
-        keep = _row_masks(lm.arch, batch, ablations, keys, tables, torch.full((n,), i), ex, seq)
-        some = keep.any(0).any(-1)  # [n, seq]: some head kept at the position
-        not_all = ~keep.all(0).all(-1)  # some head ablated
-        ablated = torch.where(some.any(1), some.float().argmax(1), seq)
-        clean = torch.where(not_all.any(1), not_all.float().argmax(1), seq)
-        touched = ~keep.all(-1).all(-1).T  # [n, L]: some head of the block ablated
-        below = torch.where(touched.any(1), touched.float().argmax(1), L)
-        kind = (clean >= ablated).long()
-        lengths.append(torch.maximum(clean, ablated))
-        layers.append(torch.where(kind == 1, below, torch.zeros_like(below)))
-        kinds.append(kind)
-    return torch.cat(lengths), torch.cat(layers), torch.cat(kinds)
-
-
-def _reference_prefix(lm, batch, mean_t: Optional[torch.Tensor], ablated: bool, start: int,
-                      batch_size: int) -> tuple[Optional[KVPrefix], list[torch.Tensor]]:
-    """The prompts' :class:`~entity_tracking.intervene.patching.KVPrefix` before ``start`` from whole runs
-    with nothing ablated, or (``ablated``) with every head ablated, and every block's output
-    ``[n, seq, d_model]`` in those runs."""
-    n, seq = batch["input_ids"].shape
-    caches, resid = [], []
-    for s in range(0, n, batch_size):
-        ids = batch["input_ids"][s: s + batch_size].to(lm.device)
-        keep = torch.zeros(lm.arch.n_layers, len(ids), seq, lm.arch.n_heads, dtype=torch.bool, device=lm.device) \
-            if ablated else None
-        _, kv, out = _run(lm, ids, batch["attention_mask"][s: s + batch_size].to(lm.device),
-                          batch["last_position"][s: s + batch_size].to(lm.device), keep, mean_t, cache=True)
-        caches.append(kv)
-        resid.append(out)
-    resid = [torch.cat([r[l] for r in resid]) for l in range(lm.arch.n_layers)]
-    return KVPrefix.of_runs(caches, max(start, 1), seq, lm.arch.torch_module(lm.nn).config), resid
-
-
 def _evaluate_rows(lm, batch: Mapping[str, torch.Tensor], means: Optional[MeanActivations],
                    ablations: list[Ablation], *, batch_size: int, progress: bool,
-                   prefix_cache: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per setting, ``(correct [n] bool, predicted [n] long)``: the checked settings' rows
-    ``(setting, prompt)`` run ``batch_size`` at a time (see :func:`evaluate`).
-
-    Most rows compute their first positions, or their first blocks, exactly as the model does
-    with nothing or with every head ablated (:func:`_prefix_plan`): F(C) and its random
-    baselines ablate every head before the circuit's first position, F(M\\K) none before K's,
-    a group ablated everywhere none below its lowest layer. With ``prefix_cache``, where that
-    saves more than the reference run costs, the reference's keys and values (and block outputs)
-    are cached for every prompt (:func:`_reference_prefix`), rows are grouped by how much they
-    share, and each chunk runs only its suffix of positions, from its first block that differs:
-    the logits are the whole runs' (see :class:`~entity_tracking.intervene.patching.KVPrefix`)."""
+                   cached: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per setting, ``(correct [n] bool, predicted [n] long)``: every row ``(setting, prompt)`` is
+    a run of the prompt with one :class:`~entity_tracking.intervene.patching.Mean` write per layer
+    (its keep-mask from :func:`_row_masks`), ``batch_size`` rows at a time (see :func:`evaluate`)."""
     if not ablations:
         return []
     n = _n_examples(batch)
-    L = lm.arch.n_layers
-    target = batch["target"]
-    need = [not ab.ablates_nothing(lm.arch) for ab in ablations]
+    a = lm.arch
+    need = [not ab.ablates_nothing(a) for ab in ablations]
     mean_t = means.means.to(device=lm.device, dtype=lm.dtype) if any(need) else None
     keys = _position_keys(ablations)
-    tables = _site_table(lm.arch, ablations, keys)
+    tables = _site_table(a, ablations, keys)
     seq = int(batch["input_ids"].shape[1])
-    cfg_all = torch.arange(len(ablations)).repeat_interleave(n)
-    ex_all = torch.arange(n).repeat(len(ablations))
-    chunks = [torch.arange(s, min(len(cfg_all), s + batch_size)) for s in range(0, len(cfg_all), batch_size)]
-    length = layers = kind = None
-    refs: dict[int, tuple[KVPrefix, list[torch.Tensor]]] = {}
-    if prefix_cache and bool((batch["attention_mask"] == 1).all()):
-        length, layers, kind = _prefix_plan(lm, batch, ablations, keys, tables, need, seq)
-        length = length.clamp(max=seq - 2)
-        layers = layers.clamp(max=L - 1)
-        for k in (1, 0):  # a reference pays off when its rows skip more of the model than it runs
-            mine = kind == k
-            start = int(length[mine].max()) if bool(mine.any()) else 0
-            saved = int((length[mine] * L + (seq - length[mine]) * layers[mine]).sum())
-            a, width = lm.arch, torch.finfo(lm.dtype).bits // 8
-            size = n * L * (2 * a.n_kv_heads * a.d_head * start + seq * a.d_model) * width  # keys, values, blocks
-            if saved > n * seq * L and size <= PREFIX_BUDGET // 2:
-                ref, resid = _reference_prefix(lm, batch, mean_t, k == 0, start, batch_size)
-                if ref is not None:
-                    refs[k] = (ref, resid)
-        # rows of one reference run together, those sharing the most first; the rest as before
-        group = torch.tensor([k if k in refs and (int(l) > 0 or int(b) > 0) else -1
-                              for k, l, b in zip(kind.tolist(), length, layers)])
-        length = torch.where(group >= 0, length, torch.zeros_like(length))
-        layers = torch.where(group >= 0, layers, torch.zeros_like(layers))
-        chunks = []
-        for g in (0, 1, -1):
-            rows = (group == g).nonzero()[:, 0]
-            rows = rows[torch.sort(-(length[rows] * (L + 1) + layers[rows]), stable=True).indices]
-            chunks += [rows[s: s + batch_size] for s in range(0, len(rows), batch_size)]
-    correct = torch.zeros(len(ablations) * n, dtype=torch.bool)
-    predicted = torch.zeros(len(ablations) * n, dtype=torch.long)
-    for rows in _progress(chunks, progress, desc=f"evaluate ({lm.name}, {len(ablations)} settings)", total=len(chunks)):
-        cfg, ex = cfg_all[rows], ex_all[rows]
-        keep = None
-        if any(need[int(c)] for c in cfg.unique()):
-            keep = _row_masks(lm.arch, batch, ablations, keys, tables, cfg, ex, seq)
-        prefix, start, n_skip, skip = None, None, 0, None
-        if length is not None and int(kind[rows[0]]) in refs and (int(length[rows].min()) > 0 or int(layers[rows].min()) > 0):
-            ref, resid = refs[int(kind[rows[0]])]
-            if int(length[rows].min()) > 0:
-                prefix, start = ref.take(ex), int(length[rows].min())
-            n_skip = int(layers[rows].min())
-            if n_skip:
-                skip = resid[n_skip - 1][ex]
-        logits = _run(lm, batch["input_ids"][ex], batch["attention_mask"][ex], batch["last_position"][ex],
-                      keep, mean_t, n_skip=n_skip, skip_value=skip, prefix=prefix, start=start)
-        pred = logits.argmax(-1).cpu()
-        predicted[rows] = pred
-        correct[rows] = pred == target[ex]
+    setting = torch.arange(len(ablations)).repeat_interleave(n)
+    prompt = torch.arange(n).repeat(len(ablations))
+
+    def ablated(rows: torch.Tensor) -> list[Mean]:  # the rows' settings, each head kept or mean-ablated
+        if not any(need[int(c)] for c in setting[rows].unique()):
+            return []
+        keep = _row_masks(a, batch, ablations, keys, tables, setting[rows], prompt[rows], seq)
+        return [Mean(layer, keep[layer], mean_t[layer]) for layer in range(a.n_layers)]
+
+    def everything(prompts: torch.Tensor) -> list[Mean]:  # every head ablated at every position
+        nothing = torch.zeros(len(prompts), seq, a.n_heads, dtype=torch.bool, device=lm.device)
+        return [Mean(layer, nothing, mean_t[layer]) for layer in range(a.n_layers)]
+
+    session = Session(lm, batch, batch_size=batch_size, cached=cached, out_device=lm.device, progress=progress,
+                      desc=f"evaluate ({lm.name}, {len(ablations)} settings)")
+    predicted = session.predict_rows(prompt, ablated, like=[everything] if mean_t is not None else [])
+    correct = predicted == batch["target"][prompt]
     return [(correct[i * n:(i + 1) * n].clone(), predicted[i * n:(i + 1) * n].clone()) for i in range(len(ablations))]
 
 

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from ..intervene.patching import as_batch, check_positions, run
+from ..intervene.patching import Session, as_batch, check_positions, run
 from ..schema import GROUP_LABELS, GROUPS, Head
 
 __all__ = ["BATCH_ENV", "ROLES", "attention_patterns", "describe_head", "explorer", "mass_by_role"]
@@ -43,8 +43,8 @@ def attention_patterns(lm, batch, heads: Sequence[Head], query_positions: torch.
         arch.layer_index(layer)
         arch.check_head(head, arch.n_heads, "query")
     layers = sorted({arch.layer_index(layer) for layer, _ in heads})
-    cache = run(lm, b, reads=[(site, layer) for layer in layers for site in ("q", "k")], logits=False,
-                batch_size=batch_size, desc="queries and keys").cache
+    cache = run(Session(lm, b, batch_size=batch_size, desc="queries and keys"),
+                reads=[(site, layer) for layer in layers for site in ("q", "k")], logits=None).cache
     rows = torch.arange(B)[:, None]
     out = torch.zeros(len(heads), B, S)
     with torch.no_grad():

@@ -84,7 +84,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from ..intervene.patching import ResidPatch, cache_activations, run
+from ..intervene.patching import ResidPatch, Session, cache_activations, run
 from ..intervene.stats import Estimate, bootstrap, ratio
 from ..schema import GROUP_LABELS, GROUPS, Head, position_column
 from ..task.encoding import encode_prompts, positions_at, word_token_ids
@@ -546,7 +546,7 @@ def patch_residual(lm, base_prompts, source_prompts, layer: int, positions: Opti
     p = torch.tensor(pos)
     vals = cache[site, layer][:, p]
     patch = ResidPatch(site, layer, vals, p[None].expand(len(vals), -1))
-    return run(lm, base, [patch], batch_size=batch_size).logits
+    return run(Session(lm, base, batch_size=batch_size), [patch]).logits
 
 
 @dataclass
@@ -613,31 +613,6 @@ class InterchangeMap:
                 "shares": {k: v.tolist() for k, v in self.shares.items()}}
 
 
-def _interchange_logits(lm, rows: Mapping[str, torch.Tensor], base_resid: Optional[torch.Tensor],
-                        values: torch.Tensor, at: torch.Tensor, site: str, layer: int, batch_size: int) -> torch.Tensor:
-    """Last-token logits ``[rows, vocab]`` of ``rows`` (base prompts, one per row) with the residual
-    ``site`` of ``layer`` set to ``values [rows, d_model]`` at positions ``at [rows]``.
-
-    With ``base_resid`` (a function from a slice of rows to their base run's ``site`` at ``layer``,
-    ``[rows in the slice, seq, d_model]``) the blocks below the patched site are not run again:
-    the first block above it starts from that residual stream with the patch written in, as the
-    patched run would hand it on. Rows go ``batch_size`` at a time either way, so each chunk holds
-    the same rows as the run through every block (the oracle, ``base_resid=None``)."""
-    below = list(range(layer + 1 if site == "resid_post" else layer))
-    if base_resid is None or not below:
-        return run(lm, rows, [ResidPatch(site, layer, values[:, None], at[:, None])], batch_size=batch_size).logits
-    n = int(values.shape[0])
-    out = []
-    block = batch_size * 16  # a whole number of chunks: the skip values of a block at a time
-    for s in range(0, n, block):
-        sl = slice(s, min(n, s + block))
-        resid = base_resid(sl).clone()
-        resid[torch.arange(resid.shape[0]), at[sl]] = values[sl].to(resid.dtype)
-        part = {k: v[sl] for k, v in rows.items()}
-        out.append(run(lm, part, (), skip_layers=below, skip_value=resid, batch_size=batch_size).logits)
-    return torch.cat(out)
-
-
 def interchange_map(lm, base_prompts: Sequence[Mapping[str, Any]], source_prompts: Sequence[Mapping[str, Any]],
                     layers: Optional[Iterable[int]] = None, positions: Optional[Iterable[int]] = None, *,
                     site: str = "resid_post", batch_size: int = 32, progress: bool = True,
@@ -652,9 +627,10 @@ def interchange_map(lm, base_prompts: Sequence[Mapping[str, Any]], source_prompt
             so that the three answers differ.
         layers: block indices (default all); positions: absolute token positions (default all).
         site: ``"resid_post"`` (block output) or ``"resid_pre"`` (block input).
-        reuse_base: start each patched run at the patched layer from the base run's residual
-            stream, cached once (the blocks below it are the base's own); False runs every block
-            again (the same predictions; the test oracle).
+        reuse_base: run the patches in a cached session of the base prompts, which keeps the base
+            run's residual stream and starts each patched run above the patched layer (the blocks
+            below it are the base's own); False runs every block again (the same predictions;
+            the test oracle).
 
     Returns:
         :class:`InterchangeMap`: for every (layer, position) the base's answer, sorted into its
@@ -680,11 +656,11 @@ def interchange_map(lm, base_prompts: Sequence[Mapping[str, Any]], source_prompt
     }
     n, P = len(base_prompts), len(pos)
     cache = cache_activations(lm, source, sites=(site,), layers=lays, batch_size=batch_size)
-    clean_run = run(lm, base, record=[(site, l) for l in lays] if reuse_base else (), batch_size=batch_size)
-    clean = clean_run.logits.argmax(-1)
+    session = Session(lm, base, batch_size=batch_size, cached=reuse_base)
+    clean = session.clean([(site, l) for l in lays] if reuse_base else ()).logits.argmax(-1)
     ex = torch.arange(n).repeat(P)  # rows (position, pair), position-major
     at = torch.tensor(pos).repeat_interleave(n)
-    rows = {k: v[ex] for k, v in base.items() if isinstance(v, torch.Tensor) and v.shape[:1] == (n,)}
+    rows = session.rows(ex)
     predicted = torch.empty(len(lays), P, n, dtype=torch.long)
     it = lays
     if progress:
@@ -693,8 +669,7 @@ def interchange_map(lm, base_prompts: Sequence[Mapping[str, Any]], source_prompt
         it = tqdm(lays, desc=f"interchange ({getattr(lm, 'name', '')}, {P} positions x {n} pairs)")
     for i, layer in enumerate(it):
         vals = cache[site, layer][ex, at]  # [rows, d_model]
-        base_resid = (lambda sl, r=clean_run.cache[site, layer]: r[ex[sl]]) if reuse_base else None
-        logits = _interchange_logits(lm, rows, base_resid, vals, at, site, layer, batch_size)
+        logits = run(rows, [ResidPatch(site, layer, vals[:, None], at[:, None])]).logits
         predicted[i] = logits.argmax(-1).view(P, n)
     labels = position_labels(tok, base)
     return InterchangeMap(getattr(lm, "name", ""), site, lays, pos, [labels[p] for p in pos], predicted, answers, clean)

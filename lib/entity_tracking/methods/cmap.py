@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 
 from ..intervene.patching import (
     HeadPatch,
-    KVPrefix,
+    Session,
     as_batch,
     check_positions,
     check_unpadded,
@@ -159,11 +159,11 @@ def output_cmap(
         if not layers:
             continue
         pos = None if key == "all" else check_positions(_positions(b, key), b["input_ids"].shape[1], f"{key} position")
-        cache = run(finetuned, b, (), [("z", l) for l in layers], record_positions=pos, logits=False,
-                    batch_size=batch_size, progress=progress, desc="caching fine-tuned heads").cache
+        cache = run(Session(finetuned, b, batch_size=batch_size, progress=progress, desc="caching fine-tuned heads"),
+                    reads=[("z", l) for l in layers], positions=pos, logits=None).cache
         for layer, hl in layers.items():
             patches.append(HeadPatch("z", layer, hl, cache["z", layer][:, :, hl], pos))
-    return run(base, b, patches, batch_size=batch_size, progress=progress, desc="output CMAP").logits
+    return run(Session(base, b, batch_size=batch_size, progress=progress, desc="output CMAP"), patches).logits
 
 
 class OutputCMAP:
@@ -172,18 +172,17 @@ class OutputCMAP:
 
     :func:`output_cmap` runs the fine-tuned model for every set; here it runs once, recording
     every head of every layer at each position key the sets will name (its last-position
-    ``finetuned_logits`` come with it), and the base model runs each set only from the earliest
-    position the set writes, from its clean prefix (``prefix``, :meth:`KVPrefix.for_prompts`,
-    made here unless given: one prefix serves every fine-tuned model of one base; None for
-    padded prompts, then every set runs whole). Sets must name position keys of ``keys``;
-    ``"all"`` (every position) is :func:`output_cmap`'s alone.
+    ``finetuned_logits`` come with it), and the base model runs every set in one cached
+    :class:`~entity_tracking.intervene.patching.Session` of the batch (``session``, made here
+    unless given: one session serves every fine-tuned model of one base). Sets must name
+    position keys of ``keys``; ``"all"`` (every position) is :func:`output_cmap`'s alone.
 
     >>> patcher = OutputCMAP(base, ft, batch, ["last", "query_label"])
     >>> patcher.logits(heads_by_position(circuit, ["value_fetcher"]))  # == output_cmap(base, ft, batch, ...)
     """
 
     def __init__(self, base, finetuned, batch: Mapping[str, torch.Tensor], keys: Iterable[str], *,
-                 batch_size: int = 32, prefix: Optional[KVPrefix] = None, progress: bool = False):
+                 batch_size: int = 32, session: Optional[Session] = None, progress: bool = False):
         check_compatible(base, finetuned)
         self.base, self.batch, self.batch_size, self.progress = base, as_batch(batch), batch_size, progress
         seq = self.batch["input_ids"].shape[1]
@@ -196,12 +195,13 @@ class OutputCMAP:
             self._slices[k] = slice(at, at + c.shape[1])
             at += c.shape[1]
         self._positions = torch.cat(cols, dim=1) if cols else torch.zeros(len(self.batch["input_ids"]), 0, dtype=torch.long)
-        ft = run(finetuned, self.batch, (), [("z", l) for l in range(finetuned.arch.n_layers)] if cols else (),
-                 record_positions=self._positions if cols else None, batch_size=batch_size, progress=progress,
-                 desc="caching fine-tuned heads")
+        ft = run(Session(finetuned, self.batch, batch_size=batch_size, progress=progress, desc="caching fine-tuned heads"),
+                 reads=[("z", l) for l in range(finetuned.arch.n_layers)] if cols else (),
+                 positions=self._positions if cols else None)
         self.finetuned_logits = ft.logits
         self._z = ft.cache
-        self.prefix = prefix if prefix is not None else KVPrefix.for_prompts(base, self.batch, batch_size=batch_size)
+        self.session = session or Session(base, self.batch, batch_size=batch_size, cached=True, progress=progress,
+                                          desc="output CMAP")
 
     def logits(self, heads: Mapping[str, Sequence[Head]]) -> torch.Tensor:
         """Base-model logits ``[batch, vocab]`` (last position) with the fine-tuned model's
@@ -213,8 +213,7 @@ class OutputCMAP:
             at = self._slices[key]
             for layer, hl in heads_by_layer(hs).items():
                 patches.append(HeadPatch("z", layer, hl, self._z["z", layer][:, at][:, :, hl], self._positions[:, at]))
-        return run(self.base, self.batch, patches, prefix=self.prefix, batch_size=self.batch_size,
-                   progress=self.progress, desc="output CMAP").logits
+        return run(self.session, patches).logits
 
 
 def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
@@ -286,12 +285,12 @@ def input_cmap(
             plan[arch.layer_index(int(layer))].append((int(head), pos))
     layers = sorted(plan)
     if not layers:
-        return run(base, b, (), batch_size=batch_size).logits
+        return run(Session(base, b, batch_size=batch_size)).logits
     record = [(s, l) for l in layers for s in chosen_sites]
-    ft = run(finetuned, b, (), record, logits=False, batch_size=batch_size, progress=progress,
-             desc="caching fine-tuned q/k/v").cache
-    clean = run(base, b, (), [(s, l) for l in layers for s in (*chosen_sites, "z")], logits=False,
-                batch_size=batch_size, progress=progress, desc="caching base q/k/v/z").cache
+    ft = run(Session(finetuned, b, batch_size=batch_size, progress=progress, desc="caching fine-tuned q/k/v"),
+             reads=record, logits=None).cache
+    clean = run(Session(base, b, batch_size=batch_size, progress=progress, desc="caching base q/k/v/z"),
+                reads=[(s, l) for l in layers for s in (*chosen_sites, "z")], logits=None).cache
     ar = torch.arange(S)
     patches: list[HeadPatch] = []
     for layer in layers:
@@ -313,7 +312,7 @@ def input_cmap(
             patches += _restore_except(clean["z", layer], layer, plan[layer])
         elif S > 1:
             patches.append(_restore_before_last(clean["z", layer], layer))
-    return run(base, b, patches, batch_size=batch_size, progress=progress, desc="input CMAP").logits
+    return run(Session(base, b, batch_size=batch_size, progress=progress, desc="input CMAP"), patches).logits
 
 
 def _restore_before_last(clean_z: torch.Tensor, layer: int) -> HeadPatch:

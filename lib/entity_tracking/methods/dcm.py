@@ -51,10 +51,9 @@ from tqdm.auto import tqdm
 
 from .. import task as D
 from ..intervene.patching import (
-    PREFIX_BUDGET,
     Blend,
     HeadPatch,
-    KVPrefix,
+    Session,
     accuracy,
     as_batch,
     check_positions,
@@ -66,7 +65,7 @@ from ..schema import GROUPS, Head, position_column
 from .verdicts import DCM_MARGIN, DCM_SHARE_FLOOR
 
 __all__ = [
-    "CORE_DESIDERATA", "DCMError", "DCMResult", "base_prefix", "better_mask", "blend_writes", "desideratum_accuracy",
+    "CORE_DESIDERATA", "DCMError", "DCMResult", "better_mask", "blend_writes", "desideratum_accuracy",
     "encode_desideratum", "fresh_pairs", "fresh_seed", "functionality", "learn_masks", "manifest_vocabulary",
     "masked_logits", "read_selections", "select_heads", "semantics", "source_head_outputs", "take_rows",
     "train_mask", "write_masks",
@@ -97,8 +96,8 @@ def source_head_outputs(lm, source: Mapping[str, torch.Tensor], heads: Sequence[
     src = as_batch(source)
     pos = _pos(src, position, "source")
     layers = heads_by_layer(heads)
-    cache = run(lm, src, (), [("z", l) for l in layers], record_positions=pos, logits=False,
-                batch_size=batch_size, desc="caching source heads").cache
+    cache = run(Session(lm, src, batch_size=batch_size, desc="caching source heads"), reads=[("z", l) for l in layers],
+                positions=pos, logits=None).cache
     return {l: cache["z", l][:, 0, hs] for l, hs in layers.items()}
 
 
@@ -113,34 +112,21 @@ def select_heads(source_z: Mapping[int, torch.Tensor], of: Sequence[Head], heads
     return {l: source_z[l][:, [index[(l, h)] for h in hs]] for l, hs in heads_by_layer(heads).items()}
 
 
-def base_prefix(lm, base: Mapping[str, torch.Tensor], *, batch_size: int = 32,
-                budget: int = PREFIX_BUDGET) -> Optional[KVPrefix]:
-    """The keys and values of the base prompts before their last two tokens: the
-    :class:`~entity_tracking.intervene.patching.KVPrefix` that every forward pass of DCM on these prompts
-    shares, whatever the position patched.
-
-    A patch at position ``p`` changes nothing before ``p``, so each training step, each rounded
-    mask scored and each selection of the semantics repeats the same work before its rows'
-    earliest patch position: from this prefix they run only the tokens from there, with the same
-    logits and gradients. None where it cannot serve: padded prompts, more than ``budget``
-    bytes, a sliding attention window (:meth:`KVPrefix.for_prompts`)."""
-    return KVPrefix.for_prompts(lm, base, batch_size=batch_size, budget=budget)
-
-
 def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, torch.Tensor],
                   heads: Sequence[Head], position: str, mask: torch.Tensor,
-                  prefix: Optional[KVPrefix] = None) -> torch.Tensor:
+                  session: Optional[Session] = None) -> torch.Tensor:
     """Last-position logits ``[batch, vocab]`` of the base run with each of ``heads`` (in
     :func:`heads_by_layer` order, matching ``mask [n_heads]``) set to ``m*base + (1-m)*source`` at
     the base's ``position`` (:func:`blend_writes` through the kernel). Differentiable in
-    ``mask``; one forward pass, no chunking. ``prefix``: the :func:`base_prefix` of these rows,
-    to run only the tokens from their earliest patch position.
+    ``mask``; one forward pass, no chunking. ``session``: a
+    :class:`~entity_tracking.intervene.patching.Session` of these base prompts to run it in (its
+    runs may be faster: the same numbers).
 
     >>> m = torch.ones(len(heads), requires_grad=True)
     >>> masked_logits(lm, pairs["base"], source_head_outputs(lm, pairs["source"], heads, "last"), heads, "last", m)
     """
-    return run(lm, base, blend_writes(base, source_z, heads, position, mask), grad=True, prefix=prefix,
-               batch_size=None, out_device=lm.device).logits
+    session = session or Session(lm, base, batch_size=None, out_device=lm.device)
+    return run(session, blend_writes(base, source_z, heads, position, mask), grad=True).logits
 
 
 def blend_writes(base: Mapping[str, torch.Tensor], source_z: Mapping[int, torch.Tensor], heads: Sequence[Head],
@@ -195,11 +181,10 @@ def take_rows(batch: Mapping[str, torch.Tensor], idx) -> dict[str, torch.Tensor]
     return {k: (v[idx] if isinstance(v, torch.Tensor) and v.shape[:1] == (n,) else v) for k, v in batch.items()}
 
 
-def _rounded_accuracy(lm, pairs, src_z, heads, position, mask_values, batch_size,
-                      prefix: Optional[KVPrefix] = None) -> float:
+def _rounded_accuracy(session: Session, pairs, src_z, heads, position, mask_values) -> float:
+    """The accuracy of the rounded mask on ``pairs``, run in ``session`` (of their base prompts)."""
     hard = (mask_values >= 0.5).float()
-    writes = blend_writes(pairs["base"], src_z, heads, position, hard)
-    logits = run(lm, pairs["base"], writes, prefix=prefix, batch_size=batch_size, out_device=lm.device).logits
+    logits = run(session, blend_writes(pairs["base"], src_z, heads, position, hard)).logits
     n = pairs["base"]["input_ids"].shape[0]
     return int((logits.argmax(-1).cpu() == pairs["target"]).sum()) / max(n, 1)
 
@@ -228,8 +213,8 @@ def train_mask(
     relaxation: Literal["clamp", "sigmoid"] = "clamp",
     progress: bool = True,
     source_z: Optional[Mapping[str, Mapping[int, torch.Tensor]]] = None,
-    prefixes: Optional[Mapping[str, Optional[KVPrefix]]] = None,
-    prefix_cache: bool = True,
+    sessions: Optional[Mapping[str, Session]] = None,
+    cached: bool = True,
     eval_batch_size: Optional[int] = None,
 ) -> DCMResult:
     """Learn a DCM mask over ``heads`` (all acting at ``position``) for one desideratum.
@@ -243,10 +228,9 @@ def train_mask(
     :func:`source_head_outputs` returns them, when already computed (:func:`learn_masks` runs each
     source once for every lambda, seed and group at one position).
 
-    Every forward pass runs only the tokens from the earliest patch position on, from the base
-    prompts' cached keys and values (:func:`base_prefix`, the same numbers as the full run);
-    ``prefixes`` gives them per split when already made, ``prefix_cache=False`` runs every
-    position (the oracle). ``eval_batch_size``: rows per forward pass when a rounded mask is
+    Every forward pass runs in a :class:`~entity_tracking.intervene.patching.Session` of the split's
+    base prompts (``sessions``, per split, when already made; ``cached=False`` makes them run every
+    position, the oracle). ``eval_batch_size``: rows per forward pass when a rounded mask is
     scored (default ``batch_size``; no gradient, the same answers in fewer passes).
     """
     heads = [h for l, hs in heads_by_layer(heads).items() for h in [(l, x) for x in hs]]
@@ -258,8 +242,8 @@ def train_mask(
     eval_batch_size = eval_batch_size or batch_size
     src = dict(source_z) if source_z is not None else \
         {k: source_head_outputs(lm, v["source"], heads, position, batch_size=batch_size) for k, v in splits.items()}
-    if prefixes is None:
-        prefixes = {k: base_prefix(lm, v["base"], batch_size=batch_size) if prefix_cache else None
+    if sessions is None:
+        sessions = {k: Session(lm, v["base"], batch_size=eval_batch_size, cached=cached, out_device=lm.device)
                     for k, v in splits.items()}
     gen = torch.Generator().manual_seed(seed)
     if relaxation == "clamp":
@@ -287,8 +271,8 @@ def train_mask(
             order = torch.randperm(n, generator=gen)
         idx = order[(step % steps_per_epoch) * batch_size: (step % steps_per_epoch + 1) * batch_size]
         m = current()
-        logits = masked_logits(lm, take_rows(train["base"], idx), {l: v[idx] for l, v in src["train"].items()},
-                               heads, position, m, None if prefixes["train"] is None else prefixes["train"].take(idx))
+        rows = sessions["train"].rows(idx)
+        logits = masked_logits(lm, rows.batch, {l: v[idx] for l, v in src["train"].items()}, heads, position, m, rows)
         target = train["target"][idx].to(logits.device)
         loss = -logits.gather(1, target[:, None]).mean() + lam * (1 - m).sum()
         opt.zero_grad()
@@ -301,16 +285,14 @@ def train_mask(
             mv = current().detach()
             hard = [int(x >= 0.5) for x in mv.tolist()]
             if tuple(hard) not in scored:  # the rounded mask often stays put between evaluations
-                scored[tuple(hard)] = _rounded_accuracy(lm, eval, src["eval"], heads, position, mv, eval_batch_size,
-                                                        prefix=prefixes["eval"])
+                scored[tuple(hard)] = _rounded_accuracy(sessions["eval"], eval, src["eval"], heads, position, mv)
             acc = scored[tuple(hard)]
             n_sel = hard.count(0)
             history.append({"step": step + 1, "loss": float(loss.detach()), "eval_accuracy": acc, "n_selected": n_sel})
             if better_mask(acc, n_sel, best[0], best[1]):
                 best = (acc, n_sel, hard, step + 1)
     mask = torch.tensor(best[2], dtype=torch.float32)
-    test_acc = _rounded_accuracy(lm, test, src["test"], heads, position, mask, eval_batch_size,
-                                 prefix=prefixes["test"])
+    test_acc = _rounded_accuracy(sessions["test"], test, src["test"], heads, position, mask)
     return DCMResult(heads, best[2], position, lam, seed, relaxation, best[0], test_acc, best[3], history)
 
 
@@ -326,13 +308,13 @@ def desideratum_accuracy(
     seed: int = 0,
     batch_size: int = 32,
     source_z: Optional[Mapping[int, torch.Tensor]] = None,
-    prefix: Optional[KVPrefix] = None,
+    session: Optional[Session] = None,
 ) -> dict[str, Any]:
     """Patch ``heads`` from source to base (each at its group ``position``, the source read at its
     own position) and report the share of samples whose answer is the target. ``source_z``: the
     source run's outputs of ``heads`` as :func:`source_head_outputs` returns them, when already
-    computed (:func:`semantics` shares one source run between selections). ``prefix``: the base
-    prompts' :func:`base_prefix` at ``position``, to run only the tokens from its start.
+    computed (:func:`semantics` shares one source run between selections). ``session``: a
+    :class:`~entity_tracking.intervene.patching.Session` of the base prompts to run them in.
 
     Returns ``{"mean", "std", "runs": [...], "correct": [n] (0/1 per sample), "accuracy"}``
     (``accuracy``: over all samples). The ``n_resamples`` ``runs`` are
@@ -364,7 +346,8 @@ def desideratum_accuracy(
         pos = _pos(base, position, "base")
         for layer, hs in heads_by_layer(heads).items():
             patches.append(HeadPatch("z", layer, hs, src_z[layer][:, None], pos))
-    logits = run(lm, base, patches, prefix=prefix, batch_size=batch_size, desc="desideratum patching").logits
+    session = session or Session(lm, base, batch_size=batch_size, desc="desideratum patching")
+    logits = run(session, patches).logits
     correct = (logits.argmax(-1) == target).float()
     if mode == "fresh":
         runs = [float(correct[i * k:(i + 1) * k].mean()) for i in range(n_resamples)]
@@ -506,23 +489,22 @@ def _grouped(items: Sequence[Any], key: Callable[[Any], Any]) -> list[tuple[Any,
 
 def learn_masks(lm, circuit, where, spec, groups: Sequence[str] | None = None,
                 desiderata: Sequence[str] = CORE_DESIDERATA, *,
-                prefix_cache: bool = True) -> dict[tuple[str, str], DCMResult]:
+                cached: bool = True) -> dict[tuple[str, str], DCMResult]:
     """Learn a mask for every (group, desideratum) on ``lm``, trying every lambda and seed of
     ``spec`` (:class:`~entity_tracking.config.DCMSpec`) and keeping the best on the eval split.
-    Groups without heads are skipped. The base prompts' :func:`base_prefix` of each
-    (desideratum, split), and the source runs of each position there, are made once for every
-    group, lambda and seed (``prefix_cache=False``: every forward pass runs every position, the
-    oracle)."""
+    Groups without heads are skipped. The base prompts' sessions of each (desideratum, split),
+    and the source runs of each position there, are made once for every group, lambda and seed
+    (``cached=False``: every forward pass runs every position, the oracle)."""
     out: dict[tuple[str, str], DCMResult] = {}
     splits = {d: {s: encode_desideratum(lm.tokenizer, where, d, s) for s in ("train", "eval", "test")} for d in desiderata}
     jobs = [(g, d) for g in (groups or GROUPS) for d in desiderata if circuit.groups[g]]
     union = _heads_at(circuit, [g for g, _ in jobs])
 
     bar = tqdm(total=len(jobs), desc="DCM masks")
-    # the jobs of one desideratum together: its base prompts' prefixes, and the source runs of each
+    # the jobs of one desideratum together: its base prompts' sessions, and the source runs of each
     # position, are made once and dropped before the next's; the masks come out in the jobs' order
     for d, same in _grouped(jobs, lambda job: job[1]):
-        whole = {s: base_prefix(lm, b["base"], batch_size=spec.eval_batch_size) if prefix_cache else None
+        whole = {s: Session(lm, b["base"], batch_size=spec.eval_batch_size, cached=cached, out_device=lm.device)
                  for s, b in splits[d].items()}
         sources: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
         for g, _ in same:
@@ -538,7 +520,7 @@ def learn_masks(lm, circuit, where, spec, groups: Sequence[str] | None = None,
                     res = train_mask(lm, circuit.groups[g], pos, splits[d]["train"], splits[d]["eval"],
                                      splits[d]["test"], lam=lam, lr=spec.lr, epochs=spec.epochs,
                                      batch_size=spec.batch_size, eval_every=spec.eval_every, seed=seed,
-                                     relaxation=spec.relaxation, progress=False, source_z=own, prefixes=whole,
+                                     relaxation=spec.relaxation, progress=False, source_z=own, sessions=whole,
                                      eval_batch_size=spec.eval_batch_size)
                     if best is None or better_mask(res.eval_accuracy, len(res.selected), best.eval_accuracy,
                                                    len(best.selected)):
@@ -552,7 +534,7 @@ def learn_masks(lm, circuit, where, spec, groups: Sequence[str] | None = None,
 def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, str], Sequence[Head]],
               positions: Mapping[str, str], where, spec,
               desiderata: Mapping[tuple[str, str], Sequence[str]] | None = None, *,
-              base: Optional[str] = None, prefix_cache: bool = True) -> list[dict[str, Any]]:
+              base: Optional[str] = None, cached: bool = True) -> list[dict[str, Any]]:
     """Per-model semantics: for every (group, desideratum) selection, patch those heads from source
     to base in every model and report the share of samples giving the target (percent, mean and
     std over ``spec.n_resamples`` runs of ``spec.sample_size`` pairs).
@@ -569,9 +551,9 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
     only) a key's desiderata other than its own are evaluated in the model named ``base`` only;
     ``"all"`` evaluates them in every model.
 
-    The selections evaluated on one desideratum share one :func:`base_prefix` of its base prompts,
-    and those at one position one source run (``prefix_cache=False``: every position is run, the
-    oracle); they are run together, and the rows come out in the order of ``selections``.
+    The selections evaluated on one desideratum share one session of its base prompts, and those
+    at one position one source run (``cached=False``: every position is run, the oracle); they
+    are run together, and the rows come out in the order of ``selections``.
     """
     mode = getattr(spec, "semantics_pairs", "bootstrap")
     if mode not in ("fresh", "bootstrap"):
@@ -614,7 +596,8 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
             else:
                 pairs = encode_desideratum(lm.tokenizer, where, eval_desid, "test")
             runs = sum(1 for _, (_, heads, _) in same if heads) + any(not heads for _, (_, heads, _) in same)
-            whole = base_prefix(lm, pairs["base"], batch_size=spec.eval_batch_size) if prefix_cache and runs > 1 else None
+            whole = Session(lm, pairs["base"], batch_size=spec.eval_batch_size, desc="desideratum patching",
+                            cached=cached and runs > 1)  # a single run gains nothing from a cache
             sources: dict[str, dict[int, torch.Tensor]] = {}
             unpatched = None
             for i, ((group, _), heads, _) in same:
@@ -626,7 +609,7 @@ def semantics(models: Iterable[tuple[str, Any]], selections: Mapping[tuple[str, 
                     src = select_heads(sources[pos], union[eval_desid, pos], heads) if heads else None
                     r = desideratum_accuracy(lm, list(heads), pos, pairs, mode=mode, n_resamples=spec.n_resamples,
                                              sample_size=spec.sample_size, seed=0, batch_size=spec.eval_batch_size,
-                                             source_z=src, prefix=whole)
+                                             source_z=src, session=whole)
                     if not heads:
                         unpatched = r
                 done[i] = r if heads else unpatched

@@ -85,16 +85,16 @@ def checkpoint_row(base, model, eval_records: Sequence[Mapping[str, Any]], refer
     checkpoint) against the loaded ``base`` model on the evaluation prompts. ``base_accuracy``:
     the base model's :func:`eval_accuracy` on them when already known, so that a loop over
     checkpoints runs the base model once. ``base_memo``: a dict kept over the checkpoints of one
-    base model on these prompts; the base's clean prefix, from which every group's output CMAP
-    runs (:class:`~entity_tracking.methods.cmap.OutputCMAP`), is made once into it. The
+    base model on these prompts; the base's session, in which every group's output CMAP runs
+    (:class:`~entity_tracking.methods.cmap.OutputCMAP`), is made once into it. The
     checkpoint runs once for its accuracy and every group's head outputs."""
 
     batch = D.encode_prompts(model.tokenizer, eval_records)
     target = batch["target"]
     memo = base_memo if base_memo is not None else {}
     keys = [circuit.positions[g] for g in GROUPS if circuit.groups[g]]
-    patcher = OutputCMAP(base, model, batch, keys, batch_size=batch_size, prefix=memo.get("prefix"))
-    memo.setdefault("prefix", patcher.prefix)
+    patcher = OutputCMAP(base, model, batch, keys, batch_size=batch_size, session=memo.get("session"))
+    memo.setdefault("session", patcher.session)
     acc = float((patcher.finetuned_logits.argmax(-1) == target).float().mean())
     base_acc = base_accuracy if base_accuracy is not None else eval_accuracy(base, batch, batch_size=batch_size)
     means = compute_means(model, reference, batch_size=batch_size, progress=False)

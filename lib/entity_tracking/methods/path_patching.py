@@ -79,17 +79,14 @@ three facts:
   ``lm_head(final_norm(resid))``. This is batched over all heads of a layer and all examples:
   a handful of matrix products per layer instead of a forward pass per head.
 * *Pass 2 only changes the receiver position and later ones.* Positions before the receiver
-  position are clean, so the clean prefix is run once (per distinct receiver position), its
-  key/value cache kept (transformers' ``DynamicCache``) and tiled over many senders, and only
-  the suffix tokens are run, with position ids continuing the prefix, many senders in one
-  batch (examples grouped by receiver position when it varies, as in the Structure Reader
-  step). The first step has no pass 2 at all.
+  position are clean, and so is every block below the first patched receiver: pass 2 runs, in
+  one forward pass, many senders for the examples that share a receiver position, each only from
+  that position and from the first receiver's block on, from the clean run of the dataset
+  (:meth:`~entity_tracking.intervene.patching.Session.tile`). The first step has no pass 2 at all.
 * *Senders that cannot reach a receiver score exactly zero.* A receiver at layer ``l_r`` reads
   the residual stream entering ``l_r``; a sender at layer ``l >= l_r`` cannot change it, and a
   receiver patched with its own clean value changes nothing. Pass 2 of a sender layer patches
-  only receivers above it, and a sender layer with none is skipped (score 0). Likewise the
-  blocks below the first patched receiver are clean at every position: pass 2 skips them
-  (nnsight's ``skip``), handing the first block that runs the clean residual stream. And in the
+  only receivers above it, and a sender layer with none is left out (score 0). And in the
   logits step a sender away from the last token cannot reach the logits (score 0).
 
 Prompts must be unpadded (one length per batch; base and source may differ in length): a
@@ -108,11 +105,11 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
 
 from ..intervene.patching import (
     ActivationCache,
     HeadPatch,
+    Session,
     batch_chunks,
     lm_parts,
     n_site_heads,
@@ -407,10 +404,10 @@ def estimate_cost(
         forward = bs * S * (act_per_token + V * nb)
         peak = caches + frozen + forward
     else:
-        state = N * L * S * (2 * Hkv * dh + 3 * d + H * dh) * nb  # PathPatcher._state
+        state = N * L * S * (2 * Hkv * dh + 3 * d + H * dh) * nb  # the session's clean_state
         kept = state <= cache_budget
         if not kept and any(_ALL_STEPS[g].receiver_site for g in steps):
-            parts["caches"] += N * fwd  # a second clean pass: prefixes' key/value caches per group
+            parts["caches"] += N * fwd  # a second clean pass: each group's clean keys and values
         rows = min(max_rows or _default_max_rows(a, S, dt), H * N)  # pass 2 runs one sender layer at a time
         senders = L * H
         pass1_layer = 2 * H * dh * d + mlp  # o_proj of the patched vector + MLP, per layer and sender
@@ -515,8 +512,9 @@ class PathPatcher:
         self._clean_logits: Optional[torch.Tensor] = None
         self._full: dict[str, Any] = {}
         self._at: dict[tuple[str, tuple], Any] = {}
-        self._full_state: Optional[tuple] = None
         self.cache_budget = cache_budget
+        self.sessions = {which: Session(lm, batch, batch_size=batch_size, out_device=self.device, budget=cache_budget)
+                         for which, batch in (("base", self.base), ("source", self.source))}
 
     # -- positions --------------------------------------------------------------------------
 
@@ -540,7 +538,7 @@ class PathPatcher:
     def p_clean(self) -> torch.Tensor:
         """``[batch]`` clean probability of the target at the last token."""
         if self._p_clean is None:
-            self._clean(run(self.lm, self.base, batch_size=self.batch_size, desc="clean run").logits)
+            self._clean(run(Session(self.lm, self.base, batch_size=self.batch_size)).logits)
         return self._p_clean
 
     def _clean(self, logits: torch.Tensor) -> None:
@@ -560,8 +558,8 @@ class PathPatcher:
     def _full_z(self, which: str):
         if which not in self._full:
             batch = self.base if which == "base" else self.source
-            res = run(self.lm, batch, record=[("z", l) for l in range(self.arch.n_layers)],
-                      logits=which == "base", batch_size=self.batch_size, desc=f"{which} cache")
+            res = run(Session(self.lm, batch, batch_size=self.batch_size), reads=[("z", l) for l in range(self.arch.n_layers)],
+                      logits="last" if which == "base" else None)
             self._full[which] = res.cache
             if which == "base":
                 self._clean(res.logits)
@@ -591,14 +589,14 @@ class PathPatcher:
                     if l2 == l:
                         z[bi, ps, h] = corrupt["z", l2][sl][bi, pc, h]
                     frozen.append(HeadPatch("z", l2, None, z))
+                one = Session(self.lm, chunk, batch_size=None)
                 if site is None:
-                    logits = run(self.lm, chunk, frozen, batch_size=n).logits
+                    logits = run(one, frozen).logits
                 else:
                     parts = _SITE_PARTS[site]
-                    rec = run(self.lm, chunk, frozen, [(s, l2) for l2 in recv for s in parts], record_positions=ps,
-                              logits=False, batch_size=n).cache
+                    rec = run(one, frozen, [(s, l2) for l2 in recv for s in parts], positions=ps, logits=None).cache
                     patches = [HeadPatch(s, l2, hs, rec[s, l2][:, :, hs], ps) for l2, hs in recv.items() for s in parts]
-                    logits = run(self.lm, chunk, patches, batch_size=n).logits
+                    logits = run(one, patches).logits
                 total += float(self._score(logits, sl).sum())
             scores[l, h] = total / self.n
         return scores
@@ -612,7 +610,7 @@ class PathPatcher:
         ``resid_pre``, ``z``, ``attn_out`` of the base, ``z`` of the source."""
         key = (which, tuple(pos.tolist()))
         if key not in self._at:
-            st = self._state() if which == "base" else None
+            st = self._kept() if which == "base" else None
             if st is not None:  # gathered from the whole-dataset clean pass
                 b = torch.arange(self.n, device=self.device)
                 p = pos.to(self.device)
@@ -627,9 +625,8 @@ class PathPatcher:
         """One run caching the fast kernel's sites at several position columns ``[batch]`` each."""
         batch = self.base if which == "base" else self.source
         sites = self._FAST_SITES[which]
-        res = run(self.lm, batch, record=[(s, l) for l in range(self.arch.n_layers) for s in sites],
-                  record_positions=torch.stack(list(columns), 1), logits=which == "base",
-                  batch_size=self.batch_size, desc=f"{which} cache", out_device=self.device)
+        res = run(self.sessions[which], reads=[(s, l) for l in range(self.arch.n_layers) for s in sites],
+                  positions=torch.stack(list(columns), 1), logits="last" if which == "base" else None)
         if which == "base":
             self._clean(res.logits)
         for j, col in enumerate(columns):
@@ -640,7 +637,7 @@ class PathPatcher:
         """Cache, in one clean and one corrupt run, what the fast kernel needs for ``steps``
         (their sender and corrupt positions), so that several steps share two forward passes."""
         cols = {"base": {}, "source": {}}
-        self._state()  # the base's positions come from the whole-dataset clean pass when it fits
+        self._kept()  # the base's positions come from the whole-dataset clean pass when it fits
         for g in steps:
             st = _ALL_STEPS[g]
             for which, key in (("base", st.sender_position), ("source", st.corrupt_position)):
@@ -654,8 +651,8 @@ class PathPatcher:
 
     def fast_scores(self, sender_pos: torch.Tensor, corrupt_pos: torch.Tensor,
                     receivers: Sequence[Head] = (), site: Optional[str] = None) -> torch.Tensor:
-        """Same scores as :meth:`naive_scores`, without attention in pass 1 and with a cached clean
-        prefix in pass 2 (module docstring). ``[n_layers, n_heads]``."""
+        """Same scores as :meth:`naive_scores`, without attention in pass 1 and from the clean run
+        in pass 2 (module docstring). ``[n_layers, n_heads]``."""
         a, dev = self.arch, self.device
         L, H = a.n_layers, a.n_heads
         clean = self._at_positions("base", sender_pos)
@@ -675,17 +672,17 @@ class PathPatcher:
                         _, logits = self._pass1(l, e, clean, corrupt, {}, None, logits=True)
                         sums[l] += self._score(logits.reshape(H * len(e), -1), e.repeat(H)).view(H, -1).sum(1)
             else:
-                groups = []  # (receiver position, examples): one clean prefix per group
+                groups = []  # (receiver position, examples): one tiled run per chunk of senders
                 per = max(1, self.max_rows // H)
                 for P in sorted(set(sender_pos.tolist())):
                     ex = (sender_pos == P).nonzero()[:, 0].to(dev)
                     groups += [(P, ex[s]) for s in batch_chunks(len(ex), per, False, "")]
                 for P, e in self._progress(groups, f"fast, {site} receivers"):
-                    prefix_kv = self._prefix_kv(P, e)
+                    rows = self.sessions["base"].rows(e)
                     for l in layers:
                         active = {l2: hs for l2, hs in recv.items() if l2 > l}
                         vals, _ = self._pass1(l, e, clean, corrupt, active, site)
-                        sums[l] += self._pass2(P, e, prefix_kv, active, vals, site)
+                        sums[l] += self._pass2(P, rows, e, active, vals)
         return (sums / self.n).cpu()
 
     def _progress(self, items: list, what: str):
@@ -719,97 +716,31 @@ class PathPatcher:
                 resid = a.add_mlp(hf, l2, a.add_attn(hf, l2, resid, clean["attn_out", l2][e, 0]))
         return values, (a.unembed(hf, resid) if logits else None)
 
-    def _prefix_kv(self, P: int, e: torch.Tensor):
-        """Keys/values of the clean prefix (positions ``< P``) of examples ``e`` per layer, and
-        every block's clean output at the suffix positions ``[n_e, T, d_model]``: from the
-        whole-dataset clean pass when it fits ``cache_budget``, else from a clean pass over ``e``."""
-        st = self._state()
-        if st is None:
-            st, e = self._clean_pass(e), slice(None)
-        kv = [(k[e, :, :P], v[e, :, :P]) for k, v in zip(st["k"], st["v"])] if P > 0 else None
-        return kv, [r[e, P:] for r in st["resid_post"]]
+    def _kept(self) -> Optional[dict]:
+        """The base session's clean run of the whole dataset (None beyond ``cache_budget``), whose
+        logits give the clean probabilities."""
+        st = self.sessions["base"].clean_state()
+        if st is not None:
+            self._clean(st["logits"][0])
+        return st
 
-    def _state_bytes(self) -> int:
+    def _pass2(self, P: int, rows: Session, e: torch.Tensor, active: dict[int, list[int]],
+               values: dict[int, dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Fast pass 2: summed scores ``[sender]`` over examples ``e`` (``rows`` of the base session,
+        all with receiver position ``P``): every chunk of senders in one tiled run of the examples,
+        with the receivers' pass-1 values written at ``P``."""
         a = self.arch
-        nb = _DTYPE_BYTES.get(self.dtype, 4)
-        per_token = 2 * a.n_kv_heads * a.d_head + 3 * a.d_model + a.n_heads * a.d_head
-        return self.n * a.n_layers * self.seq_len * per_token * nb
-
-    def _state(self) -> Optional[dict]:
-        """The clean pass over the whole dataset (memoised), or ``None`` beyond ``cache_budget``:
-        per layer ``k``/``v`` ``[batch, n_kv_heads, seq, d_head]`` (the model's cache: after
-        rotary embeddings), ``resid_pre``/``attn_out``/``resid_post`` ``[batch, seq, d_model]``
-        and ``z`` ``[batch, seq, n_heads, d_head]``. One forward pass serves every step's clean
-        caches and prefixes."""
-        if self._full_state is None and self._state_bytes() <= self.cache_budget:
-            parts = [self._clean_pass(torch.arange(sl.start, sl.stop, device=self.device))
-                     for sl in batch_chunks(self.n, self.batch_size, False, "")]
-            self._full_state = {key: [torch.cat([p[key][l] for p in parts]) for l in range(self.arch.n_layers)]
-                                for key in parts[0] if key != "logits"}
-            self._clean(torch.cat([p["logits"] for p in parts]))
-        return self._full_state
-
-    def _clean_pass(self, e: torch.Tensor) -> dict:
-        """Clean forward of examples ``e`` through the kernel, reading every layer's
-        ``resid_pre``, ``z``, ``attn_out`` and ``resid_post`` and keeping its keys and values: see
-        :meth:`_state` for what it returns (for these examples), plus last-token ``logits``."""
-        L = self.arch.n_layers
-        sites = ("resid_pre", "z", "attn_out", "resid_post")
-        res = run(self.lm, self.base["input_ids"][e.cpu()], reads=[(s, l) for l in range(L) for s in sites],
-                  return_kv=True, batch_size=None, out_device=self.device, trace_kwargs={"logits_to_keep": 1})
-        got: dict[str, list] = {s: [res.cache[s, l] for l in range(L)] for s in sites}
-        layers = res.kv[0].layers
-        short = [l for l, layer in enumerate(layers) if layer.keys.shape[-2] != self.seq_len]
-        if short:  # a sliding-window layer dropped early keys: the prefix cannot be cut from it
-            raise NotImplementedError(
-                f"prompts of {self.seq_len} tokens exceed the sliding attention window of layer {short[0]}; "
-                f"the fast kernel's cached prefix needs every key, use method='naive'")
-        got["k"] = [layer.keys for layer in layers]
-        got["v"] = [layer.values for layer in layers]
-        got["logits"] = res.logits
-        return got
-
-    def _pass2(self, P: int, e: torch.Tensor, prefix_kv, active: dict[int, list[int]],
-               values: dict[int, dict[str, torch.Tensor]], site: str) -> torch.Tensor:
-        """Fast pass 2: summed scores ``[sender]`` over examples ``e`` (all with receiver position
-        ``P``): the clean prefix's key/value cache tiled over the senders, and only the suffix run,
-        with the active receivers' ``site`` patched at its first token."""
-        a, dev = self.arch, self.device
         H, n_e = a.n_heads, len(e)
-        prefix_kv, clean_resid = prefix_kv
-        # Blocks below the first patched receiver are clean at every position: skip them, feeding
-        # the first block that runs the clean residual stream at the suffix positions.
-        first = min(values)
-        suffix = self.base["input_ids"].to(dev)[e, P:]
-        T = suffix.shape[1]
-        sums = torch.zeros(H, device=dev)
+        sums = torch.zeros(H, device=self.device)
         for ssl in batch_chunks(H, max(1, self.max_rows // n_e), False, ""):
             k = ssl.stop - ssl.start
-            rows = n_e * k  # example-major: row = example * k + sender
-            kw: dict[str, Any] = {"position_ids": torch.arange(P, P + T, device=dev).expand(rows, T),
-                                  "logits_to_keep": 1}
-            if prefix_kv is not None:
-                kw["past_key_values"] = self._tiled_cache(prefix_kv, k, first)
-            patches = [HeadPatch(p, l2, active[l2],
-                                 v[ssl].transpose(0, 1).reshape(rows, 1, len(active[l2]), a.d_head),
-                                 torch.zeros(rows, 1, dtype=torch.long))
+            n_rows = n_e * k  # example-major: row = example * k + sender
+            at = torch.full((n_rows, 1), P, dtype=torch.long)
+            patches = [HeadPatch(p, l2, active[l2], v[ssl].transpose(0, 1).reshape(n_rows, 1, len(active[l2]), a.d_head), at)
                        for l2, by_site in values.items() for p, v in by_site.items()]
-            skip = clean_resid[first - 1].repeat_interleave(k, 0) if first > 0 else None
-            logits = run(self.lm, suffix.repeat_interleave(k, 0), patches, trace_kwargs=kw, out_device=dev,
-                         skip_layers=range(first) if first > 0 else (), skip_value=skip).logits
+            logits = run(rows.tile(k), patches).logits
             sums[ssl] += self._score(logits, e.repeat_interleave(k)).view(n_e, k).sum(0)
         return sums
-
-    def _tiled_cache(self, prefix_kv, k: int, first: int):
-        """A ``DynamicCache`` of the prefix with every example repeated for ``k`` senders
-        (example-major). Blocks below ``first`` are skipped in the run, so their layers keep the
-        untiled prefix (never read; it only gives the cache its length): the tiling copy is made
-        only where attention will read it."""
-        cache = DynamicCache(prefix_kv, config=self.arch.torch_module(self.lm).config)
-        for l, layer in enumerate(cache.layers):
-            if l >= first:
-                layer.batch_repeat_interleave(k)
-        return cache
 
     # -- entry ------------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..intervene.patching import HeadPatch, heads_by_layer, run
+from ..intervene.patching import HeadPatch, Session, heads_by_layer, run
 from ..io import read_json, write_json
 from ..schema import Head
 from ..task.encoding import encode_pairs, word_token_ids
@@ -178,6 +178,6 @@ def resample_ablated_logits(lm, pairs: Sequence[Mapping[str, Any]], outside: Seq
         raise ValueError("strict_loss: base and source prompts differ in token length; resample-ablation takes "
                          "the source's head outputs position by position, so pair prompts of one length")
     by_layer = heads_by_layer(outside)
-    cache = run(lm, source, (), [("z", l) for l in by_layer], logits=False, batch_size=None).cache
+    cache = run(Session(lm, source, batch_size=None), reads=[("z", l) for l in by_layer], logits=None).cache
     writes = [HeadPatch("z", l, hs, cache["z", l][:, :, hs]) for l, hs in by_layer.items()]
-    return run(lm, base, writes, grad=True, batch_size=None, out_device=lm.device).logits, base["target"]
+    return run(Session(lm, base, batch_size=None, out_device=lm.device), writes, grad=True).logits, base["target"]

@@ -403,8 +403,8 @@ COMPETENCE_RULE = "first: every model it is about does the task (accuracy above 
 def untestable(models: Iterable[Competence]) -> str | None:
     """The ``ours`` text when any of ``models`` does not do the task, else None."""
     bad = [c for c in models if not c.ok]
-    prefix = "not testable: "
-    return prefix + "; ".join(c.reason[len(prefix):] for c in bad) if bad else None
+    lead = "not testable: "
+    return lead + "; ".join(c.reason[len(lead):] for c in bad) if bad else None
 
 
 def groups_standing_out(circuit: Circuit, null: Circuit) -> dict[str, dict[str, float | bool]]:
