@@ -93,9 +93,9 @@ class TestClusterBootstrap:
         correct, ctx = _copies()
         with pytest.raises(ValueError, match="clusters"):
             bootstrap(correct[None], clusters=ctx[:-1])
-        with pytest.raises(AblationError, match="context ids"):
+        with pytest.raises(ValueError, match="context ids"):
             _ev("F(C)", correct, ctx[:-1])
-        with pytest.raises(AblationError, match="different prompts"):
+        with pytest.raises(ValueError, match="different prompts"):
             shared_clusters([_ev("a", correct, ctx), _ev("b", correct, ctx.flip(0))])
 
 

@@ -20,11 +20,12 @@ accuracies, giving NaN (ignored by the quantiles) where the denominator is 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["Estimate", "bootstrap", "cluster_index", "cluster_weights", "format_estimate", "ratio"]
+__all__ = ["Estimate", "Evaluation", "bootstrap", "cluster_index", "cluster_weights", "context_ids", "draws_mean",
+           "format_estimate", "ratio", "shared_clusters"]
 
 
 @dataclass(frozen=True)
@@ -136,3 +137,98 @@ def format_estimate(est, spec: str = ".2f", missing: str = "not measured") -> st
         return missing
     d = est.as_dict() if isinstance(est, Estimate) else est
     return format(Estimate(d["value"], d["low"], d["high"]), spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-prompt outcomes, and the contexts their intervals resample
+
+
+def context_ids(prompts) -> Optional[torch.Tensor]:
+    """Each prompt's ``context_id`` as a LongTensor ``[n]``: read from prompt records (the
+    evaluation records of :mod:`entity_tracking.task` carry it) or from an encoded batch's
+    ``"context_id"`` entry. None when some record has none (e.g. a user's own prompts): their
+    intervals then resample prompts (see :func:`bootstrap`).
+    Ids that are not integers are numbered in order of first appearance."""
+    if isinstance(prompts, Mapping):
+        c = prompts.get("context_id")
+        return None if c is None else torch.as_tensor(c).reshape(-1).long()
+    ids = [p.get("context_id") if isinstance(p, Mapping) else None for p in prompts]
+    if not ids or any(i is None for i in ids):
+        return None
+    if all(isinstance(i, int) or (isinstance(i, torch.Tensor) and i.numel() == 1) for i in ids):
+        return torch.tensor([int(i) for i in ids], dtype=torch.long)
+    number: dict[Any, int] = {}
+    return torch.tensor([number.setdefault(i, len(number)) for i in ids], dtype=torch.long)
+
+
+@dataclass
+class Evaluation:
+    """Per-example outcome of one setting of an experiment (e.g. a mean ablation).
+
+    Attributes:
+        label: what was evaluated (e.g. ``"F(C)"``).
+        correct: bool ``[n_examples]``: argmax at the last token == target.
+        predicted: long ``[n_examples]``: the argmax token id.
+        clusters: long ``[n_examples]``, each prompt's ``context_id`` (:func:`context_ids`), or
+            None. Given, every interval resamples contexts, all queries of a drawn context
+            together (a cluster bootstrap); None (prompts without ``context_id``, e.g. a user's
+            own), it resamples prompts as if they were independent.
+    """
+
+    label: str
+    correct: torch.Tensor
+    predicted: torch.Tensor
+    clusters: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.clusters is not None:
+            self.clusters = torch.as_tensor(self.clusters).reshape(-1).long()
+            if self.clusters.numel() != int(self.correct.shape[0]):
+                raise ValueError(f"evaluation {self.label!r}: {self.clusters.numel()} context ids for "
+                                 f"{int(self.correct.shape[0])} prompts")
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.float().mean()) if len(self.correct) else float("nan")
+
+    @property
+    def n(self) -> int:
+        return int(self.correct.shape[0])
+
+    def estimate(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> "Estimate":
+        """The accuracy with its bootstrap interval over contexts (over prompts without ``clusters``)."""
+        return bootstrap(self.correct[None], clusters=self.clusters, n_resamples=n_resamples, seed=seed, level=level)
+
+    def __repr__(self) -> str:
+        return f"Evaluation({self.label!r}, accuracy={self.accuracy:.3f}, n={self.n})"
+
+
+def shared_clusters(evaluations: Iterable[Optional[Evaluation]]) -> Optional[torch.Tensor]:
+    """The context ids of evaluations compared pairwise (made on the same prompts): the
+    ``clusters`` they share, or None when one of them has none (then the comparison's interval
+    resamples prompts). Raises :class:`ValueError` if they name different contexts or counts."""
+    cs = [e.clusters for e in evaluations if e is not None]
+    if not cs or any(c is None for c in cs):
+        return None
+    first = cs[0]
+    for c in cs[1:]:
+        if c.shape != first.shape or not torch.equal(c, first):
+            raise ValueError("evaluations compared pairwise hold different prompts' context ids "
+                             f"({c.numel()} and {first.numel()}); pair only evaluations of the same prompts")
+    return first
+
+
+def draws_mean(rows: slice, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``acc -> mean accuracy of the random draws in acc[rows]`` for :func:`bootstrap`: on the
+    original examples (``acc`` ``[k, 1]``) every draw once; on each resample, ``d`` draws
+    sampled with replacement (seeded), so an interval over contexts is also one over draws."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def mean(acc: torch.Tensor) -> torch.Tensor:
+        a = acc[rows]
+        if acc.shape[1] == 1:
+            return a.mean(0)
+        pick = torch.randint(a.shape[0], (a.shape[0], acc.shape[1]), generator=gen)
+        return a.gather(0, pick).mean(0)
+
+    return mean

@@ -76,7 +76,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..intervene.patching import Mean, Session, run
-from ..intervene.stats import Estimate, bootstrap, ratio
+from ..intervene.stats import Estimate, Evaluation, bootstrap, context_ids, draws_mean, ratio, shared_clusters
 from ..io import atomic_path
 from ..schema import EXTENSION_GROUPS, GROUP_LABELS, GROUPS, Head, position_column
 from ..task.encoding import encode_prompts
@@ -514,81 +514,6 @@ def mean_ablated_logits(lm, prompts, means: Optional[MeanActivations], ablation:
     return out.detach().float().cpu()
 
 
-def context_ids(prompts) -> Optional[torch.Tensor]:
-    """Each prompt's ``context_id`` as a LongTensor ``[n]``: read from prompt records (the
-    evaluation records of :mod:`entity_tracking.task` carry it) or from an encoded batch's
-    ``"context_id"`` entry. None when some record has none (e.g. a user's own prompts): their
-    intervals then resample prompts (see :func:`~entity_tracking.intervene.stats.bootstrap`).
-    Ids that are not integers are numbered in order of first appearance."""
-    if isinstance(prompts, Mapping):
-        c = prompts.get("context_id")
-        return None if c is None else torch.as_tensor(c).reshape(-1).long()
-    ids = [p.get("context_id") if isinstance(p, Mapping) else None for p in prompts]
-    if not ids or any(i is None for i in ids):
-        return None
-    if all(isinstance(i, int) or (isinstance(i, torch.Tensor) and i.numel() == 1) for i in ids):
-        return torch.tensor([int(i) for i in ids], dtype=torch.long)
-    number: dict[Any, int] = {}
-    return torch.tensor([number.setdefault(i, len(number)) for i in ids], dtype=torch.long)
-
-
-@dataclass
-class Evaluation:
-    """Per-example outcome of one ablation setting.
-
-    Attributes:
-        label: what was evaluated (e.g. ``"F(C)"``).
-        correct: bool ``[n_examples]``: argmax at the last token == target.
-        predicted: long ``[n_examples]``: the argmax token id.
-        clusters: long ``[n_examples]``, each prompt's ``context_id`` (:func:`context_ids`), or
-            None. Given, every interval resamples contexts, all queries of a drawn context
-            together (a cluster bootstrap); None (prompts without ``context_id``, e.g. a user's
-            own), it resamples prompts as if they were independent.
-    """
-
-    label: str
-    correct: torch.Tensor
-    predicted: torch.Tensor
-    clusters: Optional[torch.Tensor] = None
-
-    def __post_init__(self) -> None:
-        if self.clusters is not None:
-            self.clusters = torch.as_tensor(self.clusters).reshape(-1).long()
-            if self.clusters.numel() != int(self.correct.shape[0]):
-                raise AblationError(f"evaluation {self.label!r}: {self.clusters.numel()} context ids for "
-                                    f"{int(self.correct.shape[0])} prompts")
-
-    @property
-    def accuracy(self) -> float:
-        return float(self.correct.float().mean()) if len(self.correct) else float("nan")
-
-    @property
-    def n(self) -> int:
-        return int(self.correct.shape[0])
-
-    def estimate(self, *, n_resamples: int = 1000, seed: int = 0, level: float = 0.95) -> "Estimate":
-        """The accuracy with its bootstrap interval over contexts (over prompts without ``clusters``)."""
-        return bootstrap(self.correct[None], clusters=self.clusters, n_resamples=n_resamples, seed=seed, level=level)
-
-    def __repr__(self) -> str:
-        return f"Evaluation({self.label!r}, accuracy={self.accuracy:.3f}, n={self.n})"
-
-
-def shared_clusters(evaluations: Iterable[Optional[Evaluation]]) -> Optional[torch.Tensor]:
-    """The context ids of evaluations compared pairwise (made on the same prompts): the
-    ``clusters`` they share, or None when one of them has none (then the comparison's interval
-    resamples prompts). Raises :class:`AblationError` if they name different contexts or counts."""
-    cs = [e.clusters for e in evaluations if e is not None]
-    if not cs or any(c is None for c in cs):
-        return None
-    first = cs[0]
-    for c in cs[1:]:
-        if c.shape != first.shape or not torch.equal(c, first):
-            raise AblationError("evaluations compared pairwise hold different prompts' context ids "
-                                f"({c.numel()} and {first.numel()}); pair only evaluations of the same prompts")
-    return first
-
-
 def setting_key(arch, ablation: Ablation) -> tuple:
     """What ``ablation`` does, whatever its label and group names: the sites it keeps (``None``:
     every site) and those it ablates, as sorted ``(position key, layer, head)``; every setting that
@@ -773,23 +698,6 @@ def random_circuits(arch, like: Circuit | Mapping[str, int], n: int = 10, seed: 
 # --------------------------------------------------------------------------------------------
 # Faithfulness
 # --------------------------------------------------------------------------------------------
-
-
-def draws_mean(rows: slice, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``acc -> mean accuracy of the random draws in acc[rows]`` for :func:`bootstrap`: on the
-    original examples (``acc`` ``[k, 1]``) every draw once; on each resample, ``d`` draws
-    sampled with replacement (seeded), so an interval over contexts is also one over draws."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def mean(acc: torch.Tensor) -> torch.Tensor:
-        a = acc[rows]
-        if acc.shape[1] == 1:
-            return a.mean(0)
-        pick = torch.randint(a.shape[0], (a.shape[0], acc.shape[1]), generator=gen)
-        return a.gather(0, pick).mean(0)
-
-    return mean
-
 
 
 @dataclass

@@ -34,10 +34,10 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 
-from ..intervene.stats import Estimate, bootstrap, format_estimate
+from ..intervene.stats import Estimate, Evaluation, bootstrap, format_estimate
 from ..io import read_json, write_json
 from ..schema import GROUP_LABELS, GROUPS, Head
-from .ablation import Evaluation, MinimalityResult, NecessityResult
+from .ablation import MinimalityResult, NecessityResult
 from .circuit import Circuit
 from .cmap import BASE_ALONE, FINETUNED_ALONE, FULL_CIRCUIT, row_key
 
