@@ -332,7 +332,9 @@ class HeadPatch(_ValuesAtPositions):
         positions: base positions per example, ``[batch]`` or ``[batch, n_pos]``; ``None`` = all.
 
     >>> zero = HeadPatch("z", 1, [3], torch.zeros(8, 1, 1, arch.d_head), batch["last_position"])
-    >>> run(lm, batch, [zero]).logits  # head 1.3 silenced at each prompt's last token
+    >>> silenced = run(lm, [zero], batch=batch).logits  # head 1.3 silenced at each prompt's last token
+    >>> bool((silenced - run(lm, batch=batch).logits).abs().max() > 0)
+    True
     """
 
     site: str
@@ -361,8 +363,10 @@ class Blend(HeadPatch):
     run's own value, 0 writes ``values``). Differentiable in ``mask`` (run with ``grad=True``).
 
     >>> m = torch.ones(2, requires_grad=True)
-    >>> logits = run(lm, base, [Blend("z", 3, [0, 5], source_z, pos, m)], grad=True).logits
+    >>> logits = run(lm, [Blend("z", 3, [0, 5], source_z, pos, m)], batch=base, grad=True).logits
     >>> logits[:, target].sum().backward()  # m.grad: how each head's blend moves the target
+    >>> m.grad.shape
+    torch.Size([2])
     """
 
     mask: Optional[torch.Tensor] = None
@@ -398,7 +402,9 @@ class ResidPatch(_ValuesAtPositions):
         positions: base positions per example, ``[batch]`` or ``[batch, n_pos]``; ``None`` = all.
 
     >>> src = cache_activations(lm, source, ["resid_post"], [2])["resid_post", 2]
-    >>> run(lm, base, [ResidPatch("resid_post", 2, src)]).logits  # = the source run's logits
+    >>> patched = run(lm, [ResidPatch("resid_post", 2, src)], batch=base).logits
+    >>> torch.allclose(patched, run(lm, batch=source).logits, atol=1e-5)  # the source run's logits
+    True
     """
 
     site: str
@@ -432,7 +438,10 @@ class Mean:
         site: a per-head site, ``"z"`` (the head outputs) by default.
 
     >>> keep = torch.ones(8, seq, arch.n_heads, dtype=torch.bool); keep[:, :, 2] = False
-    >>> run(lm, batch, [Mean(0, keep, means[0])]).logits  # head 0.2 mean-ablated everywhere
+    >>> ablated = run(lm, [Mean(0, keep, means[0])], batch=batch).logits  # head 0.2 mean-ablated everywhere
+    >>> torch.equal(run(lm, [Mean(0, torch.ones_like(keep), means[0])], batch=batch).logits,
+    ...             run(lm, batch=batch).logits)  # keeping every head changes nothing
+    True
     """
 
     layer: int
@@ -605,7 +614,8 @@ def run(
 
     >>> clean = run(lm, reads=[("z", 3)], batch=base)      # cache["z", 3]: [batch, seq, n_heads, d_head]
     >>> patch = patch_from_cache(clean.cache, "z", 3, [5], base["last_position"])
-    >>> run(lm, [patch], batch=base).logits                 # identity patch: the clean logits
+    >>> torch.allclose(run(lm, [patch], batch=base).logits, clean.logits)  # identity patch: the clean logits
+    True
     """
     if isinstance(target, Session):
         if batch is not None:
@@ -904,7 +914,10 @@ class Session:
         budget: bytes the session may keep of the clean run (default :data:`PREFIX_BUDGET`).
 
     >>> session = Session(lm, pairs["base"], cached=True)  # the clean prefix is made on the first run
-    >>> run(session, [HeadPatch("z", 1, [3], values, pairs["base"]["last_position"])]).logits
+    >>> patch = HeadPatch("z", 1, [3], values, pairs["base"]["last_position"])
+    >>> fast = run(session, [patch]).logits  # the positions before the last two run once, for every run
+    >>> torch.allclose(fast, run(lm, [patch], batch=pairs["base"]).logits, atol=1e-5)  # the uncached oracle
+    True
     """
 
     def __init__(self, lm: Any, batch: BatchLike, *, batch_size: Optional[int] = 32, cached: bool = False,

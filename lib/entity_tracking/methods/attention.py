@@ -32,7 +32,9 @@ def attention_patterns(lm, batch, heads: Sequence[Head], query_positions: torch.
     :meth:`~entity_tracking.model.arch.Arch.attention_pattern`), whatever attention implementation
     the model runs with.
 
-    >>> attention_patterns(lm, batch, [(3, 5)], batch["last_position"])[0]  # [batch, seq]
+    >>> pattern = attention_patterns(lm, batch, [(3, 5)], batch["last_position"])[0]  # [batch, seq]
+    >>> torch.allclose(pattern.sum(-1), torch.ones(len(pattern)))
+    True
     """
     b = as_batch(batch)
     ids, mask = b["input_ids"], b["attention_mask"]

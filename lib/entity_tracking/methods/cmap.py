@@ -177,8 +177,10 @@ class OutputCMAP:
     unless given: one session serves every fine-tuned model of one base). Sets must name
     position keys of ``keys``; ``"all"`` (every position) is :func:`output_cmap`'s alone.
 
-    >>> patcher = OutputCMAP(base, ft, batch, ["last", "query_label"])
-    >>> patcher.logits(heads_by_position(circuit, ["value_fetcher"]))  # == output_cmap(base, ft, batch, ...)
+    >>> patcher = OutputCMAP(lm, ft, batch, ["last", "query_label"])  # lm: the base model
+    >>> heads = heads_by_position(circuit, ["value_fetcher"])
+    >>> torch.allclose(patcher.logits(heads), output_cmap(lm, ft, batch, heads), atol=1e-5)
+    True
     """
 
     def __init__(self, base, finetuned, batch: Mapping[str, torch.Tensor], keys: Iterable[str], *,

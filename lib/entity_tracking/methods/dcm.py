@@ -122,8 +122,10 @@ def masked_logits(lm, base: Mapping[str, torch.Tensor], source_z: Mapping[int, t
     :class:`~entity_tracking.intervene.patching.Session` of these base prompts to run it in (its
     runs may be faster: the same numbers).
 
-    >>> m = torch.ones(len(heads), requires_grad=True)
-    >>> masked_logits(lm, pairs["base"], source_head_outputs(lm, pairs["source"], heads, "last"), heads, "last", m)
+    >>> m = torch.ones(len(heads), requires_grad=True)  # ones keep every head: the base run itself
+    >>> logits = masked_logits(lm, pairs["base"], source_head_outputs(lm, pairs["source"], heads, "last"), heads, "last", m)
+    >>> torch.allclose(logits, run(lm, batch=pairs["base"]).logits, atol=1e-5)
+    True
     """
     session = session or Session(lm, base, batch_size=None, out_device=lm.device)
     return run(session, blend_writes(base, source_z, heads, position, mask), grad=True).logits

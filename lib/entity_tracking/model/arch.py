@@ -484,7 +484,11 @@ class Arch:
         its config but its attention never applies it (transformers 5; Gemma2's did), and the
         other families have none.
 
-        >>> pat = arch.attention_pattern(lm.hf, 1, arch.rope(lm.hf, "q", 1, q), arch.rope(lm.hf, "k", 1, k))
+        >>> at = batch["last_position"][:, None]  # q: the queries at each prompt's last token
+        >>> pat = arch.attention_pattern(lm.hf, 1, arch.rope(lm.hf, "q", 1, q, position_ids=at), arch.rope(lm.hf, "k", 1, k),
+        ...                              query_positions=at)
+        >>> tuple(pat.shape[1:3]) == (arch.n_heads, 1) and torch.allclose(pat.sum(-1), torch.ones(1))
+        True
         """
         attn = self.torch_module(root).get_submodule(self.path("attn", layer))
         B, n_q = q.shape[:2]

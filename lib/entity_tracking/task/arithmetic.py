@@ -1,7 +1,7 @@
 """Goat-style arithmetic problems, the fine-tuning data of the paper's Goat and FLoat models.
 
->>> make_arithmetic(1, max_digits=2, seed=0)[0]["question"]  # doctest: +SKIP
-'What is 12 + 7 ?'
+>>> make_arithmetic(1, max_digits=2, seed=0)[0]["question"]
+'What is 4 + 34 ?'
 """
 
 from __future__ import annotations
