@@ -14,7 +14,8 @@ The layers, each importing only from the ones above it in this list (data flows 
 ``load``
     one function from a profile's model spec to a loaded nnsight model.
 ``intervene``
-    the intervention kernel (run a model with patches, prefix caches) and shared statistics.
+    the intervention kernel (run a model with writes; a session that runs them fast), patching
+    metrics and shared statistics.
 ``methods``
     the paper's methods and ours: the circuit type, path patching, mean ablation, DCM, CMAP,
     attention, binding, training dynamics, the paper's numbers and the verdict rules.
