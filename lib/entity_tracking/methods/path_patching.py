@@ -363,7 +363,7 @@ def estimate_cost(
         peak = caches + max(pass1, pass2)
     flops = sum(parts.values())
     model = f"{a.family} {L}x{H} heads (d_model {d}, d_mlp {dm}, vocab {V})"
-    return CostEstimate(method=method, model=model, n_examples=N, seq_len=S, dtype=str(dt).removeprefix("torch."),
+    return CostEstimate(method=method, model=model, n_examples=N, seq_len=S, dtype=str(dt).replace("torch.", ""),
                         flops=flops, forward_equivalents=flops / (N * fwd), peak_bytes=int(peak),
                         per_part={k: v / (N * fwd) for k, v in parts.items()})
 
