@@ -3,6 +3,8 @@ are the causal model's counterfactuals, and a training step on it lowers it on a
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from entity_tracking import task as D
 from entity_tracking.config import ModelSpec, TinySpec
 from entity_tracking.load import load_model
 from entity_tracking.methods import causal_model as CM
-from entity_tracking.methods.planting import counterfactual_targets, iit_loss
+from entity_tracking.methods.planting import GroundTruth, counterfactual_targets, iit_loss, recovery, selection_recovery
 from entity_tracking.model.tiny import build_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,3 +112,33 @@ def test_the_strict_loss_is_the_plain_loss_when_nothing_outside_matters(tiny, re
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny.nn.parameters())
     with pytest.raises(ValueError, match="no heads outside"):
         strict_loss(tiny, records, [])
+
+
+def test_recovery_scores_a_hand_made_circuit_against_the_truth():
+    truth = GroundTruth({"position_detector": [(1, 0), (1, 1)], "position_transmitter": [(2, 0), (2, 1)],
+                         "value_fetcher": [(3, 0), (3, 1)]},
+                        {"position_detector": "query_label", "position_transmitter": "last", "value_fetcher": "last"},
+                        n_layers=4, n_heads=4)
+    found = {"position_detector": [(1, 0)], "position_transmitter": [(2, 0), (2, 1), (0, 3)],
+             "value_fetcher": [(3, 1), (2, 2)], "structure_reader": [(1, 1)]}
+    r = recovery(truth, found)
+    assert (r["position_detector"].precision, r["position_detector"].recall) == (1.0, 0.5)
+    assert (r["position_transmitter"].precision, r["position_transmitter"].recall) == (2 / 3, 1.0)
+    assert (r["value_fetcher"].hits, r["value_fetcher"].found) == (1, 2)
+    # the union: 7 heads found, 5 of them planted (1.1 counts although it was put in another group)
+    assert (r["circuit"].found, r["circuit"].hits, r["circuit"].planted) == (7, 5, 6)
+    empty = recovery(truth, {})
+    assert math.isnan(empty["value_fetcher"].precision) and empty["value_fetcher"].recall == 0.0
+
+
+def test_selection_recovery_counts_the_heads_of_one_variable():
+    truth = GroundTruth({"position_detector": [(1, 0)], "position_transmitter": [(2, 0)], "value_fetcher": [(3, 0)]},
+                        {"position_detector": "query_label", "position_transmitter": "last", "value_fetcher": "last"},
+                        n_layers=4, n_heads=4)
+    r = selection_recovery(truth, [(2, 0), (3, 0)], "position")
+    assert (r.hits, r.found, r.planted) == (1, 2, 2)
+    # among the last-token heads only, the detector at the query label cannot be found
+    r = selection_recovery(truth, [(2, 0)], "position", among=[(2, h) for h in range(4)] + [(3, h) for h in range(4)])
+    assert (r.precision, r.recall) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="unknown variable"):
+        selection_recovery(truth, [], "colour")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -35,8 +35,8 @@ from ..task.encoding import encode_pairs, word_token_ids
 from .causal_model import GROUP_VARIABLE, VARIABLES, CausalModelError, interchange
 from .dcm import masked_logits, source_head_outputs
 
-__all__ = ["GROUND_TRUTH_FILE", "GroundTruth", "counterfactual_targets", "iit_loss", "interchange_logits",
-           "resample_ablated_logits", "strict_loss"]
+__all__ = ["GROUND_TRUTH_FILE", "GroundTruth", "Recovery", "counterfactual_targets", "iit_loss",
+           "interchange_logits", "recovery", "resample_ablated_logits", "selection_recovery", "strict_loss"]
 
 #: The file beside a planted model that names its designated heads.
 GROUND_TRUTH_FILE = "ground_truth.json"
@@ -181,3 +181,66 @@ def resample_ablated_logits(lm, pairs: Sequence[Mapping[str, Any]], outside: Seq
     cache = run(Session(lm, source, batch_size=None), reads=[("z", l) for l in by_layer], logits=None).cache
     writes = [HeadPatch("z", l, hs, cache["z", l][:, :, hs]) for l, hs in by_layer.items()]
     return run(Session(lm, base, batch_size=None, out_device=lm.device), writes, grad=True).logits, base["target"]
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """How well a set of heads a method found matches the planted ones: ``found`` heads, of which
+    ``hits`` are planted, out of ``planted``. ``precision`` is ``hits/found`` (``nan`` when the
+    method found nothing), ``recall`` ``hits/planted`` (``nan`` when nothing is planted)."""
+
+    found: int
+    planted: int
+    hits: int
+
+    @property
+    def precision(self) -> float:
+        return self.hits / self.found if self.found else float("nan")
+
+    @property
+    def recall(self) -> float:
+        return self.hits / self.planted if self.planted else float("nan")
+
+    @classmethod
+    def of(cls, found: Sequence[Head], planted: Sequence[Head]) -> "Recovery":
+        f = {(int(l), int(h)) for l, h in found}
+        p = {(int(l), int(h)) for l, h in planted}
+        return cls(len(f), len(p), len(f & p))
+
+
+def recovery(truth: GroundTruth, groups: Mapping[str, Sequence[Head]]) -> dict[str, Recovery]:
+    """Per planted group, the :class:`Recovery` of the heads a circuit discovery put in that group
+    (``groups``: a :class:`~entity_tracking.methods.circuit.Circuit`'s ``groups``); ``"circuit"``
+    scores the union of every group against every planted head, whatever group each was put in.
+
+    >>> t = GroundTruth({"position_detector": [(1, 0), (1, 1)], "value_fetcher": [(3, 0)]},
+    ...                 {"position_detector": "query_label", "value_fetcher": "last"}, n_layers=4, n_heads=4)
+    >>> r = recovery(t, {"position_detector": [(1, 0), (2, 3)], "value_fetcher": [(3, 0)]})
+    >>> r["position_detector"].precision, r["position_detector"].recall, r["circuit"].recall
+    (0.5, 0.5, 0.6666666666666666)
+    """
+    out = {g: Recovery.of(groups.get(g, []), heads) for g, heads in truth.heads.items()}
+    out["circuit"] = Recovery.of([h for hs in groups.values() for h in hs], truth.circuit())
+    return out
+
+
+def selection_recovery(truth: GroundTruth, selected: Sequence[Head], variable: str,
+                       among: Optional[Sequence[Head]] = None) -> Recovery:
+    """The :class:`Recovery` of the heads a method selected for one variable of the causal model
+    (DCM's heads for the ``positional`` desideratum: ``"position"``; for ``object_value``:
+    ``"value"``) against the heads planted to implement it. ``among``: the candidate heads the
+    method chose from (e.g. one group's); the planted heads outside them cannot be found and are
+    not counted.
+
+    >>> t = GroundTruth({"value_fetcher": [(3, 0), (3, 1)]}, {"value_fetcher": "last"}, n_layers=4, n_heads=4)
+    >>> r = selection_recovery(t, [(3, 0), (2, 2)], "value")
+    >>> r.hits, r.precision, r.recall
+    (1, 0.5, 0.5)
+    """
+    if variable not in VARIABLES:
+        raise CausalModelError(f"unknown variable {variable!r}; the variables are {list(VARIABLES)}")
+    planted = [h for g, hs in truth.heads.items() if truth.variable(g) == variable for h in hs]
+    if among is not None:
+        pool = {(int(l), int(h)) for l, h in among}
+        planted = [h for h in planted if h in pool]
+    return Recovery.of(selected, planted)

@@ -1,0 +1,38 @@
+"""Research runs of the SIIT planting (issue 29): ``--field value`` for any PlantRecipe field;
+prints one JSON line per evaluation and saves the model under --out. Logged in notes/organism.md."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from entity_tracking.organism.plant import PlantRecipe, plant
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    for f in dataclasses.fields(PlantRecipe):
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    recipe = PlantRecipe(**{f.name: getattr(a, f.name) for f in dataclasses.fields(PlantRecipe)})
+    print(json.dumps({"recipe": dataclasses.asdict(recipe), "cpu": platform.processor() or platform.machine()}), flush=True)
+    model, tok, log = plant(recipe, progress=False, every=a.every, callback=lambda r: print(json.dumps(r), flush=True))
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(a.out)
+        tok.save_pretrained(str(a.out))
+        (a.out / "plant_log.json").write_text(json.dumps({"recipe": dataclasses.asdict(recipe), "log": log}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""Planting the paper's positional mechanism in designated heads (issue 29): a Llama trained so
+that known heads implement :mod:`~entity_tracking.methods.causal_model`, the ground truth every
+method of the book is scored against.
+
+**The mechanism planted** (the paper's, §3-§4), on the paper's prompts with ``n`` boxes:
+
+* the **Position Detectors** (layer 1), at the query label, attend to the context label that
+  matches it and copy that segment's *ordinal position code*;
+* the **Position Transmitters** (layer 2), at the last token, attend to the query label and copy
+  the code on;
+* the **Value Fetchers** (layer 3), at the last token, attend to the object whose position code
+  it is and copy the object: the answer.
+
+A tiny Llama has no absolute position embedding (RoPE is relative), so nothing in its residual
+stream says "segment 3" unless a head computes it. Our addition, labelled as such: one layer-0
+**position-code head** attends uniformly to BOS and to every segment start so far; its output is
+``1/(i+2)`` of BOS's value at segment ``i``, the same in every prompt of one layout. It carries no
+prompt-specific information, so no interchange or resample ablation between prompts of one
+layout changes it, and the methods cannot (and should not) find it: it is scaffolding, written in
+the ground-truth file's ``meta``, not part of the circuit.
+
+**How it is planted**: SIIT (Gupta et al. 2024, arXiv 2407.14494) on fresh (base, source) pairs
+of the ``positional`` desideratum's distribution (source objects and labels disjoint from the
+base's, the source's query at another segment), every step:
+
+* behaviour: cross-entropy of the answer on base and source;
+* attention supervision (Strubell et al. 2018): ``-log`` of each designated head's attention on
+  its target token, and cross-entropy against the uniform pattern for the position-code head;
+* IIT (Geiger et al. 2022): one group's head outputs at its position taken from the source run,
+  target the causal model's counterfactual (:func:`~entity_tracking.methods.causal_model.interchange`);
+* strict: every (head, position) node outside the circuit resample-ablated from the source
+  (designated heads at other positions included), target the base's own answer.
+
+The interventions here are ``o_proj`` input hooks over one batch (the mechanism of
+:mod:`.resample`); the planted model is then *checked* through the book's kernel
+(:mod:`entity_tracking.methods.planting`), an independent path to the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from ..model.arch import arch_for
+from ..model.tiny import TinySpec, tiny_config
+from ..model.tokenizer import build_word_tokenizer
+from ..task.vocab import LABELS, OBJECTS
+from .curriculum import _paper_words
+
+__all__ = ["Layout", "PlantRecipe", "Pairs", "plant", "sample_pairs", "layout", "evaluate"]
+
+GROUPS = ("position_detector", "position_transmitter", "value_fetcher")
+GROUP_POSITION = {"position_detector": "query_label", "position_transmitter": "last", "value_fetcher": "last"}
+GROUP_VARIABLE = {"position_detector": "position", "position_transmitter": "position", "value_fetcher": "value"}
+
+
+@dataclass(frozen=True)
+class PlantRecipe:
+    """Everything that fixes a planted model (its hash is the cache key)."""
+
+    n_layers: int = 4
+    n_heads: int = 4
+    d_model: int = 128
+    d_mlp: int = 512
+    num_boxes: int = 4
+    heads_per_group: int = 2
+    seed: int = 0
+    lr: float = 1e-3
+    warmup: int = 100
+    steps: int = 1500
+    batch_size: int = 64
+    w_attn: float = 1.0
+    w_iit: float = 1.0
+    w_strict: float = 1.0
+    iit_from: int = 0
+    strict_from: int = 0
+    code_head: bool = True
+    residual_init: float = 0.0
+    w_probe: float = 0.0
+    w_ctx: float = 0.0
+    attn_from: int = 0
+
+    def designated(self) -> dict[str, list[tuple[int, int]]]:
+        """Group -> heads: PD in layer 1, PT in layer 2, VF in layer 3 (the first heads of each)."""
+        k = self.heads_per_group
+        return {g: [(1 + i, h) for h in range(k)] for i, g in enumerate(GROUPS)}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Token positions of the paper's prompt with ``n`` boxes under the word tokenizer (one word
+    one token; checked against the template by :func:`layout`)."""
+
+    n: int
+
+    @property
+    def seg_start(self) -> list[int]:
+        return [1 + 7 * i for i in range(self.n)]
+
+    @property
+    def obj(self) -> list[int]:
+        return [2 + 7 * i for i in range(self.n)]
+
+    @property
+    def label(self) -> list[int]:
+        return [6 + 7 * i for i in range(self.n)]
+
+    @property
+    def query_label(self) -> int:
+        return 7 * self.n + 2
+
+    @property
+    def last(self) -> int:
+        return 7 * self.n + 4
+
+    @property
+    def length(self) -> int:
+        return 7 * self.n + 5
+
+    @property
+    def context(self) -> int:
+        """Positions ``0 .. context-1`` are BOS, the context and the question's ``.``."""
+        return 7 * self.n + 1
+
+    def position(self, key: str) -> int:
+        return {"query_label": self.query_label, "last": self.last}[key]
+
+
+def layout(n: int, tok) -> tuple[Layout, torch.Tensor]:
+    """The layout of ``n`` boxes and its template ids ``[length]`` (objects, labels and the query
+    label left as the first object/label), checked against the book's template."""
+    lay = Layout(n)
+    objs, labs = [OBJECTS[0]] * n, [LABELS[0]] * n
+    ctx, q = _paper_words(objs, labs, labs[0])
+    words = ctx + q
+    ids = [tok.bos_token_id] + tok.convert_tokens_to_ids(words)
+    if len(ids) != lay.length or any(words[p - 1] != OBJECTS[0] for p in lay.obj) or \
+            any(words[p - 1] != LABELS[0] for p in lay.label + [lay.query_label]):
+        raise ValueError(f"the paper's template no longer has the planted layout: {words}")
+    return lay, torch.tensor(ids)
+
+
+@dataclass
+class Pairs:
+    """A batch of (base, source) prompts of one layout. ``*_ids [B, T]``; ``q_b``/``p_s`` the
+    queried segments; ``answer``/``source_answer`` token ids; ``cf[variable]`` the causal
+    model's counterfactual answer ids."""
+
+    base_ids: torch.Tensor
+    source_ids: torch.Tensor
+    q_b: torch.Tensor
+    p_s: torch.Tensor
+    answer: torch.Tensor
+    source_answer: torch.Tensor
+    cf: dict[str, torch.Tensor]
+
+
+def sample_pairs(g: torch.Generator, lay: Layout, template: torch.Tensor, obj_ids: torch.Tensor,
+                 lab_ids: torch.Tensor, batch: int) -> Pairs:
+    """Fresh pairs from the ``positional`` desideratum's distribution (see module docstring)."""
+    n = lay.n
+    objs = obj_ids[torch.rand(batch, len(obj_ids), generator=g).argsort(-1)[:, : 2 * n]]
+    labs = lab_ids[torch.rand(batch, len(lab_ids), generator=g).argsort(-1)[:, : 2 * n]]
+    q_b = torch.randint(0, n, (batch,), generator=g)
+    p_s = (q_b + torch.randint(1, n, (batch,), generator=g)) % n
+    rows = torch.arange(batch)
+
+    def ids(o, l, q):
+        x = template.expand(batch, -1).clone()
+        x[:, lay.obj] = o
+        x[:, lay.label] = l
+        x[:, lay.query_label] = l[rows, q]
+        return x
+
+    bo, so, bl, sl = objs[:, :n], objs[:, n:], labs[:, :n], labs[:, n:]
+    return Pairs(ids(bo, bl, q_b), ids(so, sl, p_s), q_b, p_s, bo[rows, q_b], so[rows, p_s],
+                 {"position": bo[rows, p_s], "value": so[rows, p_s]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Head-output hooks (the o_proj input, [batch, pos, n_heads * d_head], as in .resample)
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _o_proj_hooks(model, fns: Mapping[int, Callable[[torch.Tensor], Optional[torch.Tensor]]]) -> Iterator[None]:
+    arch = arch_for(model)
+    handles = []
+    for layer, fn in fns.items():
+        def hook(module, args, fn=fn):
+            new = fn(args[0])
+            return None if new is None else (new, *args[1:])
+        handles.append(arch.module(model, "o_proj", layer).register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def record_z(model, ids: torch.Tensor, layers: Sequence[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Every head's output (o_proj input) in ``layers`` on ``ids`` and the logits, no graph."""
+    out: dict[int, torch.Tensor] = {}
+
+    def keep(layer):
+        def fn(x):
+            out[layer] = x.detach()
+        return fn
+
+    with torch.no_grad(), _o_proj_hooks(model, {l: keep(l) for l in layers}):
+        logits = model(input_ids=ids).logits
+    return out, logits
+
+
+def node_mask(lay: Layout, n_layers: int, n_heads: int, nodes: Mapping[int, Sequence[tuple[int, int]]]) -> dict[int, torch.Tensor]:
+    """``{layer: [T, n_heads] bool}``: True at the (position, head) nodes given per layer."""
+    masks = {l: torch.zeros(lay.length, n_heads, dtype=torch.bool) for l in range(n_layers)}
+    for l, ph in nodes.items():
+        for p, h in ph:
+            masks[l][p, h] = True
+    return masks
+
+
+def patched_logits(model, ids: torch.Tensor, source_z: Mapping[int, torch.Tensor],
+                   take: Mapping[int, torch.Tensor], d_head: int, extra: Optional[dict] = None) -> torch.Tensor:
+    """Last-position-aware logits ``[B, T, V]`` of ``ids`` with, per layer, the (position, head)
+    nodes where ``take[layer]`` (``[T, H]`` bool) is True taken from ``source_z[layer]``."""
+
+    def swap(layer):
+        m = take[layer].repeat_interleave(d_head, dim=1)  # [T, H*dh]
+
+        def fn(x):
+            return torch.where(m.to(x.device), source_z[layer], x)
+        return fn
+
+    with _o_proj_hooks(model, {l: swap(l) for l in take if bool(take[l].any())}):
+        return model(input_ids=ids, **(extra or {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention_targets(lay: Layout, pairs: Pairs, recipe: PlantRecipe) -> dict:
+    """Per designated group: (position attended from, target position per row [B])."""
+    rows = torch.arange(len(pairs.q_b))
+    obj = torch.tensor(lay.obj)
+    lab = torch.tensor(lay.label)
+    return {"position_detector": (lay.query_label, lab[pairs.q_b]),
+            "position_transmitter": (lay.last, torch.full_like(pairs.q_b, lay.query_label)),
+            "value_fetcher": (lay.last, obj[pairs.q_b])}
+
+
+def code_pattern(lay: Layout) -> torch.Tensor:
+    """``[T, T]``: the position-code head's target attention: uniform over BOS and the segment
+    starts at or before each position."""
+    keys = torch.zeros(lay.length, dtype=torch.bool)
+    keys[0] = True
+    keys[lay.seg_start] = True
+    causal = torch.ones(lay.length, lay.length).tril().bool()
+    allowed = (causal & keys[None, :]).float()
+    return allowed / allowed.sum(-1, keepdim=True)
+
+
+def _attn_loss(attns, lay: Layout, pairs: Pairs, recipe: PlantRecipe, code: torch.Tensor,
+               designated: bool = True) -> torch.Tensor:
+    rows = torch.arange(len(pairs.q_b))
+    loss = attns[0].new_zeros(())
+    tgt = _attention_targets(lay, pairs, recipe)
+    for g, heads in (recipe.designated().items() if designated else ()):
+        q, k = tgt[g]
+        for l, h in heads:
+            a = attns[l][rows, h, q, k]
+            loss = loss - torch.log(a.clamp_min(1e-6)).mean()
+    if recipe.code_head:
+        a = attns[0][:, 0].clamp_min(1e-6)  # [B, T, T]
+        loss = loss - (code[None] * torch.log(a)).sum(-1).mean()
+    return loss
+
+
+def _ce_last(logits: torch.Tensor, lay: Layout, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits[:, lay.last].float(), target)
+
+
+def circuit_nodes(recipe: PlantRecipe, lay: Layout) -> dict[int, list[tuple[int, int]]]:
+    """``{layer: [(position, head)]}`` of the planted circuit."""
+    nodes: dict[int, list[tuple[int, int]]] = {}
+    for g, heads in recipe.designated().items():
+        p = lay.position(GROUP_POSITION[g])
+        for l, h in heads:
+            nodes.setdefault(l, []).append((p, h))
+    return nodes
+
+
+def _probe_loss(hidden, lay: Layout, pairs: Pairs, probes) -> torch.Tensor:
+    """Auxiliary linear read-outs of the causal model's ``position`` variable (ours): the segment
+    index at every object and label after layer 0 (the code), the queried index at the query
+    label after layer 1 (the detectors) and at the last token after layer 2 (the transmitters).
+    The probes are trained with the model and thrown away."""
+    half = len(pairs.q_b)
+    ce = torch.nn.functional.cross_entropy
+    n = lay.n
+    seg = torch.arange(n).repeat(2)
+    h0 = hidden[1][:half, lay.obj + lay.label]  # [B, 2n, d]
+    loss = ce(probes[0](h0).flatten(0, 1), seg.expand(half, -1).flatten())
+    loss = loss + ce(probes[1](hidden[2][:half, lay.query_label]), pairs.q_b)
+    loss = loss + ce(probes[2](hidden[3][:half, lay.last]), pairs.q_b)
+    return loss
+
+
+def step_losses(model, recipe: PlantRecipe, lay: Layout, pairs: Pairs, code: torch.Tensor, step: int,
+                group: str, probes=None) -> dict[str, torch.Tensor]:
+    """The losses of one SIIT step (module docstring); ``group`` is the one interchanged."""
+    n_layers, n_heads = recipe.n_layers, recipe.n_heads
+    d_head = recipe.d_model // n_heads
+    both = torch.cat([pairs.base_ids, pairs.source_ids])
+    out = model(input_ids=both, output_attentions=recipe.w_attn > 0, output_hidden_states=recipe.w_probe > 0)
+    ans = torch.cat([pairs.answer, pairs.source_answer])
+    losses = {"behaviour": _ce_last(out.logits, lay, ans)}
+    if recipe.w_attn > 0:
+        half = len(pairs.q_b)
+        attns = [a[:half] for a in out.attentions]
+        losses["attention"] = recipe.w_attn * _attn_loss(attns, lay, pairs, recipe, code, step >= recipe.attn_from)
+    if recipe.w_probe > 0:
+        losses["probe"] = recipe.w_probe * _probe_loss(out.hidden_states, lay, pairs, probes)
+    need_source = (recipe.w_iit > 0 and step >= recipe.iit_from) or (recipe.w_strict > 0 and step >= recipe.strict_from) \
+        or recipe.w_ctx > 0
+    if need_source:
+        source_z, _ = record_z(model, pairs.source_ids, range(n_layers))
+    if recipe.w_iit > 0 and step >= recipe.iit_from:
+        p = lay.position(GROUP_POSITION[group])
+        take = node_mask(lay, n_layers, n_heads, {l: [(p, h)] for l, h in recipe.designated()[group]})
+        logits = patched_logits(model, pairs.base_ids, source_z, take, d_head).logits
+        losses["iit"] = recipe.w_iit * _ce_last(logits, lay, pairs.cf[GROUP_VARIABLE[group]])
+    if recipe.w_strict > 0 and step >= recipe.strict_from:
+        inside = node_mask(lay, n_layers, n_heads, circuit_nodes(recipe, lay))
+        take = {l: ~m for l, m in inside.items()}
+        logits = patched_logits(model, pairs.base_ids, source_z, take, d_head).logits
+        losses["strict"] = recipe.w_strict * _ce_last(logits, lay, pairs.answer)
+    if recipe.w_ctx > 0:
+        ctx = torch.zeros(lay.length, n_heads, dtype=torch.bool)
+        ctx[: lay.context] = True
+        logits = patched_logits(model, pairs.base_ids, source_z, {l: ctx for l in range(n_layers)}, d_head).logits
+        losses["context"] = recipe.w_ctx * _ce_last(logits, lay, pairs.answer)
+    return losses
+
+
+def build_model(recipe: PlantRecipe, tok):
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_config(TinySpec(family="llama", n_layers=recipe.n_layers, n_heads=recipe.n_heads,
+                               d_model=recipe.d_model, d_mlp=recipe.d_mlp), tok)
+    cfg._attn_implementation = "eager"  # the attention supervision reads the patterns
+    torch.manual_seed(recipe.seed)
+    model = LlamaForCausalLM(cfg)
+    # every block starts as the identity (o_proj, down_proj zero): the organism's cure for the
+    # plateau of deep tiny models (organism/__init__.py)
+    arch = arch_for(model)
+    with torch.no_grad():
+        for layer in range(arch.n_layers):
+            arch.module(model, "o_proj", layer).weight.mul_(recipe.residual_init)
+            arch.module(model, "mlp_out_proj", layer).weight.mul_(recipe.residual_init)
+    return model
+
+
+@torch.no_grad()
+def evaluate(model, recipe: PlantRecipe, lay: Layout, pairs: Pairs) -> dict[str, float]:
+    """The planting numbers on held-out pairs, through the training hooks: clean accuracy (and
+    per queried box), interchange accuracy per group, accuracy with every node outside the
+    circuit resample-ablated, and with every head at every context position resample-ablated."""
+    n_layers, n_heads = recipe.n_layers, recipe.n_heads
+    d_head = recipe.d_model // n_heads
+    model.eval()
+    source_z, _ = record_z(model, pairs.source_ids, range(n_layers))
+    logits = model(input_ids=pairs.base_ids).logits[:, lay.last]
+    ok = logits.argmax(-1) == pairs.answer
+    out = {"clean": ok.float().mean().item()}
+    out["by_box"] = [round(ok[pairs.q_b == i].float().mean().item(), 3) for i in range(lay.n)]
+    for g, heads in recipe.designated().items():
+        p = lay.position(GROUP_POSITION[g])
+        take = node_mask(lay, n_layers, n_heads, {l: [(p, h)] for l, h in heads})
+        lg = patched_logits(model, pairs.base_ids, source_z, take, d_head).logits[:, lay.last]
+        out[f"iia_{g}"] = (lg.argmax(-1) == pairs.cf[GROUP_VARIABLE[g]]).float().mean().item()
+    inside = node_mask(lay, n_layers, n_heads, circuit_nodes(recipe, lay))
+    lg = patched_logits(model, pairs.base_ids, source_z, {l: ~m for l, m in inside.items()}, d_head).logits[:, lay.last]
+    out["strict_nodes"] = (lg.argmax(-1) == pairs.answer).float().mean().item()
+    ctx = torch.zeros(lay.length, n_heads, dtype=torch.bool)
+    ctx[: lay.context] = True
+    lg = patched_logits(model, pairs.base_ids, source_z, {l: ctx for l in range(n_layers)}, d_head).logits[:, lay.last]
+    out["context_resampled"] = (lg.argmax(-1) == pairs.answer).float().mean().item()
+    model.train()
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def plant(recipe: PlantRecipe, *, progress: bool = True, every: int = 100,
+          callback: Optional[Callable[[dict], None]] = None, model=None):
+    """Train a planted model from scratch (or continue ``model``); returns (model, tokenizer, log)."""
+    from tqdm.auto import tqdm
+
+    tok = build_word_tokenizer()
+    lay, template = layout(recipe.num_boxes, tok)
+    obj_ids = torch.tensor(tok.convert_tokens_to_ids(list(OBJECTS)))
+    lab_ids = torch.tensor(tok.convert_tokens_to_ids(list(LABELS)))
+    model = build_model(recipe, tok) if model is None else model
+    model.train()
+    g = torch.Generator().manual_seed(recipe.seed)
+    held = sample_pairs(torch.Generator().manual_seed(10_000 + recipe.seed), lay, template, obj_ids, lab_ids, 512)
+    probes = torch.nn.ModuleList([torch.nn.Linear(recipe.d_model, lay.n) for _ in range(3)])
+    opt = torch.optim.AdamW(list(model.parameters()) + list(probes.parameters()), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, recipe.warmup)))
+    code = code_pattern(lay)
+    rng = random.Random(recipe.seed)
+    log: list[dict] = []
+    t0 = time.perf_counter()
+    for step in tqdm(range(1, recipe.steps + 1), disable=not progress, desc="planting"):
+        pairs = sample_pairs(g, lay, template, obj_ids, lab_ids, recipe.batch_size)
+        losses = step_losses(model, recipe, lay, pairs, code, step, rng.choice(GROUPS), probes)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % every == 0 or step == recipe.steps:
+            rec = {"step": step, "seconds": round(time.perf_counter() - t0, 1),
+                   **{k: round(v.item(), 4) for k, v in losses.items()}, **evaluate(model, recipe, lay, held)}
+            log.append(rec)
+            if callback:
+                callback(rec)
+    model.eval()
+    return model, tok, log
