@@ -183,6 +183,32 @@ def sample_pairs(g: torch.Generator, lay: Layout, template: torch.Tensor, obj_id
                  {"position": bo[rows, p_s], "value": so[rows, p_s]})
 
 
+def pairs_from_records(tok, records: Sequence[Mapping], lay: Layout) -> Pairs:
+    """The :class:`Pairs` of desiderata records (:func:`entity_tracking.task.make_desiderata`,
+    ``positional`` or ``object_value``, ``lay.n`` boxes): the book's own pairs, for evaluating a
+    planted model on them and for checking these hooks against the book's kernel."""
+    from ..methods.causal_model import interchange
+
+    ids = lambda words: torch.tensor(tok.convert_tokens_to_ids(list(words)))  # noqa: E731
+    base, source = [], []
+    for r in records:
+        for side, out in (("base", base), ("source", source)):
+            p = r[side]
+            if len(p["objects"]) != lay.n:
+                raise ValueError(f"record {r.get('id')}: {len(p['objects'])} boxes, the layout has {lay.n}")
+            ctx, q = _paper_words(p["objects"], p["labels"], p["query_label"])
+            out.append(torch.cat([torch.tensor([tok.bos_token_id]), ids(ctx + q)]))
+    base_ids, source_ids = torch.stack(base), torch.stack(source)
+    if base_ids.shape[1] != lay.length or source_ids.shape[1] != lay.length:
+        raise ValueError("records are not in the planted layout (the default template, one word one token)")
+    word = lambda w: tok.convert_tokens_to_ids(w)  # noqa: E731
+    q_b = torch.tensor([r["base"]["labels"].index(r["base"]["query_label"]) for r in records])
+    p_s = torch.tensor([int(r["source_query_index"]) for r in records])
+    return Pairs(base_ids, source_ids, q_b, p_s, torch.tensor([word(r["base"]["answer"]) for r in records]),
+                 torch.tensor([word(r["source"]["answer"]) for r in records]),
+                 {v: torch.tensor([word(interchange(r, v)) for r in records]) for v in ("position", "value")})
+
+
 # ---------------------------------------------------------------------------------------------
 # Head-output hooks (the o_proj input, [batch, pos, n_heads * d_head], as in .resample)
 # ---------------------------------------------------------------------------------------------
@@ -216,6 +242,14 @@ def record_z(model, ids: torch.Tensor, layers: Sequence[int]) -> tuple[dict[int,
     with torch.no_grad(), _o_proj_hooks(model, {l: keep(l) for l in layers}):
         logits = model(input_ids=ids).logits
     return out, logits
+
+
+def group_nodes(heads: Sequence[tuple[int, int]], position: int) -> dict[int, list[tuple[int, int]]]:
+    """``{layer: [(position, head)]}`` of ``heads`` at one position."""
+    nodes: dict[int, list[tuple[int, int]]] = {}
+    for l, h in heads:
+        nodes.setdefault(l, []).append((position, h))
+    return nodes
 
 
 def node_mask(lay: Layout, n_layers: int, n_heads: int, nodes: Mapping[int, Sequence[tuple[int, int]]]) -> dict[int, torch.Tensor]:
@@ -336,7 +370,7 @@ def step_losses(model, recipe: PlantRecipe, lay: Layout, pairs: Pairs, code: tor
         source_z, _ = record_z(model, pairs.source_ids, range(n_layers))
     if recipe.w_iit > 0 and step >= recipe.iit_from:
         p = lay.position(GROUP_POSITION[group])
-        take = node_mask(lay, n_layers, n_heads, {l: [(p, h)] for l, h in recipe.designated()[group]})
+        take = node_mask(lay, n_layers, n_heads, group_nodes(recipe.designated()[group], p))
         logits = patched_logits(model, pairs.base_ids, source_z, take, d_head).logits
         losses["iit"] = recipe.w_iit * _ce_last(logits, lay, pairs.cf[GROUP_VARIABLE[group]])
     if recipe.w_strict > 0 and step >= recipe.strict_from:
@@ -385,7 +419,7 @@ def evaluate(model, recipe: PlantRecipe, lay: Layout, pairs: Pairs) -> dict[str,
     out["by_box"] = [round(ok[pairs.q_b == i].float().mean().item(), 3) for i in range(lay.n)]
     for g, heads in recipe.designated().items():
         p = lay.position(GROUP_POSITION[g])
-        take = node_mask(lay, n_layers, n_heads, {l: [(p, h)] for l, h in heads})
+        take = node_mask(lay, n_layers, n_heads, group_nodes(heads, p))
         lg = patched_logits(model, pairs.base_ids, source_z, take, d_head).logits[:, lay.last]
         out[f"iia_{g}"] = (lg.argmax(-1) == pairs.cf[GROUP_VARIABLE[g]]).float().mean().item()
     inside = node_mask(lay, n_layers, n_heads, circuit_nodes(recipe, lay))
