@@ -21,11 +21,21 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--save-at", type=int, nargs="*", default=[], help="also save the model at these steps")
+    ap.add_argument("--init", type=Path, default=None, help="continue a saved model (fresh optimizer)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     recipe = PlantRecipe(**{f.name: getattr(a, f.name) for f in dataclasses.fields(PlantRecipe)})
     print(json.dumps({"recipe": dataclasses.asdict(recipe), "cpu": platform.processor() or platform.machine()}), flush=True)
-    model, tok, log = plant(recipe, progress=False, every=a.every, callback=lambda r: print(json.dumps(r), flush=True))
+    def save(step, model):
+        if step in a.save_at and a.out:
+            model.save_pretrained(a.out / f"step{step}")
+    init = None
+    if a.init:
+        from transformers import AutoModelForCausalLM
+        init = AutoModelForCausalLM.from_pretrained(a.init, attn_implementation="eager")
+    model, tok, log = plant(recipe, progress=False, every=a.every, model=init, on_eval=save,
+                            callback=lambda r: print(json.dumps(r), flush=True))
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(a.out)

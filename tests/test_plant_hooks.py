@@ -84,3 +84,23 @@ def test_nothing_taken_changes_nothing_and_everything_taken_is_the_source_attent
         src_plain = model(input_ids=pairs.source_ids).logits
     torch.testing.assert_close(same, plain)
     torch.testing.assert_close(src, src_plain)
+
+
+def test_fine_tuning_some_heads_changes_those_heads_only():
+    from entity_tracking.model.tokenizer import build_word_tokenizer
+
+    recipe = P.PlantRecipe(n_layers=4, n_heads=4, d_model=32, d_mlp=64, num_boxes=4, residual_init=1.0, batch_size=8)
+    model = P.build_model(recipe, build_word_tokenizer())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    P.train_heads_only(model, recipe, [(2, 1)], steps=3, attention={(2, 1): "position_transmitter"})
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"model.layers.2.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    dh = recipe.d_model // recipe.n_heads
+    for p in ("q_proj", "k_proj", "v_proj"):
+        k = f"model.layers.2.self_attn.{p}.weight"
+        diff = (before[k] != after[k]).any(1)
+        assert diff[dh:2 * dh].any() and not diff[:dh].any() and not diff[2 * dh:].any()
+    k = "model.layers.2.self_attn.o_proj.weight"
+    diff = (before[k] != after[k]).any(0)
+    assert diff[dh:2 * dh].any() and not diff[:dh].any() and not diff[2 * dh:].any()

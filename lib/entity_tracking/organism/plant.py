@@ -85,6 +85,7 @@ class PlantRecipe:
     w_probe: float = 0.0
     w_ctx: float = 0.0
     attn_from: int = 0
+    tie_embeddings: bool = False
 
     def designated(self) -> dict[str, list[tuple[int, int]]]:
         """Group -> heads: PD in layer 1, PT in layer 2, VF in layer 3 (the first heads of each)."""
@@ -391,6 +392,7 @@ def build_model(recipe: PlantRecipe, tok):
 
     cfg = tiny_config(TinySpec(family="llama", n_layers=recipe.n_layers, n_heads=recipe.n_heads,
                                d_model=recipe.d_model, d_mlp=recipe.d_mlp), tok)
+    cfg.tie_word_embeddings = recipe.tie_embeddings
     cfg._attn_implementation = "eager"  # the attention supervision reads the patterns
     torch.manual_seed(recipe.seed)
     model = LlamaForCausalLM(cfg)
@@ -434,7 +436,8 @@ def evaluate(model, recipe: PlantRecipe, lay: Layout, pairs: Pairs) -> dict[str,
 
 
 def plant(recipe: PlantRecipe, *, progress: bool = True, every: int = 100,
-          callback: Optional[Callable[[dict], None]] = None, model=None):
+          callback: Optional[Callable[[dict], None]] = None, model=None,
+          on_eval: Optional[Callable[[int, object], None]] = None):
     """Train a planted model from scratch (or continue ``model``); returns (model, tokenizer, log)."""
     from tqdm.auto import tqdm
 
@@ -468,5 +471,82 @@ def plant(recipe: PlantRecipe, *, progress: bool = True, every: int = 100,
             log.append(rec)
             if callback:
                 callback(rec)
+            if on_eval:
+                on_eval(step, model)
     model.eval()
     return model, tok, log
+
+
+# ---------------------------------------------------------------------------------------------
+# Planted fine-tunes: the known answers to the paper's question
+# ---------------------------------------------------------------------------------------------
+
+
+def degrade_heads(model, heads: Sequence[tuple[int, int]], scale: float) -> None:
+    """Scale the value projection of ``heads`` by ``scale`` in place: their outputs shrink, the
+    signal they carry weakens (the degraded base of fine-tune (a), issue 29)."""
+    arch = arch_for(model)
+    dh = arch.d_head
+    with torch.no_grad():
+        for l, h in heads:
+            arch.module(model, "o_proj", l).weight[:, h * dh:(h + 1) * dh] *= scale
+
+
+def train_heads_only(model, recipe: PlantRecipe, heads: Sequence[tuple[int, int]], steps: int, *, lr: float = 1e-3,
+                     seed: int = 1, attention: Optional[Mapping[tuple[int, int], str]] = None,
+                     progress: bool = False) -> list[dict]:
+    """Fine-tune ``model`` on entity tracking (the behaviour loss on fresh pairs) changing only
+    the weights of ``heads`` (their query, key, value rows and output columns; every other
+    weight, the other heads' slices of the same matrices included, stays bit for bit).
+    ``attention``: a head -> group map whose heads are also supervised to attend as that group
+    does (a new route planted outside the circuit). Returns the log (:func:`evaluate` every 100
+    steps)."""
+    from tqdm.auto import tqdm
+
+    arch = arch_for(model)
+    dh = arch.d_head
+    tok = build_word_tokenizer()
+    lay, template = layout(recipe.num_boxes, tok)
+    obj_ids = torch.tensor(tok.convert_tokens_to_ids(list(OBJECTS)))
+    lab_ids = torch.tensor(tok.convert_tokens_to_ids(list(LABELS)))
+    masks = {}
+    for l, h in heads:
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            w = arch.module(model, proj, l).weight
+            m = masks.setdefault(w, torch.zeros_like(w, dtype=torch.bool))
+            unit = h if proj in ("q_proj", "o_proj") else arch.kv_head(h)
+            if proj == "o_proj":
+                m[:, unit * dh:(unit + 1) * dh] = True
+            else:
+                m[unit * dh:(unit + 1) * dh] = True
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(masks)
+    for w in params:
+        w.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    held = sample_pairs(torch.Generator().manual_seed(20_000 + seed), lay, template, obj_ids, lab_ids, 512)
+    rows = torch.arange(recipe.batch_size)
+    log = []
+    model.train()
+    for step in tqdm(range(1, steps + 1), disable=not progress, desc="fine-tuning heads"):
+        pairs = sample_pairs(g, lay, template, obj_ids, lab_ids, recipe.batch_size)
+        out = model(input_ids=pairs.base_ids, output_attentions=bool(attention))
+        loss = _ce_last(out.logits, lay, pairs.answer)
+        if attention:
+            tgt = _attention_targets(lay, pairs, recipe)
+            for (l, h), group in attention.items():
+                q, k = tgt[group]
+                loss = loss - torch.log(out.attentions[l][rows, h, q, k].clamp_min(1e-6)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for w, m in masks.items():
+            w.grad[~m] = 0
+        opt.step()
+        if step % 100 == 0 or step == steps:
+            log.append({"step": step, "loss": round(loss.item(), 4), **evaluate(model, recipe, lay, held)})
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return log
