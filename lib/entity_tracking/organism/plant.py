@@ -55,6 +55,9 @@ from .curriculum import _paper_words
 
 __all__ = ["Layout", "PlantRecipe", "Pairs", "plant", "sample_pairs", "layout", "evaluate"]
 
+#: The attention a supervised head must put on its target before its supervision stops pulling.
+ATTN_ENOUGH = 0.9
+
 GROUPS = ("position_detector", "position_transmitter", "value_fetcher")
 GROUP_POSITION = {"position_detector": "query_label", "position_transmitter": "last", "value_fetcher": "last"}
 GROUP_VARIABLE = {"position_detector": "position", "position_transmitter": "position", "value_fetcher": "value"}
@@ -86,6 +89,8 @@ class PlantRecipe:
     w_ctx: float = 0.0
     attn_from: int = 0
     tie_embeddings: bool = False
+    attn_qk_only: bool = True
+    supervise: str = "position_detector,position_transmitter,value_fetcher"
 
     def designated(self) -> dict[str, list[tuple[int, int]]]:
         """Group -> heads: PD in layer 1, PT in layer 2, VF in layer 3 (the first heads of each)."""
@@ -309,11 +314,16 @@ def _attn_loss(attns, lay: Layout, pairs: Pairs, recipe: PlantRecipe, code: torc
     rows = torch.arange(len(pairs.q_b))
     loss = attns[0].new_zeros(())
     tgt = _attention_targets(lay, pairs, recipe)
+    chosen = [g for g in recipe.supervise.split(",") if g]
     for g, heads in (recipe.designated().items() if designated else ()):
+        if g not in chosen:
+            continue
         q, k = tgt[g]
         for l, h in heads:
             a = attns[l][rows, h, q, k]
-            loss = loss - torch.log(a.clamp_min(1e-6)).mean()
+            # a hinge: no pull once the head puts ATTN_ENOUGH on its target (an unbounded
+            # -log a keeps sharpening the pattern by growing the residual stream's norm)
+            loss = loss + torch.relu(math.log(ATTN_ENOUGH) - torch.log(a.clamp_min(1e-6))).mean()
     if recipe.code_head:
         a = attns[0][:, 0].clamp_min(1e-6)  # [B, T, T]
         loss = loss - (code[None] * torch.log(a)).sum(-1).mean()
@@ -385,6 +395,29 @@ def step_losses(model, recipe: PlantRecipe, lay: Layout, pairs: Pairs, code: tor
         logits = patched_logits(model, pairs.base_ids, source_z, {l: ctx for l in range(n_layers)}, d_head).logits
         losses["context"] = recipe.w_ctx * _ce_last(logits, lay, pairs.answer)
     return losses
+
+
+def _qk_weights(model, recipe: PlantRecipe) -> list[torch.Tensor]:
+    arch = arch_for(model)
+    layers = sorted({l for g, hs in recipe.designated().items() for l, _ in hs} | ({0} if recipe.code_head else set()))
+    return [arch.module(model, p, l).weight for l in layers for p in ("q_proj", "k_proj")]
+
+
+def backward(model, recipe: PlantRecipe, losses: Mapping[str, torch.Tensor]) -> None:
+    """Gradients of the summed losses; with ``attn_qk_only`` the attention supervision reaches only
+    the supervised heads' query and key weights: it chooses where they look among the features the
+    task builds, and does not reshape the residual stream to make patterns sharp (which stalled
+    the task: notes/organism.md)."""
+    rest = sum(v for k, v in losses.items() if k != "attention" or not recipe.attn_qk_only)
+    if "attention" in losses and recipe.attn_qk_only:
+        qk = _qk_weights(model, recipe)
+        grads = torch.autograd.grad(losses["attention"], qk, retain_graph=True, allow_unused=True)
+        rest.backward()
+        for w, g in zip(qk, grads):
+            if g is not None:
+                w.grad = g if w.grad is None else w.grad + g
+    else:
+        rest.backward()
 
 
 def build_model(recipe: PlantRecipe, tok):
@@ -459,9 +492,8 @@ def plant(recipe: PlantRecipe, *, progress: bool = True, every: int = 100,
     for step in tqdm(range(1, recipe.steps + 1), disable=not progress, desc="planting"):
         pairs = sample_pairs(g, lay, template, obj_ids, lab_ids, recipe.batch_size)
         losses = step_losses(model, recipe, lay, pairs, code, step, rng.choice(GROUPS), probes)
-        loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        backward(model, recipe, losses)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
