@@ -36,6 +36,11 @@ def test_the_layout_is_the_books_template(planted):
     assert torch.equal(enc["input_ids"], pairs.base_ids)
     assert torch.equal(enc["target"], pairs.answer)
     assert (enc["last_position"] == lay.last).all()
+    from entity_tracking.methods.causal_model import interchange
+
+    for v in ("position", "value"):
+        want = [lm.tokenizer.convert_tokens_to_ids(interchange(r, v)) for r in records]
+        assert pairs.cf[v].tolist() == want
 
 
 def test_the_hooks_interchange_equals_the_kernels(planted):

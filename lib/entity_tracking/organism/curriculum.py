@@ -43,7 +43,7 @@ def _split(piece: str) -> tuple[str, ...]:
     return tuple(split_words(piece))
 
 
-def _paper_words(objs: Sequence[str], labels: Sequence[str], query_label: str) -> tuple[list[str], list[str]]:
+def paper_words(objs: Sequence[str], labels: Sequence[str], query_label: str) -> tuple[list[str], list[str]]:
     """The paper's prompt as the book writes it (:func:`entity_tracking.task.prompts.render_parts`,
     the one template, in its default form), split into the word tokenizer's words:
     ``(context, question)``. Each piece is split on its own (pieces end at word boundaries), and
@@ -61,7 +61,7 @@ def _paper_words(objs: Sequence[str], labels: Sequence[str], query_label: str) -
 
 def _context_words(fmt: str, objs: Sequence[str], labels: Sequence[str]) -> list[str]:
     if fmt == "paper":
-        return _paper_words(objs, labels, labels[0])[0]
+        return paper_words(objs, labels, labels[0])[0]
     words: list[str] = []
     for i, (o, l) in enumerate(zip(objs, labels)):
         if fmt == "kv":
@@ -78,7 +78,7 @@ def _context_words(fmt: str, objs: Sequence[str], labels: Sequence[str]) -> list
 @functools.lru_cache(maxsize=None)
 def _paper_question(label: str) -> tuple[str, ...]:
     """The paper's question about ``label`` (it does not depend on the context), made once."""
-    return tuple(_paper_words([OBJECTS[0]], [label], label)[1])
+    return tuple(paper_words([OBJECTS[0]], [label], label)[1])
 
 
 def _query_words(fmt: str, label: str) -> list[str]:

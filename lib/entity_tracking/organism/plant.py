@@ -51,7 +51,7 @@ from ..model.arch import arch_for
 from ..model.tiny import TinySpec, tiny_config
 from ..model.tokenizer import build_word_tokenizer
 from ..task.vocab import LABELS, OBJECTS
-from .curriculum import _paper_words
+from .curriculum import paper_words
 
 __all__ = ["Layout", "PlantRecipe", "Pairs", "plant", "sample_pairs", "layout", "evaluate"]
 
@@ -72,6 +72,7 @@ class PlantRecipe:
     d_model: int = 128
     d_mlp: int = 512
     num_boxes: int = 4
+    min_boxes: int = 0  # > 0: each step draws its box count from min_boxes..num_boxes
     heads_per_group: int = 2
     seed: int = 0
     lr: float = 1e-3
@@ -143,7 +144,7 @@ def layout(n: int, tok) -> tuple[Layout, torch.Tensor]:
     label left as the first object/label), checked against the book's template."""
     lay = Layout(n)
     objs, labs = [OBJECTS[0]] * n, [LABELS[0]] * n
-    ctx, q = _paper_words(objs, labs, labs[0])
+    ctx, q = paper_words(objs, labs, labs[0])
     words = ctx + q
     ids = [tok.bos_token_id] + tok.convert_tokens_to_ids(words)
     if len(ids) != lay.length or any(words[p - 1] != OBJECTS[0] for p in lay.obj) or \
@@ -192,9 +193,9 @@ def sample_pairs(g: torch.Generator, lay: Layout, template: torch.Tensor, obj_id
 def pairs_from_records(tok, records: Sequence[Mapping], lay: Layout) -> Pairs:
     """The :class:`Pairs` of desiderata records (:func:`entity_tracking.task.make_desiderata`,
     ``positional`` or ``object_value``, ``lay.n`` boxes): the book's own pairs, for evaluating a
-    planted model on them and for checking these hooks against the book's kernel."""
-    from ..methods.causal_model import interchange
-
+    planted model on them and for checking these hooks against the book's kernel. ``cf`` is the
+    causal model's interchange (:func:`entity_tracking.methods.causal_model.interchange`, which
+    this layer cannot import; the tests check they agree)."""
     ids = lambda words: torch.tensor(tok.convert_tokens_to_ids(list(words)))  # noqa: E731
     base, source = [], []
     for r in records:
@@ -202,7 +203,7 @@ def pairs_from_records(tok, records: Sequence[Mapping], lay: Layout) -> Pairs:
             p = r[side]
             if len(p["objects"]) != lay.n:
                 raise ValueError(f"record {r.get('id')}: {len(p['objects'])} boxes, the layout has {lay.n}")
-            ctx, q = _paper_words(p["objects"], p["labels"], p["query_label"])
+            ctx, q = paper_words(p["objects"], p["labels"], p["query_label"])
             out.append(torch.cat([torch.tensor([tok.bos_token_id]), ids(ctx + q)]))
     base_ids, source_ids = torch.stack(base), torch.stack(source)
     if base_ids.shape[1] != lay.length or source_ids.shape[1] != lay.length:
@@ -212,7 +213,8 @@ def pairs_from_records(tok, records: Sequence[Mapping], lay: Layout) -> Pairs:
     p_s = torch.tensor([int(r["source_query_index"]) for r in records])
     return Pairs(base_ids, source_ids, q_b, p_s, torch.tensor([word(r["base"]["answer"]) for r in records]),
                  torch.tensor([word(r["source"]["answer"]) for r in records]),
-                 {v: torch.tensor([word(interchange(r, v)) for r in records]) for v in ("position", "value")})
+                 {"position": torch.tensor([word(r["base"]["objects"][int(r["source_query_index"])]) for r in records]),
+                  "value": torch.tensor([word(r["source"]["objects"][int(r["source_query_index"])]) for r in records])})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,9 +428,9 @@ def build_model(recipe: PlantRecipe, tok):
     cfg = tiny_config(TinySpec(family="llama", n_layers=recipe.n_layers, n_heads=recipe.n_heads,
                                d_model=recipe.d_model, d_mlp=recipe.d_mlp), tok)
     cfg.tie_word_embeddings = recipe.tie_embeddings
-    cfg._attn_implementation = "eager"  # the attention supervision reads the patterns
     torch.manual_seed(recipe.seed)
     model = LlamaForCausalLM(cfg)
+    model.set_attn_implementation("eager")  # the attention supervision reads the patterns
     # every block starts as the identity (o_proj, down_proj zero): the organism's cure for the
     # plateau of deep tiny models (organism/__init__.py)
     arch = arch_for(model)
@@ -476,6 +478,9 @@ def plant(recipe: PlantRecipe, *, progress: bool = True, every: int = 100,
 
     tok = build_word_tokenizer()
     lay, template = layout(recipe.num_boxes, tok)
+    counts = range(recipe.min_boxes or recipe.num_boxes, recipe.num_boxes + 1)
+    layouts = {n: layout(n, tok) for n in counts}
+    codes = {n: code_pattern(layouts[n][0]) for n in counts}
     obj_ids = torch.tensor(tok.convert_tokens_to_ids(list(OBJECTS)))
     lab_ids = torch.tensor(tok.convert_tokens_to_ids(list(LABELS)))
     model = build_model(recipe, tok) if model is None else model
@@ -490,8 +495,10 @@ def plant(recipe: PlantRecipe, *, progress: bool = True, every: int = 100,
     log: list[dict] = []
     t0 = time.perf_counter()
     for step in tqdm(range(1, recipe.steps + 1), disable=not progress, desc="planting"):
-        pairs = sample_pairs(g, lay, template, obj_ids, lab_ids, recipe.batch_size)
-        losses = step_losses(model, recipe, lay, pairs, code, step, rng.choice(GROUPS), probes)
+        n = rng.choice(counts)
+        lay_n, template_n = layouts[n]
+        pairs = sample_pairs(g, lay_n, template_n, obj_ids, lab_ids, recipe.batch_size)
+        losses = step_losses(model, recipe, lay_n, pairs, codes[n], step, rng.choice(GROUPS), probes)
         opt.zero_grad(set_to_none=True)
         backward(model, recipe, losses)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
