@@ -91,6 +91,7 @@ class PlantRecipe:
     attn_from: int = 0
     tie_embeddings: bool = False
     attn_qk_only: bool = True
+    attn_full: str = ""  # groups whose attention supervision reaches every weight (the code's route)
     supervise: str = "position_detector,position_transmitter,value_fetcher"
 
     def designated(self) -> dict[str, list[tuple[int, int]]]:
@@ -312,13 +313,16 @@ def code_pattern(lay: Layout) -> torch.Tensor:
 
 
 def _attn_loss(attns, lay: Layout, pairs: Pairs, recipe: PlantRecipe, code: torch.Tensor,
-               designated: bool = True) -> torch.Tensor:
+               designated: bool = True, full: Optional[bool] = None) -> torch.Tensor:
+    """The attention supervision; ``full`` True/False: only the groups in / not in
+    ``recipe.attn_full`` (the code head counts as not), None: all."""
     rows = torch.arange(len(pairs.q_b))
     loss = attns[0].new_zeros(())
     tgt = _attention_targets(lay, pairs, recipe)
     chosen = [g for g in recipe.supervise.split(",") if g]
+    in_full = [g for g in recipe.attn_full.split(",") if g]
     for g, heads in (recipe.designated().items() if designated else ()):
-        if g not in chosen:
+        if g not in chosen or (full is not None and (g in in_full) != full):
             continue
         q, k = tgt[g]
         for l, h in heads:
@@ -326,7 +330,7 @@ def _attn_loss(attns, lay: Layout, pairs: Pairs, recipe: PlantRecipe, code: torc
             # a hinge: no pull once the head puts ATTN_ENOUGH on its target (an unbounded
             # -log a keeps sharpening the pattern by growing the residual stream's norm)
             loss = loss + torch.relu(math.log(ATTN_ENOUGH) - torch.log(a.clamp_min(1e-6))).mean()
-    if recipe.code_head:
+    if recipe.code_head and not full:
         a = attns[0][:, 0].clamp_min(1e-6)  # [B, T, T]
         loss = loss - (code[None] * torch.log(a)).sum(-1).mean()
     return loss
@@ -374,7 +378,11 @@ def step_losses(model, recipe: PlantRecipe, lay: Layout, pairs: Pairs, code: tor
     if recipe.w_attn > 0:
         half = len(pairs.q_b)
         attns = [a[:half] for a in out.attentions]
-        losses["attention"] = recipe.w_attn * _attn_loss(attns, lay, pairs, recipe, code, step >= recipe.attn_from)
+        if recipe.attn_full:
+            losses["attention"] = recipe.w_attn * _attn_loss(attns, lay, pairs, recipe, code, step >= recipe.attn_from, False)
+            losses["attention_full"] = recipe.w_attn * _attn_loss(attns, lay, pairs, recipe, code, step >= recipe.attn_from, True)
+        else:
+            losses["attention"] = recipe.w_attn * _attn_loss(attns, lay, pairs, recipe, code, step >= recipe.attn_from)
     if recipe.w_probe > 0:
         losses["probe"] = recipe.w_probe * _probe_loss(out.hidden_states, lay, pairs, probes)
     need_source = (recipe.w_iit > 0 and step >= recipe.iit_from) or (recipe.w_strict > 0 and step >= recipe.strict_from) \
