@@ -52,6 +52,7 @@ from ..model.tiny import TinySpec, tiny_config
 from ..model.tokenizer import build_word_tokenizer
 from ..task.vocab import LABELS, OBJECTS
 from .curriculum import paper_words
+from .train import scale_block_writes
 
 __all__ = ["Layout", "PlantRecipe", "Pairs", "plant", "sample_pairs", "layout", "evaluate"]
 
@@ -439,13 +440,9 @@ def build_model(recipe: PlantRecipe, tok):
     torch.manual_seed(recipe.seed)
     model = LlamaForCausalLM(cfg)
     model.set_attn_implementation("eager")  # the attention supervision reads the patterns
-    # every block starts as the identity (o_proj, down_proj zero): the organism's cure for the
-    # plateau of deep tiny models (organism/__init__.py)
-    arch = arch_for(model)
-    with torch.no_grad():
-        for layer in range(arch.n_layers):
-            arch.module(model, "o_proj", layer).weight.mul_(recipe.residual_init)
-            arch.module(model, "mlp_out_proj", layer).weight.mul_(recipe.residual_init)
+    # every block starts as the identity (residual_init 0): the organism's cure for the plateau of
+    # deep tiny models (organism/__init__.py)
+    scale_block_writes(model, recipe.residual_init)
     return model
 
 

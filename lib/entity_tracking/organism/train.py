@@ -131,14 +131,19 @@ def _build_model(spec: OrganismSpec, vocab_size: int, tok):
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(cfg)
     if spec.residual_init != 1.0:
-        # Blocks whose writes to the residual stream start small (or zero) leave a deep model
-        # close to a shallow one at first, which learns the lookup like a 2-layer model does.
-        arch = arch_for(model)
-        with torch.no_grad():
-            for layer in range(arch.n_layers):
-                arch.module(model, "o_proj", layer).weight.mul_(spec.residual_init)
-                arch.module(model, "mlp_out_proj", layer).weight.mul_(spec.residual_init)
+        scale_block_writes(model, spec.residual_init)
     return model
+
+
+def scale_block_writes(model, scale: float) -> None:
+    """Scale every block's writes to the residual stream (``o_proj``, the MLP's down projection)
+    by ``scale`` in place. Blocks whose writes start small (or zero) leave a deep model close to a
+    shallow one at first, which learns the lookup like a 2-layer model does."""
+    arch = arch_for(model)
+    with torch.no_grad():
+        for layer in range(arch.n_layers):
+            arch.module(model, "o_proj", layer).weight.mul_(scale)
+            arch.module(model, "mlp_out_proj", layer).weight.mul_(scale)
 
 
 @dataclass
