@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--save-at", type=int, nargs="*", default=[], help="also save the model at these steps")
+    ap.add_argument("--stages", action="store_true", help="run the whole planting curriculum (plant.STAGES)")
     ap.add_argument("--init", type=Path, default=None, help="continue a saved model (fresh optimizer)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -34,8 +35,15 @@ def main(argv=None) -> int:
     if a.init:
         from transformers import AutoModelForCausalLM
         init = AutoModelForCausalLM.from_pretrained(a.init, attn_implementation="eager")
-    model, tok, log = plant(recipe, progress=False, every=a.every, model=init, on_eval=save,
-                            callback=lambda r: print(json.dumps(r), flush=True))
+    if a.stages:
+        from entity_tracking.organism.plant import PLANTED, STAGES, plant_stages
+        recipe = dataclasses.replace(PLANTED, seed=a.seed)
+        model, tok, log = plant_stages(recipe, STAGES, progress=False, every=a.every,
+                                           callback=lambda r: print(json.dumps(r), flush=True))
+        recipe = dataclasses.replace(recipe, **STAGES[-1])
+    else:
+        model, tok, log = plant(recipe, progress=False, every=a.every, model=init, on_eval=save,
+                                callback=lambda r: print(json.dumps(r), flush=True))
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(a.out)

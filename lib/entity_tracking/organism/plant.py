@@ -594,3 +594,34 @@ def train_heads_only(model, recipe: PlantRecipe, heads: Sequence[tuple[int, int]
         p.requires_grad_(True)
     model.eval()
     return log
+
+
+#: The planting curriculum that worked (notes/organism.md, runs F6 -> G2 -> H2): the mechanism is
+#: found on 2 boxes, carried to 4, then the strict and context-resampling losses make the rest of
+#: the model inert. Each stage continues the last with a fresh optimizer (warm-up 100 steps).
+STAGES: tuple[dict, ...] = (
+    {"num_boxes": 2, "steps": 3000, "w_strict": 0.0, "w_ctx": 0.0},
+    {"num_boxes": 4, "steps": 1000, "w_strict": 0.0, "w_ctx": 0.0},
+    {"num_boxes": 4, "steps": 1000, "w_strict": 1.0, "w_ctx": 1.0},
+)
+
+#: What every stage shares: a 4 x 4 Llama of width 64 with tied embeddings, every designated
+#: group's attention supervised through every weight, IIT from the first step.
+PLANTED = PlantRecipe(d_model=64, d_mlp=256, tie_embeddings=True,
+                      attn_full="position_detector,position_transmitter,value_fetcher")
+
+
+def plant_stages(recipe: PlantRecipe = PLANTED, stages: Sequence[Mapping] = STAGES, *, progress: bool = True,
+                 every: int = 250, callback: Optional[Callable[[dict], None]] = None):
+    """Run the planting curriculum: :func:`plant` once per stage (``recipe`` with the stage's
+    fields), each continuing the model of the last. Returns (model, tokenizer, log); each log
+    record carries its ``stage``."""
+    from dataclasses import replace
+
+    model, tok, log = None, None, []
+    for i, stage in enumerate(stages):
+        r = replace(recipe, **stage)
+        cb = (lambda rec, i=i: callback({"stage": i, **rec})) if callback else None
+        model, tok, part = plant(r, progress=progress, every=every, callback=cb, model=model)
+        log += [{"stage": i, **rec} for rec in part]
+    return model, tok, log
