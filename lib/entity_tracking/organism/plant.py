@@ -527,21 +527,27 @@ def plant(recipe: PlantRecipe, *, progress: bool = True, every: int = 100,
 
 
 def degrade_heads(model, heads: Sequence[tuple[int, int]], scale: float) -> None:
-    """Scale the value projection of ``heads`` by ``scale`` in place: their outputs shrink, the
-    signal they carry weakens (the degraded base of fine-tune (a), issue 29)."""
+    """Scale the value projection of ``heads`` by ``scale`` in place: their outputs (the ``z`` the
+    kernel patches, before ``o_proj``) shrink, the signal they carry weakens (the degraded base
+    of fine-tune (a), issue 29). Multi-head attention only (a value row serves one head)."""
     arch = arch_for(model)
+    if arch.is_gqa:
+        raise ValueError("degrade_heads: a GQA model shares value rows between heads")
     dh = arch.d_head
     with torch.no_grad():
         for l, h in heads:
-            arch.module(model, "o_proj", l).weight[:, h * dh:(h + 1) * dh] *= scale
+            arch.module(model, "v_proj", l).weight[h * dh:(h + 1) * dh] *= scale
 
 
 def train_heads_only(model, recipe: PlantRecipe, heads: Sequence[tuple[int, int]], steps: int, *, lr: float = 1e-3,
                      seed: int = 1, attention: Optional[Mapping[tuple[int, int], str]] = None,
+                     projections: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
                      progress: bool = False) -> list[dict]:
     """Fine-tune ``model`` on entity tracking (the behaviour loss on fresh pairs) changing only
     the weights of ``heads`` (their query, key, value rows and output columns; every other
-    weight, the other heads' slices of the same matrices included, stays bit for bit).
+    weight, the other heads' slices of the same matrices included, stays bit for bit);
+    ``projections`` narrows that to some of the four (without ``o_proj`` every change is visible
+    in the heads' ``z``, the site the kernel patches).
     ``attention``: a head -> group map whose heads are also supervised to attend as that group
     does (a new route planted outside the circuit). Returns the log (:func:`evaluate` every 100
     steps)."""
@@ -555,7 +561,7 @@ def train_heads_only(model, recipe: PlantRecipe, heads: Sequence[tuple[int, int]
     lab_ids = torch.tensor(tok.convert_tokens_to_ids(list(LABELS)))
     masks = {}
     for l, h in heads:
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for proj in projections:
             w = arch.module(model, proj, l).weight
             m = masks.setdefault(w, torch.zeros_like(w, dtype=torch.bool))
             unit = h if proj in ("q_proj", "o_proj") else arch.kv_head(h)
