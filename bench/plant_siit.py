@@ -22,7 +22,8 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=100)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--save-at", type=int, nargs="*", default=[], help="also save the model at these steps")
-    ap.add_argument("--stages", action="store_true", help="run the whole planting curriculum (plant.STAGES)")
+    ap.add_argument("--stages", choices=["4", "7"], default=None,
+                    help="run a whole planting curriculum (plant.STAGES, ending on 4 boxes, or plant.STAGES_7)")
     ap.add_argument("--init", type=Path, default=None, help="continue a saved model (fresh optimizer)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -36,7 +37,8 @@ def main(argv=None) -> int:
         from transformers import AutoModelForCausalLM
         init = AutoModelForCausalLM.from_pretrained(a.init, attn_implementation="eager")
     if a.stages:
-        from entity_tracking.organism.plant import PLANTED, STAGES, plant_stages
+        from entity_tracking.organism.plant import PLANTED, STAGES, STAGES_7, plant_stages
+        STAGES = STAGES_7 if a.stages == "7" else STAGES  # noqa: N806
         recipe = dataclasses.replace(PLANTED, seed=a.seed)
         model, tok, log = plant_stages(recipe, STAGES, progress=False, every=a.every,
                                            callback=lambda r: print(json.dumps(r), flush=True))

@@ -602,7 +602,7 @@ def train_heads_only(model, recipe: PlantRecipe, heads: Sequence[tuple[int, int]
     return log
 
 
-#: The planting curriculum that worked (notes/organism.md, runs F6 -> G2 -> H2): the mechanism is
+#: The planting curriculum that worked on 4 boxes (notes/organism.md, runs F6 -> G2 -> H2): the mechanism is
 #: found on 2 boxes, carried to 4, then the strict and context-resampling losses make the rest of
 #: the model inert. Each stage continues the last with a fresh optimizer (warm-up 100 steps).
 STAGES: tuple[dict, ...] = (
@@ -610,6 +610,10 @@ STAGES: tuple[dict, ...] = (
     {"num_boxes": 4, "steps": 1000, "w_strict": 0.0, "w_ctx": 0.0},
     {"num_boxes": 4, "steps": 1000, "w_strict": 1.0, "w_ctx": 1.0},
 )
+
+#: The same curriculum ending on the paper's 7 boxes (run H1: every check of the issue met at
+#: 7 boxes through the book's kernel, notes/organism.md).
+STAGES_7: tuple[dict, ...] = STAGES[:2] + ({"num_boxes": 7, "steps": 1500, "w_strict": 1.0, "w_ctx": 1.0},)
 
 #: What every stage shares: a 4 x 4 Llama of width 64 with tied embeddings, every designated
 #: group's attention supervised through every weight, IIT from the first step.
