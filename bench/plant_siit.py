@@ -28,7 +28,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     recipe = PlantRecipe(**{f.name: getattr(a, f.name) for f in dataclasses.fields(PlantRecipe)})
-    print(json.dumps({"recipe": dataclasses.asdict(recipe), "cpu": platform.processor() or platform.machine()}), flush=True)
+    if a.stages:
+        from entity_tracking.organism import plant as P
+        head = {"recipe": dataclasses.asdict(dataclasses.replace(P.PLANTED, seed=a.seed)),
+                "stages": list(P.STAGES_7 if a.stages == "7" else P.STAGES)}
+    else:
+        head = {"recipe": dataclasses.asdict(recipe)}
+    print(json.dumps({**head, "cpu": platform.processor() or platform.machine()}), flush=True)
     def save(step, model):
         if step in a.save_at and a.out:
             model.save_pretrained(a.out / f"step{step}")
