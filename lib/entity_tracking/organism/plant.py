@@ -42,7 +42,7 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -273,8 +273,8 @@ def node_mask(lay: Layout, n_layers: int, n_heads: int, nodes: Mapping[int, Sequ
 
 def patched_logits(model, ids: torch.Tensor, source_z: Mapping[int, torch.Tensor],
                    take: Mapping[int, torch.Tensor], d_head: int, extra: Optional[dict] = None) -> torch.Tensor:
-    """Last-position-aware logits ``[B, T, V]`` of ``ids`` with, per layer, the (position, head)
-    nodes where ``take[layer]`` (``[T, H]`` bool) is True taken from ``source_z[layer]``."""
+    """The model's output on ``ids`` (``.logits`` ``[B, T, V]``) with, per layer, the (position,
+    head) nodes where ``take[layer]`` (``[T, H]`` bool) is True taken from ``source_z[layer]``."""
 
     def swap(layer):
         m = take[layer].repeat_interleave(d_head, dim=1)  # [T, H*dh]
@@ -294,7 +294,6 @@ def patched_logits(model, ids: torch.Tensor, source_z: Mapping[int, torch.Tensor
 
 def _attention_targets(lay: Layout, pairs: Pairs, recipe: PlantRecipe) -> dict:
     """Per designated group: (position attended from, target position per row [B])."""
-    rows = torch.arange(len(pairs.q_b))
     obj = torch.tensor(lay.obj)
     lab = torch.tensor(lay.label)
     return {"position_detector": (lay.query_label, lab[pairs.q_b]),
