@@ -35,12 +35,26 @@ def test_the_compact_answer_has_one_line_per_claim_and_hides_rule_and_sample_one
     write_json(folder / "faithfulness.json", [_row(1, "holds"), _row(1, "does not hold"),
                                               _row(1, "holds", statement="Ours: extended, in m")])
     table = claim_answers(tmp_path, "prof")
-    assert list(table["claim"]) == ["Premise", "Same circuit", "Same functionality", "Better positional handling"]
+    assert list(table["claim"]) == ["Premise", "Same circuit", "Same functionality", "Better positional handling",
+                                    "Methods against ground truth (ours)"]
     same = table.set_index("claim").loc["Same circuit"]
     assert same["verdict"] == "partly"
     assert same["tests that hold"] == "1 of 2 (+1 of ours)"
     assert "<details>" in same["the tests"] and "72 contexts x 7 queries" in same["the tests"]
     assert table.set_index("claim").loc["Premise", "verdict"] == "not run"
+
+
+def test_the_claim_of_ours_reads_over_its_own_rows(tmp_path):
+    """The ground-truth rows (claim 4) are all ours: they decide that claim of ours, never the paper's."""
+    folder = tmp_path / "prof" / "metrics" / "verdicts"
+    rows = [_row(4, "holds", statement="Ours: path patching recovers the planted circuit"),
+            _row(4, "does not hold", statement="Ours: DCM recovers the planted heads of each variable")]
+    write_json(folder / "ground_truth.json", rows)
+    table = claim_answers(tmp_path, "prof").set_index("claim")
+    ours = table.loc["Methods against ground truth (ours)"]
+    assert ours["verdict"] == "partly" and ours["tests that hold"] == "1 of 2"
+    assert claim_verdict(rows) == "not run"  # read as the paper's claim, no row counts
+    assert table.loc["Same circuit", "verdict"] == "not run"
 
 
 def _est(v, lo, hi):

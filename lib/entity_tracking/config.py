@@ -41,8 +41,10 @@ __all__ = [
     "DataSpec",
     "FaithfulnessSpec",
     "FinetuneSpec",
+    "GroundTruthSpec",
     "ModelSpec",
     "OrganismSpec",
+    "PlantedFinetuneSpec",
     "PositionalSpec",
     "Profile",
     "ProfileError",
@@ -275,6 +277,41 @@ class OrganismSpec(_Strict):
         return self
 
 
+class PlantedFinetuneSpec(_Strict):
+    """A planted fine-tune with a known answer (issue 29): the planted base with the value rows of
+    one designated group scaled by ``scale`` (the degraded base), then fine-tuned on entity
+    tracking changing only the weights of ``heads`` (``None``: that group's own planted heads;
+    else heads outside the circuit, every circuit head frozen)."""
+
+    group: Literal["position_detector", "position_transmitter", "value_fetcher"]
+    scale: float = Field(ge=0, le=1)
+    heads: Optional[list[tuple[int, int]]] = None
+    projections: list[Literal["q_proj", "k_proj", "v_proj", "o_proj"]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj"],
+        description="which of the trained heads' weights change; without o_proj every change shows in the heads' "
+                    "outputs z, the site the kernel and CMAP patch",
+    )
+    steps: int = Field(300, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 1
+
+
+class GroundTruthSpec(_Strict):
+    """The planted models of the ground-truth chapter (:mod:`entity_tracking.organism.plant`): the
+    paper's mechanism trained into designated heads by SIIT, and two fine-tunes of it whose answer
+    to the paper's question is known. Every field enters the planted build's recipe hash."""
+
+    seed: int = 0
+    steps_scale: float = Field(
+        1.0, gt=0, le=1,
+        description="each curriculum stage's steps times this (at least 1): below 1 only for the CI profile, "
+                    "whose planted model does not learn the task and whose chapter runs every code path on it",
+    )
+    enhance: PlantedFinetuneSpec = PlantedFinetuneSpec(group="position_transmitter", scale=0.5)
+    route: PlantedFinetuneSpec = PlantedFinetuneSpec(group="value_fetcher", scale=0.3, heads=[(3, 2), (3, 3)])
+    n_random: int = Field(20, ge=10, description="random head sets of the planted circuit's group sizes, per baseline")
+
+
 class ModelSpec(_Strict):
     """One model of a profile: where it comes from and how it is loaded.
 
@@ -497,6 +534,7 @@ class Profile(_Strict):
     faithfulness: FaithfulnessSpec = FaithfulnessSpec()
     dcm: DCMSpec = DCMSpec()
     cmap: CMAPSpec = CMAPSpec()
+    ground_truth: GroundTruthSpec = GroundTruthSpec()
     study: Literal["competent", "all"] = Field(
         "competent",
         description="which models the faithfulness and DCM chapters analyse: 'competent', those that do the "

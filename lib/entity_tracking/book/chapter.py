@@ -159,7 +159,12 @@ CLAIMS: dict[int, str] = {
     1: "Same circuit: the base model's entity-tracking circuit also implements the task in its fine-tuned versions.",
     2: "Same functionality: each circuit group encodes the same information (position, value) in every model.",
     3: "Better positional handling: the fine-tuned models' gain comes from improved handling of positional information.",
+    4: "Ours: the book's methods recover the paper's mechanism where it is planted (a model trained to have it, "
+       "and two fine-tunes whose answers are known).",
 }
+
+#: Claims of ours (not the paper's): their verdict reads over their own rows.
+OUR_CLAIMS = frozenset({4})
 
 
 def verdict_table(results_root: Path, profile: str):
@@ -213,7 +218,7 @@ def _sample_and_rule(r: dict) -> str:
 
 #: The claims' short names, as the landing page's compact answer prints them.
 CLAIM_NAMES: dict[int, str] = {0: "Premise", 1: "Same circuit", 2: "Same functionality",
-                               3: "Better positional handling"}
+                               3: "Better positional handling", 4: "Methods against ground truth (ours)"}
 
 
 def is_ours(row: dict) -> bool:
@@ -223,13 +228,14 @@ def is_ours(row: dict) -> bool:
     return st.startswith("Ours:") or "(positive control, ours)" in st
 
 
-def claim_verdict(rows: Iterable[dict]) -> str:
-    """One claim's verdict over its rows about the paper's models (:func:`is_ours` rows apart):
+def claim_verdict(rows: Iterable[dict], ours: bool = False) -> str:
+    """One claim's verdict over its rows about the paper's models (:func:`is_ours` rows apart;
+    ``ours``: a claim of ours, :data:`OUR_CLAIMS`, read over its own rows):
     ``holds`` only when every row was tested and holds (a claim about the fine-tunes does not
     hold on the base's row alone), ``does not hold`` when no tested row holds even partly,
     ``not testable`` / ``not run`` when no row was tested, ``partly`` otherwise (mixed rows, or
     rows that hold beside rows that could not be tested)."""
-    rows = [r for r in rows if not is_ours(r)]
+    rows = [r for r in rows if ours or not is_ours(r)]
     tested = [r["holds"] for r in rows if r["holds"] not in ("not testable", "not run")]
     if not tested:
         kinds = {r["holds"] for r in rows}
@@ -254,15 +260,15 @@ def claim_answers(results_root: Path, profile: str):
     out = []
     for c, text in CLAIMS.items():
         mine = [r for r in rows if r["claim"] == c]
-        paper_rows = [r for r in mine if not is_ours(r)]
+        paper_rows = [r for r in mine if c in OUR_CLAIMS or not is_ours(r)]
         held = sum(r["holds"] == "holds" for r in paper_rows)
         tests = "".join(
             f"<li><b>{html.escape(r['holds'])}</b>: {html.escape(r['statement'])}: {html.escape(r['ours'])} "
             f"({_chapter_link(r['chapter'])}){_sample_and_rule(r)}</li>" for r in mine)
-        ours = sum(is_ours(r) for r in mine)
+        ours = 0 if c in OUR_CLAIMS else sum(is_ours(r) for r in mine)
         out.append({
             "claim": CLAIM_NAMES.get(c, str(c)),
-            "verdict": claim_verdict(mine),
+            "verdict": claim_verdict(mine, ours=c in OUR_CLAIMS),
             "tests that hold": f"{held} of {len(paper_rows)}" + (f" (+{ours} of ours)" if ours else ""),
             "the tests": f"<details><summary>{html.escape(text)}</summary><ul>{tests}</ul></details>" if mine
                          else html.escape(text),

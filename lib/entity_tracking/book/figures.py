@@ -510,3 +510,26 @@ def minimality_rows(circuits: Mapping[str, Any], metrics_dir, models: Iterable[s
             heads += [{"model": name, "group": GROUP_LABELS[h["group"]], "head": f"{h['head'][0]}.{h['head'][1]}",
                        "score": min(h["score"], MINIMALITY_CAP), "kept": h["kept"]} for h in read_json(f)["heads"]]
     return heads, decisions
+
+
+def plot_planted_checks(checks: Mapping[str, Any], chance: float, group_labels: Mapping[str, str] | None = None):
+    """The planted base's checks (:func:`entity_tracking.methods.ground_truth.planted_checks`) at a
+    glance: accuracy per queried box with its 95% interval beside chance, and each planted group's
+    interchange accuracy beside random head sets of its size at its position."""
+    import pandas as pd
+
+    labels = group_labels or {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    boxes = pd.DataFrame(checks["boxes"])
+    axes[0].bar(boxes["box"].astype(str), boxes["value"], color=sns.color_palette()[0],
+                yerr=[boxes["value"] - boxes["low"], boxes["high"] - boxes["value"]], capsize=3)
+    axes[0].axhline(chance, ls="--", c="grey", label="chance")
+    axes[0].set(ylim=(0, 1.05), xlabel="queried box", ylabel="accuracy", title="planted base, by queried box")
+    axes[0].legend()
+    rows = [{"group": labels.get(r["group"], r["group"]), "patched": who, "interchange accuracy": r[key]["value"]}
+            for r in checks["interchange_rows"]
+            for who, key in (("planted heads", "interchange"), ("random heads, same size and position", "random"))]
+    sns.barplot(data=pd.DataFrame(rows), x="group", y="interchange accuracy", hue="patched", ax=axes[1])
+    axes[1].set(ylim=(0, 1.05), xlabel="", title="interchange accuracy on held-out pairs")
+    fig.tight_layout()
+    return fig

@@ -42,6 +42,17 @@ from .circuit import Circuit
 from .cmap import BASE_ALONE, FINETUNED_ALONE, FULL_CIRCUIT, row_key
 
 __all__ = [
+    "GROUND_TRUTH_CLAIM",
+    "PLANTED_CHECKS",
+    "PLANTED_GAIN",
+    "RECOVERS",
+    "cmap_recovery_verdicts",
+    "dcm_recovery_verdict",
+    "faithfulness_recovery_verdict",
+    "ground_truth_verdicts",
+    "path_patching_recovery_verdict",
+    "planted_gain_verdict",
+    "planted_verdict",
     "ARITHMETIC_LEARNED",
     "BEYOND_RANDOM_MARGIN",
     "CONTROL_PAPER",
@@ -1135,3 +1146,157 @@ def finetuning_verdicts(competences: Mapping[str, Competence], base: str, correc
                 samples[name] = prompts_sample(gain) + ", paired"
     return (arithmetic_verdicts(learned, samples=learned_samples)
             + premise_verdicts(competences[base], gains, controls=controls, samples=samples))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ground truth (ours, issue 29): the methods scored on a model with the mechanism planted
+# ---------------------------------------------------------------------------------------------
+
+#: The landing page's claim number of the ground-truth rows (all of them ours).
+GROUND_TRUTH_CLAIM = 4
+
+#: What the planted base must show to stand for the paper's mechanism (issue 29's "done when").
+PLANTED_CHECKS = {
+    "clean": Threshold(0.85, "issue 29: the planted base does the task well (Llama-7B: 0.66)"),
+    "every_box": Threshold(0.6, "issue 29: no queried box is left to chance"),
+    "context_kept": Threshold(0.7, "issue 29: binding survives every context head mean-ablated, as a positional "
+                                   "binding does"),
+    "interchange": Threshold(0.8, "issue 29: each planted group implements its variable on held-out pairs"),
+    "outside_kept": Threshold(0.9, "issue 29 (SIIT's strict check): the heads outside the circuit carry nothing "
+                                   "the task needs"),
+}
+
+#: A planted fine-tune must gain this much (its interval above zero) to have a gain to attribute.
+PLANTED_GAIN = Threshold(0.10, "issue 29: a gain of ten points, well above the 2-point MIN_GAIN")
+
+#: Recall of the planted heads, per group, by a method that finds heads (path patching, DCM).
+RECOVERS = Grade(0.8, 0.5, "a method that finds four of five planted heads has found the group; under half, "
+                           "it has not")
+
+RECOVERY_RULE = (f"holds when every planted group's recall is at least {RECOVERS.holds:g} and its precision "
+                 "beats the 95th percentile of random circuits of the same group sizes; partly when the recall "
+                 f"of every planted head, whatever group it was put in, is at least {RECOVERS.partly:g} and beats "
+                 "the 95th percentile of the random circuits'; "
+                 "does not hold otherwise")
+
+
+def _gt(statement: str, ours: str, holds: Holds, rule: str = "", sample: str = "") -> Verdict:
+    return Verdict(GROUND_TRUTH_CLAIM, "Ours: " + statement, "none: ours, not in the paper", ours, holds,
+                   rule=rule, sample=sample)
+
+
+def planted_verdict(checks: Mapping[str, Any]) -> Verdict:
+    """Whether the planted base meets the issue's checks: ``checks`` holds ``clean`` and
+    ``context_kept`` (estimates), ``by_box`` (values), ``interchange`` (``{group: estimate}``) and
+    ``outside_kept`` (an estimate), all measured on the book's own prompts."""
+    t = PLANTED_CHECKS
+    iia = checks["interchange"]
+    ok = (checks["clean"]["value"] >= t["clean"].value and min(checks["by_box"]) >= t["every_box"].value
+          and checks["context_kept"]["value"] >= t["context_kept"].value
+          and all(e["value"] >= t["interchange"].value for e in iia.values())
+          and checks["outside_kept"]["value"] >= t["outside_kept"].value)
+    ours = (f"clean {_fmt(checks['clean'])} (lowest box {min(checks['by_box']):.2f}); context mean-ablated keeps "
+            f"{_fmt(checks['context_kept'])}; interchange " + ", ".join(f"{GROUP_LABELS[g]} {_fmt(e)}" for g, e in iia.items())
+            + f"; outside the circuit resample-ablated keeps {_fmt(checks['outside_kept'])}")
+    rule = "holds when every point estimate meets its threshold: " + "; ".join(
+        f"{k} >= {v.value:g} ({v.reason})" for k, v in t.items())
+    return _gt("the planted base implements the paper's mechanism in its designated heads (issue 29's checks)", ours,
+               "holds" if ok else "does not hold", rule, checks.get("sample", ""))
+
+
+def planted_gain_verdict(name: str, gain: Mapping[str, float], answer: str, sample: str = "") -> Verdict:
+    """Whether a planted fine-tune gained what its known answer needs (:data:`PLANTED_GAIN`)."""
+    holds: Holds = ("holds" if gain["value"] >= PLANTED_GAIN.value and gain["low"] > 0 else
+                    "partly" if gain["low"] > 0 else "does not hold")
+    return _gt(f"the planted fine-tune {name} gains accuracy ({answer})", f"gain {_fmt(gain, '+.2f')}", holds,
+               f"holds at a gain >= {PLANTED_GAIN.value:g} with its 95% interval above 0; partly when only the "
+               f"interval is above 0 ({PLANTED_GAIN.reason})", sample)
+
+
+def path_patching_recovery_verdict(rows: Sequence[Mapping[str, Any]], sample: str = "") -> Verdict:
+    """Path patching against the planted circuit, from :func:`entity_tracking.methods.ground_truth.recovery_table`
+    rows (the planted groups and ``"circuit"``)."""
+    groups = [r for r in rows if r["group"] != "circuit"]
+    union = next(r for r in rows if r["group"] == "circuit")
+    full = all(r["recall"] >= RECOVERS.holds and r["precision"] > r.get("random_precision_q95", float("nan"))
+               for r in groups)
+    beyond = union["recall"] >= RECOVERS.partly and union["recall"] > union.get("random_recall_q95", float("nan"))
+    holds: Holds = "holds" if full else "partly" if beyond else "does not hold"
+    ours = "; ".join(f"{GROUP_LABELS.get(r['group'], r['group'])} recall {r['recall']:.2f}, precision "
+                     f"{r['precision']:.2f} (random {r['random_precision_mean']:.2f})" for r in groups)
+    ours += f"; every planted head found in some group: {union['hits']} of {union['planted']}"
+    return _gt("path patching recovers the planted circuit", ours, holds, RECOVERY_RULE, sample)
+
+
+def faithfulness_recovery_verdict(summary: Mapping[str, Mapping[str, float]], sample: str = "") -> Verdict:
+    """Faithfulness of the planted circuit (its ``summary`` from
+    :meth:`~entity_tracking.methods.ablation.FaithfulnessResult.to_json`), graded as the
+    faithfulness chapter grades any circuit (:func:`faithfulness_grade`)."""
+    faith, excess = summary["faithfulness"], summary.get("faithfulness_over_random")
+    ours = f"F(C)/F(M) {_fmt(faith)}" + (f"; random circuits of its sizes {_fmt(summary['random_faithfulness'])}, "
+                                         f"excess {_fmt(excess, '+.2f')}" if excess else "")
+    return _gt("faithfulness recovers the planted circuit as faithful, beyond random circuits of its sizes", ours,
+               faithfulness_grade(faith, excess), FAITHFUL_BAND_RULE, sample)
+
+
+def dcm_recovery_verdict(rows: Sequence[Mapping[str, Any]], sample: str = "") -> Verdict:
+    """DCM against the planted heads, from :func:`entity_tracking.methods.ground_truth.dcm_recovery`
+    rows: graded on the (position, desideratum) pairs where heads were planted."""
+    graded = [r for r in rows if r["planted"]]
+    if not graded:
+        return _gt("DCM recovers the planted heads of each variable", "no desideratum with planted heads", "not run")
+    ok = all(r["recall"] >= RECOVERS.holds and r["precision"] >= RECOVERS.holds for r in graded)
+    some = all(r["recall"] >= RECOVERS.partly for r in graded)
+    ours = "; ".join(f"{r['desideratum']} at {r['position']}: selected "
+                     f"{' '.join(f'{l}.{h}' for l, h in r['selected']) or 'none'} "
+                     f"(planted {' '.join(f'{l}.{h}' for l, h in r['planted'])}; recall {r['recall']:.2f}, "
+                     f"precision {r['precision']:.2f})" for r in graded)
+    return _gt("DCM recovers the planted heads of each variable", ours,
+               "holds" if ok else "partly" if some else "does not hold",
+               f"holds when, for every desideratum with planted heads at the position, recall and precision are at "
+               f"least {RECOVERS.holds:g}; partly when every recall is at least {RECOVERS.partly:g}", sample)
+
+
+def cmap_recovery_verdicts(enhance: Mapping[str, Mapping[str, float]], route: Mapping[str, Mapping[str, float]],
+                           sample: str = "") -> list[Verdict]:
+    """CMAP on the planted fine-tunes. ``enhance``: the shares (estimates) of fine-tune (a)'s gain
+    recovered by the degraded group (``"group"``) and the full planted circuit (``"circuit"``);
+    the truth is that the group carries it. ``route``: the shares of fine-tune (b)'s gain
+    recovered by the full planted circuit (``"circuit"``) and by the new heads (``"new"``); the
+    truth is that the circuit carries none of it."""
+    a = enhance["group"]
+    v1 = _gt("CMAP recovers the planted carrier of fine-tune (a)'s gain (the group it retrained)", f"that group recovers "
+             f"{_fmt(a)} of the gain (full planted circuit {_fmt(enhance['circuit'])})", CMAP_RECOVERY.interval(a),
+             CMAP_RECOVERY.interval_rule, sample)
+    c, new = route["circuit"], route["new"]
+    if c["high"] < CMAP_RECOVERY.partly:
+        holds: Holds = "holds"
+    else:
+        holds = "partly" if c["value"] < CMAP_RECOVERY.partly else "does not hold"
+    v2 = _gt("CMAP recovers fine-tune (b)'s planted answer: the base circuit does not carry its gain (a new route does)",
+             f"the full planted circuit recovers {_fmt(c)}; the new heads {_fmt(new)}", holds,
+             f"holds when the circuit's 95% interval lies below {CMAP_RECOVERY.partly:g} (CMAP_RECOVERY's 'most of "
+             "the gain lies outside it'), partly when only its point estimate does", sample)
+    return [v1, v2]
+
+
+def ground_truth_verdicts(planted: Verdict, gains: Sequence[Verdict], methods: Sequence[Verdict],
+                          cmap_rows: Sequence[Verdict]) -> list[Verdict]:
+    """The ground-truth chapter's rows in order, each method's made "not testable" where what it
+    is scored against is missing: every method row when the planted base does not implement the
+    mechanism (``planted`` does not hold), and a CMAP row when its fine-tune has no gain (the
+    matching row of ``gains`` does not hold)."""
+    def skip(v: Verdict, why: str) -> Verdict:
+        return Verdict(v.claim, v.statement, v.paper, f"{why}; measured: {v.ours}", NOT_TESTABLE, rule=v.rule,
+                       sample=v.sample)
+
+    base_ok = planted.holds == "holds"
+    out = [planted, *gains]
+    out += [v if base_ok else skip(v, "the planted base does not implement the mechanism") for v in methods]
+    for v, g in zip(cmap_rows, gains):
+        if not base_ok:
+            v = skip(v, "the planted base does not implement the mechanism")
+        elif g.holds not in ("holds", "partly"):
+            v = skip(v, "its fine-tune has no gain")
+        out.append(v)
+    return out

@@ -54,7 +54,7 @@ from ..task.vocab import LABELS, OBJECTS
 from .curriculum import paper_words
 from .train import scale_block_writes
 
-__all__ = ["Layout", "PlantRecipe", "Pairs", "plant", "sample_pairs", "layout", "evaluate"]
+__all__ = ["Layout", "PlantRecipe", "Pairs", "plant", "sample_pairs", "layout", "evaluate", "prompt_ids", "context_keys"]
 
 #: The attention a supervised head must put on its target before its supervision stops pulling.
 ATTN_ENOUGH = 0.9
@@ -78,6 +78,7 @@ class PlantRecipe:
     seed: int = 0
     lr: float = 1e-3
     warmup: int = 100
+    decay: bool = False  # after the warm-up, a cosine decay of the learning rate to 0 at ``steps``
     steps: int = 1500
     batch_size: int = 64
     w_attn: float = 1.0
@@ -192,24 +193,46 @@ def sample_pairs(g: torch.Generator, lay: Layout, template: torch.Tensor, obj_id
                  {"position": bo[rows, p_s], "value": so[rows, p_s]})
 
 
+def prompt_ids(tok, prompts: Sequence[Mapping], lay: Layout) -> torch.Tensor:
+    """``[n, lay.length]`` token ids of prompt records (``objects``, ``labels``, ``query_label``;
+    the book's eval prompts or either side of a pair) in the planted layout, as the trainer
+    writes its own prompts (BOS, then the word tokenizer's words)."""
+    rows = []
+    for p in prompts:
+        if len(p["objects"]) != lay.n:
+            raise ValueError(f"prompt {p.get('id', '')}: {len(p['objects'])} boxes, the layout has {lay.n}")
+        ctx, q = paper_words(p["objects"], p["labels"], p["query_label"])
+        rows.append([tok.bos_token_id, *tok.convert_tokens_to_ids(ctx + q)])
+    if any(len(r) != lay.length for r in rows):
+        raise ValueError("prompts are not in the planted layout (the default template, one word one token)")
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def context_keys(ids: torch.Tensor, lay: Layout) -> list[int]:
+    """One 64-bit key per row of ``ids`` (``[n, >= lay.context]`` token ids) for its context (BOS,
+    the boxes' objects and labels, the question's ``.``): equal contexts, equal keys, whatever the
+    query. The overlap audit compares the keys of every prompt the trainer drew with the book's.
+
+    >>> lay = Layout(2)
+    >>> a = torch.arange(lay.length)[None]; b = a.clone(); b[0, lay.last] = 0
+    >>> context_keys(a, lay) == context_keys(b, lay), context_keys(a, lay) == context_keys(a + 1, lay)
+    (True, False)
+    """
+    import hashlib
+
+    ctx = ids[:, : lay.context].to(torch.int64).contiguous()
+    return [int.from_bytes(hashlib.blake2b(row.numpy().tobytes(), digest_size=8).digest(), "little")
+            for row in ctx]
+
+
 def pairs_from_records(tok, records: Sequence[Mapping], lay: Layout) -> Pairs:
     """The :class:`Pairs` of desiderata records (:func:`entity_tracking.task.make_desiderata`,
     ``positional`` or ``object_value``, ``lay.n`` boxes): the book's own pairs, for evaluating a
     planted model on them and for checking these hooks against the book's kernel. ``cf`` is the
     causal model's interchange (:func:`entity_tracking.methods.causal_model.interchange`, which
     this layer cannot import; the tests check they agree)."""
-    ids = lambda words: torch.tensor(tok.convert_tokens_to_ids(list(words)))  # noqa: E731
-    base, source = [], []
-    for r in records:
-        for side, out in (("base", base), ("source", source)):
-            p = r[side]
-            if len(p["objects"]) != lay.n:
-                raise ValueError(f"record {r.get('id')}: {len(p['objects'])} boxes, the layout has {lay.n}")
-            ctx, q = paper_words(p["objects"], p["labels"], p["query_label"])
-            out.append(torch.cat([torch.tensor([tok.bos_token_id]), ids(ctx + q)]))
-    base_ids, source_ids = torch.stack(base), torch.stack(source)
-    if base_ids.shape[1] != lay.length or source_ids.shape[1] != lay.length:
-        raise ValueError("records are not in the planted layout (the default template, one word one token)")
+    base_ids = prompt_ids(tok, [r["base"] for r in records], lay)
+    source_ids = prompt_ids(tok, [r["source"] for r in records], lay)
     word = lambda w: tok.convert_tokens_to_ids(w)  # noqa: E731
     q_b = torch.tensor([r["base"]["labels"].index(r["base"]["query_label"]) for r in records])
     p_s = torch.tensor([int(r["source_query_index"]) for r in records])
@@ -474,10 +497,27 @@ def evaluate(model, recipe: PlantRecipe, lay: Layout, pairs: Pairs) -> dict[str,
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
+def lr_factor(recipe: PlantRecipe, step: int) -> float:
+    """The learning-rate multiplier at optimizer step ``step`` (0-based): a linear warm-up, then
+    constant or (``recipe.decay``) a cosine to 0 at ``recipe.steps``.
+
+    >>> r = PlantRecipe(warmup=10, steps=110, decay=True)
+    >>> lr_factor(r, 0), lr_factor(r, 9), round(lr_factor(r, 59), 3), lr_factor(r, 109)
+    (0.1, 1.0, 0.5, 0.0)
+    """
+    warm = min(1.0, (step + 1) / max(1, recipe.warmup))
+    if not recipe.decay or step + 1 <= recipe.warmup:
+        return warm
+    t = (step + 1 - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
 def plant(recipe: PlantRecipe, *, progress: bool = True, every: int = 100,
           callback: Optional[Callable[[dict], None]] = None, model=None,
-          on_eval: Optional[Callable[[int, object], None]] = None):
-    """Train a planted model from scratch (or continue ``model``); returns (model, tokenizer, log)."""
+          on_eval: Optional[Callable[[int, object], None]] = None, stream: Optional[set] = None):
+    """Train a planted model from scratch (or continue ``model``); returns (model, tokenizer, log).
+    ``stream``: a set that receives the :func:`context_keys` of every prompt the trainer draws
+    (base and source), for the overlap audit."""
     from tqdm.auto import tqdm
 
     tok = build_word_tokenizer()
@@ -493,7 +533,7 @@ def plant(recipe: PlantRecipe, *, progress: bool = True, every: int = 100,
     held = sample_pairs(torch.Generator().manual_seed(10_000 + recipe.seed), lay, template, obj_ids, lab_ids, 512)
     probes = torch.nn.ModuleList([torch.nn.Linear(recipe.d_model, lay.n) for _ in range(3)])
     opt = torch.optim.AdamW(list(model.parameters()) + list(probes.parameters()), lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, recipe.warmup)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(recipe, s))
     code = code_pattern(lay)
     rng = random.Random(recipe.seed)
     log: list[dict] = []
@@ -502,6 +542,8 @@ def plant(recipe: PlantRecipe, *, progress: bool = True, every: int = 100,
         n = rng.choice(counts)
         lay_n, template_n = layouts[n]
         pairs = sample_pairs(g, lay_n, template_n, obj_ids, lab_ids, recipe.batch_size)
+        if stream is not None:
+            stream.update(context_keys(pairs.base_ids, lay_n) + context_keys(pairs.source_ids, lay_n))
         losses = step_losses(model, recipe, lay_n, pairs, codes[n], step, rng.choice(GROUPS), probes)
         opt.zero_grad(set_to_none=True)
         backward(model, recipe, losses)
@@ -541,12 +583,12 @@ def degrade_heads(model, heads: Sequence[tuple[int, int]], scale: float) -> None
 def train_heads_only(model, recipe: PlantRecipe, heads: Sequence[tuple[int, int]], steps: int, *, lr: float = 1e-3,
                      seed: int = 1, attention: Optional[Mapping[tuple[int, int], str]] = None,
                      projections: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-                     progress: bool = False) -> list[dict]:
+                     progress: bool = False, stream: Optional[set] = None) -> list[dict]:
     """Fine-tune ``model`` on entity tracking (the behaviour loss on fresh pairs) changing only
     the weights of ``heads`` (their query, key, value rows and output columns; every other
     weight, the other heads' slices of the same matrices included, stays bit for bit);
     ``projections`` narrows that to some of the four (without ``o_proj`` every change is visible
-    in the heads' ``z``, the site the kernel patches).
+    in the heads' ``z``, the site the kernel patches). ``stream``: as in :func:`plant`.
     ``attention``: a head -> group map whose heads are also supervised to attend as that group
     does (a new route planted outside the circuit). Returns the log (:func:`evaluate` every 100
     steps)."""
@@ -581,6 +623,8 @@ def train_heads_only(model, recipe: PlantRecipe, heads: Sequence[tuple[int, int]
     model.train()
     for step in tqdm(range(1, steps + 1), disable=not progress, desc="fine-tuning heads"):
         pairs = sample_pairs(g, lay, template, obj_ids, lab_ids, recipe.batch_size)
+        if stream is not None:
+            stream.update(context_keys(pairs.base_ids, lay) + context_keys(pairs.source_ids, lay))
         out = model(input_ids=pairs.base_ids, output_attentions=bool(attention))
         loss = _ce_last(out.logits, lay, pairs.answer)
         if attention:
@@ -610,9 +654,12 @@ STAGES: tuple[dict, ...] = (
     {"num_boxes": 4, "steps": 1000, "w_strict": 1.0, "w_ctx": 1.0},
 )
 
-#: The same curriculum ending on the paper's 7 boxes (run H1: every check of the issue met at
-#: 7 boxes through the book's kernel, notes/organism.md).
-STAGES_7: tuple[dict, ...] = STAGES[:2] + ({"num_boxes": 7, "steps": 1500, "w_strict": 1.0, "w_ctx": 1.0},)
+#: The same curriculum ending on the paper's 7 boxes. Run H1 met every check of the issue at 7
+#: boxes after 1,500 steps of the last stage, and two seeds from scratch met them on the trainer's
+#: evaluation after 500 (notes/organism.md): the last stage is 500 steps, its rate decaying to 0
+#: so that the model it ends on is not caught mid-swing.
+STAGES_7: tuple[dict, ...] = STAGES[:2] + (
+    {"num_boxes": 7, "steps": 500, "w_strict": 1.0, "w_ctx": 1.0, "decay": True},)
 
 #: What every stage shares: a 4 x 4 Llama of width 64 with tied embeddings, every designated
 #: group's attention supervised through every weight, IIT from the first step.
@@ -621,7 +668,7 @@ PLANTED = PlantRecipe(d_model=64, d_mlp=256, tie_embeddings=True,
 
 
 def plant_stages(recipe: PlantRecipe = PLANTED, stages: Sequence[Mapping] = STAGES, *, progress: bool = True,
-                 every: int = 250, callback: Optional[Callable[[dict], None]] = None):
+                 every: int = 250, callback: Optional[Callable[[dict], None]] = None, stream: Optional[set] = None):
     """Run the planting curriculum: :func:`plant` once per stage (``recipe`` with the stage's
     fields), each continuing the model of the last. Returns (model, tokenizer, log); each log
     record carries its ``stage``."""
@@ -631,6 +678,6 @@ def plant_stages(recipe: PlantRecipe = PLANTED, stages: Sequence[Mapping] = STAG
     for i, stage in enumerate(stages):
         r = replace(recipe, **stage)
         cb = (lambda rec, i=i: callback({"stage": i, **rec})) if callback else None
-        model, tok, part = plant(r, progress=progress, every=every, callback=cb, model=model)
+        model, tok, part = plant(r, progress=progress, every=every, callback=cb, model=model, stream=stream)
         log += [{"stage": i, **rec} for rec in part]
     return model, tok, log
