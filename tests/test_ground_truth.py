@@ -181,3 +181,16 @@ def test_cmap_verdict_b_reads_the_truth_both_ways():
     assert math.isnan(G.share_of([{"patched": "x", "share": float("nan"), "share_low": 0, "share_high": 0}], "x")["value"])
     with pytest.raises(KeyError, match="no CMAP row patched 'y'"):
         G.share_of([{"patched": "x", "share": 0, "share_low": 0, "share_high": 0}], "y")
+
+
+def test_build_all_builds_the_planted_models_beside_the_organisms_and_reuses_them(built):
+    from entity_tracking.organism.build import PLANTED, build_all
+    from entity_tracking.organism.planted import is_planted
+
+    paths, _ = built
+    assert is_planted(TINY, paths)
+    assert build_all([], paths, progress=False, planted=TINY) == {PLANTED: {"seconds": 0.0, "cached": True}}
+    other = TINY.model_copy(update={"route": TINY.route.model_copy(update={"steps": 1})})
+    assert not is_planted(other, paths)
+    out = build_all([], paths, progress=False, planted=other)
+    assert out[PLANTED]["cached"] is False and is_planted(other, paths)

@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 from typing import Iterable, Literal
 
-from ..config import ModelSpec, OrganismSpec
+from ..config import GroundTruthSpec, ModelSpec, OrganismSpec
 from ..io import ResultsPaths, atomic_dir, read_json, write_json
 from .finetune import FINETUNE_VERSION, control_finetune, finetune
+from .planted import ensure_planted, is_planted
 from .train import train_organism, train_threads
 
 log = logging.getLogger(__name__)
@@ -170,8 +171,20 @@ def _build_one(spec: ModelSpec, root: str) -> tuple[str, float]:
     return spec.name, time.perf_counter() - t
 
 
+def _build_planted(spec: dict, root: str) -> float:
+    """Child-process entry of :func:`build_all` for the planted models (one torch thread)."""
+    t = time.perf_counter()
+    with train_threads(1):
+        ensure_planted(GroundTruthSpec.model_validate(spec), ResultsPaths(Path(root)), progress=False)
+    return time.perf_counter() - t
+
+
+#: The name :func:`build_all` reports the planted models' build under.
+PLANTED = "planted (ground truth)"
+
+
 def build_all(specs: Iterable[ModelSpec], paths: ResultsPaths, workers: int | None = None,
-              progress: bool = True) -> dict[str, dict]:
+              progress: bool = True, planted: GroundTruthSpec | None = None) -> dict[str, dict]:
     """Build (or reuse) every organism model of ``specs``: each base first, alone, with its
     recipe's ``train_threads``; then the fine-tunes, longest first, ``workers`` at a time in separate
     processes with one thread each (default ``$ENTITY_TRACKING_TRAIN_WORKERS`` or the number of CPU
@@ -179,15 +192,42 @@ def build_all(specs: Iterable[ModelSpec], paths: ResultsPaths, workers: int | No
     Returns ``{name: {"seconds": wall time, "cached": bool}}``; a build is deterministic given its
     recipe whatever the number of workers. Other models (hub, local, tiny) are left alone.
 
+    ``planted``: also build the ground-truth chapter's planted models
+    (:func:`entity_tracking.organism.planted.ensure_planted`), in a process of their own started
+    first: the organism's base trains on one thread, and the planting takes the core it leaves
+    (reported as :data:`PLANTED`).
+
     >>> # times = build_all(profile.models, ResultsPaths(root / "results" / "default"))
     """
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    from tqdm.auto import tqdm
-
     specs = [s for s in specs if s.build is not None and s.build.startswith("organism")]
     out: dict[str, dict] = {}
+    side, planting = None, None
+    if planted is not None and is_planted(planted, paths):
+        out[PLANTED] = {"seconds": 0.0, "cached": True}
+    elif planted is not None:
+        side = ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
+        planting = side.submit(_build_planted, planted.model_dump(mode="json"), str(paths.root))
+    try:
+        _build_organisms(specs, paths, workers, progress, out)
+        if planting is not None:
+            out[PLANTED] = {"seconds": planting.result(), "cached": False}
+    finally:
+        if side is not None:
+            side.shutdown(cancel_futures=True)
+    return out
+
+
+def _build_organisms(specs: list[ModelSpec], paths: ResultsPaths, workers: int | None, progress: bool,
+                     out: dict[str, dict]) -> None:
+    """:func:`build_all`'s organism part: the bases in this process, then the fine-tunes."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
     todo = []
     for s in specs:
         kind = s.build
@@ -219,7 +259,6 @@ def build_all(specs: Iterable[ModelSpec], paths: ResultsPaths, workers: int | No
             for f in tqdm(futures, desc=f"fine-tunes ({workers} at a time)", disable=not progress):
                 name, sec = f.result()
                 out[name] = {"seconds": sec, "cached": False}
-    return out
 
 
 def ensure_finetune(org: OrganismSpec, kind: Literal["lora", "full", "control"], base: Path, out_dir: Path,

@@ -42,7 +42,7 @@ from ..model.tokenizer import build_word_tokenizer
 from . import plant as P
 from .train import train_threads
 
-__all__ = ["PLANTED_VERSION", "PlantedModels", "ensure_planted", "planted_hash", "planted_stages", "read_stream",
+__all__ = ["PLANTED_VERSION", "PlantedModels", "ensure_planted", "is_planted", "planted_dirs", "planted_hash", "planted_stages", "read_stream",
            "truth_json"]
 
 #: Bump when a change of the trainer changes the planted weights.
@@ -129,13 +129,30 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
+def planted_dirs(spec: GroundTruthSpec, paths: ResultsPaths) -> PlantedModels:
+    """Where the planted models of ``spec`` live (built or not): ``models/planted-<hash>`` and
+    ``models/planted-<kind>-<hash>/{degraded,finetuned}``."""
+    def ft(kind: str) -> Path:
+        return paths.models / f"planted-{kind}-{planted_hash(spec, kind)}"
+
+    return PlantedModels(paths.models / f"planted-{planted_hash(spec)}", ft("enhance") / "degraded",
+                         ft("enhance") / "finetuned", ft("route") / "degraded", ft("route") / "finetuned")
+
+
+def is_planted(spec: GroundTruthSpec, paths: ResultsPaths) -> bool:
+    """Whether every planted model of ``spec`` is built and matches its recipe hash."""
+    d = planted_dirs(spec, paths)
+    return (_cached(d.base, planted_hash(spec)) and all(_cached(x, planted_hash(spec, "enhance")) for x in (d.enhance_base, d.enhance))
+            and all(_cached(x, planted_hash(spec, "route")) for x in (d.route_base, d.route)))
+
+
 def _finetune(kind: str, ft: PlantedFinetuneSpec, spec: GroundTruthSpec, base_dir: Path, paths: ResultsPaths,
               progress: bool) -> tuple[Path, Path]:
     from transformers import AutoModelForCausalLM
 
     h = planted_hash(spec, kind)
-    root = paths.models / f"planted-{kind}-{h}"
-    degraded, tuned = root / "degraded", root / "finetuned"
+    dirs = planted_dirs(spec, paths)
+    degraded, tuned = (dirs.enhance_base, dirs.enhance) if kind == "enhance" else (dirs.route_base, dirs.route)
     if _cached(degraded, h) and _cached(tuned, h):
         return degraded, tuned
     recipe = dataclasses.replace(_recipe(spec), **planted_stages(spec)[-1])
@@ -170,7 +187,7 @@ def _finetune(kind: str, ft: PlantedFinetuneSpec, spec: GroundTruthSpec, base_di
 def ensure_planted(spec: GroundTruthSpec, paths: ResultsPaths, progress: bool = True) -> PlantedModels:
     """Build (or reuse) the planted base and its two fine-tunes; returns their directories."""
     h = planted_hash(spec)
-    base = paths.models / f"planted-{h}"
+    base = planted_dirs(spec, paths).base
     if not _cached(base, h):
         recipe, stages = _recipe(spec), planted_stages(spec)
         stream: set[int] = set()
