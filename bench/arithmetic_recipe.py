@@ -26,6 +26,7 @@ def _one(base: str, steps: int, seed: int, kind: str, out: str) -> dict:
 
     torch.set_num_threads(1)
     from entity_tracking.config import load_profile
+    from entity_tracking.io import cpu_name
     from entity_tracking.organism.finetune import finetune, heldout_audit
 
     org = load_profile("default").base_model.organism
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(str(args.base), s, seed, args.kind, str(out)) for s in sorted(args.steps, reverse=True) for seed in args.seeds]
     with ProcessPoolExecutor(args.workers) as ex:
         rows = list(ex.map(_one, *zip(*jobs)))
-    print(f"CPU: {_cpu()}   base: {args.base.name}   runs at once: {args.workers}")
+    print(f"CPU: {cpu_name()}   base: {args.base.name}   runs at once: {args.workers}")
     print(f"{'kind':5s} {'steps':>5s} {'seed':>4s} {'seconds':>8s} {'exact':>6s}  by digits                 held-out in training")
     for r in rows:
         digits = " ".join(f"{d}:{v:.2f}" if v is not None else f"{d}:-" for d, v in (r["by_digits"] or {}).items())
@@ -64,16 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / "arithmetic_recipe.json").write_text(json.dumps(rows, indent=1))
     print(f"rows: {out / 'arithmetic_recipe.json'}")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return os.uname().machine
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import torch
 
 from entity_tracking.model.tokenizer import build_word_tokenizer
 from entity_tracking.organism import plant as P
-from entity_tracking.task.vocab import LABELS, OBJECTS
 
 
 def main(argv=None) -> int:
@@ -38,10 +37,7 @@ def main(argv=None) -> int:
 
     recipe = P.PlantRecipe(**json.loads((a.model / "plant_log.json").read_text())["recipe"])
     tok = build_word_tokenizer()
-    lay, tpl = P.layout(recipe.num_boxes, tok)
-    oi = torch.tensor(tok.convert_tokens_to_ids(list(OBJECTS)))
-    li = torch.tensor(tok.convert_tokens_to_ids(list(LABELS)))
-    held = P.sample_pairs(torch.Generator().manual_seed(778), lay, tpl, oi, li, 1024)
+    lay, held = P.fresh_pairs(tok, recipe.num_boxes, 1024, seed=778)
     des = recipe.designated()
     vf = des["value_fetcher"]
     new = [tuple(int(x) for x in s.split(".")) for s in a.new]

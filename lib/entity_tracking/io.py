@@ -26,6 +26,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
+    "cpu_name",
     "read_json",
     "read_jsonl",
     "save_figure",
@@ -167,3 +168,17 @@ class ResultsPaths:
     @property
     def notebooks(self) -> Path:
         return self._sub("notebooks")
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s ``model name``, else the platform's), to record beside a
+    timing or a trained model: trained weights and times differ between CPUs."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

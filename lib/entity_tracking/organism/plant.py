@@ -193,6 +193,19 @@ def sample_pairs(g: torch.Generator, lay: Layout, template: torch.Tensor, obj_id
                  {"position": bo[rows, p_s], "value": so[rows, p_s]})
 
 
+def vocab_ids(tok) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token ids of the object words and of the box labels, the trainer's vocabulary."""
+    return (torch.tensor(tok.convert_tokens_to_ids(list(OBJECTS))),
+            torch.tensor(tok.convert_tokens_to_ids(list(LABELS))))
+
+
+def fresh_pairs(tok, n_boxes: int, n: int, seed: int) -> tuple[Layout, Pairs]:
+    """``n`` pairs of the trainer's distribution with ``n_boxes`` boxes from a generator seeded
+    ``seed`` (held-out pairs: the trainer's own stream is seeded by the recipe's seed)."""
+    lay, template = layout(n_boxes, tok)
+    return lay, sample_pairs(torch.Generator().manual_seed(seed), lay, template, *vocab_ids(tok), n)
+
+
 def prompt_ids(tok, prompts: Sequence[Mapping], lay: Layout) -> torch.Tensor:
     """``[n, lay.length]`` token ids of prompt records (``objects``, ``labels``, ``query_label``;
     the book's eval prompts or either side of a pair) in the planted layout, as the trainer
@@ -525,8 +538,7 @@ def plant(recipe: PlantRecipe, *, progress: bool = True, every: int = 100,
     counts = range(recipe.min_boxes or recipe.num_boxes, recipe.num_boxes + 1)
     layouts = {n: layout(n, tok) for n in counts}
     codes = {n: code_pattern(layouts[n][0]) for n in counts}
-    obj_ids = torch.tensor(tok.convert_tokens_to_ids(list(OBJECTS)))
-    lab_ids = torch.tensor(tok.convert_tokens_to_ids(list(LABELS)))
+    obj_ids, lab_ids = vocab_ids(tok)
     model = build_model(recipe, tok) if model is None else model
     model.train()
     g = torch.Generator().manual_seed(recipe.seed)
@@ -598,8 +610,7 @@ def train_heads_only(model, recipe: PlantRecipe, heads: Sequence[tuple[int, int]
     dh = arch.d_head
     tok = build_word_tokenizer()
     lay, template = layout(recipe.num_boxes, tok)
-    obj_ids = torch.tensor(tok.convert_tokens_to_ids(list(OBJECTS)))
-    lab_ids = torch.tensor(tok.convert_tokens_to_ids(list(LABELS)))
+    obj_ids, lab_ids = vocab_ids(tok)
     masks = {}
     for l, h in heads:
         for proj in projections:

@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -37,7 +36,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..config import GroundTruthSpec, PlantedFinetuneSpec
-from ..io import ResultsPaths, atomic_dir, read_json, write_json
+from ..io import ResultsPaths, atomic_dir, cpu_name, read_json, write_json
 from ..model.tokenizer import build_word_tokenizer
 from . import plant as P
 from .train import train_threads
@@ -119,16 +118,6 @@ def _save(d: Path, model, tok, record: dict, truth: dict, stream: set[int]) -> N
         np.save(tmp / STREAM_FILE, np.array(sorted(stream), dtype=np.uint64))
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def planted_dirs(spec: GroundTruthSpec, paths: ResultsPaths) -> PlantedModels:
     """Where the planted models of ``spec`` live (built or not): ``models/planted-<hash>`` and
     ``models/planted-<kind>-<hash>/{degraded,finetuned}``."""
@@ -180,7 +169,7 @@ def _finetune(kind: str, ft: PlantedFinetuneSpec, spec: GroundTruthSpec, base_di
     common = {"kind": f"planted-{kind}", "hash": h, "base_hash": planted_hash(spec), "finetune": ft.model_dump(mode="json")}
     _save(degraded, base, tok, {**common, "role": "degraded base"}, truth, read_stream(base_dir))
     _save(tuned, model, tok, {**common, "role": "fine-tuned", "log": log, "train_seconds": round(time.perf_counter() - t0, 1),
-                              "cpu": _cpu(), "torch_threads": n_threads}, truth, stream)
+                              "cpu": cpu_name(), "torch_threads": n_threads}, truth, stream)
     return degraded, tuned
 
 
@@ -196,7 +185,7 @@ def ensure_planted(spec: GroundTruthSpec, paths: ResultsPaths, progress: bool = 
             model, tok, log = P.plant_stages(recipe, stages, progress=progress, stream=stream)
         last = dataclasses.replace(recipe, **stages[-1])
         record = {"kind": "planted", "hash": h, "version": PLANTED_VERSION, "recipe": dataclasses.asdict(last),
-                  "stages": stages, "log": log, "train_seconds": round(time.perf_counter() - t0, 1), "cpu": _cpu(),
+                  "stages": stages, "log": log, "train_seconds": round(time.perf_counter() - t0, 1), "cpu": cpu_name(),
                   "torch_threads": n_threads}
         _save(base, model, tok, record, truth_json(last, last.num_boxes), stream)
     enhance_base, enhance = _finetune("enhance", spec.enhance, spec, base, paths, progress)
