@@ -160,7 +160,8 @@ def test_the_planted_verdict_applies_each_threshold_of_the_issue():
 def test_no_method_is_scored_on_a_planted_model_without_the_mechanism():
     pp = V.path_patching_recovery_verdict([
         {"group": g, "recall": 1.0, "precision": 1.0, "random_precision_q95": 0.5, "random_precision_mean": 0.1}
-        for g in TRUTH.heads] + [{"group": "circuit", "recall": 1.0, "hits": 6, "planted": 6, "random_recall_q95": 0.5}])
+        for g in TRUTH.heads] + [{"group": "circuit", "recall": 1.0, "hits": 6, "planted": 6, "found": 6, "precision": 1.0,
+                                  "random_precision_mean": 0.4, "random_precision_q95": 0.6, "random_recall_q95": 0.5}])
     assert pp.holds == "holds"
     gains = [V.planted_gain_verdict("(a)", _est(0.4, 0.3, 0.5), "a"), V.planted_gain_verdict("(b)", _est(0.0, -0.01, 0.01), "b")]
     cm = V.cmap_recovery_verdicts({"group": _est(0.95, 0.9, 1.0), "circuit": _est(1.0, 0.95, 1.0)},
@@ -172,6 +173,16 @@ def test_no_method_is_scored_on_a_planted_model_without_the_mechanism():
     bad = V.ground_truth_verdicts(V.planted_verdict(_checks(clean=0.1)), gains, [pp], cm)
     assert [v.holds for v in bad[3:]] == ["not testable"] * 3
     assert all("does not implement" in v.ours for v in bad[3:])
+
+
+def test_false_finds_in_a_group_nothing_was_planted_in_cost_the_holds():
+    rows = [{"group": g, "recall": 1.0, "precision": 1.0, "random_precision_q95": 0.5, "random_precision_mean": 0.1}
+            for g in TRUTH.heads]
+    padded = {"group": "circuit", "recall": 1.0, "hits": 6, "planted": 6, "found": 14, "precision": 6 / 14,
+              "random_precision_mean": 0.4, "random_precision_q95": 0.6, "random_recall_q95": 0.9}
+    assert V.path_patching_recovery_verdict(rows + [padded]).holds == "partly"
+    chance = dict(padded, recall=0.8, random_recall_q95=0.9)
+    assert V.path_patching_recovery_verdict([dict(r, recall=0.5) for r in rows] + [chance]).holds == "does not hold"
 
 
 def test_cmap_verdict_b_reads_the_truth_both_ways():

@@ -308,7 +308,7 @@ class GroundTruthSpec(_Strict):
                     "whose planted model does not learn the task and whose chapter runs every code path on it",
     )
     enhance: PlantedFinetuneSpec = PlantedFinetuneSpec(group="position_transmitter", scale=0.5)
-    route: PlantedFinetuneSpec = PlantedFinetuneSpec(group="value_fetcher", scale=0.3, heads=[(3, 2), (3, 3)])
+    route: PlantedFinetuneSpec = PlantedFinetuneSpec(group="value_fetcher", scale=0.1, heads=[(3, 2), (3, 3)])
     n_random: int = Field(20, ge=10, description="random head sets of the planted circuit's group sizes, per baseline")
 
 

@@ -1174,7 +1174,9 @@ RECOVERS = Grade(0.8, 0.5, "a method that finds four of five planted heads has f
                            "it has not")
 
 RECOVERY_RULE = (f"holds when every planted group's recall is at least {RECOVERS.holds:g} and its precision "
-                 "beats the 95th percentile of random circuits of the same group sizes; partly when the recall "
+                 "beats the 95th percentile of random circuits of the same group sizes, and so does the precision "
+                 "of the whole circuit (heads put in a group nothing was planted in count as false finds); partly "
+                 "when the recall "
                  f"of every planted head, whatever group it was put in, is at least {RECOVERS.partly:g} and beats "
                  "the 95th percentile of the random circuits'; "
                  "does not hold otherwise")
@@ -1213,19 +1215,22 @@ def planted_gain_verdict(name: str, gain: Mapping[str, float], answer: str, samp
                f"interval is above 0 ({PLANTED_GAIN.reason})", sample)
 
 
-def path_patching_recovery_verdict(rows: Sequence[Mapping[str, Any]], sample: str = "") -> Verdict:
+def path_patching_recovery_verdict(rows: Sequence[Mapping[str, Any]], which: str = "", sample: str = "") -> Verdict:
     """Path patching against the planted circuit, from :func:`entity_tracking.methods.ground_truth.recovery_table`
-    rows (the planted groups and ``"circuit"``)."""
+    rows (the planted groups and ``"circuit"``) of one reading of its sweep (``which``: e.g. the
+    circuit after minimality, or the heads standing out against the null)."""
     groups = [r for r in rows if r["group"] != "circuit"]
     union = next(r for r in rows if r["group"] == "circuit")
     full = all(r["recall"] >= RECOVERS.holds and r["precision"] > r.get("random_precision_q95", float("nan"))
-               for r in groups)
+               for r in groups) and union["precision"] > union.get("random_precision_q95", float("nan"))
     beyond = union["recall"] >= RECOVERS.partly and union["recall"] > union.get("random_recall_q95", float("nan"))
     holds: Holds = "holds" if full else "partly" if beyond else "does not hold"
     ours = "; ".join(f"{GROUP_LABELS.get(r['group'], r['group'])} recall {r['recall']:.2f}, precision "
                      f"{r['precision']:.2f} (random {r['random_precision_mean']:.2f})" for r in groups)
-    ours += f"; every planted head found in some group: {union['hits']} of {union['planted']}"
-    return _gt("path patching recovers the planted circuit", ours, holds, RECOVERY_RULE, sample)
+    ours += (f"; every planted head found in some group: {union['hits']} of {union['planted']}, among "
+             f"{union['found']} heads (precision {union['precision']:.2f}, random {union['random_precision_mean']:.2f})")
+    return _gt("path patching recovers the planted circuit" + (f" ({which})" if which else ""), ours, holds,
+               RECOVERY_RULE, sample)
 
 
 def faithfulness_recovery_verdict(summary: Mapping[str, Mapping[str, float]], sample: str = "") -> Verdict:
