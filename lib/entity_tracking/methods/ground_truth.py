@@ -40,7 +40,7 @@ from .cmap import head_sets
 from .planting import (GroundTruth, Recovery, counterfactual_targets, interchange_logits, recovery,
                        resample_ablated_logits)
 
-__all__ = ["NEW_HEADS", "cmap_sets", "training_table", "share_of", "book_context_keys", "planted_checks", "dcm_recovery", "interchange_table", "overlap_audit", "random_recovery", "recovery_table",
+__all__ = ["dcm_finding", "recovery_finding", "NEW_HEADS", "cmap_sets", "training_table", "share_of", "book_context_keys", "planted_checks", "dcm_recovery", "interchange_table", "overlap_audit", "random_recovery", "recovery_table",
            "resample_outside", "truth_circuit", "wide_circuit", "DESIDERATUM_VARIABLE"]
 
 #: The causal variable a DCM desideratum isolates: ``positional`` moves the answer to the base's
@@ -283,3 +283,42 @@ def cmap_sets(truth: GroundTruth, finetune: Mapping[str, Any]) -> dict[str, Mapp
     if finetune.get("kind") == "route":
         sets[NEW_HEADS] = {"last": [(int(l), int(h)) for l, h in finetune["trained_heads"]]}
     return sets
+
+
+def _heads(hs: Sequence[Sequence[int]]) -> str:
+    return " ".join(f"{l}.{h}" for l, h in hs) or "none"
+
+
+def recovery_finding(readings: Mapping[str, Sequence[Mapping[str, Any]]]) -> str:
+    """One sentence per reading of the path-patching sweep (``{reading: recovery_table rows}``),
+    made of its numbers: what it found of the planted heads, and what else."""
+    out = []
+    for name, rows in readings.items():
+        groups = [r for r in rows if r["group"] != "circuit"]
+        union = next(r for r in rows if r["group"] == "circuit")
+        recall = min(r["recall"] for r in groups)
+        extra = union["found"] - union["hits"]
+        what = ("finds every planted head in its own group" if recall == 1 else
+                f"finds at least {recall:.0%} of each group's planted heads")
+        pad = (f", and {extra} head(s) that were not planted (precision by group "
+               + " / ".join(f"{r['precision']:.2f}" for r in groups)
+               + f"; random circuits of the same sizes {union['random_precision_mean']:.2f} over the whole circuit)"
+               if extra else ", and nothing else")
+        out.append(f"**{name}**: {what}{pad}.")
+    return " ".join(out)
+
+
+def dcm_finding(rows: Sequence[Mapping[str, Any]]) -> str:
+    """What DCM selected beyond the planted heads, desideratum by desideratum, from
+    :func:`dcm_recovery` rows."""
+    parts = []
+    for r in rows:
+        if not r["planted"] and not r["selected"]:
+            parts.append(f"for `{r['desideratum']}` at the {r['position']} nothing was planted and DCM selects nothing")
+            continue
+        extra = [h for h in r["selected"] if h not in r["planted"]]
+        missed = [h for h in r["planted"] if h not in r["selected"]]
+        parts.append(f"for `{r['desideratum']}` at the {r['position']} it selects {_heads(r['selected'])} (planted "
+                     f"{_heads(r['planted'])}" + (f"; also {_heads(extra)}" if extra else "")
+                     + (f"; missed {_heads(missed)}" if missed else "") + ")")
+    return "DCM, given every head: " + "; ".join(parts) + "."
