@@ -163,10 +163,11 @@ def test_no_method_is_scored_on_a_planted_model_without_the_mechanism():
         for g in TRUTH.heads] + [{"group": "circuit", "recall": 1.0, "hits": 6, "planted": 6, "found": 6, "precision": 1.0,
                                   "random_precision_mean": 0.4, "random_precision_q95": 0.6, "random_recall_q95": 0.5}])
     assert pp.holds == "holds"
-    gains = [V.planted_gain_verdict("(a)", _est(0.4, 0.3, 0.5), "a"), V.planted_gain_verdict("(b)", _est(0.0, -0.01, 0.01), "b")]
+    gains = {"(a)": V.planted_gain_verdict("(a)", _est(0.4, 0.3, 0.5), "a"),
+             "(b)": V.planted_gain_verdict("(b)", _est(0.0, -0.01, 0.01), "b")}
     cm = V.cmap_recovery_verdicts({"group": _est(0.95, 0.9, 1.0), "circuit": _est(1.0, 0.95, 1.0)},
                                   {"circuit": _est(0.0, 0.0, 0.0), "new": _est(1.0, 1.0, 1.0)})
-    assert [v.holds for v in cm] == ["holds", "holds"]
+    assert [v.holds for rows in cm.values() for v in rows] == ["holds", "holds"]
     good = V.ground_truth_verdicts(V.planted_verdict(_checks()), gains, [pp], cm)
     assert [v.holds for v in good] == ["holds", "holds", "does not hold", "holds", "holds", "not testable"]
     assert "no gain" in good[-1].ours
@@ -187,7 +188,7 @@ def test_false_finds_in_a_group_nothing_was_planted_in_cost_the_holds():
 
 def test_cmap_verdict_b_reads_the_truth_both_ways():
     yes = V.cmap_recovery_verdicts({"group": _est(0.9, 0.85, 0.95), "circuit": _est(0.9, 0.8, 1.0)},
-                                   {"circuit": _est(0.7, 0.6, 0.8), "new": _est(0.2, 0.1, 0.3)})[1]
+                                   {"circuit": _est(0.7, 0.6, 0.8), "new": _est(0.2, 0.1, 0.3)})["(b)"][0]
     assert yes.holds == "does not hold"  # CMAP claims the base circuit carries a gain it does not
     assert math.isnan(G.share_of([{"patched": "x", "share": float("nan"), "share_low": 0, "share_high": 0}], "x")["value"])
     with pytest.raises(KeyError, match="no CMAP row patched 'y'"):
@@ -205,3 +206,18 @@ def test_build_all_builds_the_planted_models_beside_the_organisms_and_reuses_the
     assert not is_planted(other, paths)
     out = build_all([], paths, progress=False, planted=other)
     assert out[PLANTED]["cached"] is False and is_planted(other, paths)
+
+
+def test_input_cmap_of_fine_tune_a_is_read_on_the_fetchers_query():
+    def row(site, v):
+        return {"kind": "input", "sites": site, "group": "value_fetcher", "share": v, "share_low": v - 0.05,
+                "share_high": v + 0.05}
+    a, b = {"group": _est(1.0, 1.0, 1.0), "circuit": _est(1.0, 1.0, 1.0)}, {"circuit": _est(0, 0, 0), "new": _est(1, 1, 1)}
+    rows = V.cmap_recovery_verdicts(a, b, enhance_rows=[row("q", 1.0), row("k", 0.0), row("v", 0.0)])["(a)"]
+    assert len(rows) == 2 and "query" in rows[1].statement and rows[1].holds == "holds"
+    late = V.cmap_recovery_verdicts(a, b, enhance_rows=[row("q", 0.1), row("k", 0.9), row("v", 0.0)])
+    assert late["(a)"][1].holds == "does not hold" and len(late["(b)"]) == 1
+    assert [len(r) for r in V.cmap_recovery_verdicts(a, b).values()] == [1, 1]
+    sets = G.input_sets(TRUTH)
+    assert {k: dict(v) for k, v in sets.items()} == {"position_transmitter (whole group)": {"last": [(2, 0), (2, 1)]},
+                                                     "value_fetcher (whole group)": {"last": [(3, 0), (3, 1)]}}

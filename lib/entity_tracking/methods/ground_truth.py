@@ -36,11 +36,11 @@ from ..task.encoding import encode_pairs
 from .ablation import model_accuracy
 from .binding import accuracy_by_box, context_ablation
 from .circuit import Circuit
-from .cmap import head_sets
+from .cmap import HeadSet, head_sets
 from .planting import (GroundTruth, Recovery, counterfactual_targets, interchange_logits, recovery,
                        resample_ablated_logits)
 
-__all__ = ["dcm_finding", "recovery_finding", "NEW_HEADS", "cmap_sets", "training_table", "share_of", "book_context_keys", "planted_checks", "dcm_recovery", "interchange_table", "overlap_audit", "random_recovery", "recovery_table",
+__all__ = ["input_sets", "dcm_finding", "recovery_finding", "NEW_HEADS", "cmap_sets", "training_table", "share_of", "book_context_keys", "planted_checks", "dcm_recovery", "interchange_table", "overlap_audit", "random_recovery", "recovery_table",
            "resample_outside", "truth_circuit", "wide_circuit", "DESIDERATUM_VARIABLE"]
 
 #: The causal variable a DCM desideratum isolates: ``positional`` moves the answer to the base's
@@ -322,3 +322,12 @@ def dcm_finding(rows: Sequence[Mapping[str, Any]]) -> str:
                      f"{_heads(r['planted'])}" + (f"; also {_heads(extra)}" if extra else "")
                      + (f"; missed {_heads(missed)}" if missed else "") + ")")
     return "DCM, given every head: " + "; ".join(parts) + "."
+
+
+def input_sets(truth: GroundTruth) -> dict[str, HeadSet]:
+    """The head sets whose inputs (query, key, value) input CMAP patches from a planted fine-tune:
+    each planted group whose heads act at the last token, whole (the CMAP chapter's
+    :func:`entity_tracking.methods.cmap.input_sets` are DCM selections, which the planted model's
+    known groups make unnecessary)."""
+    sets = [HeadSet({pos: list(truth.heads[g])}, g) for g, pos in truth.positions.items() if pos == "last"]
+    return {s.label: s for s in sets}

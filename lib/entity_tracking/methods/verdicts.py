@@ -47,6 +47,7 @@ __all__ = [
     "PLANTED_GAIN",
     "RECOVERS",
     "cmap_recovery_verdicts",
+    "query_carries",
     "dcm_recovery_verdict",
     "faithfulness_recovery_verdict",
     "ground_truth_verdicts",
@@ -976,26 +977,37 @@ def cmap_verdicts(rows_by_finetune: Mapping[str, Iterable[Mapping[str, Any]]], n
                            rule=f"{COMPETENCE_RULE}; then {CMAP_GAIN_RULE}; then {CMAP_RANDOM_RULE}",
                            sample=sample + (f"; {baseline['n_random']} random head sets (bootstrap over "
                                             "draws too)" if baseline else "")))
-        qkv = {}
-        for site in "qkv":
-            r = next((r for r in rows if r["kind"] == "input" and r["sites"] == site
-                      and r["group"] == "value_fetcher"), None)
-            qkv[site] = ({"value": r["share"], "low": r["share_low"], "high": r["share_high"]} if r
-                         else {"value": float("nan"), "low": float("nan"), "high": float("nan")})
-        q, k, v = qkv["q"], qkv["k"], qkv["v"]
-        if any(x["value"] != x["value"] for x in qkv.values()):
-            holds = "not run"
-        elif q["low"] > max(k["high"], v["high"]):
-            holds = "holds"
-        else:
-            holds = "partly" if q["value"] > max(k["value"], v["value"]) else "does not hold"
+        (q, k, v), holds = query_carries(rows)
         out.append(Verdict(3, f"The Value Fetchers' query carries most of {who(ft, controls)}'s gain",
                            CONTROL_PAPER if ft in controls else "VF query 0.77 vs key 0.63, value 0.69 (Goat → Llama)",
                            f"shares of the gain: Q {_fmt(q)}, K {_fmt(k)}, V {_fmt(v)}", holds,
-                           rule=(f"{COMPETENCE_RULE}; then holds when the query's 95% interval lies above both the "
-                                 "key's and the value's, partly when only its point estimate is highest"),
-                           sample=sample))
+                           rule=f"{COMPETENCE_RULE}; then {QUERY_RULE}", sample=sample))
     return out
+
+
+QUERY_RULE = ("holds when the query's 95% interval lies above both the key's and the value's, partly when only its "
+              "point estimate is highest")
+
+
+def query_carries(rows: Iterable[Mapping[str, Any]], group: str = "value_fetcher"
+                  ) -> tuple[tuple[dict, dict, dict], Holds]:
+    """The shares of the gain that input CMAP of ``group``'s query, key and value recovers (from
+    :func:`entity_tracking.methods.cmap.gain_recovery` rows), and whether the query carries most
+    of it (:data:`QUERY_RULE`)."""
+    rows = list(rows)
+    qkv = {}
+    for site in "qkv":
+        r = next((r for r in rows if r["kind"] == "input" and r["sites"] == site and r["group"] == group), None)
+        qkv[site] = ({"value": r["share"], "low": r["share_low"], "high": r["share_high"]} if r
+                     else {"value": float("nan"), "low": float("nan"), "high": float("nan")})
+    q, k, v = qkv["q"], qkv["k"], qkv["v"]
+    if any(x["value"] != x["value"] for x in qkv.values()):
+        holds: Holds = "not run"
+    elif q["low"] > max(k["high"], v["high"]):
+        holds = "holds"
+    else:
+        holds = "partly" if q["value"] > max(k["value"], v["value"]) else "does not hold"
+    return (q, k, v), holds
 
 
 def write_competence(path, competences: Mapping[str, Competence]) -> None:
@@ -1263,12 +1275,15 @@ def dcm_recovery_verdict(rows: Sequence[Mapping[str, Any]], sample: str = "") ->
 
 
 def cmap_recovery_verdicts(enhance: Mapping[str, Mapping[str, float]], route: Mapping[str, Mapping[str, float]],
-                           sample: str = "") -> list[Verdict]:
+                           sample: str = "", enhance_rows: Sequence[Mapping[str, Any]] = ()) -> dict[str, list[Verdict]]:
     """CMAP on the planted fine-tunes. ``enhance``: the shares (estimates) of fine-tune (a)'s gain
     recovered by the degraded group (``"group"``) and the full planted circuit (``"circuit"``);
     the truth is that the group carries it. ``route``: the shares of fine-tune (b)'s gain
     recovered by the full planted circuit (``"circuit"``) and by the new heads (``"new"``); the
-    truth is that the circuit carries none of it."""
+    truth is that the circuit carries none of it. Returns each fine-tune's rows (``"(a)"``, ``"(b)"``). ``enhance_rows``: fine-tune (a)'s
+    ``gain_recovery`` rows with input CMAP of the Value Fetchers; the degraded Position
+    Transmitters write only at the last token, so the truth is that the fetchers' query carries the
+    gain, and their keys and values (read at the context) none of it."""
     a = enhance["group"]
     v1 = _gt("CMAP recovers the planted carrier of fine-tune (a)'s gain (the group it retrained)", f"that group recovers "
              f"{_fmt(a)} of the gain (full planted circuit {_fmt(enhance['circuit'])})", CMAP_RECOVERY.interval(a),
@@ -1282,26 +1297,32 @@ def cmap_recovery_verdicts(enhance: Mapping[str, Mapping[str, float]], route: Ma
              f"the full planted circuit recovers {_fmt(c)}; the new heads {_fmt(new)}", holds,
              f"holds when the circuit's 95% interval lies below {CMAP_RECOVERY.partly:g} (CMAP_RECOVERY's 'most of "
              "the gain lies outside it'), partly when only its point estimate does", sample)
-    return [v1, v2]
+    out = {"(a)": [v1], "(b)": [v2]}
+    if enhance_rows:
+        (q, k, vv), holds = query_carries(enhance_rows)
+        out["(a)"].append(_gt("input CMAP recovers where fine-tune (a)'s gain enters the Value Fetchers (their query)",
+                              f"shares of the gain: Q {_fmt(q)}, K {_fmt(k)}, V {_fmt(vv)}", holds, QUERY_RULE, sample))
+    return out
 
 
-def ground_truth_verdicts(planted: Verdict, gains: Sequence[Verdict], methods: Sequence[Verdict],
-                          cmap_rows: Sequence[Verdict]) -> list[Verdict]:
+def ground_truth_verdicts(planted: Verdict, gains: Mapping[str, Verdict], methods: Sequence[Verdict],
+                          cmap_rows: Mapping[str, Sequence[Verdict]]) -> list[Verdict]:
     """The ground-truth chapter's rows in order, each method's made "not testable" where what it
     is scored against is missing: every method row when the planted base does not implement the
-    mechanism (``planted`` does not hold), and a CMAP row when its fine-tune has no gain (the
-    matching row of ``gains`` does not hold)."""
+    mechanism (``planted`` does not hold), and a fine-tune's CMAP rows (``cmap_rows[name]``) when
+    that fine-tune has no gain (``gains[name]`` does not hold)."""
     def skip(v: Verdict, why: str) -> Verdict:
         return Verdict(v.claim, v.statement, v.paper, f"{why}; measured: {v.ours}", NOT_TESTABLE, rule=v.rule,
                        sample=v.sample)
 
     base_ok = planted.holds == "holds"
-    out = [planted, *gains]
+    out = [planted, *gains.values()]
     out += [v if base_ok else skip(v, "the planted base does not implement the mechanism") for v in methods]
-    for v, g in zip(cmap_rows, gains):
-        if not base_ok:
-            v = skip(v, "the planted base does not implement the mechanism")
-        elif g.holds not in ("holds", "partly"):
-            v = skip(v, "its fine-tune has no gain")
-        out.append(v)
+    for name, rows in cmap_rows.items():
+        for v in rows:
+            if not base_ok:
+                v = skip(v, "the planted base does not implement the mechanism")
+            elif gains[name].holds not in ("holds", "partly"):
+                v = skip(v, "its fine-tune has no gain")
+            out.append(v)
     return out
