@@ -533,3 +533,23 @@ def plot_planted_checks(checks: Mapping[str, Any], chance: float, group_labels: 
     axes[1].set(ylim=(0, 1.05), xlabel="", title="interchange accuracy on held-out pairs")
     fig.tight_layout()
     return fig
+
+
+def plot_interchange_map(m, name: str):
+    """The binding chapter's residual interchange map (:class:`entity_tracking.methods.binding.InterchangeMap`)
+    of one model: per (layer, position), the share of pairs that answer the source's object (top)
+    and their own object at the source's queried index (bottom)."""
+    import pandas as pd
+
+    sh = m.shares
+    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.2 * len(m.positions) + 2.5), 1.2 * len(m.layers) + 3.0),
+                             sharex=True)
+    for ax, key, title in ((axes[0], "source", "answers the source's object"),
+                           (axes[1], "positional", "answers its own object at the source's queried index")):
+        df = pd.DataFrame(sh[key].numpy(), index=[f"layer {l}" for l in m.layers], columns=m.position_labels)
+        sns.heatmap(df, vmin=0, vmax=1, cmap="viridis", ax=ax, xticklabels=True, yticklabels=True,
+                    cbar_kws={"label": "share of pairs"})
+        ax.set_title(f"{name}: {title}", fontsize=9)
+    axes[1].tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    return fig
