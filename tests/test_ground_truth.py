@@ -221,3 +221,22 @@ def test_input_cmap_of_fine_tune_a_is_read_on_the_fetchers_query():
     sets = G.input_sets(TRUTH)
     assert {k: dict(v) for k, v in sets.items()} == {"position_transmitter (whole group)": {"last": [(2, 0), (2, 1)]},
                                                      "value_fetcher (whole group)": {"last": [(3, 0), (3, 1)]}}
+
+
+def test_the_findings_are_sentences_made_of_the_numbers():
+    def out(group, share):
+        return {"kind": "output", "group": group, "share": share}
+    rows = {"(a)": [out("position_transmitter", 1.0), out("value_fetcher", 0.95), out("position_detector", 0.0)],
+            "(b)": [out("value_fetcher", 0.0), {"kind": "model", "group": "", "share": 1.0}]}
+    text = G.cmap_finding(TRUTH, rows, {"(a)": {"trained_heads": [[2, 0], [2, 1]]}, "(b)": {"trained_heads": [[3, 2]]}})
+    assert "retrained the position transmitters), output CMAP recovers at least 0.8 of the gain from the " \
+           "position transmitters, value fetchers" in text
+    assert "(b) (its fine-tuning retrained no planted head), output CMAP recovers at least 0.8 of the gain from no planted group" in text
+    found = {"position_detector": [(1, 0), (1, 1)], "position_transmitter": [(2, 0), (2, 1), (0, 3)], "value_fetcher": [(3, 0), (3, 1)]}
+    assert "finds every planted head in its own group, and 1 head(s) that were not planted" in \
+        G.recovery_finding({"r": G.recovery_table(TRUTH, found, n_random=10)})
+    exact = {g: hs for g, hs in TRUTH.heads.items()}
+    assert G.recovery_finding({"r": G.recovery_table(TRUTH, exact, n_random=10)}).endswith("and nothing else.")
+    dcm = G.dcm_recovery(TRUTH, {("value_fetcher", "object_value"): [(3, 0), (2, 0)]}, {"value_fetcher": "last"}, n_random=10)
+    assert G.dcm_finding(dcm) == "DCM, given every head: for `object_value` at the last it selects 3.0 2.0 (planted 3.0 3.1; " \
+                                 "also 2.0; missed 3.1)."

@@ -37,10 +37,11 @@ from .ablation import model_accuracy
 from .binding import accuracy_by_box, context_ablation
 from .circuit import Circuit
 from .cmap import HeadSet, head_sets
+from .verdicts import CMAP_RECOVERY
 from .planting import (GroundTruth, Recovery, counterfactual_targets, interchange_logits, recovery,
                        resample_ablated_logits)
 
-__all__ = ["input_sets", "dcm_finding", "recovery_finding", "NEW_HEADS", "cmap_sets", "training_table", "share_of", "book_context_keys", "planted_checks", "dcm_recovery", "interchange_table", "overlap_audit", "random_recovery", "recovery_table",
+__all__ = ["cmap_finding", "input_sets", "dcm_finding", "recovery_finding", "NEW_HEADS", "cmap_sets", "training_table", "share_of", "book_context_keys", "planted_checks", "dcm_recovery", "interchange_table", "overlap_audit", "random_recovery", "recovery_table",
            "resample_outside", "truth_circuit", "wide_circuit", "DESIDERATUM_VARIABLE"]
 
 #: The causal variable a DCM desideratum isolates: ``positional`` moves the answer to the base's
@@ -331,3 +332,24 @@ def input_sets(truth: GroundTruth) -> dict[str, HeadSet]:
     known groups make unnecessary)."""
     sets = [HeadSet({pos: list(truth.heads[g])}, g) for g, pos in truth.positions.items() if pos == "last"]
     return {s.label: s for s in sets}
+
+
+def cmap_finding(truth: GroundTruth, rows_by_finetune: Mapping[str, Sequence[Mapping[str, Any]]],
+                 finetunes: Mapping[str, Mapping[str, Any]]) -> str:
+    """Which planted groups' outputs recover most of each fine-tune's gain (output CMAP rows of
+    :func:`entity_tracking.methods.cmap.gain_recovery`; "most": :data:`~entity_tracking.methods.verdicts.CMAP_RECOVERY`'s
+    holds), beside the planted groups whose heads the fine-tune trained (``finetunes[name]``, its
+    ground truth's ``meta["finetune"]``): a group downstream of a retrained one recovers the gain
+    too, since its outputs inherit what its inputs gained."""
+    parts = []
+    for ft, rows in rows_by_finetune.items():
+        trained = {tuple(h) for h in finetunes[ft]["trained_heads"]}
+        changed = [g for g, hs in truth.heads.items() if trained & set(hs)]
+        most = [r["group"] for r in rows if r["kind"] == "output" and r.get("group") and r["share"] == r["share"]
+                and r["share"] >= CMAP_RECOVERY.holds]
+        names = lambda gs: ", ".join(g.replace("_", " ") + "s" for g in gs)  # noqa: E731
+        what = f"its fine-tuning retrained the {names(changed)}" if changed else "its fine-tuning retrained no planted head"
+        parts.append(f"in {ft} ({what}), output CMAP recovers at least {CMAP_RECOVERY.holds:g} of the gain from "
+                     + (f"the {names(most)}" if most else "no planted group"))
+    text = "; ".join(parts) + "."
+    return text[:1].upper() + text[1:]
