@@ -91,8 +91,8 @@ def truth_json(recipe: P.PlantRecipe, n_boxes: int, meta: Optional[dict] = None)
             "meta": {"num_boxes": n_boxes,
                      "scaffold": {"position_code": [[0, 0]] if recipe.code_head else []},
                      "scaffold_note": "head 0.0 is trained to attend uniformly to BOS and the segment starts: an "
-                                      "ordinal code, the same in every prompt of one layout, so no interchange or "
-                                      "resample ablation sees it (ours; not a circuit node)",
+                                      "ordinal code meant to be the same in every prompt of one layout (ours; not a "
+                                      "circuit node)",
                      **(meta or {})}}
 
 
