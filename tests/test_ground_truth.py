@@ -190,6 +190,9 @@ def test_cmap_verdict_b_reads_the_truth_both_ways():
     yes = V.cmap_recovery_verdicts({"group": _est(0.9, 0.85, 0.95), "circuit": _est(0.9, 0.8, 1.0)},
                                    {"circuit": _est(0.7, 0.6, 0.8), "new": _est(0.2, 0.1, 0.3)})["(b)"][0]
     assert yes.holds == "does not hold"  # CMAP claims the base circuit carries a gain it does not
+    blind = V.cmap_recovery_verdicts({"group": _est(0.9, 0.85, 0.95), "circuit": _est(0.9, 0.8, 1.0)},
+                                     {"circuit": _est(0.0, 0.0, 0.0), "new": _est(0.0, 0.0, 0.0)})["(b)"][0]
+    assert blind.holds == "partly"  # a patch that moves nothing recovers none from the circuit either
     assert math.isnan(G.share_of([{"patched": "x", "share": float("nan"), "share_low": 0, "share_high": 0}], "x")["value"])
     with pytest.raises(KeyError, match="no CMAP row patched 'y'"):
         G.share_of([{"patched": "x", "share": 0, "share_low": 0, "share_high": 0}], "y")

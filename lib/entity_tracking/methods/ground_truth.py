@@ -8,7 +8,7 @@ interchange accuracy), chance (``1 / num_boxes``), the model left alone.
 
 * :func:`overlap_audit`: do the book's prompts occur in the planted trainer's stream?
 * :func:`interchange_table`: interchange accuracy of each planted group against the causal
-  model's counterfactual, beside random head sets at the same position and the unpatched model.
+  model's counterfactual, beside random head sets of its size at the same position.
 * :func:`recovery_table`: per-group precision and recall of a discovered circuit, beside random
   circuits of its group sizes.
 * :func:`wide_circuit` and :func:`dcm_recovery`: DCM given every head at each group position, and
@@ -69,6 +69,10 @@ def overlap_audit(stream: set[int], keys_of: Mapping[str, Sequence[int]]) -> lis
     return out
 
 
+def _all_heads(n_layers: int, n_heads: int) -> list[Head]:
+    return [(l, h) for l in range(n_layers) for h in range(n_heads)]
+
+
 def _acc(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred == target).float()
 
@@ -82,7 +86,7 @@ def interchange_table(lm, truth: GroundTruth, pairs: Sequence[Mapping[str, Any]]
     same position (any heads, the planted ones included), and their paired ``excess``. The interval resamples pairs (the random sets' mean
     over the same resampled pairs, paired)."""
     rng = random.Random(seed)
-    every = [(l, h) for l in range(truth.n_layers) for h in range(truth.n_heads)]
+    every = _all_heads(truth.n_layers, truth.n_heads)
     rows = []
     with torch.no_grad():
         for g, heads in truth.heads.items():
@@ -106,7 +110,6 @@ def resample_outside(lm, truth: GroundTruth, pairs: Sequence[Mapping[str, Any]],
     """SIIT's strict check: accuracy with every head outside the planted circuit resample-ablated
     (its output at every position from the pair's source), and the share of the clean accuracy it
     keeps, with intervals over pairs."""
-
     with torch.no_grad():
         logits, answers = resample_ablated_logits(lm, pairs, truth.outside())
     ablated = _acc(logits.argmax(-1).cpu(), answers.cpu())
@@ -125,7 +128,7 @@ def random_recovery(truth: GroundTruth, sizes: Mapping[str, int], *, n_random: i
     their different positions): per group, their mean and 95th percentile.
     A discovery method that knows nothing scores this."""
     rng = random.Random(seed)
-    every = [(l, h) for l in range(truth.n_layers) for h in range(truth.n_heads)]
+    every = _all_heads(truth.n_layers, truth.n_heads)
     big = {g: k for g, k in sizes.items() if k > len(every)}
     if big:
         raise ValueError(f"random circuits: groups {big} hold more heads than the model's {len(every)}")
@@ -168,7 +171,7 @@ def wide_circuit(n_layers: int, n_heads: int, positions: Mapping[str, str], mode
     """A circuit whose every group holds every head of the model, each group at its position: DCM
     learns its masks over all heads, so which heads it selects is its own answer, not path
     patching's."""
-    every = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    every = _all_heads(n_layers, n_heads)
     return Circuit(model, {g: list(every) for g in positions}, positions=dict(positions), meta={"wide": True})
 
 
@@ -180,7 +183,7 @@ def dcm_recovery(truth: GroundTruth, selected: Mapping[tuple[str, str], Sequence
     random selections of the same size. A desideratum no head at that position was planted for has
     ``planted`` 0: every selected head there is a false find."""
     rng = random.Random(seed)
-    every = [(l, h) for l in range(truth.n_layers) for h in range(truth.n_heads)]
+    every = _all_heads(truth.n_layers, truth.n_heads)
     rows = []
     for (g, d), heads in selected.items():
         var = DESIDERATUM_VARIABLE.get(d)
@@ -204,7 +207,6 @@ def dcm_recovery(truth: GroundTruth, selected: Mapping[tuple[str, str], Sequence
 def book_context_keys(tokenizer, prompts: Sequence[Mapping[str, Any]]) -> list[int]:
     """The :func:`~entity_tracking.organism.plant.context_keys` of the book's prompt records (eval
     prompts, or one side of each pair), in the planted trainer's layout, for :func:`overlap_audit`."""
-
     by_n: dict[int, list[Mapping[str, Any]]] = {}
     for p in prompts:
         by_n.setdefault(len(p["objects"]), []).append(p)
@@ -255,7 +257,6 @@ def training_table(models) -> "Any":
     it was trained (steps per stage, seconds, CPU, threads) and the trainer's last evaluation on
     its own held-out pairs (a pandas DataFrame)."""
     import pandas as pd
-
 
     rows = []
     for label, d in (("base", models.base), ("fine-tune (a), degraded base", models.enhance_base),

@@ -1290,13 +1290,17 @@ def cmap_recovery_verdicts(enhance: Mapping[str, Mapping[str, float]], route: Ma
              CMAP_RECOVERY.interval_rule, sample)
     c, new = route["circuit"], route["new"]
     if c["high"] < CMAP_RECOVERY.partly:
-        holds: Holds = "holds"
+        # a patch that moved nothing would also recover none: the same patching must find the gain
+        # in the heads that carry it (the positive control) for "none from the circuit" to count
+        holds: Holds = "holds" if CMAP_RECOVERY.interval(new) == "holds" else "partly"
     else:
         holds = "partly" if c["value"] < CMAP_RECOVERY.partly else "does not hold"
     v2 = _gt("CMAP recovers fine-tune (b)'s planted answer: the base circuit does not carry its gain (a new route does)",
              f"the full planted circuit recovers {_fmt(c)}; the new heads {_fmt(new)}", holds,
              f"holds when the circuit's 95% interval lies below {CMAP_RECOVERY.partly:g} (CMAP_RECOVERY's 'most of "
-             "the gain lies outside it'), partly when only its point estimate does", sample)
+             f"the gain lies outside it') and the new heads' interval lies at or above {CMAP_RECOVERY.holds:g} (the "
+             "same patching finds the gain where it is); partly when only one of the two holds, or only the "
+             "circuit's point estimate is below", sample)
     out = {"(a)": [v1], "(b)": [v2]}
     if enhance_rows:
         (q, k, vv), holds = query_carries(enhance_rows)
